@@ -1,0 +1,190 @@
+"""The whole CoSeD sequence for one task, and the files it leaves behind.
+
+`sequence_task` walks the steps in order (captions -> candidates -> CLIP ->
+selector -> pool update); `write_task_outputs` animates, stitches and writes
+the output contract with the manifest last, so a task is done exactly when
+its manifest exists.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+from collections import defaultdict
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+from PIL import Image
+
+from cosed import storage
+from cosed.backend import Backend
+from cosed.config import RunConfig
+from cosed.generate import batches
+from cosed.latents import CandidateSource, LatentPool, initial_latents, plan_candidates
+from cosed.metrics import clip_i, clip_t
+from cosed.models.profiles import Profile
+from cosed.seeds import derive_seed
+from cosed.selector import clip_pick_scores
+from cosed.storyboard import storyboard_png
+from cosed.tasks import Task
+from cosed.video import encode_mp4, stitch
+
+MANIFEST = "manifest.json"
+
+
+class Timer:
+    """Wall-clock seconds per phase; kept out of everything that must be reproducible."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = defaultdict(float)
+
+    @contextmanager
+    def phase(self, name: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] += time.perf_counter() - start
+
+    def to_dict(self) -> dict[str, float]:
+        return {k: round(v, 4) for k, v in self.seconds.items()}
+
+
+@dataclass
+class StepResult:
+    number: int
+    text: str
+    caption: str
+    sources: list[CandidateSource]
+    scores: list[float]
+    chosen: int
+    image: np.ndarray
+    image_embedding: np.ndarray
+    video_seed: int
+
+
+@dataclass
+class SequenceResult:
+    task: Task
+    steps: list[StepResult]
+    metrics: dict[str, float | None]
+    timer: Timer = field(default_factory=Timer)
+
+
+def sequence_task(task: Task, captions: list[str], backend: Backend, cfg: RunConfig,
+                  on_scene: Callable[[StepResult], None] | None = None,
+                  on_step: Callable[[int], None] | None = None) -> SequenceResult:
+    """Choose one image per step (method.md §2-4). ``on_scene`` sees each chosen scene at once."""
+    timer = Timer()
+    pool = LatentPool()
+    shape = backend.latent_shape(cfg.sd)
+    with timer.phase("clip_select"):
+        caption_embeddings = backend.embed_texts(captions)
+    steps: list[StepResult] = []
+    for number, (text, caption) in enumerate(zip(task.steps, captions), start=1):
+        sources = plan_candidates(number, pool, cfg.pool, cfg.seed, task.id)
+        starts = initial_latents(sources, pool, shape)
+        with timer.phase("sd"):
+            rendered = backend.render_many(caption, [starts[list(b)] for b in batches(len(starts), cfg.sd.batch_size)],
+                                           cfg.sd, cfg.pool.iterations)
+        images = np.concatenate([r.images for r in rendered])
+        with timer.phase("clip_select"):
+            image_embeddings = backend.embed_images(images)
+            if number == 1:
+                scores = clip_pick_scores(image_embeddings, caption_embeddings[0])
+            else:
+                scores = backend.selector_scores(
+                    np.repeat(caption_embeddings[number - 1][None], len(images), axis=0), image_embeddings,
+                    caption_embeddings[:number - 1], np.stack([s.image_embedding for s in steps]))
+        chosen = int(np.argmax(scores))
+        batch_index, row = divmod(chosen, cfg.sd.batch_size)
+        pool.add_run(number, {k: v[row] for k, v in rendered[batch_index].captured.items()})
+        step = StepResult(number=number, text=text, caption=caption, sources=sources,
+                          scores=[float(s) for s in scores], chosen=chosen, image=images[chosen],
+                          image_embedding=image_embeddings[chosen],
+                          video_seed=derive_seed(cfg.seed, task.id, number, "video"))
+        steps.append(step)
+        if on_scene:
+            on_scene(step)
+        if on_step:
+            on_step(number)
+    with timer.phase("clip_select"):
+        chosen_images = np.stack([s.image_embedding for s in steps])
+        metrics = {"clip_i": clip_i(chosen_images), "clip_t": clip_t(chosen_images, backend.embed_texts(list(task.steps)))}
+    return SequenceResult(task=task, steps=steps, metrics=metrics, timer=timer)
+
+
+def source_label(source: CandidateSource) -> str:
+    return "fresh" if source.kind == "fresh" else f"step {source.step} it {source.iteration}"
+
+
+def png_bytes(image: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def manifest_config(cfg: RunConfig) -> dict:
+    """The settings that decide the outputs (machine-specific ones left out)."""
+    data = cfg.to_dict()
+    for machine_specific in ("device", "cache_dir"):
+        data.pop(machine_specific)
+    return data
+
+
+def task_uri(out: str, task: Task, *parts: str) -> str:
+    return storage.join(out, task.folder, *parts)
+
+
+def write_task_outputs(out: str, result: SequenceResult, clips: list[np.ndarray], profile: Profile,
+                       cfg: RunConfig, extra_timings: dict[str, float] | None = None) -> dict:
+    """Write scenes, clips, video, storyboard, then the manifest (last)."""
+    task = result.task
+    timer = result.timer
+    steps_meta = []
+    with timer.phase("stitch"):
+        for step, clip in zip(result.steps, clips):
+            image_rel, clip_rel = f"scenes/step_{step.number:02d}.png", f"clips/step_{step.number:02d}.mp4"
+            storage.write_bytes(task_uri(out, task, image_rel), png_bytes(step.image))
+            storage.write_bytes(task_uri(out, task, clip_rel), encode_mp4(clip, cfg.video.fps))
+            steps_meta.append({
+                "step": step.number, "text": step.text, "caption": step.caption,
+                "candidates": [{"source": s.to_dict(), "score": score} for s, score in zip(step.sources, step.scores)],
+                "chosen": step.chosen, "image": image_rel, "clip": clip_rel,
+                "frames": int(len(clip)),
+            })
+        video = stitch(clips)
+        storage.write_bytes(task_uri(out, task, "video.mp4"),
+                            encode_mp4(video, cfg.video.fps, metadata={"title": task.title, "comment": f"cosed task {task.id}"}))
+        storage.write_bytes(task_uri(out, task, "storyboard.png"), storyboard_png(
+            task.title or task.id, [s.image for s in result.steps], [s.caption for s in result.steps],
+            [source_label(s.sources[s.chosen]) for s in result.steps]))
+    manifest = {
+        "task_id": task.id, "title": task.title, "seed": cfg.seed, "profile": profile.name,
+        "random_weights": profile.random_weights, "models": profile.model_names(),
+        "config": manifest_config(cfg), "steps": steps_meta, "metrics": result.metrics,
+        "video": "video.mp4", "video_frames": int(len(video)), "fps": cfg.video.fps, "storyboard": "storyboard.png",
+        "timings": {**timer.to_dict(), **(extra_timings or {})},
+    }
+    storage.write_text(task_uri(out, task, MANIFEST), json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
+    return manifest
+
+
+def generate_task(task: Task, captions: list[str], backend: Backend, profile: Profile, cfg: RunConfig,
+                  out: str, on_step: Callable[[int], None] | None = None) -> dict:
+    """The whole task in this process: sequence, animate each scene, stitch, write."""
+    start = time.perf_counter()
+    result = sequence_task(task, captions, backend, cfg, on_step=on_step)
+    clips = []
+    with result.timer.phase("video"):
+        for step in result.steps:
+            clips.append(backend.animate(step.image, step.video_seed, cfg.video))
+    return write_task_outputs(out, result, clips, profile, cfg,
+                              extra_timings={"total": round(time.perf_counter() - start, 4)})
+
+
+def manifest_without_timings(manifest: dict) -> dict:
+    return {k: v for k, v in manifest.items() if k != "timings"}

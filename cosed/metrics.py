@@ -1,0 +1,22 @@
+"""CLIP-T and CLIP-I (method.md §7, paper Table 3), on L2-normalised CLIP embeddings."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def clip_t(image_embeddings: np.ndarray, text_embeddings: np.ndarray) -> float:
+    """Text adherence: mean over steps of 100 * cos(image_i, step text_i)."""
+    images = np.asarray(image_embeddings, dtype=np.float64)
+    texts = np.asarray(text_embeddings, dtype=np.float64)
+    return float(100.0 * np.mean(np.sum(images * texts, axis=1)))
+
+
+def clip_i(image_embeddings: np.ndarray) -> float | None:
+    """Sequence similarity: mean over pairs i<j of 100 * cos(image_i, image_j); None below two scenes."""
+    images = np.asarray(image_embeddings, dtype=np.float64)
+    if len(images) < 2:
+        return None
+    gram = images @ images.T
+    upper = np.triu_indices(len(images), k=1)
+    return float(100.0 * gram[upper].mean())

@@ -1,0 +1,148 @@
+"""The offline model zoo: real architectures, small sizes, random weights from a fixed seed.
+
+Nothing here is a stub. Each model is a genuine diffusers / transformers /
+open_clip model built from a config, saved in its library's standard format,
+and loaded back by the same loaders that read hub weights. The CLIP tokenizer
+files are written from the BPE vocabulary that open_clip ships, so token ids
+match the real CLIP tokenizer exactly.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import gzip
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+TINY_VERSION = "tiny-v1"
+_SEED = 0
+
+
+def ensure_tiny_models(cache_dir: Path) -> Path:
+    """Build the zoo once under ``cache_dir`` (safe when many processes ask at once)."""
+    cache_dir = Path(cache_dir)
+    root = cache_dir / TINY_VERSION
+    if (root / ".complete").is_file():
+        return root
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    with open(cache_dir / f"{TINY_VERSION}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (root / ".complete").is_file():
+            return root
+        staging = cache_dir / f"{TINY_VERSION}.staging"
+        shutil.rmtree(staging, ignore_errors=True)
+        build_tiny_models(staging)
+        (staging / ".complete").write_text("ok\n")
+        shutil.rmtree(root, ignore_errors=True)
+        staging.rename(root)
+    return root
+
+
+def build_tiny_models(root: Path) -> None:
+    root.mkdir(parents=True, exist_ok=True)
+    write_clip_tokenizer(root / "tokenizer")
+    build_sd(root / "sd", root / "tokenizer")
+    build_video(root / "video")
+    build_clip(root / "clip")
+    build_lm(root / "lm", root / "tokenizer")
+
+
+def write_clip_tokenizer(folder: Path) -> None:
+    """vocab.json + merges.txt of the real CLIP BPE, from open_clip's bundled vocabulary."""
+    from open_clip.tokenizer import bytes_to_unicode, default_bpe
+
+    merges = gzip.open(default_bpe()).read().decode("utf-8").split("\n")[1:49152 - 256 - 2 + 1]
+    byte_symbols = list(bytes_to_unicode().values())
+    vocab = byte_symbols + [s + "</w>" for s in byte_symbols] + ["".join(m.split()) for m in merges]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps({tok: i for i, tok in enumerate(vocab)}), encoding="utf-8")
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+
+
+def _clip_tokenizer(folder: Path):
+    from transformers import CLIPTokenizer
+
+    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77)
+
+
+def build_sd(folder: Path, tokenizer_dir: Path) -> None:
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(_SEED)
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8)
+    vae = AutoencoderKL(
+        sample_size=64, in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1,
+        block_out_channels=(8, 16, 16, 16), norm_num_groups=4,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=49408, hidden_size=32, intermediate_size=64, num_attention_heads=4,
+        num_hidden_layers=2, max_position_embeddings=77, projection_dim=32))
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                              clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    pipe = StableDiffusionPipeline(unet=unet, vae=vae, text_encoder=text_encoder,
+                                   tokenizer=_clip_tokenizer(tokenizer_dir), scheduler=scheduler,
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(folder, safe_serialization=True)
+
+
+def build_video(folder: Path) -> None:
+    from diffusers import (AutoencoderKLTemporalDecoder, EulerDiscreteScheduler, StableVideoDiffusionPipeline,
+                           UNetSpatioTemporalConditionModel)
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    torch.manual_seed(_SEED)
+    unet = UNetSpatioTemporalConditionModel(
+        sample_size=8, in_channels=8, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlockSpatioTemporal", "DownBlockSpatioTemporal"),
+        up_block_types=("UpBlockSpatioTemporal", "CrossAttnUpBlockSpatioTemporal"),
+        cross_attention_dim=32, num_attention_heads=(2, 4),
+        addition_time_embed_dim=32, projection_class_embeddings_input_dim=96)
+    vae = AutoencoderKLTemporalDecoder(
+        in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1,
+        block_out_channels=(32, 32, 32, 32), down_block_types=("DownEncoderBlock2D",) * 4)
+    image_encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(
+        hidden_size=32, projection_dim=32, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=64, image_size=224, patch_size=32))
+    scheduler = EulerDiscreteScheduler(
+        beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, interpolation_type="linear",
+        num_train_timesteps=1000, prediction_type="v_prediction", sigma_max=700.0, sigma_min=0.002,
+        steps_offset=1, timestep_spacing="leading", timestep_type="continuous", use_karras_sigmas=True)
+    pipe = StableVideoDiffusionPipeline(vae=vae, image_encoder=image_encoder, unet=unet, scheduler=scheduler,
+                                        feature_extractor=CLIPImageProcessor(crop_size=224, size=224))
+    pipe.save_pretrained(folder, safe_serialization=True)
+
+
+def build_clip(folder: Path) -> None:
+    """open_clip ViT-B-32 with random weights, in open_clip's hub folder layout."""
+    import open_clip
+    from safetensors.torch import save_file
+
+    torch.manual_seed(_SEED)
+    model = open_clip.create_model("ViT-B-32", pretrained=None)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(folder / "open_clip_model.safetensors"))
+    config = {"model_cfg": open_clip.get_model_config("ViT-B-32"),
+              "preprocess_cfg": {"mean": list(model.visual.image_mean), "std": list(model.visual.image_std)}}
+    (folder / "open_clip_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
+
+
+def build_lm(folder: Path, tokenizer_dir: Path) -> None:
+    """A two-layer GPT-2 with the CLIP BPE vocabulary, for the `lm` caption rewriter's tests."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(_SEED)
+    tokenizer = _clip_tokenizer(tokenizer_dir)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_positions=256, n_embd=32, n_layer=2, n_head=2,
+                                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id))
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)

@@ -1,0 +1,101 @@
+"""The contrastive selector (method.md §4, paper Eqs. 7-8).
+
+Scenes are CLIP text and image embeddings projected by four 512->256 maps:
+``next_*`` for candidates of the current step, ``past_*`` for chosen scenes of
+earlier steps. A candidate scores the sum over past scenes of its softmax
+probability among all candidates, so it wins by matching *some* earlier scene
+well rather than all of them a little.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+EMBED_DIM = 512
+PROJ_DIM = 256
+
+
+def softmax_over_candidates(similarity: np.ndarray) -> np.ndarray:
+    """p(c | j): softmax along axis 0 (candidates) of a (candidates, past) similarity matrix."""
+    shifted = similarity - similarity.max(axis=0, keepdims=True)
+    weights = np.exp(shifted)
+    return weights / weights.sum(axis=0, keepdims=True)
+
+
+def contrastive_scores(similarity: np.ndarray) -> np.ndarray:
+    """Eq. 8: score(c) = sum_j p(c | j)."""
+    return softmax_over_candidates(np.asarray(similarity, dtype=np.float64)).sum(axis=1)
+
+
+class ContrastiveSelector(nn.Module):
+    def __init__(self, embed_dim: int = EMBED_DIM, proj_dim: int = PROJ_DIM):
+        super().__init__()
+        self.next_text = nn.Linear(embed_dim, proj_dim, bias=False)
+        self.next_image = nn.Linear(embed_dim, proj_dim, bias=False)
+        self.past_text = nn.Linear(embed_dim, proj_dim, bias=False)
+        self.past_image = nn.Linear(embed_dim, proj_dim, bias=False)
+        self.scale = 1.0 / math.sqrt(2 * proj_dim)
+
+    @classmethod
+    def untrained(cls, seed: int = 0) -> "ContrastiveSelector":
+        """Next and past maps share one seeded orthonormal-row matrix per modality.
+
+        Then sim(c, j) approximates the plain CLIP similarity of the concatenated
+        embeddings, so selection is sensible before any training.
+        """
+        selector = cls()
+        gen = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for next_map, past_map in ((selector.next_text, selector.past_text),
+                                       (selector.next_image, selector.past_image)):
+                q, _ = torch.linalg.qr(torch.randn(next_map.in_features, next_map.out_features, generator=gen))
+                next_map.weight.copy_(q.T)
+                past_map.weight.copy_(q.T)
+        return selector.eval()
+
+    def next_scene(self, text: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.next_text(text), self.next_image(image)], dim=-1)
+
+    def past_scene(self, text: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.past_text(text), self.past_image(image)], dim=-1)
+
+    def similarity(self, next_text, next_image, past_text, past_image) -> torch.Tensor:
+        """Eq. 7: (candidates, past) matrix of scaled inner products."""
+        return self.next_scene(next_text, next_image) @ self.past_scene(past_text, past_image).T * self.scale
+
+    @torch.no_grad()
+    def score(self, next_text: np.ndarray, next_image: np.ndarray,
+              past_text: np.ndarray, past_image: np.ndarray) -> np.ndarray:
+        """Eq. 8 scores of each candidate against all past scenes."""
+        as_tensor = lambda a: torch.as_tensor(np.asarray(a, dtype=np.float32))  # noqa: E731
+        sim = self.similarity(as_tensor(next_text), as_tensor(next_image), as_tensor(past_text), as_tensor(past_image))
+        return contrastive_scores(sim.double().numpy())
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def save(self, path: str | Path, metadata: dict | None = None) -> None:
+        from safetensors.torch import save_file
+
+        meta = {"format": "cosed-selector-v1", **{k: json.dumps(v) for k, v in (metadata or {}).items()}}
+        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(path), metadata=meta)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "ContrastiveSelector":
+        from safetensors.torch import load_file
+
+        state = load_file(str(path))
+        selector = cls(embed_dim=state["next_text.weight"].shape[1], proj_dim=state["next_text.weight"].shape[0])
+        selector.load_state_dict(state)
+        return selector.eval()
+
+
+def clip_pick_scores(image_embeddings: np.ndarray, caption_embedding: np.ndarray) -> np.ndarray:
+    """Step 1 (Appendix E): cosine of each candidate image with the caption."""
+    return np.asarray(image_embeddings, dtype=np.float64) @ np.asarray(caption_embedding, dtype=np.float64)

@@ -1,0 +1,182 @@
+"""Task schema, readers for JSONL and the recipes JSON layout, and validation.
+
+Readers never raise on a bad task: they return the valid tasks plus a list of
+`TaskError`s so that one broken line cannot stop a batch of thousands.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any, Iterable
+
+_OPTIONAL_LIST_FIELDS = ("ingredients", "tools", "step_images")
+_SAFE_ID = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+@dataclass(frozen=True)
+class Task:
+    """One instructional task: a title and its ordered steps (numbered from 1)."""
+
+    id: str
+    title: str
+    steps: tuple[str, ...]
+    description: str = ""
+    ingredients: tuple[str, ...] = ()
+    tools: tuple[str, ...] = ()
+    step_images: tuple[str, ...] = ()
+
+    @property
+    def folder(self) -> str:
+        return task_folder_name(self.id)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+
+@dataclass(frozen=True)
+class TaskError:
+    """Why one input task was rejected: which task (or line), which field, why."""
+
+    source: str
+    reason: str
+    task_id: str | None = None
+    line: int | None = None
+    field: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"task_id": self.task_id, "line": self.line, "field": self.field,
+                "reason": self.reason, "source": self.source}
+
+    def __str__(self) -> str:
+        where = f"task {self.task_id!r}" if self.task_id is not None else "input"
+        if self.line is not None:
+            where += f" (line {self.line})"
+        if self.field:
+            where += f", field {self.field!r}"
+        return f"{self.source}: {where}: {self.reason}"
+
+
+class InvalidTask(ValueError):
+    def __init__(self, field: str | None, reason: str):
+        super().__init__(reason)
+        self.field = field
+        self.reason = reason
+
+
+def task_folder_name(task_id: str) -> str:
+    """The folder a task's outputs go to; ids that would escape the output are refused."""
+    if not task_id or task_id.strip() != task_id:
+        raise InvalidTask("id", "id must be a non-empty string without surrounding spaces")
+    if task_id.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", task_id):
+        raise InvalidTask("id", f"id {task_id!r} is an absolute path")
+    parts = re.split(r"[/\\]", task_id)
+    if any(part in ("..", ".") for part in parts):
+        raise InvalidTask("id", f"id {task_id!r} would escape the output folder")
+    name = _SAFE_ID.sub("_", task_id).strip("._") or "_"
+    return name[:128]
+
+
+def parse_task(record: Any, *, max_steps: int, default_id: str | None = None) -> Task:
+    """Validate one decoded record; raises InvalidTask naming the field at fault."""
+    if not isinstance(record, dict):
+        raise InvalidTask(None, f"a task must be a JSON object, got {type(record).__name__}")
+    task_id = record.get("id", default_id)
+    if isinstance(task_id, int) and not isinstance(task_id, bool):
+        task_id = str(task_id)
+    if not isinstance(task_id, str):
+        raise InvalidTask("id", "missing or not a string")
+    task_folder_name(task_id)
+    title = record.get("title", "")
+    if not isinstance(title, str):
+        raise InvalidTask("title", "must be a string")
+    if "steps" not in record:
+        raise InvalidTask("steps", "missing")
+    steps = record["steps"]
+    if not isinstance(steps, list) or not steps:
+        raise InvalidTask("steps", "must be a non-empty list of strings")
+    for number, text in enumerate(steps, start=1):
+        if not isinstance(text, str):
+            raise InvalidTask(f"steps[{number}]", f"step {number} is {type(text).__name__}, not a string")
+        if not text.strip():
+            raise InvalidTask(f"steps[{number}]", f"step {number} is empty")
+    if len(steps) > max_steps:
+        raise InvalidTask("steps", f"{len(steps)} steps, more than the configured maximum of {max_steps}")
+    description = record.get("description", "")
+    if not isinstance(description, str):
+        raise InvalidTask("description", "must be a string")
+    extra: dict[str, tuple[str, ...]] = {}
+    for name in _OPTIONAL_LIST_FIELDS:
+        value = record.get(name, [])
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise InvalidTask(name, "must be a list of strings")
+        extra[name] = tuple(value)
+    if extra["step_images"] and len(extra["step_images"]) != len(steps):
+        raise InvalidTask("step_images", f"{len(extra['step_images'])} images for {len(steps)} steps")
+    return Task(id=task_id, title=title.strip(), steps=tuple(s.strip() for s in steps),
+                description=description, **extra)
+
+
+@dataclass
+class TaskSet:
+    tasks: list[Task] = field(default_factory=list)
+    errors: list[TaskError] = field(default_factory=list)
+
+
+def _collect(records: Iterable[tuple[int | None, str | None, Any]], source: str, max_steps: int) -> TaskSet:
+    out = TaskSet()
+    seen: set[str] = set()
+    folders: set[str] = set()
+    for line, default_id, record in records:
+        task_id = default_id
+        if isinstance(record, dict) and isinstance(record.get("id"), (str, int)):
+            task_id = str(record["id"])
+        try:
+            if isinstance(record, _Unreadable):
+                raise InvalidTask(None, str(record))
+            task = parse_task(record, max_steps=max_steps, default_id=default_id)
+            if task.id in seen or task.folder in folders:
+                raise InvalidTask("id", f"duplicate id {task.id!r} (an earlier task has the same id or folder)")
+        except InvalidTask as exc:
+            out.errors.append(TaskError(source=source, task_id=task_id, line=line, field=exc.field, reason=exc.reason))
+            continue
+        seen.add(task.id)
+        folders.add(task.folder)
+        out.tasks.append(task)
+    return out
+
+
+def parse_tasks(data: bytes, *, source: str, max_steps: int) -> TaskSet:
+    """Read JSONL (one task per line) or a JSON document (recipes layout or a list)."""
+    stripped = data.lstrip()
+    if stripped[:1] in (b"{", b"["):
+        try:
+            document = json.loads(data.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            document = None
+        if isinstance(document, list):
+            return _collect(((None, None, r) for r in document), source, max_steps)
+        if isinstance(document, dict) and "steps" not in document and all(
+                isinstance(v, dict) for v in document.values()):
+            return _collect(((None, str(k), v) for k, v in document.items()), source, max_steps)
+    return _collect(_jsonl_records(data), source, max_steps)
+
+
+def _jsonl_records(data: bytes) -> Iterable[tuple[int | None, str | None, Any]]:
+    for number, raw in enumerate(data.split(b"\n"), start=1):
+        if not raw.strip():
+            continue
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            yield number, None, _Unreadable(f"line is not valid UTF-8 ({exc.reason} at byte {exc.start})")
+            continue
+        try:
+            yield number, None, json.loads(text)
+        except json.JSONDecodeError as exc:
+            yield number, None, _Unreadable(f"invalid JSON: {exc.msg} at column {exc.colno}")
+
+
+class _Unreadable(str):
+    """A line that could not be decoded; parse_task rejects it with its reason."""
