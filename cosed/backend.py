@@ -66,6 +66,10 @@ class LocalBackend:
     def selector(self) -> ContrastiveSelector:
         return load_selector(self.cfg.selector)
 
+    def load_all(self) -> None:
+        """Load every model now, so a missing one stops the run before any task starts."""
+        self.sd, self.video, self.clip, self.selector  # noqa: B018
+
     def latent_shape(self, sd: SDConfig) -> tuple[int, ...]:
         return latent_shape(self.sd, sd)
 

@@ -94,7 +94,8 @@ def failure(task: Task, exc: BaseException) -> TaskError:
 
 
 def run_in_process(tasks_uri: str, out: str, cfg: RunConfig, *, overwrite: bool = False,
-                   progress: bool = True) -> RunSummary:
+                   progress: bool = True, backend: LocalBackend | None = None) -> RunSummary:
+    """Every task in this process, one after another. Pass ``backend`` to reuse loaded models."""
     start = time.perf_counter()
     profile, cfg = resolve_run(cfg)
     task_set = read_tasks(tasks_uri, cfg)
@@ -102,7 +103,9 @@ def run_in_process(tasks_uri: str, out: str, cfg: RunConfig, *, overwrite: bool 
     write_errors(out, summary.rejected)
     todo, done = pending_tasks(task_set.tasks, out, overwrite)
     summary.skipped = [t.id for t in done]
-    backend = LocalBackend(profile, cfg)
+    backend = backend or LocalBackend(profile, cfg)
+    if todo:
+        backend.load_all()
     rewriter = make_rewriter(cfg.rewriter, model=cfg.rewriter_model, cache_dir=profile_cache(cfg),
                              device=backend.device)
     with tqdm(total=sum(len(t.steps) for t in todo), unit="scene", disable=not progress, desc="cosed") as bar:

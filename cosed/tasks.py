@@ -69,7 +69,7 @@ def task_folder_name(task_id: str) -> str:
     """The folder a task's outputs go to; ids that would escape the output are refused."""
     if not task_id or task_id.strip() != task_id:
         raise InvalidTask("id", "id must be a non-empty string without surrounding spaces")
-    if task_id.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", task_id):
+    if task_id.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:[/\\]", task_id):
         raise InvalidTask("id", f"id {task_id!r} is an absolute path")
     parts = re.split(r"[/\\]", task_id)
     if any(part in ("..", ".") for part in parts):

@@ -80,7 +80,9 @@ def hub_error(kind: str, source: str, exc: Exception) -> ModelUnavailable:
     if Path(source).exists():
         return ModelUnavailable(f"could not load the {kind} model from folder {source}: {exc}")
     return ModelUnavailable(
-        f"could not load the {kind} model {source!r} from the Hugging Face hub ({type(exc).__name__}). "
+        f"could not load the {kind} model {source!r} from the Hugging Face hub "
+        f"({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}). "
         "This machine may be offline: download the weights on a connected machine "
-        "(or set HF_HOME to a warm cache), pass a local folder as --profile, "
+        "(or point HF_HOME at a warm cache; HF_HUB_OFFLINE=1 skips the network retries), "
+        "pass a local folder as --profile, "
         "or use --profile tiny for the offline random-weight models.")

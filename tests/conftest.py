@@ -1,0 +1,44 @@
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from cosed.backend import LocalBackend
+from cosed.config import RunConfig
+from cosed.runner import resolve_run
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED_RECIPES = REPO.parent / "shared" / "data" / "recipes"
+# Tiny models are built once per checkout (about 10 s) and reused by every test and Ray worker.
+TINY_CACHE = Path(os.environ.get("COSED_TEST_CACHE", REPO / ".cache" / "test-models"))
+
+
+def needs_shared_recipes():
+    return pytest.mark.skipif(not (SHARED_RECIPES / "dataset.json").is_file(),
+                              reason=f"the shared recipes data set is not at {SHARED_RECIPES} (only the team's workspace has it)")
+
+
+@pytest.fixture(scope="session")
+def tiny_cache() -> Path:
+    from cosed.models.tiny import ensure_tiny_models
+
+    ensure_tiny_models(TINY_CACHE)
+    return TINY_CACHE
+
+
+@pytest.fixture(scope="session")
+def tiny_config(tiny_cache) -> RunConfig:
+    return RunConfig(profile="tiny", cache_dir=str(tiny_cache))
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_config):
+    """(profile, resolved config, backend) shared by the whole session: models load once."""
+    profile, cfg = resolve_run(tiny_config)
+    return profile, cfg, LocalBackend(profile, cfg)
+
+
+def write_jsonl(path: Path, records: list) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    return path

@@ -1,0 +1,45 @@
+import pytest
+
+from cosed.config import RunConfig, load_config
+from cosed.models.profiles import ModelUnavailable, resolve_profile
+
+
+def test_yaml_file_then_overrides(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("seed: 5\npool:\n  fresh: 2\n  iterations: [1, 2]\nsd:\n  height: 128\n")
+    cfg = load_config(str(path), {"seed": 9, "pool.max_candidates": 10, "rewriter": None})
+    assert (cfg.seed, cfg.pool.fresh, cfg.pool.iterations, cfg.pool.max_candidates, cfg.sd.height) == (9, 2, [1, 2], 10, 128)
+    assert cfg.rewriter == "template"
+
+
+@pytest.mark.parametrize("text, words", [
+    ("colour: red\n", "unknown config key"),
+    ("pool:\n  windw: 3\n", "unknown config key(s) in pool: windw"),
+    ("pool:\n  steps: sometimes\n", "pool.steps"),
+    ("pool:\n  iterations: [0]\n", "numbered from 1"),
+])
+def test_bad_config_is_a_clear_error(tmp_path, text, words):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=None) as info:
+        load_config(str(path))
+    assert words in str(info.value)
+
+
+def test_profile_defaults_fill_only_unset_fields(tiny_cache):
+    profile = resolve_profile("tiny", tiny_cache)
+    cfg = RunConfig(cache_dir=str(tiny_cache)).with_defaults(profile.defaults)
+    assert cfg.sd.height == profile.defaults["sd"]["height"]
+    mine = load_config(None, {"sd.height": 128}).with_defaults(profile.defaults)
+    assert mine.sd.height == 128 and mine.sd.width == profile.defaults["sd"]["width"]
+
+
+def test_unknown_profile_names_the_choices():
+    with pytest.raises(ModelUnavailable, match="tiny"):
+        resolve_profile("sd99")
+
+
+def test_named_hub_profile_resolves_without_network():
+    profile = resolve_profile("sd21-svd")
+    assert profile.sd == "stabilityai/stable-diffusion-2-1" and profile.clip == "ViT-B-32/openai"
+    assert not profile.random_weights

@@ -1,0 +1,34 @@
+import numpy as np
+
+from cosed.video import decode_mp4, encode_mp4, stitch
+
+
+def clip(value, frames=5, size=32):
+    return np.full((frames, size, size, 3), value, dtype=np.uint8)
+
+
+def test_mp4_round_trip_keeps_every_frame():
+    frames = np.random.default_rng(0).integers(0, 255, size=(9, 48, 64, 3), dtype=np.uint8)
+    data = encode_mp4(frames, fps=7)
+    assert data[4:8] == b"ftyp"
+    decoded = decode_mp4(data)
+    assert decoded.shape == (9, 48, 64, 3)
+
+
+def test_stitch_hard_cuts_keep_order_and_count():
+    video = stitch([clip(10), clip(200), clip(90)])
+    assert len(video) == 15
+    assert [int(video[i].mean()) for i in (0, 5, 10)] == [10, 200, 90]
+
+
+def test_crossfade_blends_between_scenes():
+    video = stitch([clip(0, 6), clip(200, 6)], crossfade_frames=2)
+    assert len(video) == 10
+    means = [int(f.mean()) for f in video]
+    assert means[:4] == [0] * 4 and 0 < means[4] < means[5] < 200 and means[6:] == [200] * 4
+
+
+def test_decoded_stitched_video_shows_scenes_in_order():
+    video = decode_mp4(encode_mp4(stitch([clip(30, 4), clip(220, 4)]), fps=7))
+    assert len(video) == 8
+    assert abs(video[1].mean() - 30) < 8 and abs(video[6].mean() - 220) < 8
