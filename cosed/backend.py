@@ -49,6 +49,10 @@ class LocalBackend:
         self.profile = profile
         self.cfg = cfg
         self.device = resolve_device(cfg.device)
+        if self.device.type == "cpu":
+            # CPU float reductions depend on the thread count: fixing it keeps
+            # in-process runs and every Ray actor bit-identical.
+            torch.set_num_threads(cfg.cpu_threads)
 
     @cached_property
     def sd(self):

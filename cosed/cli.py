@@ -48,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     generate = verbs.add_parser("generate", help="generate videos for a task file (JSONL or recipes JSON, local or s3://)")
     generate.add_argument("--tasks", required=True, help="tasks file: path or s3://bucket/key")
     generate.add_argument("--out", required=True, help="output folder or s3://bucket/prefix")
+    generate.add_argument("--no-ray", action="store_true", help="run in this process instead of on Ray")
+    generate.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else start a local cluster)")
     add_run_options(generate)
     return parser
 
@@ -59,8 +61,16 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         cfg = config_from_args(args)
-        tasks = example_tasks_path() if args.verb == "demo" else args.tasks
-        summary = run_in_process(tasks, args.out, cfg, overwrite=args.overwrite, progress=not args.quiet)
+        if args.verb == "demo":
+            summary = run_in_process(example_tasks_path(), args.out, cfg, overwrite=args.overwrite,
+                                     progress=not args.quiet)
+        elif args.no_ray:
+            summary = run_in_process(args.tasks, args.out, cfg, overwrite=args.overwrite, progress=not args.quiet)
+        else:
+            from cosed.distributed.job import run_on_ray
+
+            summary = run_on_ray(args.tasks, args.out, cfg, overwrite=args.overwrite, progress=not args.quiet,
+                                 address=args.address)
     except (ModelUnavailable, FileNotFoundError, ValueError) as exc:
         print(f"cosed: error: {exc}", file=sys.stderr)
         return 2

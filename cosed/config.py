@@ -48,6 +48,30 @@ class VideoConfig:
 
 
 @dataclass
+class PoolResources:
+    """One model pool on Ray: how many actors and what each asks of the scheduler.
+
+    ``replicas: auto`` sizes the pool from the cluster at start (and grows it when
+    GPUs are added); ``num_gpus: auto`` is 1 when the cluster has a GPU per pool,
+    a fractional share on smaller GPU nodes, and 0 on CPU-only clusters.
+    """
+
+    replicas: int | str = "auto"
+    num_gpus: float | str = "auto"
+    num_cpus: float = 1.0
+
+
+@dataclass
+class RayConfig:
+    sd: PoolResources = field(default_factory=PoolResources)
+    video: PoolResources = field(default_factory=PoolResources)
+    clip: PoolResources = field(default_factory=lambda: PoolResources(replicas=1))
+    max_concurrent_tasks: int | str = "auto"
+    task_retries: int = 2
+    rescale_seconds: float = 5.0
+
+
+@dataclass
 class RunConfig:
     profile: str = "tiny"
     seed: int = 0
@@ -56,10 +80,12 @@ class RunConfig:
     selector: str | None = None
     max_steps: int = 12
     device: str = "auto"
+    cpu_threads: int = 1
     cache_dir: str | None = None
     sd: SDConfig = field(default_factory=SDConfig)
     pool: PoolConfig = field(default_factory=PoolConfig)
     video: VideoConfig = field(default_factory=VideoConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
 
     def validate(self) -> "RunConfig":
         pool = self.pool
@@ -69,6 +95,8 @@ class RunConfig:
             raise ValueError("pool.iterations must list iterations numbered from 1")
         if pool.fresh < 0 or pool.n_first < 1:
             raise ValueError("pool.fresh must be >= 0 and pool.n_first >= 1")
+        if pool.steps == "none" and pool.fresh < 1:
+            raise ValueError("pool.steps none needs pool.fresh >= 1")
         if pool.max_candidates < max(pool.fresh, 1):
             raise ValueError("pool.max_candidates must be at least max(pool.fresh, 1)")
         if self.sd.num_inference_steps is not None and max(pool.iterations) > self.sd.num_inference_steps:
@@ -85,6 +113,8 @@ class RunConfig:
         merged = self.to_dict()
         for section, values in defaults.items():
             for key, value in values.items():
+                if key not in merged[section]:
+                    raise ValueError(f"profile default {section}.{key} is not a config key")
                 if merged[section].get(key) is None:
                     merged[section][key] = value
         return from_dict(merged)

@@ -130,7 +130,7 @@ def png_bytes(image: np.ndarray) -> bytes:
 def manifest_config(cfg: RunConfig) -> dict:
     """The settings that decide the outputs (machine-specific ones left out)."""
     data = cfg.to_dict()
-    for machine_specific in ("device", "cache_dir"):
+    for machine_specific in ("device", "cache_dir", "ray"):
         data.pop(machine_specific)
     return data
 

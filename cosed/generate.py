@@ -43,7 +43,7 @@ def render_batch(pipe, caption: str, init_latents: np.ndarray, sd: SDConfig,
             captured[index + 1] = kwargs["latents"].detach().to("cpu", torch.float16).numpy()
         return kwargs
 
-    latents = torch.as_tensor(init_latents, dtype=pipe.unet.dtype, device=pipe.device)
+    latents = torch.tensor(init_latents, dtype=pipe.unet.dtype, device=pipe.device)
     output = pipe(
         prompt=[caption] * len(init_latents), height=sd.height, width=sd.width,
         num_inference_steps=sd.num_inference_steps, guidance_scale=sd.guidance_scale,

@@ -73,7 +73,7 @@ class ContrastiveSelector(nn.Module):
     def score(self, next_text: np.ndarray, next_image: np.ndarray,
               past_text: np.ndarray, past_image: np.ndarray) -> np.ndarray:
         """Eq. 8 scores of each candidate against all past scenes."""
-        as_tensor = lambda a: torch.as_tensor(np.asarray(a, dtype=np.float32))  # noqa: E731
+        as_tensor = lambda a: torch.tensor(np.asarray(a, dtype=np.float32))  # noqa: E731
         sim = self.similarity(as_tensor(next_text), as_tensor(next_image), as_tensor(past_text), as_tensor(past_image))
         return contrastive_scores(sim.double().numpy())
 

@@ -154,11 +154,11 @@ def test_lm_rewriter_runs_a_local_model_and_caches(tiny_cache, tmp_path):
 
 def test_cli_reports_missing_tasks_file_and_offline_hub_clearly(tmp_path, capsys, monkeypatch, tiny_cache):
     assert main(["generate", "--tasks", str(tmp_path / "none.jsonl"), "--out", str(tmp_path / "o"),
-                 "--cache-dir", str(tiny_cache)]) == 2
+                 "--cache-dir", str(tiny_cache), "--no-ray"]) == 2
     assert "task file not found" in capsys.readouterr().err
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     tasks = write_jsonl(tmp_path / "t.jsonl", [TASKS[2]])
-    assert main(["generate", "--tasks", str(tasks), "--out", str(tmp_path / "o"), "--profile", "sd21-svd"]) == 2
+    assert main(["generate", "--tasks", str(tasks), "--out", str(tmp_path / "o"), "--profile", "sd21-svd", "--no-ray"]) == 2
     err = capsys.readouterr().err
     assert "could not load" in err and "--profile tiny" in err and "Traceback" not in err
     assert not (tmp_path / "o" / "tea").exists()

@@ -1,0 +1,164 @@
+"""Run a batch of tasks on a Ray cluster: bounded concurrent drivers, retries, resume, summary."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections import deque
+from dataclasses import dataclass
+
+import ray
+
+from cosed import storage
+from cosed.config import RunConfig
+from cosed.distributed.actors import ModelPools, Stitcher, TaskDriver
+from cosed.models.profiles import ModelUnavailable, Profile
+from cosed.rewrite import Rewriter, make_rewriter
+from cosed.runner import (RunSummary, failure, pending_tasks, profile_cache, read_tasks, resolve_run,
+                          write_errors)
+from cosed.tasks import Task, TaskError
+
+log = logging.getLogger("cosed")
+SUMMARY = "summary.json"
+
+
+def connect(address: str | None = None) -> None:
+    """Join the cluster at ``address`` / ``RAY_ADDRESS``, or start a local one."""
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if not address:
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True)
+
+
+def start_pools(cfg: RunConfig):
+    pools = ModelPools.remote(cfg)
+    try:
+        layout = ray.get(pools.start.remote())
+    except ray.exceptions.RayError as exc:
+        ray.kill(pools)
+        cause = exc
+        while getattr(cause, "cause", None) is not None and cause.cause is not cause:
+            cause = cause.cause
+        raise ModelUnavailable(f"model actors could not start: {cause}") from exc
+    return pools, layout
+
+
+def busy_fractions(stats: list[dict]) -> dict[str, float]:
+    """Per pool: busy seconds over alive seconds, summed over its actors."""
+    busy: dict[str, float] = {}
+    alive: dict[str, float] = {}
+    for item in stats:
+        busy[item["kind"]] = busy.get(item["kind"], 0.0) + item["busy"]
+        alive[item["kind"]] = alive.get(item["kind"], 0.0) + item["alive"]
+    return {kind: round(busy[kind] / alive[kind], 3) if alive[kind] else 0.0 for kind in busy}
+
+
+@dataclass
+class Job:
+    """What every driver of one run shares."""
+
+    out: str
+    profile: Profile
+    cfg: RunConfig
+    pools: ray.actor.ActorHandle
+    stitcher: ray.actor.ActorHandle
+    rewriter: Rewriter
+    summary: RunSummary
+    progress: bool
+
+
+def run_on_ray(tasks_uri: str, out: str, cfg: RunConfig, *, overwrite: bool = False, progress: bool = True,
+               address: str | None = None) -> RunSummary:
+    start = time.perf_counter()
+    profile, cfg = resolve_run(cfg)
+    task_set = read_tasks(tasks_uri, cfg)
+    summary = RunSummary(out=out, rejected=list(task_set.errors))
+    write_errors(out, summary.rejected)
+    todo, done = pending_tasks(task_set.tasks, out, overwrite)
+    summary.skipped = [t.id for t in done]
+    if todo:
+        connect(address)
+        pools, layout = start_pools(cfg)
+        stitcher = Stitcher.remote()
+        try:
+            rewriter = make_rewriter(cfg.rewriter, model=cfg.rewriter_model, cache_dir=profile_cache(cfg))
+            limit = cfg.ray.max_concurrent_tasks
+            if limit == "auto":
+                limit = max(2, 2 * layout["sd"]["replicas"])
+            drive(Job(out, profile, cfg, pools, stitcher, rewriter, summary, progress), todo, int(limit))
+            stats = ray.get(pools.stats.remote())
+            summary.extra = {"pools": ray.get(pools.describe.remote()), "busy_fraction": busy_fractions(stats)}
+        finally:
+            # Model actors are owned by the pool registry and go with it.
+            ray.kill(pools)
+            ray.kill(stitcher)
+    summary.seconds = time.perf_counter() - start
+    storage.write_text(storage.join(out, SUMMARY), json.dumps(
+        {**summary.to_dict(), "done_ids": summary.done, "skipped_ids": summary.skipped}, indent=2) + "\n")
+    return summary
+
+
+def drive(job: Job, todo: list[Task], limit: int) -> None:
+    """Keep at most ``limit`` drivers busy; retry a task whose driver died; record failures."""
+    queue = deque((task, 0) for task in todo)
+    idle = [TaskDriver.remote() for _ in range(min(limit, len(todo)))]
+    running: dict = {}
+    last_rescale = time.monotonic()
+    try:
+        while queue or running:
+            while queue and idle:
+                task, attempt = queue.popleft()
+                driver = idle.pop()
+                ref = driver.run.remote(task, job.rewriter.captions(task), attempt, job.out, job.profile, job.cfg,
+                                        job.pools, job.stitcher)
+                running[ref] = (driver, task, attempt)
+            ready, _ = ray.wait(list(running), num_returns=1, timeout=job.cfg.ray.rescale_seconds)
+            if time.monotonic() - last_rescale >= job.cfg.ray.rescale_seconds:
+                job.pools.rescale.remote()
+                last_rescale = time.monotonic()
+            for ref in ready:
+                driver, task, attempt = running.pop(ref)
+                if settle(job, ref, task, attempt, queue):
+                    idle.append(driver)
+                else:
+                    idle.append(TaskDriver.remote())
+                if job.progress:
+                    report(job, task, len(todo))
+    finally:
+        for driver in idle + [entry[0] for entry in running.values()]:
+            ray.kill(driver)
+
+
+def settle(job: Job, ref, task: Task, attempt: int, queue: deque) -> bool:
+    """Record one finished driver call; False when the driver itself died."""
+    summary = job.summary
+    try:
+        ray.get(ref)
+    except ray.exceptions.ActorDiedError as exc:
+        if attempt < job.cfg.ray.task_retries:
+            log.warning("driver of task %s died (%s); retrying", task.id, type(exc).__name__)
+            queue.append((task, attempt + 1))
+        else:
+            summary.failed.append(TaskError(source="generation", task_id=task.id,
+                                            reason=f"driver died {attempt + 1} times: {exc}"))
+            write_errors(job.out, summary.rejected + summary.failed)
+        return False
+    except ray.exceptions.RayTaskError as exc:
+        summary.failed.append(failure(task, exc.cause or exc))
+        write_errors(job.out, summary.rejected + summary.failed)
+    else:
+        summary.done.append(task.id)
+        summary.scenes += len(task.steps)
+    return True
+
+
+def report(job: Job, task: Task, total: int) -> None:
+    summary = job.summary
+    state = "done" if task.id in summary.done else "failed" if any(e.task_id == task.id for e in summary.failed) \
+        else "retrying"
+    finished = len(summary.done) + len(summary.failed)
+    print(f"[cosed] {finished}/{total} tasks, {summary.scenes} scenes: {task.id} {state}", flush=True)
