@@ -48,10 +48,37 @@ def build_parser() -> argparse.ArgumentParser:
     generate = verbs.add_parser("generate", help="generate videos for a task file (JSONL or recipes JSON, local or s3://)")
     generate.add_argument("--tasks", required=True, help="tasks file: path or s3://bucket/key")
     generate.add_argument("--out", required=True, help="output folder or s3://bucket/prefix")
-    generate.add_argument("--no-ray", action="store_true", help="run in this process instead of on Ray")
-    generate.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else start a local cluster)")
+    add_ray_options(generate)
     add_run_options(generate)
+    train = verbs.add_parser("train-selector", help="train the contrastive selector (in-batch contrastive, Eq. 9)")
+    train.add_argument("--tasks", required=True, help="tasks with step_images, or any tasks with --generate-missing")
+    train.add_argument("--out", required=True, help="folder or s3:// prefix for selector.safetensors + selector.json")
+    train.add_argument("--generate-missing", action="store_true", help="render step images for tasks that have none")
+    train.add_argument("--epochs", type=int, default=10)
+    train.add_argument("--batch-size", type=int, default=500)
+    train.add_argument("--lr", type=float, default=0.01)
+    train.add_argument("--holdout", type=float, default=0.2, help="fraction of tasks held out for evaluation")
+    add_ray_options(train)
+    add_run_options(train)
+    evaluate = verbs.add_parser("evaluate", help="compare independent / previous / cosed on the same tasks and seeds")
+    evaluate.add_argument("--tasks", required=True)
+    evaluate.add_argument("--out", required=True, help="run folder: METHOD/<task>/..., metrics.csv, summary.json, "
+                                                       "plots/, report.html")
+    evaluate.add_argument("--methods", default="independent,previous,cosed")
+    add_ray_options(evaluate)
+    add_run_options(evaluate)
+    captions = verbs.add_parser("eval-captions", help="score caption rewriters against reference captions")
+    captions.add_argument("--pairs", required=True, help="Alpaca-format pairs (captions_eval.json layout)")
+    captions.add_argument("--rewriters", default="identity,template", help="comma list of identity, template, lm")
+    captions.add_argument("--limit", type=int, help="only the first N pairs")
+    captions.add_argument("--out", help="write the scores as JSON here")
+    add_run_options(captions)
     return parser
+
+
+def add_ray_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--no-ray", action="store_true", help="run in this process instead of on Ray")
+    parser.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else start a local cluster)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -61,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         cfg = config_from_args(args)
+        if args.verb in COMMANDS:
+            return COMMANDS[args.verb](args, cfg)
         if args.verb == "demo":
             summary = run_in_process(example_tasks_path(), args.out, cfg, overwrite=args.overwrite,
                                      progress=not args.quiet)
@@ -77,6 +106,105 @@ def main(argv: list[str] | None = None) -> int:
     for line in summary.lines():
         print(line)
     return 1 if summary.failed or summary.rejected else 0
+
+
+def train_command(args: argparse.Namespace, cfg: RunConfig) -> int:
+    from contextlib import nullcontext
+
+    from cosed.backend import LocalBackend
+    from cosed.runner import resolve_run
+    from cosed.train import TrainConfig, run_training
+
+    profile, cfg = resolve_run(cfg)
+    tc = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, holdout=args.holdout, seed=cfg.seed)
+    if args.no_ray:
+        backend_context = nullcontext(LocalBackend(profile, cfg))
+    else:
+        from cosed.distributed.job import pooled_backend
+
+        backend_context = pooled_backend(cfg, args.address)
+    with backend_context as backend:
+        report = run_training(args.tasks, args.out, cfg, tc, backend=backend, profile=profile,
+                              generate_missing=args.generate_missing, progress=not args.quiet)
+    held = report["held_out"]
+    print(f"selector: {report['parameters']:,} trainable parameters, {report['train_tasks']} training tasks, "
+          f"{report['held_out_tasks']} held out")
+    print(f"loss: {report['loss_per_epoch'][0]:.4f} -> {report['loss_per_epoch'][-1]:.4f}")
+    print(f"held-out top-1: trained {held['trained']['top1']:.3f} vs untrained {held['untrained']['top1']:.3f}; "
+          f"MRR {held['trained']['mrr']:.3f} vs {held['untrained']['mrr']:.3f}")
+    if report["random_weights"]:
+        print("note: random-weight tiny models; these numbers test the pipeline, not quality")
+    print(f"checkpoint: {args.out}/selector.safetensors (use with --selector), report: {args.out}/selector.json")
+    return 0
+
+
+def evaluate_command(args: argparse.Namespace, cfg: RunConfig) -> int:
+    import dataclasses
+
+    from cosed.backend import LocalBackend
+    from cosed.evaluate import method_config, write_evaluation
+    from cosed.report import write_report
+    from cosed.runner import resolve_run, run_in_process
+    from cosed.storage import join
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    for method in methods:
+        method_config(cfg, method)
+    cfg = dataclasses.replace(cfg, save_candidates=True)
+    backend = LocalBackend(*resolve_run(cfg)) if args.no_ray else None
+    failed = False
+    for method in methods:
+        print(f"== {method}", flush=True)
+        if args.no_ray:
+            summary = run_in_process(args.tasks, join(args.out, method), method_config(cfg, method),
+                                     overwrite=args.overwrite, progress=not args.quiet, backend=backend)
+        else:
+            from cosed.distributed.job import run_on_ray
+
+            summary = run_on_ray(args.tasks, join(args.out, method), method_config(cfg, method),
+                                 overwrite=args.overwrite, progress=not args.quiet, address=args.address)
+        failed |= bool(summary.failed or summary.rejected)
+        print(summary.lines()[0])
+    results = write_evaluation(args.out, methods, seed=cfg.seed)
+    report = write_report(args.out, methods, results)
+    print(f"{'method':<12}{'tasks':>6}{'CLIP-I':>9}{'CLIP-T':>9}")
+    for method in methods:
+        ci, ct = results[method]["clip_i"]["mean"], results[method]["clip_t"]["mean"]
+        print(f"{method:<12}{results[method]['tasks']:>6}{ci if ci is None else round(ci, 2):>9}"
+              f"{ct if ct is None else round(ct, 2):>9}")
+    print(f"metrics: {join(args.out, 'metrics.csv')}, {join(args.out, 'summary.json')}, plots: {join(args.out, 'plots')}")
+    print(f"report: {report}")
+    return 1 if failed else 0
+
+
+def eval_captions_command(args: argparse.Namespace, cfg: RunConfig) -> int:
+    import json
+
+    from cosed import storage
+    from cosed.backend import LocalBackend
+    from cosed.caption_eval import parse_pairs, rewrite_pair, score_captions
+    from cosed.rewrite import make_rewriter
+    from cosed.runner import profile_cache, resolve_run
+
+    profile, cfg = resolve_run(cfg)
+    pairs = parse_pairs(storage.read_bytes(args.pairs))[: args.limit]
+    backend = LocalBackend(profile, cfg)
+    references = [reference for _, _, reference in pairs]
+    scores = {}
+    for name in [r.strip() for r in args.rewriters.split(",") if r.strip()]:
+        rewriter = make_rewriter(name, model=cfg.rewriter_model, cache_dir=profile_cache(cfg), device=backend.device)
+        outputs = [rewrite_pair(rewriter, previous, current) for previous, current, _ in pairs]
+        scores[name] = score_captions(outputs, references, backend.embed_texts)
+        print(f"{name:<10} BLEU {scores[name]['bleu']:6.2f}  chrF {scores[name]['chrf']:6.2f}  "
+              f"CLIP text sim {scores[name]['clip_text_similarity']:6.2f}  ({len(pairs)} pairs)")
+    if profile.random_weights:
+        print("note: CLIP text similarity comes from random-weight tiny CLIP; BLEU and chrF do not depend on it")
+    if args.out:
+        storage.write_text(args.out, json.dumps({"profile": profile.name, "scores": scores}, indent=2) + "\n")
+    return 0
+
+
+COMMANDS = {"train-selector": train_command, "evaluate": evaluate_command, "eval-captions": eval_captions_command}
 
 
 if __name__ == "__main__":

@@ -53,12 +53,13 @@ class PoolResources:
 
     ``replicas: auto`` sizes the pool from the cluster at start (and grows it when
     GPUs are added); ``num_gpus: auto`` is 1 when the cluster has a GPU per pool,
-    a fractional share on smaller GPU nodes, and 0 on CPU-only clusters.
+    a fractional share on smaller GPU nodes, and 0 on CPU-only clusters;
+    ``num_cpus: auto`` is 1, or a third of the cluster's CPUs when it has fewer than 3.
     """
 
     replicas: int | str = "auto"
     num_gpus: float | str = "auto"
-    num_cpus: float = 1.0
+    num_cpus: float | str = "auto"
 
 
 @dataclass
@@ -69,6 +70,7 @@ class RayConfig:
     max_concurrent_tasks: int | str = "auto"
     task_retries: int = 2
     rescale_seconds: float = 5.0
+    start_timeout_s: float = 900.0
 
 
 @dataclass
@@ -81,6 +83,7 @@ class RunConfig:
     max_steps: int = 12
     device: str = "auto"
     cpu_threads: int = 1
+    save_candidates: bool = False
     cache_dir: str | None = None
     sd: SDConfig = field(default_factory=SDConfig)
     pool: PoolConfig = field(default_factory=PoolConfig)

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
+import os
+from pathlib import Path
+
 import numpy as np
 import torch
 from PIL import Image
@@ -30,8 +34,8 @@ class ClipEmbedder:
         return np.concatenate(out) if out else np.zeros((0, self.dim), np.float32)
 
     @torch.no_grad()
-    def images(self, images: np.ndarray) -> np.ndarray:
-        """Embed (N, H, W, 3) uint8 images."""
+    def images(self, images) -> np.ndarray:
+        """Embed uint8 RGB images: an (N, H, W, 3) array or a list of (H, W, 3) arrays of any size."""
         out = []
         for start in range(0, len(images), self.batch_size):
             pixels = torch.stack([self.preprocess(Image.fromarray(img)) for img in images[start:start + self.batch_size]])
@@ -42,3 +46,36 @@ class ClipEmbedder:
     @property
     def dim(self) -> int:
         return int(self.model.text_projection.shape[1])
+
+
+class EmbeddingCache:
+    """CLIP embeddings on disk, keyed by model name and a hash of the input.
+
+    Training and evaluation embed the same captions and images many times
+    over; each is computed once (on whatever backend) and read back after.
+    """
+
+    def __init__(self, backend, model_name: str, folder: Path):
+        self.backend = backend
+        self.folder = Path(folder) / hashlib.sha256(model_name.encode()).hexdigest()[:16]
+
+    def texts(self, texts: list[str]) -> np.ndarray:
+        keys = [hashlib.sha256(b"text\x1f" + t.encode("utf-8")).hexdigest() for t in texts]
+        return self._cached(keys, lambda missing: self.backend.embed_texts([texts[i] for i in missing]))
+
+    def images(self, images) -> np.ndarray:
+        keys = [hashlib.sha256(b"image\x1f" + str(np.shape(img)).encode() + np.ascontiguousarray(img).tobytes())
+                .hexdigest() for img in images]
+        return self._cached(keys, lambda missing: self.backend.embed_images([images[i] for i in missing]))
+
+    def _cached(self, keys: list[str], compute) -> np.ndarray:
+        paths = [self.folder / key[:2] / f"{key}.npy" for key in keys]
+        missing = [i for i, path in enumerate(paths) if not path.is_file()]
+        if missing:
+            for i, vector in zip(missing, compute(missing)):
+                paths[i].parent.mkdir(parents=True, exist_ok=True)
+                tmp = paths[i].with_suffix(f".{os.getpid()}.tmp")
+                with open(tmp, "wb") as handle:
+                    np.save(handle, np.asarray(vector, dtype=np.float32))
+                os.replace(tmp, paths[i])
+        return np.stack([np.load(path) for path in paths]) if paths else np.zeros((0, 0), np.float32)

@@ -64,6 +64,7 @@ class StepResult:
     image: np.ndarray
     image_embedding: np.ndarray
     video_seed: int
+    candidate_images: np.ndarray | None = None
 
 
 @dataclass
@@ -105,7 +106,8 @@ def sequence_task(task: Task, captions: list[str], backend: Backend, cfg: RunCon
         step = StepResult(number=number, text=text, caption=caption, sources=sources,
                           scores=[float(s) for s in scores], chosen=chosen, image=images[chosen],
                           image_embedding=image_embeddings[chosen],
-                          video_seed=derive_seed(cfg.seed, task.id, number, "video"))
+                          video_seed=derive_seed(cfg.seed, task.id, number, "video"),
+                          candidate_images=images if cfg.save_candidates else None)
         steps.append(step)
         if on_scene:
             on_scene(step)
@@ -125,6 +127,15 @@ def png_bytes(image: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(image).save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def thumbnail(image: np.ndarray, size: int = 256) -> np.ndarray:
+    """Candidate images are kept for inspection only: at most ``size`` pixels a side."""
+    if max(image.shape[:2]) <= size:
+        return image
+    picture = Image.fromarray(image)
+    picture.thumbnail((size, size), Image.Resampling.LANCZOS)
+    return np.asarray(picture)
 
 
 def manifest_config(cfg: RunConfig) -> dict:
@@ -150,9 +161,14 @@ def write_task_outputs(out: str, result: SequenceResult, clips: list[np.ndarray]
             image_rel, clip_rel = f"scenes/step_{step.number:02d}.png", f"clips/step_{step.number:02d}.mp4"
             storage.write_bytes(task_uri(out, task, image_rel), png_bytes(step.image))
             storage.write_bytes(task_uri(out, task, clip_rel), encode_mp4(clip, cfg.video.fps))
+            candidates = [{"source": s.to_dict(), "score": score} for s, score in zip(step.sources, step.scores)]
+            if step.candidate_images is not None:
+                for index, (entry, image) in enumerate(zip(candidates, step.candidate_images)):
+                    entry["image"] = f"candidates/step_{step.number:02d}/c{index:02d}.png"
+                    storage.write_bytes(task_uri(out, task, entry["image"]), png_bytes(thumbnail(image)))
             steps_meta.append({
                 "step": step.number, "text": step.text, "caption": step.caption,
-                "candidates": [{"source": s.to_dict(), "score": score} for s, score in zip(step.sources, step.scores)],
+                "candidates": candidates,
                 "chosen": step.chosen, "image": image_rel, "clip": clip_rel,
                 "frames": int(len(clip)),
             })

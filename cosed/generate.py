@@ -32,9 +32,9 @@ def to_uint8(images: np.ndarray) -> np.ndarray:
 
 
 @torch.no_grad()
-def render_batch(pipe, caption: str, init_latents: np.ndarray, sd: SDConfig,
+def render_batch(pipe, caption: str | list[str], init_latents: np.ndarray, sd: SDConfig,
                  capture_iterations: list[int]) -> RenderedBatch:
-    """Denoise each initial latent with the caption; return images and the early latents."""
+    """Denoise each initial latent with the caption (or its own caption); return images and early latents."""
     captured: dict[int, np.ndarray] = {}
     wanted = set(capture_iterations)
 
@@ -45,7 +45,7 @@ def render_batch(pipe, caption: str, init_latents: np.ndarray, sd: SDConfig,
 
     latents = torch.tensor(init_latents, dtype=pipe.unet.dtype, device=pipe.device)
     output = pipe(
-        prompt=[caption] * len(init_latents), height=sd.height, width=sd.width,
+        prompt=[caption] * len(init_latents) if isinstance(caption, str) else list(caption), height=sd.height, width=sd.width,
         num_inference_steps=sd.num_inference_steps, guidance_scale=sd.guidance_scale,
         latents=latents, output_type="np",
         callback_on_step_end=capture, callback_on_step_end_tensor_inputs=["latents"],

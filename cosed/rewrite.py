@@ -18,10 +18,13 @@ import torch
 from cosed.tasks import Task
 
 CLIP_CONTEXT_TOKENS = 77
-LM_PROMPT = (
-    "### Instruction:\nGive me the image caption for this recipe.\n\n"
-    "### Input:\nStep 1: {previous}\nStep 2: {current}\n\n### Response:\n"
-)
+LM_PROMPT = "### Instruction:\nGive me the image caption for this recipe.\n\n### Input:\n{steps}\n\n### Response:\n"
+
+
+def lm_prompt(previous: str, current: str) -> str:
+    """The reference prompt: a window of two (previous caption, current step), or the first step alone."""
+    steps = f"Step 1: {previous}\nStep 2: {current}" if previous else f"Step 1: {current}"
+    return LM_PROMPT.format(steps=steps)
 
 
 @lru_cache(maxsize=1)
@@ -82,9 +85,9 @@ class LMRewriter:
 
     def captions(self, task: Task) -> list[str]:
         captions: list[str] = []
-        previous = task.title
+        previous = ""
         for step in task.steps:
-            caption = self.caption(LM_PROMPT.format(previous=previous, current=step)) or truncate_to_clip(step)
+            caption = self.caption(lm_prompt(previous, step)) or truncate_to_clip(step)
             captions.append(caption)
             previous = caption
         return captions

@@ -11,6 +11,7 @@ import logging
 import time
 import traceback
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from tqdm.auto import tqdm
 
@@ -36,6 +37,7 @@ class RunSummary:
     scenes: int = 0
     seconds: float = 0.0
     extra: dict = field(default_factory=dict)
+    actors: list[dict] = field(default_factory=list)
 
     @property
     def scenes_per_minute(self) -> float:
@@ -123,7 +125,7 @@ def run_in_process(tasks_uri: str, out: str, cfg: RunConfig, *, overwrite: bool 
     return summary
 
 
-def profile_cache(cfg: RunConfig):
+def profile_cache(cfg: RunConfig) -> Path:
     from cosed.models.profiles import default_cache_dir
 
-    return cfg.cache_dir or default_cache_dir()
+    return Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()

@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from cosed import storage
+
 EMBED_DIM = 512
 PROJ_DIM = 256
 
@@ -80,17 +82,22 @@ class ContrastiveSelector(nn.Module):
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def save(self, path: str | Path, metadata: dict | None = None) -> None:
-        from safetensors.torch import save_file
+    def save(self, uri: str | Path, metadata: dict | None = None) -> None:
+        """A safetensors checkpoint at a local path or s3:// URI."""
+        from safetensors.torch import save
 
         meta = {"format": "cosed-selector-v1", **{k: json.dumps(v) for k, v in (metadata or {}).items()}}
-        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(path), metadata=meta)
+        state = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
+        storage.write_bytes(str(uri), save(state, metadata=meta))
 
     @classmethod
-    def load(cls, path: str | Path) -> "ContrastiveSelector":
-        from safetensors.torch import load_file
+    def load(cls, uri: str | Path) -> "ContrastiveSelector":
+        from safetensors.torch import load
 
-        state = load_file(str(path))
+        try:
+            state = load(storage.read_bytes(str(uri)))
+        except FileNotFoundError as exc:
+            raise FileNotFoundError(f"selector checkpoint not found: {uri}") from exc
         selector = cls(embed_dim=state["next_text.weight"].shape[1], proj_dim=state["next_text.weight"].shape[0])
         selector.load_state_dict(state)
         return selector.eval()

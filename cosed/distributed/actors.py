@@ -89,9 +89,17 @@ class ModelPools:
 
     def start(self) -> dict[str, dict]:
         """Create every pool and wait until each model has loaded (so a bad model fails here)."""
-        self.plan = plan_pools(self.cfg.ray, *self._cluster())
+        gpus, cpus = self._cluster()
+        self.plan = plan_pools(self.cfg.ray, gpus, cpus)
         self._fill()
-        ray.get([h.info.remote() for hs in self.handles.values() for h in hs])
+        refs = [h.info.remote() for hs in self.handles.values() for h in hs]
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=self.cfg.ray.start_timeout_s)
+        if len(ready) < len(refs):
+            raise TimeoutError(
+                f"{len(refs) - len(ready)} model actors were not placed within {self.cfg.ray.start_timeout_s:.0f} s "
+                f"on a cluster of {cpus:g} CPUs and {gpus:g} GPUs; pools asked for "
+                + ", ".join(f"{k}: {p.replicas} x ({p.num_cpus:g} CPU, {p.num_gpus:g} GPU)" for k, p in self.plan.items()))
+        ray.get(ready)
         return self.describe()
 
     def rescale(self) -> dict[str, dict]:

@@ -7,6 +7,7 @@ import logging
 import os
 import time
 from collections import deque
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import ray
@@ -45,6 +46,19 @@ def start_pools(cfg: RunConfig):
             cause = cause.cause
         raise ModelUnavailable(f"model actors could not start: {cause}") from exc
     return pools, layout
+
+
+@contextmanager
+def pooled_backend(cfg: RunConfig, address: str | None = None):
+    """A `RayBackend` over fresh model pools, for verbs that only need model calls (training)."""
+    from cosed.distributed.actors import RayBackend
+
+    connect(address)
+    pools, _ = start_pools(cfg)
+    try:
+        yield RayBackend(pools)
+    finally:
+        ray.kill(pools)
 
 
 def busy_fractions(stats: list[dict]) -> dict[str, float]:
@@ -90,15 +104,17 @@ def run_on_ray(tasks_uri: str, out: str, cfg: RunConfig, *, overwrite: bool = Fa
             if limit == "auto":
                 limit = max(2, 2 * layout["sd"]["replicas"])
             drive(Job(out, profile, cfg, pools, stitcher, rewriter, summary, progress), todo, int(limit))
-            stats = ray.get(pools.stats.remote())
-            summary.extra = {"pools": ray.get(pools.describe.remote()), "busy_fraction": busy_fractions(stats)}
+            summary.actors = ray.get(pools.stats.remote())
+            summary.extra = {"pools": ray.get(pools.describe.remote()),
+                             "busy_fraction": busy_fractions(summary.actors)}
         finally:
             # Model actors are owned by the pool registry and go with it.
             ray.kill(pools)
             ray.kill(stitcher)
     summary.seconds = time.perf_counter() - start
     storage.write_text(storage.join(out, SUMMARY), json.dumps(
-        {**summary.to_dict(), "done_ids": summary.done, "skipped_ids": summary.skipped}, indent=2) + "\n")
+        {**summary.to_dict(), "done_ids": summary.done, "skipped_ids": summary.skipped,
+         "actors": summary.actors}, indent=2) + "\n")
     return summary
 
 

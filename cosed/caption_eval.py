@@ -1,0 +1,50 @@
+"""Caption rewriters against reference visual captions (the Alpaca-format pairs of method.md §1).
+
+Each pair's input is "Step 1: {previous caption}\\nStep 2: {current step}", or
+"Step 1: {current step}" alone for a task's first step. Every
+rewriter sees the same two pieces: `identity` the current step, `template` the
+previous caption as its context, `lm` the reference prompt itself.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+
+from cosed.rewrite import LMRewriter, lm_prompt, truncate_to_clip
+
+_PAIR_INPUT = re.compile(r"Step 1:(?P<previous>.*?)\n\s*Step 2:(?P<current>.*)", re.S)
+_FIRST_STEP = re.compile(r"Step 1:(?P<current>.*)", re.S)
+
+
+def parse_pairs(data: bytes) -> list[tuple[str, str, str]]:
+    """(previous caption, current step, reference caption) for each pair."""
+    pairs = []
+    for number, record in enumerate(json.loads(data.decode("utf-8")), start=1):
+        text = record.get("input", "")
+        match = _PAIR_INPUT.match(text) or _FIRST_STEP.match(text)
+        if not match or not isinstance(record.get("output"), str):
+            raise ValueError(f"pair {number}: input must read 'Step 1: ...[\\nStep 2: ...]' and output must be text")
+        previous = match["previous"].strip() if "previous" in match.groupdict() else ""
+        pairs.append((previous, match["current"].strip(), record["output"].strip()))
+    return pairs
+
+
+def rewrite_pair(rewriter, previous: str, current: str) -> str:
+    if isinstance(rewriter, LMRewriter):
+        return rewriter.caption(lm_prompt(previous, current)) or truncate_to_clip(current)
+    if rewriter.name == "template":
+        return truncate_to_clip(f"{previous}: {current}" if previous else current)
+    return truncate_to_clip(current)
+
+
+def score_captions(outputs: list[str], references: list[str], embed_texts) -> dict[str, float]:
+    """Corpus BLEU and chrF (sacrebleu) and mean 100 * CLIP text-text cosine."""
+    import sacrebleu
+
+    clip = np.sum(embed_texts(outputs) * embed_texts(references), axis=1)
+    return {"bleu": float(sacrebleu.corpus_bleu(outputs, [references]).score),
+            "chrf": float(sacrebleu.corpus_chrf(outputs, [references]).score),
+            "clip_text_similarity": float(100.0 * clip.mean()), "pairs": len(outputs)}

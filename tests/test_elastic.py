@@ -1,0 +1,49 @@
+"""Elasticity: a node with more logical GPUs joins during a run and gets model actors and work."""
+
+import dataclasses
+import os
+import threading
+import time
+
+import pytest
+import ray
+from ray.cluster_utils import Cluster
+
+from cosed.distributed.job import run_on_ray
+
+from conftest import write_jsonl
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 6, "num_gpus": 3})
+    ray.init(address=cluster.address, logging_level="ERROR", log_to_driver=False)
+    yield cluster
+    ray.shutdown()
+    cluster.shutdown()
+
+
+def test_a_gpu_node_added_mid_run_gets_model_actors_and_work(cluster, tmp_path, tiny_config):
+    cfg = dataclasses.replace(tiny_config, ray=dataclasses.replace(tiny_config.ray, rescale_seconds=1.0,
+                                                                   max_concurrent_tasks=2))
+    tasks = [{"id": f"t{i}", "title": f"Task {i}", "steps": ["Cut it.", "Sand it.", "Paint it."]} for i in range(8)]
+    out = tmp_path / "out"
+    result = {}
+    run = threading.Thread(target=lambda: result.setdefault("summary", run_on_ray(
+        str(write_jsonl(tmp_path / "t.jsonl", tasks)), str(out), cfg, progress=False)))
+    run.start()
+    deadline = time.time() + 300
+    while time.time() < deadline and not list(out.glob("*/manifest.json")):
+        time.sleep(0.5)
+    assert run.is_alive(), "the run ended before the node could join"
+    node = cluster.add_node(num_cpus=4, num_gpus=2)  # Ray wants this on the main thread
+    run.join()
+    summary = result["summary"]
+    assert len(summary.done) == 8
+    assert summary.extra["pools"]["sd"]["replicas"] == 2 and summary.extra["pools"]["video"]["replicas"] == 2
+    on_new_node = [a for a in summary.actors if a["node_id"] == node.node_id]
+    assert {a["kind"] for a in on_new_node} == {"sd", "video"}
+    assert any(a["calls"] > 0 for a in on_new_node if a["kind"] == "sd")
