@@ -92,5 +92,3 @@ class LocalBackend:
     def animate(self, image, seed, video):
         return animate(self.video, image, seed, video)
 
-
-torch.set_grad_enabled(False)

@@ -57,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--epochs", type=int, default=10)
     train.add_argument("--batch-size", type=int, default=500)
     train.add_argument("--lr", type=float, default=0.01)
+    train.add_argument("--temperature", type=float, default=0.07, help="training logit temperature")
     train.add_argument("--holdout", type=float, default=0.2, help="fraction of tasks held out for evaluation")
     add_ray_options(train)
     add_run_options(train)
@@ -116,7 +117,8 @@ def train_command(args: argparse.Namespace, cfg: RunConfig) -> int:
     from cosed.train import TrainConfig, run_training
 
     profile, cfg = resolve_run(cfg)
-    tc = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, holdout=args.holdout, seed=cfg.seed)
+    tc = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, temperature=args.temperature,
+                     holdout=args.holdout, seed=cfg.seed)
     if args.no_ray:
         backend_context = nullcontext(LocalBackend(profile, cfg))
     else:

@@ -68,6 +68,10 @@ class EmbeddingCache:
                 .hexdigest() for img in images]
         return self._cached(keys, lambda missing: self.backend.embed_images([images[i] for i in missing]))
 
+    def keyed(self, keys: list[str], compute) -> np.ndarray:
+        """Embeddings under caller-made keys; ``compute(missing_indices)`` embeds only what is not cached."""
+        return self._cached([hashlib.sha256(f"keyed\x1f{k}".encode()).hexdigest() for k in keys], compute)
+
     def _cached(self, keys: list[str], compute) -> np.ndarray:
         paths = [self.folder / key[:2] / f"{key}.npy" for key in keys]
         missing = [i for i, path in enumerate(paths) if not path.is_file()]

@@ -8,8 +8,8 @@ cross-entropy: the mean log-softmax over positives).
 
 from __future__ import annotations
 
+import hashlib
 import io
-from pathlib import Path
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -26,9 +26,18 @@ from cosed.tasks import Task
 
 @dataclass
 class TrainConfig:
+    """Paper defaults (Adam, lr 0.01, batch 500, 10 epochs) plus the training temperature.
+
+    Eq. 7's 1/sqrt(512) keeps logits within about +-0.1, too flat for a softmax
+    over the ~1,500 keys of a batch; training logits are the mean of the two
+    modalities' inner products over ``temperature``, the usual contrastive
+    temperature (scoring at generation time stays exactly Eq. 7-8).
+    """
+
     epochs: int = 10
     batch_size: int = 500
     lr: float = 0.01
+    temperature: float = 0.07
     holdout: float = 0.2
     seed: int = 0
 
@@ -46,20 +55,35 @@ def load_image(uri: str) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(storage.read_bytes(uri))).convert("RGB"))
 
 
-def step_images(task: Task, captions: list[str], backend, cfg: RunConfig, generate_missing: bool) -> list[np.ndarray]:
-    """The task's own step images, or one seeded text-to-image render per step."""
-    if task.step_images:
-        return [load_image(uri) for uri in task.step_images]
-    if not generate_missing:
-        raise ValueError(f"task {task.id!r} has no step_images; pass --generate-missing to render them")
+def generated_image_keys(task: Task, captions: list[str], cfg: RunConfig, sd_model: str) -> list[str]:
+    """What decides a rendered step image, so its embedding can be cached without rendering it again."""
+    sd = cfg.sd
+    return [hashlib.sha256(f"generated\x1f{sd_model}\x1f{cfg.seed}\x1f{task.id}\x1f{n}\x1f{caption}\x1f"
+                           f"{sd.height}x{sd.width}x{sd.num_inference_steps}x{sd.guidance_scale}".encode()).hexdigest()
+            for n, caption in enumerate(captions, start=1)]
+
+
+def render_step_images(task: Task, captions: list[str], steps: list[int], backend, cfg: RunConfig) -> list[np.ndarray]:
+    """One seeded text-to-image render for each listed step (numbered from 1)."""
     shape = backend.latent_shape(cfg.sd)
-    starts = np.stack([gaussian_latent(derive_seed(cfg.seed, task.id, n, "train-image"), shape).numpy()
-                       for n in range(1, len(task.steps) + 1)])
+    starts = np.stack([gaussian_latent(derive_seed(cfg.seed, task.id, n, "train-image"), shape).numpy() for n in steps])
     images = []
-    for rows in batches(len(starts), cfg.sd.batch_size):
-        (rendered,) = backend.render_many([captions[i] for i in rows], [starts[list(rows)]], cfg.sd, [])
+    for rows in batches(len(steps), cfg.sd.batch_size):
+        (rendered,) = backend.render_many([captions[steps[i] - 1] for i in rows], [starts[list(rows)]], cfg.sd, [])
         images.extend(rendered.images)
     return images
+
+
+def image_embeddings(task: Task, captions: list[str], backend, cache, cfg: RunConfig, sd_model: str,
+                     generate_missing: bool) -> np.ndarray:
+    """Embeddings of the task's own step images, or of seeded renders (rendered only when not cached)."""
+    if task.step_images:
+        return cache.images([load_image(uri) for uri in task.step_images])
+    if not generate_missing:
+        raise ValueError(f"task {task.id!r} has no step_images; pass --generate-missing to render them")
+    keys = generated_image_keys(task, captions, cfg, sd_model)
+    return cache.keyed(keys, lambda missing: backend.embed_images(
+        render_step_images(task, captions, [i + 1 for i in missing], backend, cfg)))
 
 
 def split(scenes: list[TaskScenes], holdout: float, seed: int) -> tuple[list[TaskScenes], list[TaskScenes]]:
@@ -70,7 +94,8 @@ def split(scenes: list[TaskScenes], holdout: float, seed: int) -> tuple[list[Tas
     return [usable[i] for i in order[n_held:]], [usable[i] for i in order[:n_held]]
 
 
-def contrastive_loss(selector: ContrastiveSelector, batch: list[TaskScenes], query_steps: list[int]) -> torch.Tensor:
+def contrastive_loss(selector: ContrastiveSelector, batch: list[TaskScenes], query_steps: list[int],
+                     temperature: float = 0.07) -> torch.Tensor:
     """Multi-positive in-batch cross-entropy of Eq. 9."""
     tensor = lambda a: torch.as_tensor(np.asarray(a, dtype=np.float32))  # noqa: E731
     q_text = tensor([s.text[q] for s, q in zip(batch, query_steps)])
@@ -78,7 +103,7 @@ def contrastive_loss(selector: ContrastiveSelector, batch: list[TaskScenes], que
     k_text = tensor(np.concatenate([s.text[:q] for s, q in zip(batch, query_steps)]))
     k_image = tensor(np.concatenate([s.image[:q] for s, q in zip(batch, query_steps)]))
     owner = torch.as_tensor(np.repeat(np.arange(len(batch)), query_steps))
-    logits = selector.similarity(q_text, q_image, k_text, k_image)
+    logits = selector.next_scene(q_text, q_image) @ selector.past_scene(k_text, k_image).T / (2 * temperature)
     positives = (owner[None, :] == torch.arange(len(batch))[:, None]).float()
     log_p = torch.log_softmax(logits, dim=1)
     return -((log_p * positives).sum(1) / positives.sum(1)).mean()
@@ -99,7 +124,7 @@ def train_selector(train: list[TaskScenes], tc: TrainConfig,
             for start in range(0, len(order), tc.batch_size):
                 batch = [train[i] for i in order[start:start + tc.batch_size]]
                 queries = [int(torch.randint(1, len(s.text), (1,), generator=gen)) for s in batch]
-                loss = contrastive_loss(selector, batch, queries)
+                loss = contrastive_loss(selector, batch, queries, tc.temperature)
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
@@ -131,16 +156,16 @@ def train_report(tc: TrainConfig, selector: ContrastiveSelector, losses: list[fl
             "train_tasks": n_train, "held_out": {"trained": trained, "untrained": untrained}, **extra}
 
 
-def collect_scenes(tasks: list[Task], rewriter, backend, cache, cfg: RunConfig, generate_missing: bool,
-                   progress: bool = True) -> list[TaskScenes]:
+def collect_scenes(tasks: list[Task], rewriter, backend, cache, cfg: RunConfig, sd_model: str,
+                   generate_missing: bool, progress: bool = True) -> list[TaskScenes]:
     """Caption and image embeddings of every step of every task (cached on disk)."""
     from tqdm.auto import tqdm
 
     scenes = []
     for task in tqdm(tasks, desc="embedding", unit="task", disable=not progress):
         captions = rewriter.captions(task)
-        images = step_images(task, captions, backend, cfg, generate_missing)
-        scenes.append(TaskScenes(task_id=task.id, text=cache.texts(captions), image=cache.images(images)))
+        images = image_embeddings(task, captions, backend, cache, cfg, sd_model, generate_missing)
+        scenes.append(TaskScenes(task_id=task.id, text=cache.texts(captions), image=images))
     return scenes
 
 
@@ -157,7 +182,8 @@ def run_training(tasks_uri: str, out: str, cfg: RunConfig, tc: TrainConfig, *, b
     write_errors(out, task_set.errors)
     rewriter = make_rewriter(cfg.rewriter, model=cfg.rewriter_model, cache_dir=profile_cache(cfg))
     cache = EmbeddingCache(backend, profile.model_names()["clip"], profile_cache(cfg) / "embeddings")
-    scenes = collect_scenes(task_set.tasks, rewriter, backend, cache, cfg, generate_missing, progress)
+    scenes = collect_scenes(task_set.tasks, rewriter, backend, cache, cfg, profile.model_names()["sd"],
+                            generate_missing, progress)
     train, held = split(scenes, tc.holdout, tc.seed)
     if not train:
         raise ValueError("no task with two or more steps to train on")

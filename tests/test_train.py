@@ -13,14 +13,14 @@ def separable_tasks(count=80, steps=2, seed=0) -> list[TaskScenes]:
     the rotation, and it is the same for every task, so it carries to held-out tasks.
     """
     rng = np.random.default_rng(seed)
-    rotation, _ = np.linalg.qr(np.random.default_rng(99).normal(size=(16, 16)))
+    rotation, _ = np.linalg.qr(np.random.default_rng(99).normal(size=(64, 64)))
     scenes = []
     for index in range(count):
-        code = rng.normal(size=16)
+        code = rng.normal(size=64)
         code /= np.linalg.norm(code)
 
         def embed(vector):
-            full = np.concatenate([vector, rng.normal(scale=0.01, size=496)])
+            full = np.concatenate([vector, rng.normal(scale=0.01, size=448)])
             return full / np.linalg.norm(full)
 
         rows = [embed(code) for _ in range(steps - 1)] + [embed(rotation @ code)]
@@ -43,7 +43,7 @@ def test_loss_is_the_multi_positive_in_batch_cross_entropy():
     scenes = separable_tasks(count=3, steps=3)
 
     selector = ContrastiveSelector.untrained()
-    loss = contrastive_loss(selector, scenes, [2, 1, 2])
+    loss = contrastive_loss(selector, scenes, [2, 1, 2], temperature=0.07)
     import torch
 
     q = selector.next_scene(torch.tensor(np.stack([scenes[0].text[2], scenes[1].text[1], scenes[2].text[2]]), dtype=torch.float32),
@@ -51,7 +51,7 @@ def test_loss_is_the_multi_positive_in_batch_cross_entropy():
     keys_t = np.concatenate([scenes[0].text[:2], scenes[1].text[:1], scenes[2].text[:2]])
     keys_v = np.concatenate([scenes[0].image[:2], scenes[1].image[:1], scenes[2].image[:2]])
     k = selector.past_scene(torch.tensor(keys_t, dtype=torch.float32), torch.tensor(keys_v, dtype=torch.float32))
-    log_p = torch.log_softmax(q @ k.T * selector.scale, dim=1)
+    log_p = torch.log_softmax(q @ k.T / (2 * 0.07), dim=1)
     expected = -(log_p[0, :2].mean() + log_p[1, 2:3].mean() + log_p[2, 3:].mean()) / 3
     assert float(loss) == pytest.approx(float(expected), rel=1e-5)
 

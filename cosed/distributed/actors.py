@@ -33,7 +33,7 @@ class ModelWorker:
         self.kind = kind
         profile = resolve_profile(cfg.profile, cfg.cache_dir)
         self.backend = LocalBackend(profile, cfg)
-        getattr(self.backend, {"sd": "sd", "video": "video", "clip": "clip"}[kind])
+        getattr(self.backend, kind)  # load now: a model that cannot load fails the pool's start
         if kind == "clip":
             self.backend.selector  # noqa: B018
         self.busy = 0.0
