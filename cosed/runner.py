@@ -95,16 +95,22 @@ def failure(task: Task, exc: BaseException) -> TaskError:
     return TaskError(source="generation", task_id=task.id, reason=f"{type(exc).__name__}: {exc}")
 
 
-def run_in_process(tasks_uri: str, out: str, cfg: RunConfig, *, overwrite: bool = False,
-                   progress: bool = True, backend: LocalBackend | None = None) -> RunSummary:
-    """Every task in this process, one after another. Pass ``backend`` to reuse loaded models."""
-    start = time.perf_counter()
+def prepare_run(tasks_uri: str, out: str, cfg: RunConfig, overwrite: bool):
+    """Resolve the profile, read and validate tasks, report rejects, and find what is left to do."""
     profile, cfg = resolve_run(cfg)
     task_set = read_tasks(tasks_uri, cfg)
     summary = RunSummary(out=out, rejected=list(task_set.errors))
     write_errors(out, summary.rejected)
     todo, done = pending_tasks(task_set.tasks, out, overwrite)
     summary.skipped = [t.id for t in done]
+    return profile, cfg, summary, todo
+
+
+def run_in_process(tasks_uri: str, out: str, cfg: RunConfig, *, overwrite: bool = False,
+                   progress: bool = True, backend: LocalBackend | None = None) -> RunSummary:
+    """Every task in this process, one after another. Pass ``backend`` to reuse loaded models."""
+    start = time.perf_counter()
+    profile, cfg, summary, todo = prepare_run(tasks_uri, out, cfg, overwrite)
     backend = backend or LocalBackend(profile, cfg)
     if todo:
         backend.load_all()

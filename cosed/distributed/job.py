@@ -17,8 +17,7 @@ from cosed.config import RunConfig
 from cosed.distributed.actors import ModelPools, Stitcher, TaskDriver
 from cosed.models.profiles import ModelUnavailable, Profile
 from cosed.rewrite import Rewriter, make_rewriter
-from cosed.runner import (RunSummary, failure, pending_tasks, profile_cache, read_tasks, resolve_run,
-                          write_errors)
+from cosed.runner import RunSummary, failure, prepare_run, profile_cache, write_errors
 from cosed.tasks import Task, TaskError
 
 log = logging.getLogger("cosed")
@@ -88,12 +87,7 @@ class Job:
 def run_on_ray(tasks_uri: str, out: str, cfg: RunConfig, *, overwrite: bool = False, progress: bool = True,
                address: str | None = None) -> RunSummary:
     start = time.perf_counter()
-    profile, cfg = resolve_run(cfg)
-    task_set = read_tasks(tasks_uri, cfg)
-    summary = RunSummary(out=out, rejected=list(task_set.errors))
-    write_errors(out, summary.rejected)
-    todo, done = pending_tasks(task_set.tasks, out, overwrite)
-    summary.skipped = [t.id for t in done]
+    profile, cfg, summary, todo = prepare_run(tasks_uri, out, cfg, overwrite)
     if todo:
         connect(address)
         pools, layout = start_pools(cfg)
