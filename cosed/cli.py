@@ -185,18 +185,20 @@ def eval_captions_command(args: argparse.Namespace, cfg: RunConfig) -> int:
     from cosed import storage
     from cosed.backend import LocalBackend
     from cosed.caption_eval import parse_pairs, rewrite_pair, score_captions
+    from cosed.embed import EmbeddingCache
     from cosed.rewrite import make_rewriter
     from cosed.runner import profile_cache, resolve_run
 
     profile, cfg = resolve_run(cfg)
     pairs = parse_pairs(storage.read_bytes(args.pairs))[: args.limit]
     backend = LocalBackend(profile, cfg)
+    cache = EmbeddingCache(backend, profile.model_names()["clip"], profile_cache(cfg) / "embeddings")
     references = [reference for _, _, reference in pairs]
     scores = {}
     for name in [r.strip() for r in args.rewriters.split(",") if r.strip()]:
         rewriter = make_rewriter(name, model=cfg.rewriter_model, cache_dir=profile_cache(cfg), device=backend.device)
         outputs = [rewrite_pair(rewriter, previous, current) for previous, current, _ in pairs]
-        scores[name] = score_captions(outputs, references, backend.embed_texts)
+        scores[name] = score_captions(outputs, references, cache.texts)
         print(f"{name:<10} BLEU {scores[name]['bleu']:6.2f}  chrF {scores[name]['chrf']:6.2f}  "
               f"CLIP text sim {scores[name]['clip_text_similarity']:6.2f}  ({len(pairs)} pairs)")
     if profile.random_weights:

@@ -53,7 +53,7 @@ def test_loss_is_the_multi_positive_in_batch_cross_entropy():
     k = selector.past_scene(torch.tensor(keys_t, dtype=torch.float32), torch.tensor(keys_v, dtype=torch.float32))
     log_p = torch.log_softmax(q @ k.T / (2 * 0.07), dim=1)
     expected = -(log_p[0, :2].mean() + log_p[1, 2:3].mean() + log_p[2, 3:].mean()) / 3
-    assert float(loss) == pytest.approx(float(expected), rel=1e-5)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
 
 
 def test_single_step_tasks_cannot_be_queries_and_are_dropped():
