@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 _OPTIONAL_LIST_FIELDS = ("ingredients", "tools", "step_images")
@@ -30,9 +30,6 @@ class Task:
     @property
     def folder(self) -> str:
         return task_folder_name(self.id)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
 
 @dataclass(frozen=True)
