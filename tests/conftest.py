@@ -14,6 +14,15 @@ SHARED_RECIPES = REPO.parent / "shared" / "data" / "recipes"
 TINY_CACHE = Path(os.environ.get("COSED_TEST_CACHE", REPO / ".cache" / "test-models"))
 
 
+# Three short tasks of 3, 3 and 2 steps: enough for the non-linear pool (step 3) at little cost.
+SMALL_TASKS = [
+    {"id": "sauce", "title": "Tomato sauce", "steps": ["Dice the onion on the board.", "Fry the onion.",
+                                                        "Chop tomatoes on the board."]},
+    {"id": "shelf", "title": "Shelf", "steps": ["Cut the board.", "Sand the edges.", "Screw it to the wall."]},
+    {"id": "tea", "title": "Tea", "steps": ["Boil water.", "Steep the leaves."]},
+]
+
+
 def needs_shared_recipes():
     return pytest.mark.skipif(not (SHARED_RECIPES / "dataset.json").is_file(),
                               reason=f"the shared recipes data set is not at {SHARED_RECIPES} (only the team's workspace has it)")

@@ -12,16 +12,11 @@ from PIL import Image
 from cosed.cli import main
 from cosed.evaluate import bootstrap_mean, source_distance
 
-from conftest import SHARED_RECIPES, needs_shared_recipes, write_jsonl
+from conftest import SHARED_RECIPES, SMALL_TASKS, needs_shared_recipes, write_jsonl
 
 pytestmark = pytest.mark.slow
 
-TASKS = [
-    {"id": "sauce", "title": "Tomato sauce", "steps": ["Dice the onion on the board.", "Fry the onion.",
-                                                        "Chop tomatoes on the board."]},
-    {"id": "shelf", "title": "Shelf", "steps": ["Cut the board.", "Sand the edges.", "Screw it to the wall."]},
-    {"id": "tea", "title": "Tea", "steps": ["Boil water.", "Steep the leaves."]},
-]
+TASKS = SMALL_TASKS
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 
 

@@ -17,16 +17,11 @@ from cosed.distributed.job import run_on_ray, start_pools
 from cosed.distributed.sizing import plan_pools
 from cosed.engine import manifest_without_timings
 
-from conftest import write_jsonl
+from conftest import SMALL_TASKS, write_jsonl
 
 pytestmark = pytest.mark.slow
 
-TASKS = [
-    {"id": "sauce", "title": "Tomato sauce", "steps": ["Dice the onion on the board.", "Fry the onion.",
-                                                        "Chop tomatoes on the board."]},
-    {"id": "shelf", "title": "Shelf", "steps": ["Cut the board.", "Sand the edges.", "Screw it up."]},
-    {"id": "tea", "title": "Tea", "steps": ["Boil water.", "Steep the leaves."]},
-]
+TASKS = SMALL_TASKS
 
 
 @pytest.fixture(scope="module", autouse=True)
