@@ -1,7 +1,7 @@
 """Per-call GPU cost and peak memory of the paper's models, for the cost model and memory plans.
 
-Builds the real-size architectures of Stable Diffusion 2.1 (768-v), SVD-XT and open_clip ViT-B-32
-from their published configs with RANDOM weights (no hub access needed) and times the same
+Builds the real-size architectures of Stable Diffusion 2.1 (768-v), SVD-XT, open_clip ViT-B-32,
+FLUX.1-schnell and LTX-Video 2B from their published configs with RANDOM weights (no hub access needed) and times the same
 pipeline calls cosed makes: SD at several batch sizes (fit: fixed + per-image seconds), one SVD
 clip, CLIP text + image embedding. Random weights change no FLOP count, so timings and memory are
 those of the real models; the images are noise. Writes a JSON record with ``--json``.
@@ -12,8 +12,10 @@ those of the real models; the images are noise. Writes a JSON record with ``--js
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import time
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -91,6 +93,104 @@ def svd_pipeline(device, dtype):
     return pipe.to(device, dtype)
 
 
+# black-forest-labs/FLUX.1-schnell and Lightricks/LTX-Video (0.9, 2B): diffusers' transformer defaults are theirs
+FLUX_VAE = dict(in_channels=3, out_channels=3, latent_channels=16, layers_per_block=2,
+                block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+                up_block_types=("UpDecoderBlock2D",) * 4, use_quant_conv=False, use_post_quant_conv=False,
+                scaling_factor=0.3611, shift_factor=0.1159, sample_size=1024)
+T5_XXL = dict(vocab_size=32128, d_model=4096, d_ff=10240, d_kv=64, num_layers=24, num_heads=64,
+              feed_forward_proj="gated-gelu", is_gated_act=True, dense_act_fn="gelu_new")
+CLIP_L_TEXT = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_attention_heads=12,
+                   num_hidden_layers=12, max_position_embeddings=77, projection_dim=768)
+
+
+def gib(*modules) -> float:
+    return sum(p.numel() * p.element_size() for m in modules for p in m.parameters()) / 2**30
+
+
+@contextmanager
+def built_on(device, dtype):
+    """Create modules directly on the GPU in their final dtype: a 12B model never exists in float32."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def flux_costs(device, dtype, batches: list[int], record: dict) -> None:
+    """FLUX.1-schnell (768², 4 steps, no CFG) per batch.
+
+    Text encoders (T5-XXL, CLIP-L) run once per call on the caption, as the pipelines do; their
+    embeddings are handed to the pipelines so no tokenizer files are needed.
+    """
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    with built_on(device, dtype):
+        t5 = T5EncoderModel(T5Config(**T5_XXL)).eval()
+        clip_l = CLIPTextModel(CLIPTextConfig(**CLIP_L_TEXT)).eval()
+        flux = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0), vae=AutoencoderKL(**FLUX_VAE),
+                            text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None,
+                            transformer=FluxTransformer2DModel())
+    flux.set_progress_bar_config(disable=True)
+    record["flux_params_gib"] = round(gib(flux.transformer, flux.vae, t5, clip_l), 2)
+
+    @torch.no_grad()
+    def encode(batch: int):
+        ids = torch.randint(0, 32000, (batch, 512), device=device)
+        return t5(ids).last_hidden_state, clip_l(torch.randint(0, 49000, (batch, 77), device=device)).pooler_output
+
+    def flux_call(batch: int, steps: int):
+        embeds, pooled = encode(batch)
+        return flux(prompt_embeds=embeds, pooled_prompt_embeds=pooled, height=768, width=768,
+                    num_inference_steps=steps, guidance_scale=0.0, output_type="np").images
+
+    flux_call(1, 1)
+    runs = {}
+    for batch in batches:
+        seconds, peak = timed(lambda: flux_call(batch, 4), device)
+        runs[batch] = {"seconds": round(seconds, 3), "peak_gib": round(peak, 2)}
+        print(f"flux batch {batch}: {seconds:.2f} s, peak {peak:.2f} GiB", flush=True)
+    fixed, per_image = fit_fixed_per_item(batches, [runs[b]["seconds"] for b in batches])
+    record["flux"] = {"height": 768, "width": 768, "steps": 4, "batches": runs, "fixed_s": round(fixed, 3),
+                      "per_image_s": round(per_image, 3)}
+    print(f"flux fit: {fixed:.2f} s per call + {per_image:.2f} s per image", flush=True)
+
+
+def ltx_costs(device, dtype, record: dict) -> None:
+    """LTX-Video 2B (704x480, 97 frames, 30 steps, CFG 3) per clip, with its T5-XXL text encoder."""
+    from diffusers import (AutoencoderKLLTXVideo, FlowMatchEulerDiscreteScheduler, LTXImageToVideoPipeline,
+                           LTXVideoTransformer3DModel)
+    from PIL import Image
+    from transformers import T5Config, T5EncoderModel
+
+    with built_on(device, dtype):
+        t5 = T5EncoderModel(T5Config(**T5_XXL)).eval()
+        ltx = LTXImageToVideoPipeline(
+            scheduler=FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True), vae=AutoencoderKLLTXVideo(),
+            text_encoder=None, tokenizer=None, transformer=LTXVideoTransformer3DModel())
+    ltx.set_progress_bar_config(disable=True)
+    record["ltx_params_gib"] = round(gib(ltx.transformer, ltx.vae, t5), 2)
+    still = Image.fromarray(np.full((480, 704, 3), 127, np.uint8))
+
+    def ltx_call(steps: int, frames: int):
+        with torch.no_grad():
+            embeds = t5(torch.randint(0, 32000, (1, 128), device=device)).last_hidden_state
+        mask = torch.ones(embeds.shape[:2], device=device, dtype=torch.long)
+        return ltx(image=still, prompt_embeds=embeds, prompt_attention_mask=mask, negative_prompt_embeds=embeds,
+                   negative_prompt_attention_mask=mask, height=480, width=704, num_frames=frames,
+                   num_inference_steps=steps, guidance_scale=3.0, output_type="np").frames
+
+    ltx_call(1, 9)
+    seconds, peak = timed(lambda: ltx_call(30, 97), device)
+    record["ltx"] = {"height": 480, "width": 704, "num_frames": 97, "steps": 30, "guidance_scale": 3.0,
+                     "per_clip_s": round(seconds, 3), "peak_gib": round(peak, 2)}
+    print(f"ltx 97 frames 30 steps: {seconds:.2f} s, peak {peak:.2f} GiB", flush=True)
+
+
 def fit_fixed_per_item(sizes: list[int], seconds: list[float]) -> tuple[float, float]:
     per_item, fixed = np.polyfit(np.asarray(sizes, float), np.asarray(seconds, float), 1)
     return float(fixed), float(per_item)
@@ -101,7 +201,7 @@ def main() -> None:
     parser.add_argument("--sd-batches", default="1,2,4,8")
     parser.add_argument("--sd-steps", type=int, default=50)
     parser.add_argument("--svd-steps", type=int, default=25)
-    parser.add_argument("--skip", default="", help="comma list of sd, svd, clip to skip")
+    parser.add_argument("--skip", default="", help="comma list of sd, svd, clip, flux, ltx to skip")
     parser.add_argument("--json")
     args = parser.parse_args()
     device, dtype = torch.device("cuda"), torch.float16
@@ -181,6 +281,13 @@ def main() -> None:
             print(f"clip {n} images + {n} texts: {seconds * 1000:.1f} ms", flush=True)
         fixed, per_item = fit_fixed_per_item(list(rows), [r["seconds"] for r in rows.values()])
         record["clip"] = {"runs": rows, "fixed_s": round(fixed, 5), "per_item_s": round(per_item, 5)}
+
+    if "flux" not in skip:
+        flux_costs(device, torch.bfloat16, [int(b) for b in args.sd_batches.split(",")], record)
+        gc.collect()
+        torch.cuda.empty_cache()
+    if "ltx" not in skip:
+        ltx_costs(device, torch.bfloat16, record)
 
     print(json.dumps(record, indent=2))
     if args.json:
