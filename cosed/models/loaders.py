@@ -73,12 +73,24 @@ def load_clip(source: str, device: torch.device):
         name, _, pretrained = source.partition("/")
         pretrained = pretrained or None
     try:
+        if pretrained:
+            pretrained = _clip_safetensors(source) or pretrained
         model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained, device=device)
         tokenizer = open_clip.get_tokenizer(name)
     except (OSError, RuntimeError, ValueError) as exc:
         raise hub_error("CLIP", source, exc) from exc
     model.eval()
     return model, preprocess, tokenizer
+
+
+def _clip_safetensors(source: str) -> str | None:
+    """The hub safetensors file of an open_clip pretrained tag, so open_clip never falls back to a pickle."""
+    from huggingface_hub import hf_hub_download
+
+    from cosed.models.fetch import clip_hub_file
+
+    hub = clip_hub_file(source)
+    return hf_hub_download(*hub) if hub else None
 
 
 def load_lm(source: str, device: torch.device):

@@ -156,9 +156,25 @@ def hub_error(kind: str, source: str, exc: Exception) -> ModelUnavailable:
             f"the {kind} model {source!r} is gated on the Hugging Face hub: accept its licence at "
             f"https://huggingface.co/{source} with your account, then set HF_TOKEN (or run `hf auth login`) "
             "and run `cosed models fetch`, or use --profile tiny for the offline random-weight models.")
+    if _is_offline_error(exc):
+        return ModelUnavailable(
+            f"the {kind} model {source!r} is not in the local Hugging Face cache and the hub cannot be reached "
+            "(offline): run `cosed models fetch --profile PROFILE` on a connected machine (or point HF_HOME at a "
+            "warm cache), pass a local folder as --profile, or use --profile tiny for the offline random-weight models.")
     return ModelUnavailable(
         f"could not load the {kind} model {source!r} from the Hugging Face hub "
         f"({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}): "
-        "run `cosed models fetch --profile PROFILE` on a connected machine (or point HF_HOME at a warm cache; "
-        "HF_HUB_OFFLINE=1 skips the network retries), pass a local folder as --profile, "
+        "check the id and your network, run `cosed models fetch --profile PROFILE`, "
         "or use --profile tiny for the offline random-weight models.")
+
+
+def _is_offline_error(exc: BaseException) -> bool:
+    from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled
+
+    seen = exc
+    while seen is not None:
+        if isinstance(seen, (OfflineModeIsEnabled, LocalEntryNotFoundError, ConnectionError, TimeoutError)) or \
+                "connect" in type(seen).__name__.lower():
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
