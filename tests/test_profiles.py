@@ -63,7 +63,7 @@ def test_cosed_profiles_lists_models_gates_memory_and_twins(capsys):
     out = capsys.readouterr().out
     for name in available_profiles():
         assert name in out
-    assert "GATED" in out and "tiny twin: tiny-flux-ltx" in out and "plain 18" in out
+    assert "GATED" in out and "tiny twin: tiny-flux-ltx" in out and "plain 14" in out
 
 
 @pytest.fixture
