@@ -111,3 +111,9 @@ def test_gpu_workers_have_room_for_the_pools():
     for node in load("ray-cluster.yaml")["available_node_types"].values():
         if node["resources"].get("GPU"):
             assert node["resources"]["CPU"] >= cpus_needed
+
+
+def test_runtime_env_installs_what_pyproject_needs():
+    deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    env = load("runtime_env.yaml")
+    assert env["working_dir"] == "." and env["pip"] == [d for d in deps if not d.startswith("ray")]
