@@ -9,7 +9,7 @@ from cosed import runner
 from cosed.backend import LocalBackend
 from cosed.cli import main
 from cosed.config import RunConfig
-from cosed.doctor import FAIL, OK, WARN, gpu_check
+from cosed.doctor import FAIL, OK, WARN, gpu_check, out_check, ray_check
 from cosed.generate import render_batch
 from cosed.memory import InsufficientGPUMemory, plan_memory
 from cosed.models.profiles import resolve_profile
@@ -66,6 +66,15 @@ def test_doctor_prints_its_table_and_exits_1_without_gpu_or_weights(tmp_path, ca
     assert "weights video" in out and "gated" in out and "fix:" in out
     assert "ok    output" in out and "ok    H.264" in out
     assert not list((tmp_path / "out").iterdir())  # the probe was deleted
+
+
+def test_doctor_lines_for_an_unwritable_output_and_an_unreachable_cluster(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    check = out_check(str(blocker / "out"))
+    assert check.status == FAIL and check.fix
+    check = ray_check("127.0.0.1:9", timeout=30)
+    assert check.status == FAIL and "127.0.0.1:9" in check.detail and check.fix
 
 
 def test_doctor_passes_for_the_tiny_profile_on_the_cpu(tiny_cache, capsys, monkeypatch):

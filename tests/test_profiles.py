@@ -6,16 +6,14 @@ import numpy as np
 import pytest
 import torch
 
-from cosed import runner
 from cosed.cli import main
-from cosed.config import RunConfig
 from cosed.generate import render_batch
 from cosed.models.adapters import IMAGE_TO_VIDEO, TEXT_TO_IMAGE, neutral_scale
 from cosed.models.fetch import clip_hub_file, weight_files
 from cosed.models.profiles import available_profiles, profile_data, resolve_profile
 from cosed.seeds import gaussian_latent
 
-from conftest import SMALL_TASKS, TINY_CACHE, write_jsonl
+from conftest import SMALL_TASKS, write_jsonl
 
 REAL = [name for name in available_profiles() if not profile_data(name).get("random_weights")]
 
@@ -138,11 +136,10 @@ def test_ddim_neutral_scale_is_the_identity(tiny_run):
 
 
 @pytest.mark.slow
-def test_tiny_flux_ltx_twin_generates_end_to_end(tmp_path):
-    cfg = RunConfig(profile="tiny-flux-ltx", cache_dir=str(TINY_CACHE))
+def test_tiny_flux_ltx_twin_generates_end_to_end(tmp_path, tiny_cache):
     tasks = write_jsonl(tmp_path / "tasks.jsonl", SMALL_TASKS[2:])
-    summary = runner.run_in_process(str(tasks), str(tmp_path / "out"), cfg, progress=False)
-    assert summary.done == ["tea"] and not summary.failed
+    assert main(["generate", "--no-ray", "--quiet", "--profile", "tiny-flux-ltx", "--cache-dir", str(tiny_cache),
+                 "--tasks", str(tasks), "--out", str(tmp_path / "out")]) == 0
     manifest = json.loads((tmp_path / "out" / "tea" / "manifest.json").read_text())
     assert manifest["profile"] == "tiny-flux-ltx" and "flux" in manifest["models"]["sd"]
     assert "ltx" in manifest["models"]["video"]

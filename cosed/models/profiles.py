@@ -124,9 +124,10 @@ def resolve_profile(name_or_folder: str, cache_dir: str | os.PathLike | None = N
 
 def _resolve_source(source: str, cache: Path) -> str:
     if source.startswith(_TINY_PREFIX):
-        from cosed.models.tiny import ensure_tiny_models
+        from cosed.models.tiny import ensure_tiny_models, zoo_of
 
-        return str(ensure_tiny_models(cache) / source[len(_TINY_PREFIX):])
+        model = source[len(_TINY_PREFIX):]
+        return str(ensure_tiny_models(cache, zoo_of(model)) / model)
     return source
 
 
@@ -153,13 +154,13 @@ def hub_error(kind: str, source: str, exc: Exception) -> ModelUnavailable:
         return ModelUnavailable(f"could not load the {kind} model from folder {source}: {exc}")
     if _is_gated_error(exc):
         return ModelUnavailable(
-            f"the {kind} model {source!r} is gated on the Hugging Face hub: accept its licence at "
+            f"could not load the {kind} model {source!r}, which is gated on the Hugging Face hub: accept its licence at "
             f"https://huggingface.co/{source} with your account, then set HF_TOKEN (or run `hf auth login`) "
             "and run `cosed models fetch`, or use --profile tiny for the offline random-weight models.")
     if _is_offline_error(exc):
         return ModelUnavailable(
-            f"the {kind} model {source!r} is not in the local Hugging Face cache and the hub cannot be reached "
-            "(offline): run `cosed models fetch --profile PROFILE` on a connected machine (or point HF_HOME at a "
+            f"could not load the {kind} model {source!r}: it is not in the local Hugging Face cache and the hub "
+            "cannot be reached (offline): run `cosed models fetch --profile PROFILE` on a connected machine (or point HF_HOME at a "
             "warm cache), pass a local folder as --profile, or use --profile tiny for the offline random-weight models.")
     return ModelUnavailable(
         f"could not load the {kind} model {source!r} from the Hugging Face hub "

@@ -18,24 +18,30 @@ from pathlib import Path
 
 import torch
 
-TINY_VERSION = "tiny-v2"
+TINY_VERSION = "tiny-v1"
+MODERN_VERSION = "tiny-modern-v1"  # twins of the modern pipelines, a zoo of their own so tiny-v1 caches stay valid
 _SEED = 0
 
 
-def ensure_tiny_models(cache_dir: Path) -> Path:
-    """Build the zoo once under ``cache_dir`` (safe when many processes ask at once)."""
+def zoo_of(model: str) -> str:
+    """Which zoo builds a tiny model: the modern pipelines' twins live apart from the original zoo."""
+    return MODERN_VERSION if model in ("flux", "ltx", "t5-tokenizer") else TINY_VERSION
+
+
+def ensure_tiny_models(cache_dir: Path, version: str = TINY_VERSION) -> Path:
+    """Build a zoo once under ``cache_dir`` (safe when many processes ask at once)."""
     cache_dir = Path(cache_dir)
-    root = cache_dir / TINY_VERSION
+    root = cache_dir / version
     if (root / ".complete").is_file():
         return root
     cache_dir.mkdir(parents=True, exist_ok=True)
-    with open(cache_dir / f"{TINY_VERSION}.lock", "w") as lock:
+    with open(cache_dir / f"{version}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if (root / ".complete").is_file():
             return root
-        staging = cache_dir / f"{TINY_VERSION}.staging"
+        staging = cache_dir / f"{version}.staging"
         shutil.rmtree(staging, ignore_errors=True)
-        build_tiny_models(staging)
+        (build_modern_models if version == MODERN_VERSION else build_tiny_models)(staging)
         (staging / ".complete").write_text("ok\n")
         shutil.rmtree(root, ignore_errors=True)
         staging.rename(root)
@@ -49,6 +55,12 @@ def build_tiny_models(root: Path) -> None:
     build_video(root / "video")
     build_clip(root / "clip")
     build_lm(root / "lm", root / "tokenizer")
+
+
+def build_modern_models(root: Path) -> None:
+    """Twins of FLUX.1-schnell and LTX-Video, with their own CLIP and T5 tokenizers."""
+    root.mkdir(parents=True, exist_ok=True)
+    write_clip_tokenizer(root / "tokenizer")
     write_t5_tokenizer(root / "t5-tokenizer", root / "tokenizer")
     build_flux(root / "flux", root / "tokenizer", root / "t5-tokenizer")
     build_ltx(root / "ltx", root / "t5-tokenizer")
