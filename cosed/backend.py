@@ -16,7 +16,7 @@ import torch
 
 from cosed.config import RunConfig, SDConfig, VideoConfig
 from cosed.generate import RenderedBatch, latent_shape, render_batch
-from cosed.memory import SMALL_DECODE_CHUNK, MemoryPlan, gpu_memory_gib, plan_memory
+from cosed.memory import LEVELS, SMALL_DECODE_CHUNK, MemoryPlan, gpu_memory_gib, plan_memory
 from cosed.models.loaders import load_pipeline, resolve_device
 from cosed.models.profiles import Profile
 from cosed.selector import ContrastiveSelector
@@ -59,8 +59,7 @@ class LocalBackend:
     @cached_property
     def memory_plan(self) -> MemoryPlan:
         """One plan for every model this process may hold on its GPU (they share it)."""
-        levels = ("plain", "savers", "offload")
-        return plan_memory({level: self.profile.memory_gib(level) for level in levels}, gpu_memory_gib(self.device),
+        return plan_memory({level: self.profile.memory_gib(level) for level in LEVELS}, gpu_memory_gib(self.device),
                            self.cfg.memory, what=f"profile {self.profile.name}")
 
     @cached_property
