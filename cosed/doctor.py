@@ -121,27 +121,61 @@ def encoder_check() -> Check:
     return Check("H.264", OK, f"libx264 via PyAV {av.__version__}")
 
 
-def ray_check(address: str | None, timeout: float = 60.0) -> Check:
-    """Connect to the cluster in a child process (a wrong address must not hang doctor) and count its GPUs."""
+_PROBE = """
+import json, subprocess, ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+ray.init(address=ADDRESS, logging_level="ERROR", log_to_driver=False)
+
+@ray.remote(num_cpus=0)
+def gpu_memory():
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=20).stdout
+        return [int(v) / 1024 for v in out.split()] or None
+    except Exception:
+        return None
+
+nodes = [n for n in ray.nodes() if n["Alive"] and n["Resources"].get("GPU", 0)]
+refs = [gpu_memory.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote()
+        for n in nodes]
+print(json.dumps({"nodes": len(ray.nodes()), "gpus": [n["Resources"]["GPU"] for n in nodes],
+                  "memory": ray.get(refs, timeout=60)}))
+"""
+
+
+def cluster_checks(address: str | None, profile: Profile, memory: str, timeout: float = 90.0) -> list[Check]:
+    """Connect to the cluster in a child process (a wrong address must not hang doctor); check its GPUs."""
     address = address or os.environ.get("RAY_ADDRESS")
     if not address:
-        return Check("Ray", OK, "no --address or RAY_ADDRESS: runs start a local Ray cluster")
-    script = ("import json, ray\n"
-              "ray.init(address=%r, logging_level='ERROR', log_to_driver=False)\n"
-              "nodes = [n for n in ray.nodes() if n['Alive']]\n"
-              "print(json.dumps([n['Resources'].get('GPU', 0) for n in nodes]))\n") % address
+        return [Check("Ray", OK, "no --address or RAY_ADDRESS: runs start a local Ray cluster")]
+    script = _PROBE.replace("ADDRESS", repr(address))
     try:
         done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
-        return Check("Ray", FAIL, f"no answer from {address} in {timeout:.0f} s",
-                     "check the address (HEAD:6379 for ray.init, http://HEAD:8265 for ray job submit) and firewalls")
+        return [Check("Ray", FAIL, f"no answer from {address} in {timeout:.0f} s",
+                      "check the address (HEAD:6379 for ray.init, http://HEAD:8265 for ray job submit) and firewalls")]
     if done.returncode != 0:
         error = (done.stderr.strip().splitlines() or ["unknown error"])[-1][:200]
         fix = ("the cluster uses token auth: set RAY_AUTH_TOKEN to its token (see cluster/README.md)"
                if "auth" in error.lower() or "token" in error.lower() else "check the address and that the cluster is up")
-        return Check("Ray", FAIL, f"cannot connect to {address}: {error}", fix)
-    gpus = json.loads(done.stdout.strip().splitlines()[-1])
-    return Check("Ray", OK, f"{address}: {len(gpus)} nodes, GPUs per node {gpus}")
+        return [Check("Ray", FAIL, f"cannot connect to {address}: {error}", fix)]
+    return probe_checks(address, json.loads(done.stdout.strip().splitlines()[-1]), profile, memory)
+
+
+def probe_checks(address: str, probe: dict, profile: Profile, memory: str) -> list[Check]:
+    """The Ray and cluster-GPU lines from the probe's answer (pure, so tested without a cluster)."""
+    checks = [Check("Ray", OK, f"{address}: {probe['nodes']} nodes, GPUs per GPU node {probe['gpus']}")]
+    if not probe["gpus"]:
+        checks.append(gpu_check(profile, memory, []) if not profile.random_weights else
+                      Check("cluster GPU", OK, "no GPU nodes; the tiny models run on CPUs"))
+        return checks
+    known = [gib for node in probe["memory"] if node for gib in node]
+    if not known:
+        checks.append(Check("cluster GPU", WARN, "GPU memory unknown (nvidia-smi not found on the GPU nodes)",
+                            "check the nodes' memory against README: Running on GPUs"))
+        return checks
+    line = gpu_check(profile, memory, known)
+    return checks + [Check("cluster GPU", line.status, line.detail, line.fix)]
 
 
 def run_checks(profile: Profile, memory: str = "auto", address: str | None = None, out: str | None = None) -> list[Check]:
@@ -151,7 +185,7 @@ def run_checks(profile: Profile, memory: str = "auto", address: str | None = Non
     checks += weights_checks(profile)
     checks.append(out_check(out) if out else Check("output", OK, "no --out given: not probed"))
     checks.append(encoder_check())
-    checks.append(ray_check(address))
+    checks += cluster_checks(address, profile, memory)
     return checks
 
 

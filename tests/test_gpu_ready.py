@@ -9,7 +9,7 @@ from cosed import runner
 from cosed.backend import LocalBackend
 from cosed.cli import main
 from cosed.config import RunConfig
-from cosed.doctor import FAIL, OK, WARN, gpu_check, out_check, ray_check
+from cosed.doctor import FAIL, OK, WARN, cluster_checks, gpu_check, out_check, probe_checks
 from cosed.generate import render_batch
 from cosed.memory import InsufficientGPUMemory, plan_memory
 from cosed.models.profiles import resolve_profile
@@ -73,8 +73,18 @@ def test_doctor_lines_for_an_unwritable_output_and_an_unreachable_cluster(tmp_pa
     blocker.write_text("x")
     check = out_check(str(blocker / "out"))
     assert check.status == FAIL and check.fix
-    check = ray_check("127.0.0.1:9", timeout=30)
+    (check,) = cluster_checks("127.0.0.1:9", resolve_profile("sd21-svd"), "auto", timeout=30)
     assert check.status == FAIL and "127.0.0.1:9" in check.detail and check.fix
+
+
+def test_doctor_checks_the_cluster_gpus_against_the_profile():
+    paper = resolve_profile("sd21-svd")
+    big = probe_checks("HEAD:6379", {"nodes": 3, "gpus": [1, 1], "memory": [[80.0], [80.0]]}, paper, "auto")
+    assert [c.status for c in big] == [OK, OK] and "plain" in big[1].detail
+    small = probe_checks("HEAD:6379", {"nodes": 2, "gpus": [1], "memory": [[8.0]]}, paper, "auto")
+    assert small[1].status == FAIL and small[1].fix
+    assert probe_checks("HEAD:6379", {"nodes": 1, "gpus": [], "memory": []}, paper, "auto")[1].status == FAIL
+    assert probe_checks("HEAD:6379", {"nodes": 2, "gpus": [1], "memory": [None]}, paper, "auto")[1].status == WARN
 
 
 def test_doctor_passes_for_the_tiny_profile_on_the_cpu(tiny_cache, capsys, monkeypatch):
