@@ -11,11 +11,10 @@ import os
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 
-from cosed.models.profiles import ModelSpec, ModelUnavailable, Profile, hub_error
+from cosed.models.profiles import ROLES, ModelSpec, ModelUnavailable, Profile, hub_error
 
 CONFIG_SUFFIXES = (".json", ".txt", ".model")
 CLIP_WEIGHTS = "open_clip_model.safetensors"
-ROLES = {"sd": "text-to-image", "video": "image-to-video", "clip": "CLIP"}
 
 
 @dataclass(frozen=True)

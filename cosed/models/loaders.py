@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from cosed.memory import MemoryPlan, apply_memory_plan
-from cosed.models.profiles import ModelSpec, hub_error
+from cosed.models.profiles import ROLES, ModelSpec, hub_error
 
 
 def _quiet_libraries() -> None:
@@ -54,7 +54,7 @@ def load_pipeline(spec: ModelSpec, kind: str, device: torch.device, plan: Memory
     try:
         pipe = getattr(diffusers, spec.pipeline).from_pretrained(spec.source, **kwargs)
     except (OSError, ValueError) as exc:
-        raise hub_error("text-to-image" if kind == "sd" else "image-to-video", spec.source, exc) from exc
+        raise hub_error(ROLES[kind], spec.source, exc) from exc
     pipe.set_progress_bar_config(disable=True)
     return apply_memory_plan(pipe, plan or MemoryPlan("plain"), device)
 

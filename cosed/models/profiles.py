@@ -18,6 +18,7 @@ from typing import Any
 _PROFILE_DIR = Path(__file__).resolve().parent.parent / "profiles"
 _TINY_PREFIX = "tiny:"
 KINDS = ("sd", "video", "clip")
+ROLES = {"sd": "text-to-image", "video": "image-to-video", "clip": "CLIP"}
 DEFAULT_PIPELINES = {"sd": "StableDiffusionPipeline", "video": "StableVideoDiffusionPipeline", "clip": None}
 
 
