@@ -80,15 +80,20 @@ def gpu_memory_gib(device) -> float | None:
 
 
 def apply_memory_plan(pipe, plan: MemoryPlan, device) -> object:
-    """Turn the plan's savers on for a loaded pipeline and place it on ``device``."""
+    """Turn the plan's savers on for a loaded pipeline and place it on ``device``.
+
+    Savers a model family does not implement (SVD's temporal VAE has no slicing) are skipped.
+    """
     savers = set(plan.savers)
     vae = getattr(pipe, "vae", None)
-    if "vae_slicing" in savers and hasattr(vae, "enable_slicing"):
-        vae.enable_slicing()
-    if "vae_tiling" in savers and hasattr(vae, "enable_tiling"):
-        vae.enable_tiling()
-    if "attention_slicing" in savers and hasattr(pipe, "enable_attention_slicing"):
-        pipe.enable_attention_slicing()
+    wanted = [(vae, "enable_slicing", "vae_slicing"), (vae, "enable_tiling", "vae_tiling"),
+              (pipe, "enable_attention_slicing", "attention_slicing")]
+    for owner, method, saver in wanted:
+        if saver in savers and hasattr(owner, method):
+            try:
+                getattr(owner, method)()
+            except NotImplementedError:
+                pass
     if "model_cpu_offload" in savers:
         pipe.enable_model_cpu_offload(device=device)
         return pipe

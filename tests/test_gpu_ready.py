@@ -161,3 +161,27 @@ def test_negative_prompt_is_off_by_default_and_changes_the_image_when_set(sd_pip
     plain = render_batch(pipe, "onion", latents, cfg.sd, [1]).images
     negative = render_batch(pipe, "onion", latents, dataclasses.replace(cfg.sd, negative_prompt="blurry"), [1]).images
     assert not np.array_equal(plain, negative)
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny-flux-ltx"])
+def test_every_memory_saver_runs_on_each_pipeline_family(name, tiny_cache):
+    import dataclasses
+
+    import torch
+
+    from cosed.generate import latent_shape
+    from cosed.memory import SAVERS, MemoryPlan
+    from cosed.models.loaders import load_pipeline
+    from cosed.video import animate
+
+    profile, cfg = runner.resolve_run(RunConfig(profile=name, cache_dir=str(tiny_cache)))
+    savers = MemoryPlan("savers", savers=SAVERS["savers"])
+    cpu = torch.device("cpu")
+    sd_plain, sd_saving = (load_pipeline(profile.spec("sd"), "sd", cpu, plan) for plan in (None, savers))
+    latents = gaussian_latent(11, latent_shape(sd_plain, cfg.sd)).numpy()[None]
+    plain = render_batch(sd_plain, "onion", latents, cfg.sd, [1]).images
+    saving = render_batch(sd_saving, "onion", latents, cfg.sd, [1]).images
+    assert np.abs(plain.astype(int) - saving.astype(int)).max() <= 2  # sliced attention / VAE: same image
+    video = load_pipeline(profile.spec("video"), "video", cpu, savers)
+    clip = animate(video, plain[0], 1, dataclasses.replace(cfg.video, decode_chunk_size=2), "onion")
+    assert clip.shape == (cfg.video.num_frames, cfg.video.height, cfg.video.width, 3)
