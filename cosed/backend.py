@@ -18,7 +18,7 @@ from cosed.config import RunConfig, SDConfig, VideoConfig
 from cosed.generate import RenderedBatch, latent_shape, render_batch
 from cosed.memory import LEVELS, SMALL_DECODE_CHUNK, MemoryPlan, gpu_memory_gib, plan_memory
 from cosed.models.loaders import load_pipeline, resolve_device
-from cosed.models.profiles import Profile
+from cosed.models.profiles import KINDS, Profile
 from cosed.selector import ContrastiveSelector
 from cosed.embed import ClipEmbedder
 from cosed.video import animate
@@ -47,9 +47,10 @@ def load_selector(path: str | None) -> ContrastiveSelector:
 class LocalBackend:
     """All models in this process, each loaded on first use."""
 
-    def __init__(self, profile: Profile, cfg: RunConfig):
+    def __init__(self, profile: Profile, cfg: RunConfig, gpu_shared_by: tuple[str, ...] = KINDS):
         self.profile = profile
         self.cfg = cfg
+        self.gpu_shared_by = gpu_shared_by
         self.device = resolve_device(cfg.device)
         if self.device.type == "cpu":
             # CPU float reductions depend on the thread count: fixing it keeps
@@ -58,8 +59,9 @@ class LocalBackend:
 
     @cached_property
     def memory_plan(self) -> MemoryPlan:
-        """One plan for every model this process may hold on its GPU (they share it)."""
-        return plan_memory({level: self.profile.memory_gib(level) for level in LEVELS}, gpu_memory_gib(self.device),
+        """One plan for the models that share this process's GPU (all three in process; one per whole-GPU actor)."""
+        needs = {level: self.profile.memory_gib(level, self.gpu_shared_by) for level in LEVELS}
+        return plan_memory(needs, gpu_memory_gib(self.device),
                            self.cfg.memory, what=f"profile {self.profile.name}")
 
     @cached_property

@@ -45,6 +45,13 @@ def test_backend_refuses_to_load_models_on_a_too_small_gpu(tiny_cache, monkeypat
         backend.sd  # noqa: B018  (the plan is checked before any download)
 
 
+def test_a_model_alone_on_its_gpu_is_planned_alone(tiny_cache, monkeypatch):
+    monkeypatch.setattr("cosed.backend.gpu_memory_gib", lambda device: 24.0)
+    profile, cfg = resolve_profile("sd21-svd", tiny_cache), RunConfig(profile="sd21-svd")
+    assert LocalBackend(profile, cfg).memory_plan.level == "savers"  # sd + video + clip share the GPU
+    assert LocalBackend(profile, cfg, gpu_shared_by=("sd",)).memory_plan.level == "plain"
+
+
 def test_gpu_check_names_what_is_missing():
     paper = resolve_profile("sd21-svd")
     assert gpu_check(paper, "auto", []).status == FAIL

@@ -32,7 +32,8 @@ class ModelWorker:
     def __init__(self, kind: str, cfg: RunConfig):
         self.kind = kind
         profile = resolve_profile(cfg.profile, cfg.cache_dir)
-        self.backend = LocalBackend(profile, cfg)
+        whole_gpu = ray.get_runtime_context().get_assigned_resources().get("GPU", 0) >= 1
+        self.backend = LocalBackend(profile, cfg, gpu_shared_by=(kind,) if whole_gpu else KINDS)
         getattr(self.backend, kind)  # load now: a model that cannot load fails the pool's start
         if kind == "clip":
             self.backend.selector  # noqa: B018
