@@ -7,6 +7,7 @@ core functions, so their outputs match byte for byte.
 
 from __future__ import annotations
 
+import dataclasses
 from functools import cached_property
 from typing import Protocol
 
@@ -15,8 +16,9 @@ import torch
 
 from cosed.config import RunConfig, SDConfig, VideoConfig
 from cosed.generate import RenderedBatch, latent_shape, render_batch
-from cosed.models.loaders import load_sd, load_video, resolve_device
-from cosed.models.profiles import Profile
+from cosed.memory import LEVELS, SMALL_DECODE_CHUNK, MemoryPlan, gpu_memory_gib, plan_memory
+from cosed.models.loaders import load_pipeline, resolve_device
+from cosed.models.profiles import KINDS, Profile
 from cosed.selector import ContrastiveSelector
 from cosed.embed import ClipEmbedder
 from cosed.video import animate
@@ -35,7 +37,7 @@ class Backend(Protocol):
     def selector_scores(self, next_text: np.ndarray, next_image: np.ndarray,
                         past_text: np.ndarray, past_image: np.ndarray) -> np.ndarray: ...
 
-    def animate(self, image: np.ndarray, seed: int, video: VideoConfig) -> np.ndarray: ...
+    def animate(self, image: np.ndarray, seed: int, video: VideoConfig, prompt: str | None = None) -> np.ndarray: ...
 
 
 def load_selector(path: str | None) -> ContrastiveSelector:
@@ -45,9 +47,10 @@ def load_selector(path: str | None) -> ContrastiveSelector:
 class LocalBackend:
     """All models in this process, each loaded on first use."""
 
-    def __init__(self, profile: Profile, cfg: RunConfig):
+    def __init__(self, profile: Profile, cfg: RunConfig, gpu_shared_by: tuple[str, ...] = KINDS):
         self.profile = profile
         self.cfg = cfg
+        self.gpu_shared_by = gpu_shared_by
         self.device = resolve_device(cfg.device)
         if self.device.type == "cpu":
             # CPU float reductions depend on the thread count: fixing it keeps
@@ -55,12 +58,19 @@ class LocalBackend:
             torch.set_num_threads(cfg.cpu_threads)
 
     @cached_property
+    def memory_plan(self) -> MemoryPlan:
+        """One plan for the models that share this process's GPU (all three in process; one per whole-GPU actor)."""
+        needs = {level: self.profile.memory_gib(level, self.gpu_shared_by) for level in LEVELS}
+        return plan_memory(needs, gpu_memory_gib(self.device),
+                           self.cfg.memory, what=f"profile {self.profile.name}")
+
+    @cached_property
     def sd(self):
-        return load_sd(self.profile.sd, self.device)
+        return load_pipeline(self.profile.spec("sd"), "sd", self.device, self.memory_plan)
 
     @cached_property
     def video(self):
-        return load_video(self.profile.video, self.device)
+        return load_pipeline(self.profile.spec("video"), "video", self.device, self.memory_plan)
 
     @cached_property
     def clip(self) -> ClipEmbedder:
@@ -72,7 +82,7 @@ class LocalBackend:
 
     def load_all(self) -> None:
         """Load every model now, so a missing one stops the run before any task starts."""
-        self.sd, self.video, self.clip, self.selector  # noqa: B018
+        self.memory_plan, self.sd, self.video, self.clip, self.selector  # noqa: B018
 
     def latent_shape(self, sd: SDConfig) -> tuple[int, ...]:
         return latent_shape(self.sd, sd)
@@ -89,6 +99,8 @@ class LocalBackend:
     def selector_scores(self, next_text, next_image, past_text, past_image):
         return self.selector.score(next_text, next_image, past_text, past_image)
 
-    def animate(self, image, seed, video):
-        return animate(self.video, image, seed, video)
+    def animate(self, image, seed, video, prompt=None):
+        if "decode_chunk_size<=2" in self.memory_plan.savers and video.decode_chunk_size:
+            video = dataclasses.replace(video, decode_chunk_size=min(video.decode_chunk_size, SMALL_DECODE_CHUNK))
+        return animate(self.video, image, seed, video, prompt)
 

@@ -74,7 +74,22 @@ def build_parser() -> argparse.ArgumentParser:
     captions.add_argument("--limit", type=int, help="only the first N pairs")
     captions.add_argument("--out", help="write the scores as JSON here")
     add_run_options(captions)
+    add_setup_verbs(verbs)
     return parser
+
+
+def add_setup_verbs(verbs) -> None:
+    """Verbs for getting a GPU machine ready: profiles, models fetch, doctor."""
+    profiles = verbs.add_parser("profiles", help="list every profile: models, licences and gates, GPU memory, tiny twin")
+    add_run_options(profiles)
+    models = verbs.add_parser("models", help="model weights: `cosed models fetch --profile P`")
+    fetch = models.add_subparsers(dest="models_verb", required=True).add_parser(
+        "fetch", help="download the profile's weights (safetensors only) into the Hugging Face cache")
+    add_run_options(fetch)
+    doctor = verbs.add_parser("doctor", help="check GPUs, weights, output storage, H.264 and Ray before a run")
+    doctor.add_argument("--address", help="Ray cluster address to check (default: RAY_ADDRESS)")
+    doctor.add_argument("--out", help="output folder or s3:// prefix to probe with a write and a delete")
+    add_run_options(doctor)
 
 
 def add_ray_options(parser: argparse.ArgumentParser) -> None:
@@ -208,7 +223,53 @@ def eval_captions_command(args: argparse.Namespace, cfg: RunConfig) -> int:
     return 0
 
 
-COMMANDS = {"train-selector": train_command, "evaluate": evaluate_command, "eval-captions": eval_captions_command}
+def profiles_command(args: argparse.Namespace, cfg: RunConfig) -> int:
+    from cosed.models.profiles import profile_data
+
+    for name in available_profiles():
+        data = profile_data(name)
+        twin = data.get("tiny_twin") or (f"twin of {data['twin_of']}" if data.get("twin_of") else "-")
+        weights = "random weights, built locally" if data.get("random_weights") else "hub weights"
+        print(f"{name}  ({weights}; tiny twin: {twin})")
+        for kind, model in data["models"].items():
+            model = {"source": model} if isinstance(model, str) else model
+            gate = "GATED: accept the licence on its hub page + HF_TOKEN" if model.get("gated") else "not gated"
+            memory = model.get("memory_gib", {})
+            need = ", ".join(f"{level} {value:g}" for level, value in memory.items())
+            print(f"  {kind:<5} {model['source']:<50} {model.get('pipeline') or 'open_clip':<30} "
+                  f"{model.get('licence') or '-'}; {gate}" + (f"; GPU GiB {need}" if need else ""))
+    print("GPU GiB: expected peak per model at the profile's settings for the memory plans plain / savers / offload")
+    return 0
+
+
+def models_command(args: argparse.Namespace, cfg: RunConfig) -> int:
+    from cosed.models.fetch import fetch_profile
+    from cosed.runner import resolve_run
+
+    profile, _ = resolve_run(cfg)
+    folders = fetch_profile(profile, progress=not args.quiet)
+    if not folders:
+        print(f"{profile.name}: nothing to download (random-weight or local models)")
+    for folder in folders:
+        print(folder)
+    return 0
+
+
+def doctor_command(args: argparse.Namespace, cfg: RunConfig) -> int:
+    from cosed.doctor import FAIL, format_table, run_checks
+    from cosed.runner import resolve_run
+
+    profile, cfg = resolve_run(cfg)
+    checks = run_checks(profile, cfg.memory, address=args.address, out=args.out)
+    for line in format_table(checks):
+        print(line)
+    failed = [c.name for c in checks if c.status == FAIL]
+    print(f"doctor: {'cannot run: ' + ', '.join(failed) if failed else 'ready'}")
+    return 1 if failed else 0
+
+
+COMMANDS = {"train-selector": train_command, "evaluate": evaluate_command, "eval-captions": eval_captions_command,
+            "profiles": profiles_command, "models": models_command, "doctor": doctor_command}
 
 
 if __name__ == "__main__":

@@ -22,6 +22,8 @@ class SDConfig:
     num_inference_steps: int | None = None
     guidance_scale: float | None = None
     batch_size: int = 8
+    # The paper and method.md name no negative prompt, so none is used unless set here.
+    negative_prompt: str | None = None
 
 
 @dataclass
@@ -89,6 +91,8 @@ class RunConfig:
     pool: PoolConfig = field(default_factory=PoolConfig)
     video: VideoConfig = field(default_factory=VideoConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+    # GPU memory plan: auto (savers only when the GPU is too small), off, savers or offload (cosed.memory).
+    memory: str = "auto"
 
     def validate(self) -> "RunConfig":
         pool = self.pool
@@ -106,6 +110,8 @@ class RunConfig:
             raise ValueError("pool.iterations go past sd.num_inference_steps")
         if self.sd.batch_size < 1 or self.max_steps < 1:
             raise ValueError("sd.batch_size and max_steps must be positive")
+        if self.memory not in ("auto", "off", "savers", "offload"):
+            raise ValueError(f"memory must be auto, off, savers or offload, got {self.memory!r}")
         return self
 
     def to_dict(self) -> dict[str, Any]:

@@ -197,7 +197,7 @@ def generate_task(task: Task, captions: list[str], backend: Backend, profile: Pr
     clips = []
     with result.timer.phase("video"):
         for step in result.steps:
-            clips.append(backend.animate(step.image, step.video_seed, cfg.video))
+            clips.append(backend.animate(step.image, step.video_seed, cfg.video, step.caption))
     return write_task_outputs(out, result, clips, profile, cfg,
                               extra_timings={"total": round(time.perf_counter() - start, 4)})
 

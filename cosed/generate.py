@@ -13,6 +13,8 @@ import numpy as np
 import torch
 
 from cosed.config import SDConfig
+from cosed.models.adapters import text_to_image_adapter
+from cosed.numerics import guarded
 
 
 @dataclass
@@ -22,8 +24,8 @@ class RenderedBatch:
 
 
 def latent_shape(pipe, sd: SDConfig) -> tuple[int, int, int]:
-    scale = pipe.vae_scale_factor
-    return (pipe.unet.config.in_channels, sd.height // scale, sd.width // scale)
+    """The scheduler-neutral latent shape of one candidate (unpacked, also for FLUX)."""
+    return text_to_image_adapter(pipe).latent_shape(pipe, sd)
 
 
 def to_uint8(images: np.ndarray) -> np.ndarray:
@@ -34,22 +36,35 @@ def to_uint8(images: np.ndarray) -> np.ndarray:
 @torch.no_grad()
 def render_batch(pipe, caption: str | list[str], init_latents: np.ndarray, sd: SDConfig,
                  capture_iterations: list[int]) -> RenderedBatch:
-    """Denoise each initial latent with the caption (or its own caption); return images and early latents."""
+    """Denoise each initial latent with the caption (or its own caption); return images and early latents.
+
+    ``init_latents`` and the captured latents are in the pool's scheduler-neutral scale;
+    the pipeline's adapter converts both ways.
+    """
+    adapter = text_to_image_adapter(pipe)
+    adapter.check(sd)
+    prompts = [caption] * len(init_latents) if isinstance(caption, str) else list(caption)
     captured: dict[int, np.ndarray] = {}
     wanted = set(capture_iterations)
 
-    def capture(_pipe, index: int, _timestep, kwargs):
+    def capture(_pipe, index: int, timestep, kwargs):
         if index + 1 in wanted:
-            captured[index + 1] = kwargs["latents"].detach().to("cpu", torch.float16).numpy()
+            neutral = adapter.to_neutral(_pipe, kwargs["latents"], timestep, sd)
+            captured[index + 1] = neutral.detach().to("cpu", torch.float16).numpy()
         return kwargs
 
-    latents = torch.tensor(init_latents, dtype=pipe.unet.dtype, device=pipe.device)
-    output = pipe(
-        prompt=[caption] * len(init_latents) if isinstance(caption, str) else list(caption), height=sd.height, width=sd.width,
-        num_inference_steps=sd.num_inference_steps, guidance_scale=sd.guidance_scale,
-        latents=latents, output_type="np",
-        callback_on_step_end=capture, callback_on_step_end_tensor_inputs=["latents"],
-    )
+    def call():
+        captured.clear()
+        denoiser = adapter.denoiser(pipe)
+        neutral = torch.tensor(init_latents, dtype=denoiser.dtype, device=pipe._execution_device)
+        return pipe(
+            prompt=prompts, height=sd.height, width=sd.width, num_inference_steps=sd.num_inference_steps,
+            latents=adapter.to_pipeline(pipe, neutral, sd), output_type="np",
+            callback_on_step_end=capture, callback_on_step_end_tensor_inputs=["latents"],
+            **adapter.call_kwargs(sd, len(prompts)),
+        )
+
+    output = guarded(pipe, f"text-to-image ({type(pipe).__name__})", call, lambda out: out.images)
     return RenderedBatch(images=to_uint8(output.images), captured=captured)
 
 

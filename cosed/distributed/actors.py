@@ -32,7 +32,8 @@ class ModelWorker:
     def __init__(self, kind: str, cfg: RunConfig):
         self.kind = kind
         profile = resolve_profile(cfg.profile, cfg.cache_dir)
-        self.backend = LocalBackend(profile, cfg)
+        whole_gpu = ray.get_runtime_context().get_assigned_resources().get("GPU", 0) >= 1
+        self.backend = LocalBackend(profile, cfg, gpu_shared_by=(kind,) if whole_gpu else KINDS)
         getattr(self.backend, kind)  # load now: a model that cannot load fails the pool's start
         if kind == "clip":
             self.backend.selector  # noqa: B018
@@ -63,8 +64,8 @@ class ModelWorker:
     def selector_scores(self, *embeddings):
         return self._timed("selector_scores", *embeddings)
 
-    def animate(self, image, seed, video):
-        return self._timed("animate", image, seed, video)
+    def animate(self, image, seed, video, prompt=None):
+        return self._timed("animate", image, seed, video, prompt)
 
     def info(self) -> dict:
         context = ray.get_runtime_context()
@@ -171,11 +172,11 @@ class RayBackend:
     def selector_scores(self, next_text, next_image, past_text, past_image):
         return ray.get(self._next("clip").selector_scores.remote(next_text, next_image, past_text, past_image))
 
-    def animate_async(self, image, seed, video):
-        return self._next("video").animate.remote(image, seed, video)
+    def animate_async(self, image, seed, video, prompt=None):
+        return self._next("video").animate.remote(image, seed, video, prompt)
 
-    def animate(self, image, seed, video):
-        return ray.get(self.animate_async(image, seed, video))
+    def animate(self, image, seed, video, prompt=None):
+        return ray.get(self.animate_async(image, seed, video, prompt))
 
 
 @ray.remote(num_cpus=0)
@@ -193,7 +194,7 @@ class TaskDriver:
         backend = RayBackend(pools, start=abs(hash(task.id)) % 997)
 
         def stream(step):
-            clip = backend.animate_async(step.image, step.video_seed, cfg.video)
+            clip = backend.animate_async(step.image, step.video_seed, cfg.video, step.caption)
             stitcher.add_clip.remote(key, step.number, [clip])
 
         result = sequence_task(task, captions, backend, cfg, on_scene=stream)

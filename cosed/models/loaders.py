@@ -7,7 +7,8 @@ from pathlib import Path
 
 import torch
 
-from cosed.models.profiles import hub_error
+from cosed.memory import MemoryPlan, apply_memory_plan
+from cosed.models.profiles import ROLES, ModelSpec, hub_error
 
 
 def _quiet_libraries() -> None:
@@ -31,33 +32,31 @@ def resolve_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
-def default_dtype(device: torch.device) -> torch.dtype:
-    return torch.float16 if device.type == "cuda" else torch.float32
+def default_dtype(device: torch.device, name: str = "float16") -> torch.dtype:
+    """The profile's dtype on a GPU; float32 on the CPU (half precision is slow or unsupported there)."""
+    return getattr(torch, name) if device.type == "cuda" else torch.float32
 
 
-def load_sd(source: str, device: torch.device):
-    """A diffusers StableDiffusionPipeline without safety checker, progress bars off."""
-    from diffusers import StableDiffusionPipeline
+def load_pipeline(spec: ModelSpec, kind: str, device: torch.device, plan: MemoryPlan | None = None):
+    """A diffusers pipeline of the spec's class, from safetensors only, with the memory plan applied.
 
+    One loader for every pipeline family: the class name comes from the profile and
+    the adapter registry adds what the family needs (no safety checker for SD).
+    """
+    import diffusers
+
+    from cosed.models.adapters import image_to_video_adapter, text_to_image_adapter
+
+    adapter = text_to_image_adapter(spec.pipeline) if kind == "sd" else image_to_video_adapter(spec.pipeline)
+    kwargs = {"torch_dtype": default_dtype(device, spec.dtype), "use_safetensors": True, **adapter.load_kwargs}
+    if spec.variant:
+        kwargs["variant"] = spec.variant
     try:
-        pipe = StableDiffusionPipeline.from_pretrained(
-            source, torch_dtype=default_dtype(device), safety_checker=None, requires_safety_checker=False)
+        pipe = getattr(diffusers, spec.pipeline).from_pretrained(spec.source, **kwargs)
     except (OSError, ValueError) as exc:
-        raise hub_error("text-to-image", source, exc) from exc
+        raise hub_error(ROLES[kind], spec.source, exc) from exc
     pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device)
-
-
-def load_video(source: str, device: torch.device):
-    """A diffusers StableVideoDiffusionPipeline (image-to-video)."""
-    from diffusers import StableVideoDiffusionPipeline
-
-    try:
-        pipe = StableVideoDiffusionPipeline.from_pretrained(source, torch_dtype=default_dtype(device))
-    except (OSError, ValueError) as exc:
-        raise hub_error("image-to-video", source, exc) from exc
-    pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device)
+    return apply_memory_plan(pipe, plan or MemoryPlan("plain"), device)
 
 
 def load_clip(source: str, device: torch.device):
@@ -74,12 +73,24 @@ def load_clip(source: str, device: torch.device):
         name, _, pretrained = source.partition("/")
         pretrained = pretrained or None
     try:
+        if pretrained:
+            pretrained = _clip_safetensors(source) or pretrained
         model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained, device=device)
         tokenizer = open_clip.get_tokenizer(name)
     except (OSError, RuntimeError, ValueError) as exc:
         raise hub_error("CLIP", source, exc) from exc
     model.eval()
     return model, preprocess, tokenizer
+
+
+def _clip_safetensors(source: str) -> str | None:
+    """The hub safetensors file of an open_clip pretrained tag, so open_clip never falls back to a pickle."""
+    from huggingface_hub import hf_hub_download
+
+    from cosed.models.fetch import clip_hub_file
+
+    hub = clip_hub_file(source)
+    return hf_hub_download(*hub) if hub else None
 
 
 def load_lm(source: str, device: torch.device):

@@ -1,4 +1,11 @@
-"""Resolve a profile name or folder into model sources and defaults."""
+"""Resolve a profile name or folder into model specs and defaults.
+
+A profile is data: for each model kind (``sd``: text-to-image, ``video``:
+image-to-video, ``clip``) it names the source, the diffusers pipeline class
+(which picks the adapter in `cosed.models.adapters`), the weight variant and
+dtype, the licence and whether the hub gates the download, and the expected
+peak GPU memory at the profile's settings for each memory plan level.
+"""
 
 from __future__ import annotations
 
@@ -10,10 +17,42 @@ from typing import Any
 
 _PROFILE_DIR = Path(__file__).resolve().parent.parent / "profiles"
 _TINY_PREFIX = "tiny:"
+KINDS = ("sd", "video", "clip")
+ROLES = {"sd": "text-to-image", "video": "image-to-video", "clip": "CLIP"}
+DEFAULT_PIPELINES = {"sd": "StableDiffusionPipeline", "video": "StableVideoDiffusionPipeline", "clip": None}
 
 
 class ModelUnavailable(RuntimeError):
-    """A model could not be loaded (offline hub, missing folder); the message says what to do."""
+    """A model could not be loaded (offline hub, gated repo, missing folder); the message says what to do."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Where one model comes from and what it needs."""
+
+    source: str
+    pipeline: str | None = None
+    variant: str | None = None
+    dtype: str = "float16"
+    licence: str = ""
+    gated: bool = False
+    memory_gib: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def is_hub(self) -> bool:
+        """A diffusers repo id (not a local folder, not an open_clip ``NAME/PRETRAINED`` pair)."""
+        return self.pipeline is not None and not Path(self.source).exists()
+
+    @property
+    def page(self) -> str:
+        return f"https://huggingface.co/{self.source}"
+
+    @classmethod
+    def from_data(cls, kind: str, data: str | dict[str, Any], cache: Path) -> "ModelSpec":
+        data = {"source": data} if isinstance(data, str) else dict(data)
+        data["source"] = _resolve_source(data["source"], cache)
+        data.setdefault("pipeline", _folder_pipeline(data["source"]) or DEFAULT_PIPELINES[kind])
+        return cls(**data)
 
 
 @dataclass(frozen=True)
@@ -25,10 +64,20 @@ class Profile:
     defaults: dict[str, Any] = field(default_factory=dict)
     random_weights: bool = False
     description: str = ""
+    specs: dict[str, ModelSpec] = field(default_factory=dict)
+    tiny_twin: str | None = None
+
+    def spec(self, kind: str) -> ModelSpec:
+        return self.specs.get(kind) or ModelSpec(source=getattr(self, kind), pipeline=DEFAULT_PIPELINES[kind])
 
     def model_names(self) -> dict[str, str]:
         """Stable model names for manifests: tiny models by name, not by cache path."""
         return {"sd": self._label(self.sd), "video": self._label(self.video), "clip": self._label(self.clip)}
+
+    def memory_gib(self, level: str, kinds: tuple[str, ...] = KINDS) -> float | None:
+        """Expected peak GPU memory of ``kinds`` together at a plan level; None when the profile does not say."""
+        values = [self.spec(k).memory_gib.get(level) for k in kinds]
+        return None if any(v is None for v in values) else float(sum(values))
 
     def _label(self, source: str) -> str:
         return source if not self.random_weights else f"cosed-tiny-{Path(source).name} (random weights)"
@@ -42,47 +91,92 @@ def available_profiles() -> list[str]:
     return sorted(p.stem for p in _PROFILE_DIR.glob("*.json"))
 
 
+def profile_data(name: str) -> dict[str, Any]:
+    """The raw JSON of a named profile (no model is built or downloaded)."""
+    return json.loads((_PROFILE_DIR / f"{name}.json").read_text(encoding="utf-8"))
+
+
 def resolve_profile(name_or_folder: str, cache_dir: str | os.PathLike | None = None) -> Profile:
     """A named profile from ``cosed/profiles`` or a folder holding ``sd/``, ``video/`` and ``clip/``."""
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
     named = _PROFILE_DIR / f"{name_or_folder}.json"
     if named.is_file():
         data = json.loads(named.read_text(encoding="utf-8"))
-        models = {kind: _resolve_source(src, cache) for kind, src in data["models"].items()}
+        specs = {kind: ModelSpec.from_data(kind, src, cache) for kind, src in data["models"].items()}
         return Profile(name=data["name"], defaults=data.get("defaults", {}),
-                       random_weights=data.get("random_weights", False),
-                       description=data.get("description", ""), **models)
+                       random_weights=data.get("random_weights", False), description=data.get("description", ""),
+                       specs=specs, tiny_twin=data.get("tiny_twin"), **{k: s.source for k, s in specs.items()})
     folder = Path(name_or_folder)
     if folder.is_dir():
-        missing = [kind for kind in ("sd", "video", "clip") if not (folder / kind).is_dir()]
+        missing = [kind for kind in KINDS if not (folder / kind).is_dir()]
         if missing:
             raise ModelUnavailable(f"profile folder {folder} lacks {', '.join(missing)}/ "
                                    "(a profile folder holds sd/, video/ and clip/ in the standard formats)")
         meta_path = folder / "profile.json"
         meta = json.loads(meta_path.read_text(encoding="utf-8")) if meta_path.is_file() else {}
+        specs = {kind: ModelSpec.from_data(kind, str(folder / kind), cache) for kind in KINDS}
         return Profile(name=meta.get("name", str(folder)), sd=str(folder / "sd"), video=str(folder / "video"),
                        clip=str(folder / "clip"), defaults=meta.get("defaults", {}),
-                       random_weights=meta.get("random_weights", False), description=meta.get("description", ""))
+                       random_weights=meta.get("random_weights", False), description=meta.get("description", ""),
+                       specs=specs)
     raise ModelUnavailable(f"unknown profile {name_or_folder!r}: use one of {', '.join(available_profiles())} "
                            "or a folder holding sd/, video/ and clip/")
 
 
 def _resolve_source(source: str, cache: Path) -> str:
     if source.startswith(_TINY_PREFIX):
-        from cosed.models.tiny import ensure_tiny_models
+        from cosed.models.tiny import ensure_tiny_models, zoo_of
 
-        return str(ensure_tiny_models(cache) / source[len(_TINY_PREFIX):])
+        model = source[len(_TINY_PREFIX):]
+        return str(ensure_tiny_models(cache, zoo_of(model)) / model)
     return source
 
 
+def _folder_pipeline(source: str) -> str | None:
+    """A local diffusers folder names its pipeline class in model_index.json."""
+    index = Path(source) / "model_index.json"
+    return json.loads(index.read_text(encoding="utf-8"))["_class_name"] if index.is_file() else None
+
+
+def _is_gated_error(exc: BaseException) -> bool:
+    from huggingface_hub.errors import GatedRepoError
+
+    seen = exc
+    while seen is not None:
+        if isinstance(seen, GatedRepoError) or "gated" in str(seen).lower() or " 401 " in f" {seen} ":
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
 def hub_error(kind: str, source: str, exc: Exception) -> ModelUnavailable:
-    """Turn a failed hub or folder load into one readable sentence."""
+    """Turn a failed hub or folder load into one sentence that says what to do."""
     if Path(source).exists():
         return ModelUnavailable(f"could not load the {kind} model from folder {source}: {exc}")
+    if _is_gated_error(exc):
+        return ModelUnavailable(
+            f"could not load the {kind} model {source!r}, which is gated on the Hugging Face hub: accept its licence at "
+            f"https://huggingface.co/{source} with your account, then set HF_TOKEN (or run `hf auth login`) "
+            "and run `cosed models fetch`, or use --profile tiny for the offline random-weight models.")
+    if _is_offline_error(exc):
+        return ModelUnavailable(
+            f"could not load the {kind} model {source!r}: it is not in the local Hugging Face cache and the hub "
+            "cannot be reached (offline): run `cosed models fetch --profile PROFILE` on a connected machine (or point HF_HOME at a "
+            "warm cache), pass a local folder as --profile, or use --profile tiny for the offline random-weight models.")
     return ModelUnavailable(
         f"could not load the {kind} model {source!r} from the Hugging Face hub "
-        f"({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}). "
-        "This machine may be offline: download the weights on a connected machine "
-        "(or point HF_HOME at a warm cache; HF_HUB_OFFLINE=1 skips the network retries), "
-        "pass a local folder as --profile, "
+        f"({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}): "
+        "check the id and your network, run `cosed models fetch --profile PROFILE`, "
         "or use --profile tiny for the offline random-weight models.")
+
+
+def _is_offline_error(exc: BaseException) -> bool:
+    from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled
+
+    seen = exc
+    while seen is not None:
+        if isinstance(seen, (OfflineModeIsEnabled, LocalEntryNotFoundError, ConnectionError, TimeoutError)) or \
+                "connect" in type(seen).__name__.lower():
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False

@@ -19,23 +19,29 @@ from pathlib import Path
 import torch
 
 TINY_VERSION = "tiny-v1"
+MODERN_VERSION = "tiny-modern-v1"  # twins of the modern pipelines, a zoo of their own so tiny-v1 caches stay valid
 _SEED = 0
 
 
-def ensure_tiny_models(cache_dir: Path) -> Path:
-    """Build the zoo once under ``cache_dir`` (safe when many processes ask at once)."""
+def zoo_of(model: str) -> str:
+    """Which zoo builds a tiny model: the modern pipelines' twins live apart from the original zoo."""
+    return MODERN_VERSION if model in ("flux", "ltx", "t5-tokenizer") else TINY_VERSION
+
+
+def ensure_tiny_models(cache_dir: Path, version: str = TINY_VERSION) -> Path:
+    """Build a zoo once under ``cache_dir`` (safe when many processes ask at once)."""
     cache_dir = Path(cache_dir)
-    root = cache_dir / TINY_VERSION
+    root = cache_dir / version
     if (root / ".complete").is_file():
         return root
     cache_dir.mkdir(parents=True, exist_ok=True)
-    with open(cache_dir / f"{TINY_VERSION}.lock", "w") as lock:
+    with open(cache_dir / f"{version}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if (root / ".complete").is_file():
             return root
-        staging = cache_dir / f"{TINY_VERSION}.staging"
+        staging = cache_dir / f"{version}.staging"
         shutil.rmtree(staging, ignore_errors=True)
-        build_tiny_models(staging)
+        (build_modern_models if version == MODERN_VERSION else build_tiny_models)(staging)
         (staging / ".complete").write_text("ok\n")
         shutil.rmtree(root, ignore_errors=True)
         staging.rename(root)
@@ -49,6 +55,15 @@ def build_tiny_models(root: Path) -> None:
     build_video(root / "video")
     build_clip(root / "clip")
     build_lm(root / "lm", root / "tokenizer")
+
+
+def build_modern_models(root: Path) -> None:
+    """Twins of FLUX.1-schnell and LTX-Video, with their own CLIP and T5 tokenizers."""
+    root.mkdir(parents=True, exist_ok=True)
+    write_clip_tokenizer(root / "tokenizer")
+    write_t5_tokenizer(root / "t5-tokenizer", root / "tokenizer")
+    build_flux(root / "flux", root / "tokenizer", root / "t5-tokenizer")
+    build_ltx(root / "ltx", root / "t5-tokenizer")
 
 
 def write_clip_tokenizer(folder: Path) -> None:
@@ -151,3 +166,82 @@ def build_lm(folder: Path, tokenizer_dir: Path) -> None:
                                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id))
     model.save_pretrained(folder, safe_serialization=True)
     tokenizer.save_pretrained(folder)
+
+
+def write_t5_tokenizer(folder: Path, clip_tokenizer_dir: Path, vocab_size: int = 1000) -> None:
+    """A T5-style (Unigram, ``</s>``-terminated) fast tokenizer trained here, so no sentencepiece file is needed.
+
+    The training text is the CLIP BPE vocabulary, so the result is the same on every machine.
+    """
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import T5TokenizerFast
+
+    words = [w.replace("</w>", "") for w in json.loads((clip_tokenizer_dir / "vocab.json").read_text(encoding="utf-8"))]
+    corpus = [" ".join(words[i:i + 64]) for i in range(512, 20000, 64)]
+    tokenizer = Tokenizer(models.Unigram())
+    tokenizer.normalizer = normalizers.Lowercase()
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
+    tokenizer.decoder = decoders.Metaspace()
+    trainer = trainers.UnigramTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "</s>", "<unk>"],
+                                      unk_token="<unk>", show_progress=False)
+    tokenizer.train_from_iterator(corpus, trainer)
+    tokenizer.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
+                                                             special_tokens=[("</s>", tokenizer.token_to_id("</s>"))])
+    T5TokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
+                    extra_ids=0, model_max_length=512).save_pretrained(folder)
+
+
+def _tiny_t5(vocab_size: int):
+    from transformers import T5Config, T5EncoderModel
+
+    return T5EncoderModel(T5Config(vocab_size=vocab_size, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                                   relative_attention_num_buckets=8, dense_act_fn="gelu_new", feed_forward_proj="gated-gelu"))
+
+
+def build_flux(folder: Path, tokenizer_dir: Path, t5_dir: Path) -> None:
+    """FluxPipeline (FLUX.1-schnell's classes): packed 16-channel latents, CLIP + T5 text encoders."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5TokenizerFast
+
+    torch.manual_seed(_SEED)
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=False,
+        axes_dims_rope=(4, 6, 6))
+    vae = AutoencoderKL(
+        sample_size=64, in_channels=3, out_channels=3, latent_channels=16, layers_per_block=1,
+        block_out_channels=(8, 16, 16, 16), norm_num_groups=4, use_quant_conv=False, use_post_quant_conv=False,
+        shift_factor=0.1159, scaling_factor=0.3611,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=49408, hidden_size=32, intermediate_size=64, num_attention_heads=4,
+        num_hidden_layers=2, max_position_embeddings=77, projection_dim=32))
+    t5_tokenizer = T5TokenizerFast.from_pretrained(t5_dir)
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=1.0, use_dynamic_shifting=False)
+    pipe = FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=_clip_tokenizer(tokenizer_dir),
+                        text_encoder_2=_tiny_t5(len(t5_tokenizer)), tokenizer_2=t5_tokenizer, transformer=transformer)
+    pipe.save_pretrained(folder, safe_serialization=True)
+
+
+def build_ltx(folder: Path, t5_dir: Path) -> None:
+    """LTXImageToVideoPipeline (LTX-Video's classes): sizes divisible by 32, 8k+1 frames."""
+    from diffusers import (AutoencoderKLLTXVideo, FlowMatchEulerDiscreteScheduler, LTXImageToVideoPipeline,
+                           LTXVideoTransformer3DModel)
+    from transformers import T5TokenizerFast
+
+    torch.manual_seed(_SEED)
+    transformer = LTXVideoTransformer3DModel(
+        in_channels=8, out_channels=8, patch_size=1, patch_size_t=1, num_attention_heads=4, attention_head_dim=8,
+        cross_attention_dim=32, num_layers=1, caption_channels=32)
+    vae = AutoencoderKLLTXVideo(
+        in_channels=3, out_channels=3, latent_channels=8, block_out_channels=(8, 8, 8, 8),
+        decoder_block_out_channels=(8, 8, 8, 8), layers_per_block=(1, 1, 1, 1, 1),
+        decoder_layers_per_block=(1, 1, 1, 1, 1), spatio_temporal_scaling=(True, True, False, False),
+        decoder_spatio_temporal_scaling=(True, True, False, False), decoder_inject_noise=(False,) * 5,
+        upsample_residual=(False,) * 4, upsample_factor=(1,) * 4, timestep_conditioning=False,
+        patch_size=1, patch_size_t=1, encoder_causal=True, decoder_causal=False)
+    t5_tokenizer = T5TokenizerFast.from_pretrained(t5_dir)
+    pipe = LTXImageToVideoPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae,
+                                   text_encoder=_tiny_t5(len(t5_tokenizer)), tokenizer=t5_tokenizer,
+                                   transformer=transformer)
+    pipe.save_pretrained(folder, safe_serialization=True)

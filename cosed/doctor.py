@@ -1,0 +1,199 @@
+"""`cosed doctor`: what a run needs and whether this machine (or cluster) has it.
+
+Each check is one table line with its fix; a failed check means a run would
+stop, so ``doctor`` exits 1. Checks run without starting a model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from cosed.memory import LEVELS, InsufficientGPUMemory, plan_memory
+from cosed.models.profiles import KINDS, Profile
+
+OK, WARN, FAIL = "ok", "warn", "FAIL"
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    status: str
+    detail: str
+    fix: str = ""
+
+
+def gpu_check(profile: Profile, memory: str, gpus: list[float]) -> Check:
+    """GPUs (memory in GiB each) against the profile's needs; pure, so it is tested without a GPU."""
+    needs = {level: profile.memory_gib(level) for level in LEVELS}
+    if not gpus:
+        if profile.random_weights:
+            return Check("GPU", OK, "no CUDA GPU; the random-weight tiny models run on the CPU")
+        return Check("GPU", FAIL, f"no CUDA GPU visible; {profile.name} needs about {needs['plain'] or '?'} GiB "
+                     "(plain plan, all models on one GPU)",
+                     "run on a GPU node with CUDA drivers (nvidia-smi must list it), or use --profile tiny")
+    smallest = min(gpus)
+    label = f"{len(gpus)} × {smallest:.0f} GiB"
+    try:
+        plan = plan_memory(needs, smallest, memory, what=f"profile {profile.name}")
+        return Check("GPU", OK, f"{label}; memory plan {plan.describe()}")
+    except InsufficientGPUMemory as exc:
+        largest = max(profile.memory_gib("offload", (k,)) or 0.0 for k in KINDS)
+        if largest <= smallest * 0.9 and len(gpus) >= 2:
+            return Check("GPU", WARN, f"{label}: the models do not fit one GPU together, each fits its own",
+                         "give each pool its own GPU (ray: sd/video num_gpus: 1)")
+        return Check("GPU", FAIL, f"{label}: {exc}", "use a GPU with more memory (README: Running on GPUs)")
+
+
+def local_gpus() -> list[float]:
+    import torch
+
+    if not torch.cuda.is_available():
+        return []
+    return [torch.cuda.get_device_properties(i).total_memory / 2**30 for i in range(torch.cuda.device_count())]
+
+
+def weights_checks(profile: Profile) -> list[Check]:
+    from cosed.models.fetch import cached, hub_files
+
+    if not hub_files(profile):
+        return [Check("weights", OK, "no hub downloads (tiny models are built locally, folders are local)")]
+    status = cached(profile)
+    checks = []
+    for item in hub_files(profile):
+        spec = profile.spec(item.kind)
+        if status[item.kind]:
+            checks.append(Check(f"weights {item.kind}", OK, f"{item.repo} is in the hub cache"))
+            continue
+        reachable, why = hub_reachable(item.repo, spec.gated)
+        fix = f"cosed models fetch --profile {profile.name}"
+        if spec.gated:
+            fix = f"accept the licence at https://huggingface.co/{item.repo}, set HF_TOKEN, then {fix}"
+        checks.append(Check(f"weights {item.kind}", WARN if reachable else FAIL,
+                            f"{item.repo} not cached; {why}", fix if reachable else
+                            f"{fix} on a connected machine and copy HF_HOME here, or use --profile tiny"))
+    return checks
+
+
+def hub_reachable(repo: str, gated: bool) -> tuple[bool, str]:
+    """Whether the hub would give us this repo now (network, token, licence)."""
+    from huggingface_hub import auth_check, get_token
+
+    if gated and not get_token():
+        return False, "it is gated and no Hugging Face token is set"
+    try:
+        auth_check(repo)
+    except Exception as exc:  # offline, gated, not found: report, do not raise
+        return False, f"hub check failed ({type(exc).__name__})"
+    return True, "downloadable (the first run would download it)"
+
+
+def out_check(out: str) -> Check:
+    """Write a small object under ``out`` and delete it again."""
+    from cosed import storage
+
+    probe = storage.join(out, f".cosed-doctor-{uuid.uuid4().hex[:8]}")
+    try:
+        storage.write_bytes(probe, b"cosed doctor probe\n")
+        if storage.is_s3(probe):
+            location = storage.parse_s3(probe)
+            storage.s3_client().delete_object(Bucket=location.bucket, Key=location.key)
+        else:
+            Path(probe).unlink()
+    except Exception as exc:  # any storage failure is what this check reports
+        return Check("output", FAIL, f"cannot write and delete under {out}: {type(exc).__name__}: {exc}",
+                     "check the path or bucket, its permissions, and AWS credentials / AWS_ENDPOINT_URL")
+    return Check("output", OK, f"wrote and deleted a probe under {out}")
+
+
+def encoder_check() -> Check:
+    import av
+
+    try:
+        av.codec.Codec("libx264", "w")
+    except Exception:  # av raises UnknownCodecError or similar
+        return Check("H.264", FAIL, "PyAV has no libx264 encoder", "pip install --force-reinstall av (the wheels bundle libx264)")
+    return Check("H.264", OK, f"libx264 via PyAV {av.__version__}")
+
+
+_PROBE = """
+import json, subprocess, ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+ray.init(address=ADDRESS, logging_level="ERROR", log_to_driver=False)
+
+@ray.remote(num_cpus=0)
+def gpu_memory():
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=20).stdout
+        return [int(v) / 1024 for v in out.split()] or None
+    except Exception:
+        return None
+
+nodes = [n for n in ray.nodes() if n["Alive"] and n["Resources"].get("GPU", 0)]
+refs = [gpu_memory.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote()
+        for n in nodes]
+print(json.dumps({"nodes": len(ray.nodes()), "gpus": [n["Resources"]["GPU"] for n in nodes],
+                  "memory": ray.get(refs, timeout=60)}))
+"""
+
+
+def cluster_checks(address: str | None, profile: Profile, memory: str, timeout: float = 90.0) -> list[Check]:
+    """Connect to the cluster in a child process (a wrong address must not hang doctor); check its GPUs."""
+    address = address or os.environ.get("RAY_ADDRESS")
+    if not address:
+        return [Check("Ray", OK, "no --address or RAY_ADDRESS: runs start a local Ray cluster")]
+    script = _PROBE.replace("ADDRESS", repr(address))
+    try:
+        done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return [Check("Ray", FAIL, f"no answer from {address} in {timeout:.0f} s",
+                      "check the address (HEAD:6379 for ray.init, http://HEAD:8265 for ray job submit) and firewalls")]
+    if done.returncode != 0:
+        error = (done.stderr.strip().splitlines() or ["unknown error"])[-1][:200]
+        fix = ("the cluster uses token auth: set RAY_AUTH_TOKEN to its token (see cluster/README.md)"
+               if "auth" in error.lower() or "token" in error.lower() else "check the address and that the cluster is up")
+        return [Check("Ray", FAIL, f"cannot connect to {address}: {error}", fix)]
+    return probe_checks(address, json.loads(done.stdout.strip().splitlines()[-1]), profile, memory)
+
+
+def probe_checks(address: str, probe: dict, profile: Profile, memory: str) -> list[Check]:
+    """The Ray and cluster-GPU lines from the probe's answer (pure, so tested without a cluster)."""
+    checks = [Check("Ray", OK, f"{address}: {probe['nodes']} nodes, GPUs per GPU node {probe['gpus']}")]
+    if not probe["gpus"]:
+        checks.append(gpu_check(profile, memory, []) if not profile.random_weights else
+                      Check("cluster GPU", OK, "no GPU nodes; the tiny models run on CPUs"))
+        return checks
+    known = [gib for node in probe["memory"] if node for gib in node]
+    if not known:
+        checks.append(Check("cluster GPU", WARN, "GPU memory unknown (nvidia-smi not found on the GPU nodes)",
+                            "check the nodes' memory against README: Running on GPUs"))
+        return checks
+    line = gpu_check(profile, memory, known)
+    return checks + [Check("cluster GPU", line.status, line.detail, line.fix)]
+
+
+def run_checks(profile: Profile, memory: str = "auto", address: str | None = None, out: str | None = None) -> list[Check]:
+    checks = [Check("profile", OK, f"{profile.name}: " + ", ".join(
+        f"{k} {profile.spec(k).source if not profile.random_weights else profile.model_names()[k]}" for k in KINDS))]
+    checks.append(gpu_check(profile, memory, local_gpus()))
+    checks += weights_checks(profile)
+    checks.append(out_check(out) if out else Check("output", OK, "no --out given: not probed"))
+    checks.append(encoder_check())
+    checks += cluster_checks(address, profile, memory)
+    return checks
+
+
+def format_table(checks: list[Check]) -> list[str]:
+    width = max(len(c.name) for c in checks)
+    lines = []
+    for check in checks:
+        lines.append(f"{check.status:<5} {check.name:<{width}}  {check.detail}")
+        if check.fix and check.status != OK:
+            lines.append(f"{'':<5} {'':<{width}}  fix: {check.fix}")
+    return lines

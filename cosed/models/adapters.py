@@ -1,0 +1,142 @@
+"""One adapter per diffusers pipeline family, chosen by the pipeline's class name.
+
+The engine never branches on the model: the text-to-image adapter turns the
+pool's scheduler-neutral latents into what the pipeline's ``latents=`` expects
+(packing them for FLUX) and turns the latents seen in ``callback_on_step_end``
+back into neutral ones; the image-to-video adapter builds the call for its
+pipeline. New families register here, the way open_clip registers model configs.
+
+Scheduler-neutral scale (method.md §2): diffusers' ``prepare_latents``
+multiplies given latents by ``scheduler.init_noise_sigma``. A latent captured
+mid-run from an Euler-type scheduler lives at scale sqrt(sigma_k^2 + 1), so it
+is divided by that scale when captured (the scheduler's own
+``scale_model_input``). DDIM's scale is 1 (identity); flow-matching schedulers
+(FLUX, LTX) have none.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+
+from cosed.config import SDConfig, VideoConfig
+
+
+def pipeline_name(pipe) -> str:
+    return type(pipe).__name__
+
+
+def neutral_scale(scheduler, latents: torch.Tensor, timestep) -> torch.Tensor:
+    """Latents divided by the scale the scheduler gives them at its current step (identity where it has none)."""
+    scale_model_input = getattr(scheduler, "scale_model_input", None)
+    return latents if scale_model_input is None else scale_model_input(latents, timestep)
+
+
+class TextToImageAdapter:
+    """StableDiffusionPipeline: (B, C, h, w) latents from the UNet, classifier-free guidance."""
+
+    load_kwargs: ClassVar[dict[str, Any]] = {"safety_checker": None, "requires_safety_checker": False}
+    size_multiple: ClassVar[int] = 8
+
+    def denoiser(self, pipe):
+        return pipe.unet
+
+    def latent_shape(self, pipe, sd: SDConfig) -> tuple[int, int, int]:
+        scale = pipe.vae_scale_factor
+        return (self.denoiser(pipe).config.in_channels, sd.height // scale, sd.width // scale)
+
+    def check(self, sd: SDConfig) -> None:
+        if sd.height % self.size_multiple or sd.width % self.size_multiple:
+            raise ValueError(f"sd.height and sd.width must be multiples of {self.size_multiple} for this pipeline, "
+                             f"got {sd.height}x{sd.width}")
+
+    def to_pipeline(self, pipe, neutral: torch.Tensor, sd: SDConfig) -> torch.Tensor:
+        return neutral
+
+    def to_neutral(self, pipe, latents: torch.Tensor, timestep, sd: SDConfig) -> torch.Tensor:
+        return neutral_scale(pipe.scheduler, latents, timestep)
+
+    def call_kwargs(self, sd: SDConfig, batch: int) -> dict[str, Any]:
+        negative = [sd.negative_prompt] * batch if sd.negative_prompt else None
+        return {"guidance_scale": sd.guidance_scale, "negative_prompt": negative}
+
+
+class FluxAdapter(TextToImageAdapter):
+    """FluxPipeline: packed (B, h/2 * w/2, 4C) latents, guidance-distilled (no negative prompt)."""
+
+    load_kwargs: ClassVar[dict[str, Any]] = {}
+    size_multiple: ClassVar[int] = 16
+    max_sequence_length: ClassVar[int] = 256  # FLUX.1-schnell's limit
+
+    def denoiser(self, pipe):
+        return pipe.transformer
+
+    def latent_shape(self, pipe, sd: SDConfig) -> tuple[int, int, int]:
+        step = pipe.vae_scale_factor * 2
+        return (pipe.transformer.config.in_channels // 4, 2 * (sd.height // step), 2 * (sd.width // step))
+
+    def to_pipeline(self, pipe, neutral: torch.Tensor, sd: SDConfig) -> torch.Tensor:
+        batch, channels, height, width = neutral.shape
+        return pipe._pack_latents(neutral, batch, channels, height, width)
+
+    def to_neutral(self, pipe, latents: torch.Tensor, timestep, sd: SDConfig) -> torch.Tensor:
+        unpacked = pipe._unpack_latents(latents, sd.height, sd.width, pipe.vae_scale_factor)
+        return neutral_scale(pipe.scheduler, unpacked, timestep)
+
+    def call_kwargs(self, sd: SDConfig, batch: int) -> dict[str, Any]:
+        return {"guidance_scale": sd.guidance_scale, "max_sequence_length": self.max_sequence_length}
+
+
+class ImageToVideoAdapter:
+    """StableVideoDiffusionPipeline: image only, fps and motion conditioning."""
+
+    load_kwargs: ClassVar[dict[str, Any]] = {}
+
+    def check(self, video: VideoConfig) -> None:
+        if video.height % 8 or video.width % 8:
+            raise ValueError(f"video.height and video.width must be multiples of 8, got {video.height}x{video.width}")
+
+    def call_kwargs(self, video: VideoConfig, prompt: str | None) -> dict[str, Any]:
+        return {"fps": video.fps, "decode_chunk_size": video.decode_chunk_size,
+                "motion_bucket_id": video.motion_bucket_id, "noise_aug_strength": video.noise_aug_strength}
+
+
+class LTXAdapter(ImageToVideoAdapter):
+    """LTXImageToVideoPipeline: image plus the scene's caption; sizes divisible by 32, 8k+1 frames."""
+
+    def check(self, video: VideoConfig) -> None:
+        if video.height % 32 or video.width % 32 or (video.num_frames - 1) % 8:
+            raise ValueError("LTX-Video needs video.height and video.width divisible by 32 and "
+                             f"video.num_frames = 8k+1, got {video.height}x{video.width}, {video.num_frames} frames")
+
+    def call_kwargs(self, video: VideoConfig, prompt: str | None) -> dict[str, Any]:
+        return {"prompt": prompt or "", "frame_rate": video.fps, "decode_timestep": 0.05, "decode_noise_scale": 0.025}
+
+
+TEXT_TO_IMAGE: dict[str, TextToImageAdapter] = {
+    "StableDiffusionPipeline": TextToImageAdapter(),
+    "FluxPipeline": FluxAdapter(),
+}
+IMAGE_TO_VIDEO: dict[str, ImageToVideoAdapter] = {
+    "StableVideoDiffusionPipeline": ImageToVideoAdapter(),
+    "LTXImageToVideoPipeline": LTXAdapter(),
+}
+
+
+def _lookup(registry: dict, name: str, role: str):
+    try:
+        return registry[name]
+    except KeyError:
+        raise ValueError(f"no {role} adapter for pipeline class {name!r}: "
+                         f"supported are {', '.join(sorted(registry))}") from None
+
+
+def text_to_image_adapter(pipe_or_name) -> TextToImageAdapter:
+    name = pipe_or_name if isinstance(pipe_or_name, str) else pipeline_name(pipe_or_name)
+    return _lookup(TEXT_TO_IMAGE, name, "text-to-image")
+
+
+def image_to_video_adapter(pipe_or_name) -> ImageToVideoAdapter:
+    name = pipe_or_name if isinstance(pipe_or_name, str) else pipeline_name(pipe_or_name)
+    return _lookup(IMAGE_TO_VIDEO, name, "image-to-video")
