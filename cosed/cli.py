@@ -57,8 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--epochs", type=int, default=10)
     train.add_argument("--batch-size", type=int, default=500)
     train.add_argument("--lr", type=float, default=0.01)
-    train.add_argument("--temperature", type=float, default=0.07, help="training logit temperature")
-    train.add_argument("--holdout", type=float, default=0.2, help="fraction of tasks held out for evaluation")
+    train.add_argument("--temperature", type=float, default=1.0,
+                       help="divides Eq. 7 logits in training and, saved in the checkpoint, at scoring (default 1)")
+    train.add_argument("--holdout", type=float, default=0.2,
+                       help="fraction of tasks held out (whole title groups); ids saved in split.json")
     add_ray_options(train)
     add_run_options(train)
     evaluate = verbs.add_parser("evaluate", help="compare independent / previous / cosed on the same tasks and seeds")
@@ -132,12 +134,20 @@ def train_command(args: argparse.Namespace, cfg: RunConfig) -> int:
     print(f"selector: {report['parameters']:,} trainable parameters, {report['train_tasks']} training tasks, "
           f"{report['held_out_tasks']} held out")
     print(f"loss: {report['loss_per_epoch'][0]:.4f} -> {report['loss_per_epoch'][-1]:.4f}")
-    print(f"held-out top-1: trained {held['trained']['top1']:.3f} vs untrained {held['untrained']['top1']:.3f}; "
-          f"MRR {held['trained']['mrr']:.3f} vs {held['untrained']['mrr']:.3f}")
+    for name, metrics in held.items():
+        print(f"held-out {name:<9} top-1 {interval(metrics['top1'])}  MRR {interval(metrics['mrr'])}  "
+              f"({metrics['queries']} step queries)")
     if report["random_weights"]:
         print("note: random-weight tiny models; these numbers test the pipeline, not quality")
-    print(f"checkpoint: {args.out}/selector.safetensors (use with --selector), report: {args.out}/selector.json")
+    print(f"checkpoint: {args.out}/selector.safetensors (use with --selector), report: {args.out}/selector.json, "
+          f"split: {args.out}/split.json")
     return 0
+
+
+def interval(stat: dict) -> str:
+    if stat["mean"] is None:
+        return "n/a"
+    return f"{stat['mean']:.3f} [{stat['low']:.3f}, {stat['high']:.3f}]"
 
 
 def evaluate_command(args: argparse.Namespace, cfg: RunConfig) -> int:
