@@ -22,7 +22,9 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--profile", help=f"{' | '.join(available_profiles())} | FOLDER (default: tiny)")
     parser.add_argument("--seed", type=int, help="run seed; every random draw derives from it (default 0)")
     parser.add_argument("--config", help="YAML file with RunConfig fields (sd:, pool:, video:, ...)")
-    parser.add_argument("--rewriter", choices=["identity", "template", "lm"], help="caption rewriter (default template)")
+    parser.add_argument("--rewriter", choices=["identity", "template", "given", "lm"],
+                        help="caption rewriter (default template; train-selector and evaluate default to given "
+                             "when every task carries captions)")
     parser.add_argument("--rewriter-model", help="hub id or folder of the lm rewriter's model")
     parser.add_argument("--selector", help="trained selector checkpoint (.safetensors); default: untrained")
     parser.add_argument("--device", help="auto | cpu | cuda | cuda:N")
@@ -68,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--out", required=True, help="run folder: METHOD/<task>/..., metrics.csv, summary.json, "
                                                        "plots/, report.html")
     evaluate.add_argument("--methods", default="independent,previous,cosed")
+    evaluate.add_argument("--refuse-trained-tasks", action="store_true",
+                          help="stop (exit 2) when --selector was trained on any of these tasks (its split.json)")
     add_ray_options(evaluate)
     add_run_options(evaluate)
     captions = verbs.add_parser("eval-captions", help="score caption rewriters against reference captions")
@@ -91,6 +95,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         cfg = config_from_args(args)
+        if getattr(args, "tasks", None):
+            cfg = tasks_rewriter(args, cfg)
         if args.verb in COMMANDS:
             return COMMANDS[args.verb](args, cfg)
         if args.verb == "demo":
@@ -109,6 +115,32 @@ def main(argv: list[str] | None = None) -> int:
     for line in summary.lines():
         print(line)
     return 1 if summary.failed or summary.rejected else 0
+
+
+def tasks_rewriter(args: argparse.Namespace, cfg: RunConfig) -> RunConfig:
+    """Choose ``given`` for train-selector / evaluate when no rewriter was set and every task carries captions;
+    refuse ``given`` up front, naming the tasks, when some task carries none."""
+    import dataclasses
+
+    import yaml
+
+    from cosed.rewrite import default_rewriter
+    from cosed.runner import read_tasks
+
+    explicit = args.rewriter is not None or (args.config and "rewriter" in (
+        yaml.safe_load(open(args.config, encoding="utf-8")) or {}))
+    if explicit and cfg.rewriter != "given":
+        return cfg
+    tasks = read_tasks(args.tasks, cfg).tasks
+    if not explicit:
+        if args.verb not in ("train-selector", "evaluate"):
+            return cfg
+        cfg = dataclasses.replace(cfg, rewriter=default_rewriter(tasks))
+    missing = [task.id for task in tasks if not task.captions]
+    if cfg.rewriter == "given" and missing:
+        raise ValueError(f"--rewriter given: {len(missing)} task(s) carry no captions (e.g. {', '.join(missing[:3])}); "
+                         "add 'captions' (JSONL) or 'steps_generated' (recipes layout), one per step")
+    return cfg
 
 
 def train_command(args: argparse.Namespace, cfg: RunConfig) -> int:
@@ -162,6 +194,8 @@ def evaluate_command(args: argparse.Namespace, cfg: RunConfig) -> int:
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     for method in methods:
         method_config(cfg, method)
+    if cfg.selector and not selector_held_out(args, cfg):
+        return 2
     cfg = dataclasses.replace(cfg, save_candidates=True)
     backend = LocalBackend(*resolve_run(cfg)) if args.no_ray else None
     failed = False
@@ -187,6 +221,26 @@ def evaluate_command(args: argparse.Namespace, cfg: RunConfig) -> int:
     print(f"metrics: {join(args.out, 'metrics.csv')}, {join(args.out, 'summary.json')}, plots: {join(args.out, 'plots')}")
     print(f"report: {report}")
     return 1 if failed else 0
+
+
+def selector_held_out(args: argparse.Namespace, cfg: RunConfig) -> bool:
+    """Warn (or, with --refuse-trained-tasks, refuse) when the selector was trained on tasks being evaluated."""
+    from cosed.heldout import trained_on
+    from cosed.runner import read_tasks
+
+    task_ids = [task.id for task in read_tasks(args.tasks, cfg).tasks]
+    overlap = trained_on(task_ids, cfg.selector)
+    if overlap is None:
+        print(f"warning: no split.json beside {cfg.selector}; cannot tell which of these {len(task_ids)} tasks "
+              "the selector was trained on", flush=True)
+        return True
+    if overlap:
+        print(f"warning: the selector was trained on {len(overlap)} of these {len(task_ids)} tasks "
+              f"(e.g. {', '.join(overlap[:3])}); their results are not held-out", flush=True)
+        if args.refuse_trained_tasks:
+            print("cosed: error: --refuse-trained-tasks: evaluate on the held-out ids of split.json", file=sys.stderr)
+            return False
+    return True
 
 
 def eval_captions_command(args: argparse.Namespace, cfg: RunConfig) -> int:

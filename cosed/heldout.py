@@ -42,7 +42,11 @@ def title_group(title: str, task_id: str) -> str:
 
 
 def split_by_title(scenes: list[TaskScenes], holdout: float, seed: int) -> tuple[list[TaskScenes], list[TaskScenes]]:
-    """A seeded (train, held-out) split of whole title groups; tasks of one step cannot be queried and are dropped."""
+    """A seeded (train, held-out) split of whole title groups; tasks of one step cannot be queried and are dropped.
+
+    Groups are held out in seeded order until ``holdout`` of the tasks are; a
+    group that would leave nothing to train on is skipped.
+    """
     usable = [s for s in scenes if len(s.text) >= 2]
     groups: dict[str, list[TaskScenes]] = {}
     for scene in usable:
@@ -54,6 +58,8 @@ def split_by_title(scenes: list[TaskScenes], holdout: float, seed: int) -> tuple
     for index in order:
         if len(held_ids) >= target:
             break
+        if len(held_ids) + len(groups[keys[index]]) >= len(usable):
+            continue
         held_ids.update(s.task_id for s in groups[keys[index]])
     return [s for s in usable if s.task_id not in held_ids], [s for s in usable if s.task_id in held_ids]
 
@@ -73,6 +79,15 @@ def split_beside(checkpoint: str) -> dict | None:
         return json.loads(storage.read_bytes(storage.join(folder, SPLIT)))
     except FileNotFoundError:
         return None
+
+
+def trained_on(task_ids: list[str], checkpoint: str) -> list[str] | None:
+    """Which of these tasks the checkpoint was trained on (its split.json), or None when it has no split.json."""
+    split = split_beside(checkpoint)
+    if split is None:
+        return None
+    seen = set(split["train"])
+    return [task_id for task_id in task_ids if task_id in seen]
 
 
 def rank_of_true(scores: np.ndarray, true_index: int = 0) -> tuple[float, float]:

@@ -11,6 +11,7 @@ from PIL import Image
 
 from cosed.cli import main
 from cosed.evaluate import bootstrap_mean, source_distance
+from cosed.selector import ContrastiveSelector
 
 from conftest import SHARED_RECIPES, SMALL_TASKS, needs_shared_recipes, write_jsonl
 
@@ -75,21 +76,35 @@ def test_report_renders_in_a_real_browser(evaluation, tmp_path):
     assert saturated[500:].mean() > 0.02, "no colourful scene images below the overview: the storyboard did not render"
 
 
-def test_train_selector_cli_writes_checkpoint_and_report(tmp_path, tiny_cache):
-    tasks = write_jsonl(tmp_path / "t.jsonl", [
-        {"id": f"t{i}", "title": f"Dish {i}", "steps": [f"Prepare part {i}.", f"Cook part {i}.", f"Serve dish {i}."]}
-        for i in range(12)])
+def test_train_selector_cli_writes_checkpoint_report_and_split(tmp_path, tiny_cache, capsys):
+    records = [{"id": f"t{i}", "title": f"Dish {i % 8}", "steps": [f"Prepare part {i}.", f"Cook part {i}.",
+                                                                   f"Serve dish {i}."]} for i in range(12)]
+    tasks = write_jsonl(tmp_path / "t.jsonl", records)
     assert main(["train-selector", "--tasks", str(tasks), "--out", str(tmp_path / "sel"), "--generate-missing",
-                 "--no-ray", "--quiet", "--epochs", "3", "--holdout", "0.25", "--cache-dir", str(tiny_cache)]) == 0
+                 "--no-ray", "--quiet", "--epochs", "3", "--holdout", "0.25", "--temperature", "0.5",
+                 "--cache-dir", str(tiny_cache)]) == 0
     report = json.loads((tmp_path / "sel" / "selector.json").read_text())
     assert report["parameters"] == 524_288 and len(report["loss_per_epoch"]) == 3
-    assert report["held_out_tasks"] == 3 and set(report["held_out"]) == {"trained", "untrained"}
-    assert report["random_weights"] is True
-    out = tmp_path / "gen"
-    assert main(["generate", "--tasks", str(write_jsonl(tmp_path / "one.jsonl", [TASKS[2]])), "--out", str(out),
-                 "--no-ray", "--quiet", "--cache-dir", str(tiny_cache),
-                 "--selector", str(tmp_path / "sel" / "selector.safetensors")]) == 0
-    manifest = json.loads((out / "tea" / "manifest.json").read_text())
+    assert set(report["held_out"]) == {"trained", "untrained", "clip"} and report["random_weights"] is True
+    assert report["rewriter"] == "template"
+    split = json.loads((tmp_path / "sel" / "split.json").read_text())
+    assert sorted(split["train"] + split["held_out"]) == sorted(r["id"] for r in records)
+    assert report["held_out_tasks"] == len(split["held_out"]) >= 2
+    titles = {r["id"]: r["title"] for r in records}
+    assert not {titles[i] for i in split["train"]} & {titles[i] for i in split["held_out"]}
+    assert ContrastiveSelector.load(tmp_path / "sel" / "selector.safetensors").temperature == 0.5
+    checkpoint = str(tmp_path / "sel" / "selector.safetensors")
+    capsys.readouterr()
+    assert main(["evaluate", "--tasks", str(tasks), "--out", str(tmp_path / "ev"), "--no-ray", "--quiet",
+                 "--selector", checkpoint, "--refuse-trained-tasks"]) == 2
+    captured = capsys.readouterr()
+    assert f"warning: the selector was trained on {len(split['train'])} of these 12 tasks" in captured.out
+    assert "--refuse-trained-tasks" in captured.err and not (tmp_path / "ev").exists()
+    one = write_jsonl(tmp_path / "one.jsonl", [r for r in records if r["id"] == split["train"][0]])
+    assert main(["evaluate", "--tasks", str(one), "--out", str(tmp_path / "ev1"), "--no-ray", "--quiet",
+                 "--methods", "independent", "--cache-dir", str(tiny_cache), "--selector", checkpoint]) == 0
+    assert "warning: the selector was trained on 1 of these 1 tasks" in capsys.readouterr().out
+    manifest = json.loads((tmp_path / "ev1" / "independent" / split["train"][0] / "manifest.json").read_text())
     assert manifest["config"]["selector"].endswith("selector.safetensors")
 
 
