@@ -87,7 +87,7 @@ class LocalBackend:
         return self.clip.images(images)
 
     def selector_scores(self, next_text, next_image, past_text, past_image):
-        return self.selector.score(next_text, next_image, past_text, past_image)
+        return self.selector.score(next_text, next_image, past_text, past_image, self.cfg.selector_mode)
 
     def animate(self, image, seed, video):
         return animate(self.video, image, seed, video)
