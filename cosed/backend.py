@@ -70,6 +70,12 @@ class LocalBackend:
     def selector(self) -> ContrastiveSelector:
         return load_selector(self.cfg.selector)
 
+    def for_run(self, cfg: RunConfig) -> "LocalBackend":
+        """A backend for another run config (another selector or mode) sharing the models loaded here."""
+        other = LocalBackend(self.profile, cfg)
+        other.__dict__.update({k: v for k, v in self.__dict__.items() if k in ("sd", "video", "clip")})
+        return other
+
     def load_all(self) -> None:
         """Load every model now, so a missing one stops the run before any task starts."""
         self.sd, self.video, self.clip, self.selector  # noqa: B018

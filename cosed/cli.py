@@ -70,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--out", required=True, help="run folder: METHOD/<task>/..., metrics.csv, summary.json, "
                                                        "plots/, report.html")
     evaluate.add_argument("--methods", default="independent,previous,cosed")
+    evaluate.add_argument("--variants", help="selector variants to ablate, comma list of untrained, trained "
+                                             "(needs --selector), clip, text, image; default: the configured one")
     evaluate.add_argument("--refuse-trained-tasks", action="store_true",
                           help="stop (exit 2) when --selector was trained on any of these tasks (its split.json)")
     add_ray_options(evaluate)
@@ -186,39 +188,41 @@ def evaluate_command(args: argparse.Namespace, cfg: RunConfig) -> int:
     import dataclasses
 
     from cosed.backend import LocalBackend
-    from cosed.evaluate import method_config, write_evaluation
+    from cosed.evaluate import plan_runs, run_config, write_evaluation
     from cosed.report import write_report
     from cosed.runner import resolve_run, run_in_process
     from cosed.storage import join
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    for method in methods:
-        method_config(cfg, method)
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()] if args.variants else None
+    runs = plan_runs(methods, variants, cfg)
     if cfg.selector and not selector_held_out(args, cfg):
         return 2
     cfg = dataclasses.replace(cfg, save_candidates=True)
     backend = LocalBackend(*resolve_run(cfg)) if args.no_ray else None
     failed = False
-    for method in methods:
-        print(f"== {method}", flush=True)
+    for run in runs:
+        print(f"== {run.name}", flush=True)
         if args.no_ray:
-            summary = run_in_process(args.tasks, join(args.out, method), method_config(cfg, method),
-                                     overwrite=args.overwrite, progress=not args.quiet, backend=backend)
+            summary = run_in_process(args.tasks, join(args.out, run.name), run_config(cfg, run),
+                                     overwrite=args.overwrite, progress=not args.quiet,
+                                     backend=backend.for_run(run_config(backend.cfg, run)))
         else:
             from cosed.distributed.job import run_on_ray
 
-            summary = run_on_ray(args.tasks, join(args.out, method), method_config(cfg, method),
+            summary = run_on_ray(args.tasks, join(args.out, run.name), run_config(cfg, run),
                                  overwrite=args.overwrite, progress=not args.quiet, address=args.address)
         failed |= bool(summary.failed or summary.rejected)
         print(summary.lines()[0])
-    results = write_evaluation(args.out, methods, seed=cfg.seed)
-    report = write_report(args.out, methods, results)
-    print(f"{'method':<12}{'tasks':>6}{'CLIP-I':>9}{'CLIP-T':>9}")
-    for method in methods:
-        ci, ct = results[method]["clip_i"]["mean"], results[method]["clip_t"]["mean"]
-        print(f"{method:<12}{results[method]['tasks']:>6}{ci if ci is None else round(ci, 2):>9}"
-              f"{ct if ct is None else round(ct, 2):>9}")
-    print(f"metrics: {join(args.out, 'metrics.csv')}, {join(args.out, 'summary.json')}, plots: {join(args.out, 'plots')}")
+    results = write_evaluation(args.out, runs, seed=cfg.seed)
+    report = write_report(args.out, [run.name for run in runs], results)
+    print(f"{'method':<12}{'selector':<11}{'tasks':>6}{'CLIP-I':>9}{'CLIP-T':>9}{'back':>7}")
+    for row in results["ablation"]:
+        ci, ct, back = (str(v if v is None else round(v, 2)) for v in (
+            row["clip_i"]["mean"], row["clip_t"]["mean"], row["mean_steps_back"]))
+        print(f"{row['method']:<12}{row['variant']:<11}{row['tasks']:>6}{ci:>9}{ct:>9}{back:>7}")
+    print(f"metrics: {join(args.out, 'metrics.csv')}, {join(args.out, 'summary.json')}, "
+          f"ablation: {join(args.out, 'ablation.md')}, plots: {join(args.out, 'plots')}")
     print(f"report: {report}")
     return 1 if failed else 0
 

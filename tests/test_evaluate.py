@@ -43,6 +43,8 @@ def test_evaluate_writes_rows_for_every_method(evaluation):
     for method in ("independent", "previous", "cosed"):
         stat = summary[method]["clip_t"]
         assert stat["low"] <= stat["mean"] <= stat["high"] and stat["n"] == 3
+    assert [(r["method"], r["variant"]) for r in summary["ablation"]] == [
+        (m, "untrained") for m in ("independent", "previous", "cosed")]
     for plot in ("clip_i_vs_clip_t.png", "source_distance.png"):
         assert Image.open(evaluation / "plots" / plot).size[0] > 300
 
@@ -162,3 +164,30 @@ def test_eval_captions_on_the_shared_pairs(tmp_path, tiny_cache):
                  "--out", str(tmp_path / "s.json"), "--cache-dir", str(tiny_cache)]) == 0
     scores = json.loads((tmp_path / "s.json").read_text())["scores"]
     assert scores["identity"]["pairs"] == 40 and scores["template"]["bleu"] > 0
+
+
+def test_ablation_runs_each_method_under_each_selector_variant(tmp_path, tiny_cache):
+    tasks = write_jsonl(tmp_path / "t.jsonl", [TASKS[1], TASKS[2]])
+    run = tmp_path / "run"
+    assert main(["evaluate", "--tasks", str(tasks), "--out", str(run), "--no-ray", "--quiet", "--cache-dir",
+                 str(tiny_cache), "--methods", "independent,cosed", "--variants", "untrained,clip,text"]) == 0
+    table = list(csv.DictReader((run / "ablation.csv").open()))
+    assert [(r["method"], r["variant"]) for r in table] == [
+        ("independent", "n/a"), ("cosed", "untrained"), ("cosed", "clip"), ("cosed", "text")]
+    summary = json.loads((run / "summary.json").read_text())
+    rows = {(r["method"], r["variant"]): r for r in summary["ablation"]}
+    assert rows[("independent", "n/a")]["fresh_share"] == 1.0 and rows[("independent", "n/a")]["mean_steps_back"] is None
+    for row in summary["ablation"]:
+        assert row["tasks"] == 2 and row["clip_t"]["low"] <= row["clip_t"]["mean"] <= row["clip_t"]["high"]
+    # Text-only scores cannot tell candidates that share a caption apart: the first (step 1, iteration 1) is kept,
+    # so the shelf's step 3 reaches two steps back.
+    text = json.loads((run / "cosed-text" / "shelf" / "manifest.json").read_text())
+    assert [s["chosen"] for s in text["steps"][1:]] == [0, 0] and text["config"]["selector_mode"] == "text"
+    assert rows[("cosed", "text")]["max_steps_back"] == 2
+    clip = json.loads((run / "cosed-clip" / "shelf" / "manifest.json").read_text())
+    assert clip["config"]["selector_mode"] == "clip"
+    assert "| cosed | clip | 2 |" in (run / "ablation.md").read_text()
+    page = (run / "report.html").read_text()
+    assert "Ablation: method × selector" in page and page.count("<td>cosed</td><td>") >= 3
+    assert main(["evaluate", "--tasks", str(tasks), "--out", str(tmp_path / "x"), "--no-ray", "--quiet",
+                 "--variants", "trained"]) == 2
