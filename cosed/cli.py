@@ -244,6 +244,8 @@ def selector_held_out(args: argparse.Namespace, cfg: RunConfig) -> bool:
         if args.refuse_trained_tasks:
             print("cosed: error: --refuse-trained-tasks: evaluate on the held-out ids of split.json", file=sys.stderr)
             return False
+    else:
+        print(f"selector: none of these {len(task_ids)} tasks is in its training split (split.json)", flush=True)
     return True
 
 
