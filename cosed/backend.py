@@ -80,6 +80,12 @@ class LocalBackend:
     def selector(self) -> ContrastiveSelector:
         return load_selector(self.cfg.selector)
 
+    def for_run(self, cfg: RunConfig) -> "LocalBackend":
+        """A backend for another run config (another selector or mode) sharing the models loaded here."""
+        other = LocalBackend(self.profile, cfg)
+        other.__dict__.update({k: v for k, v in self.__dict__.items() if k in ("sd", "video", "clip")})
+        return other
+
     def load_all(self) -> None:
         """Load every model now, so a missing one stops the run before any task starts."""
         self.memory_plan, self.sd, self.video, self.clip, self.selector  # noqa: B018
@@ -97,7 +103,7 @@ class LocalBackend:
         return self.clip.images(images)
 
     def selector_scores(self, next_text, next_image, past_text, past_image):
-        return self.selector.score(next_text, next_image, past_text, past_image)
+        return self.selector.score(next_text, next_image, past_text, past_image, self.cfg.selector_mode)
 
     def animate(self, image, seed, video, prompt=None):
         if "decode_chunk_size<=2" in self.memory_plan.savers and video.decode_chunk_size:

@@ -13,6 +13,7 @@ import re
 
 import numpy as np
 
+from cosed.embed import l2_normalize
 from cosed.rewrite import LMRewriter, lm_prompt, truncate_to_clip
 
 _PAIR_INPUT = re.compile(r"Step 1:(?P<previous>.*?)\n\s*Step 2:(?P<current>.*)", re.S)
@@ -44,7 +45,7 @@ def score_captions(outputs: list[str], references: list[str], embed_texts) -> di
     """Corpus BLEU and chrF (sacrebleu) and mean 100 * CLIP text-text cosine."""
     import sacrebleu
 
-    clip = np.sum(embed_texts(outputs) * embed_texts(references), axis=1)
+    clip = np.sum(l2_normalize(embed_texts(outputs)) * l2_normalize(embed_texts(references)), axis=1)
     return {"bleu": float(sacrebleu.corpus_bleu(outputs, [references]).score),
             "chrf": float(sacrebleu.corpus_chrf(outputs, [references]).score),
             "clip_text_similarity": float(100.0 * clip.mean()), "pairs": len(outputs)}

@@ -22,7 +22,9 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--profile", help=f"{' | '.join(available_profiles())} | FOLDER (default: tiny)")
     parser.add_argument("--seed", type=int, help="run seed; every random draw derives from it (default 0)")
     parser.add_argument("--config", help="YAML file with RunConfig fields (sd:, pool:, video:, ...)")
-    parser.add_argument("--rewriter", choices=["identity", "template", "lm"], help="caption rewriter (default template)")
+    parser.add_argument("--rewriter", choices=["identity", "template", "given", "lm"],
+                        help="caption rewriter (default template; train-selector and evaluate default to given "
+                             "when every task carries captions)")
     parser.add_argument("--rewriter-model", help="hub id or folder of the lm rewriter's model")
     parser.add_argument("--selector", help="trained selector checkpoint (.safetensors); default: untrained")
     parser.add_argument("--device", help="auto | cpu | cuda | cuda:N")
@@ -57,8 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--epochs", type=int, default=10)
     train.add_argument("--batch-size", type=int, default=500)
     train.add_argument("--lr", type=float, default=0.01)
-    train.add_argument("--temperature", type=float, default=0.07, help="training logit temperature")
-    train.add_argument("--holdout", type=float, default=0.2, help="fraction of tasks held out for evaluation")
+    train.add_argument("--temperature", type=float, default=1.0,
+                       help="divides Eq. 7 logits in training and, saved in the checkpoint, at scoring (default 1)")
+    train.add_argument("--holdout", type=float, default=0.2,
+                       help="fraction of tasks held out (whole title groups); ids saved in split.json")
     add_ray_options(train)
     add_run_options(train)
     evaluate = verbs.add_parser("evaluate", help="compare independent / previous / cosed on the same tasks and seeds")
@@ -66,6 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--out", required=True, help="run folder: METHOD/<task>/..., metrics.csv, summary.json, "
                                                        "plots/, report.html")
     evaluate.add_argument("--methods", default="independent,previous,cosed")
+    evaluate.add_argument("--variants", help="selector variants to ablate, comma list of untrained, trained "
+                                             "(needs --selector), clip, text, image; default: the configured one")
+    evaluate.add_argument("--refuse-trained-tasks", action="store_true",
+                          help="stop (exit 2) when --selector was trained on any of these tasks (its split.json)")
     add_ray_options(evaluate)
     add_run_options(evaluate)
     captions = verbs.add_parser("eval-captions", help="score caption rewriters against reference captions")
@@ -104,6 +112,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         cfg = config_from_args(args)
+        if getattr(args, "tasks", None):
+            cfg = tasks_rewriter(args, cfg)
         if args.verb in COMMANDS:
             return COMMANDS[args.verb](args, cfg)
         if args.verb == "demo":
@@ -122,6 +132,32 @@ def main(argv: list[str] | None = None) -> int:
     for line in summary.lines():
         print(line)
     return 1 if summary.failed or summary.rejected else 0
+
+
+def tasks_rewriter(args: argparse.Namespace, cfg: RunConfig) -> RunConfig:
+    """Choose ``given`` for train-selector / evaluate when no rewriter was set and every task carries captions;
+    refuse ``given`` up front, naming the tasks, when some task carries none."""
+    import dataclasses
+
+    import yaml
+
+    from cosed.rewrite import default_rewriter
+    from cosed.runner import read_tasks
+
+    explicit = args.rewriter is not None or (args.config and "rewriter" in (
+        yaml.safe_load(open(args.config, encoding="utf-8")) or {}))
+    if explicit and cfg.rewriter != "given":
+        return cfg
+    tasks = read_tasks(args.tasks, cfg).tasks
+    if not explicit:
+        if args.verb not in ("train-selector", "evaluate"):
+            return cfg
+        cfg = dataclasses.replace(cfg, rewriter=default_rewriter(tasks))
+    missing = [task.id for task in tasks if not task.captions]
+    if cfg.rewriter == "given" and missing:
+        raise ValueError(f"--rewriter given: {len(missing)} task(s) carry no captions (e.g. {', '.join(missing[:3])}); "
+                         "add 'captions' (JSONL) or 'steps_generated' (recipes layout), one per step")
+    return cfg
 
 
 def train_command(args: argparse.Namespace, cfg: RunConfig) -> int:
@@ -147,51 +183,85 @@ def train_command(args: argparse.Namespace, cfg: RunConfig) -> int:
     print(f"selector: {report['parameters']:,} trainable parameters, {report['train_tasks']} training tasks, "
           f"{report['held_out_tasks']} held out")
     print(f"loss: {report['loss_per_epoch'][0]:.4f} -> {report['loss_per_epoch'][-1]:.4f}")
-    print(f"held-out top-1: trained {held['trained']['top1']:.3f} vs untrained {held['untrained']['top1']:.3f}; "
-          f"MRR {held['trained']['mrr']:.3f} vs {held['untrained']['mrr']:.3f}")
+    for name, metrics in held.items():
+        print(f"held-out {name:<9} top-1 {interval(metrics['top1'])}  MRR {interval(metrics['mrr'])}  "
+              f"({metrics['queries']} step queries)")
     if report["random_weights"]:
         print("note: random-weight tiny models; these numbers test the pipeline, not quality")
-    print(f"checkpoint: {args.out}/selector.safetensors (use with --selector), report: {args.out}/selector.json")
+    print(f"checkpoint: {args.out}/selector.safetensors (use with --selector), report: {args.out}/selector.json, "
+          f"split: {args.out}/split.json")
     return 0
+
+
+def interval(stat: dict) -> str:
+    if stat["mean"] is None:
+        return "n/a"
+    return f"{stat['mean']:.3f} [{stat['low']:.3f}, {stat['high']:.3f}]"
 
 
 def evaluate_command(args: argparse.Namespace, cfg: RunConfig) -> int:
     import dataclasses
 
     from cosed.backend import LocalBackend
-    from cosed.evaluate import method_config, write_evaluation
+    from cosed.evaluate import plan_runs, run_config, write_evaluation
     from cosed.report import write_report
     from cosed.runner import resolve_run, run_in_process
     from cosed.storage import join
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    for method in methods:
-        method_config(cfg, method)
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()] if args.variants else None
+    runs = plan_runs(methods, variants, cfg)
+    if cfg.selector and not selector_held_out(args, cfg):
+        return 2
     cfg = dataclasses.replace(cfg, save_candidates=True)
     backend = LocalBackend(*resolve_run(cfg)) if args.no_ray else None
     failed = False
-    for method in methods:
-        print(f"== {method}", flush=True)
+    for run in runs:
+        print(f"== {run.name}", flush=True)
         if args.no_ray:
-            summary = run_in_process(args.tasks, join(args.out, method), method_config(cfg, method),
-                                     overwrite=args.overwrite, progress=not args.quiet, backend=backend)
+            summary = run_in_process(args.tasks, join(args.out, run.name), run_config(cfg, run),
+                                     overwrite=args.overwrite, progress=not args.quiet,
+                                     backend=backend.for_run(run_config(backend.cfg, run)))
         else:
             from cosed.distributed.job import run_on_ray
 
-            summary = run_on_ray(args.tasks, join(args.out, method), method_config(cfg, method),
+            summary = run_on_ray(args.tasks, join(args.out, run.name), run_config(cfg, run),
                                  overwrite=args.overwrite, progress=not args.quiet, address=args.address)
         failed |= bool(summary.failed or summary.rejected)
         print(summary.lines()[0])
-    results = write_evaluation(args.out, methods, seed=cfg.seed)
-    report = write_report(args.out, methods, results)
-    print(f"{'method':<12}{'tasks':>6}{'CLIP-I':>9}{'CLIP-T':>9}")
-    for method in methods:
-        ci, ct = results[method]["clip_i"]["mean"], results[method]["clip_t"]["mean"]
-        print(f"{method:<12}{results[method]['tasks']:>6}{ci if ci is None else round(ci, 2):>9}"
-              f"{ct if ct is None else round(ct, 2):>9}")
-    print(f"metrics: {join(args.out, 'metrics.csv')}, {join(args.out, 'summary.json')}, plots: {join(args.out, 'plots')}")
+    results = write_evaluation(args.out, runs, seed=cfg.seed)
+    report = write_report(args.out, [run.name for run in runs], results)
+    print(f"{'method':<12}{'selector':<11}{'tasks':>6}{'CLIP-I':>9}{'CLIP-T':>9}{'back':>7}")
+    for row in results["ablation"]:
+        ci, ct, back = (str(v if v is None else round(v, 2)) for v in (
+            row["clip_i"]["mean"], row["clip_t"]["mean"], row["mean_steps_back"]))
+        print(f"{row['method']:<12}{row['variant']:<11}{row['tasks']:>6}{ci:>9}{ct:>9}{back:>7}")
+    print(f"metrics: {join(args.out, 'metrics.csv')}, {join(args.out, 'summary.json')}, "
+          f"ablation: {join(args.out, 'ablation.md')}, plots: {join(args.out, 'plots')}")
     print(f"report: {report}")
     return 1 if failed else 0
+
+
+def selector_held_out(args: argparse.Namespace, cfg: RunConfig) -> bool:
+    """Warn (or, with --refuse-trained-tasks, refuse) when the selector was trained on tasks being evaluated."""
+    from cosed.heldout import trained_on
+    from cosed.runner import read_tasks
+
+    task_ids = [task.id for task in read_tasks(args.tasks, cfg).tasks]
+    overlap = trained_on(task_ids, cfg.selector)
+    if overlap is None:
+        print(f"warning: no split.json beside {cfg.selector}; cannot tell which of these {len(task_ids)} tasks "
+              "the selector was trained on", flush=True)
+        return True
+    if overlap:
+        print(f"warning: the selector was trained on {len(overlap)} of these {len(task_ids)} tasks "
+              f"(e.g. {', '.join(overlap[:3])}); their results are not held-out", flush=True)
+        if args.refuse_trained_tasks:
+            print("cosed: error: --refuse-trained-tasks: evaluate on the held-out ids of split.json", file=sys.stderr)
+            return False
+    else:
+        print(f"selector: none of these {len(task_ids)} tasks is in its training split (split.json)", flush=True)
+    return True
 
 
 def eval_captions_command(args: argparse.Namespace, cfg: RunConfig) -> int:

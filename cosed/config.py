@@ -28,13 +28,21 @@ class SDConfig:
 
 @dataclass
 class PoolConfig:
-    """The latent pool of method.md §2: which runs and iterations feed later steps."""
+    """The latent pool of method.md §2: which runs and iterations feed later steps.
+
+    ``max_candidates: null`` caps nothing (the paper and the reference); a
+    number samples the pool with a seeded generator. ``fresh_as: key`` renders
+    the fresh-seed images as extra past scenes for the selector (the
+    reference) instead of as candidates. README "Selector variants" compares
+    each option with the paper and the reference.
+    """
 
     iterations: list[int] = field(default_factory=lambda: [1, 2, 3])
     steps: str = "all"
     fresh: int = 1
     n_first: int = 4
-    max_candidates: int = 16
+    max_candidates: int | None = None
+    fresh_as: str = "candidate"
 
 
 @dataclass
@@ -93,6 +101,7 @@ class RunConfig:
     ray: RayConfig = field(default_factory=RayConfig)
     # GPU memory plan: auto (savers only when the GPU is too small), off, savers or offload (cosed.memory).
     memory: str = "auto"
+    selector_mode: str = "full"
 
     def validate(self) -> "RunConfig":
         pool = self.pool
@@ -104,8 +113,15 @@ class RunConfig:
             raise ValueError("pool.fresh must be >= 0 and pool.n_first >= 1")
         if pool.steps == "none" and pool.fresh < 1:
             raise ValueError("pool.steps none needs pool.fresh >= 1")
-        if pool.max_candidates < max(pool.fresh, 1):
-            raise ValueError("pool.max_candidates must be at least max(pool.fresh, 1)")
+        if pool.fresh_as not in ("candidate", "key"):
+            raise ValueError(f"pool.fresh_as must be candidate or key, got {pool.fresh_as!r}")
+        if pool.fresh_as == "key" and pool.steps == "none":
+            raise ValueError("pool.fresh_as key leaves pool.steps none without candidates")
+        fresh_candidates = pool.fresh if pool.fresh_as == "candidate" else 0
+        if pool.max_candidates is not None and pool.max_candidates < max(fresh_candidates, 1):
+            raise ValueError("pool.max_candidates must be at least max(pool.fresh, 1) (or null: no cap)")
+        if self.selector_mode not in ("full", "text", "image", "clip"):
+            raise ValueError(f"selector_mode must be full, text, image or clip, got {self.selector_mode!r}")
         if self.sd.num_inference_steps is not None and max(pool.iterations) > self.sd.num_inference_steps:
             raise ValueError("pool.iterations go past sd.num_inference_steps")
         if self.sd.batch_size < 1 or self.max_steps < 1:

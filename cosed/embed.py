@@ -1,4 +1,10 @@
-"""CLIP text and image embeddings (open_clip), L2-normalised float32 arrays."""
+"""CLIP text and image embeddings (open_clip) as raw float32 encoder outputs.
+
+The selector sees the encoder outputs before L2 normalisation, as the
+reference does (norms around 10, which is what makes Eq. 7's 1/sqrt(512) a
+sensible scale). Cosine measures (CLIP-I, CLIP-T, the step-1 pick) normalise
+with `l2_normalize`, the one place that does.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +15,15 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+
+
+FEATURES = "raw-v1"
+
+
+def l2_normalize(vectors: np.ndarray) -> np.ndarray:
+    """Unit vectors along the last axis (float64), for cosine similarities."""
+    vectors = np.asarray(vectors, dtype=np.float64)
+    return vectors / np.maximum(np.linalg.norm(vectors, axis=-1, keepdims=True), 1e-12)
 
 
 class ClipEmbedder:
@@ -30,7 +45,7 @@ class ClipEmbedder:
         out = []
         for start in range(0, len(texts), self.batch_size):
             tokens = self.tokenizer(list(texts[start:start + self.batch_size])).to(self.device)
-            out.append(self.model.encode_text(tokens, normalize=True).float().cpu().numpy())
+            out.append(self.model.encode_text(tokens, normalize=False).float().cpu().numpy())
         return np.concatenate(out) if out else np.zeros((0, self.dim), np.float32)
 
     @torch.no_grad()
@@ -40,7 +55,7 @@ class ClipEmbedder:
         for start in range(0, len(images), self.batch_size):
             pixels = torch.stack([self.preprocess(Image.fromarray(img)) for img in images[start:start + self.batch_size]])
             dtype = next(self.model.parameters()).dtype
-            out.append(self.model.encode_image(pixels.to(self.device, dtype), normalize=True).float().cpu().numpy())
+            out.append(self.model.encode_image(pixels.to(self.device, dtype), normalize=False).float().cpu().numpy())
         return np.concatenate(out) if out else np.zeros((0, self.dim), np.float32)
 
     @property
@@ -53,11 +68,12 @@ class EmbeddingCache:
 
     Training and evaluation embed the same captions and images many times
     over; each is computed once (on whatever backend) and read back after.
+    The folder key includes `FEATURES`, so raw and normalised entries never mix.
     """
 
     def __init__(self, backend, model_name: str, folder: Path):
         self.backend = backend
-        self.folder = Path(folder) / hashlib.sha256(model_name.encode()).hexdigest()[:16]
+        self.folder = Path(folder) / hashlib.sha256(f"{model_name}\x1f{FEATURES}".encode()).hexdigest()[:16]
 
     def texts(self, texts: list[str]) -> np.ndarray:
         keys = [hashlib.sha256(b"text\x1f" + t.encode("utf-8")).hexdigest() for t in texts]

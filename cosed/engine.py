@@ -23,7 +23,7 @@ from cosed import storage
 from cosed.backend import Backend
 from cosed.config import RunConfig
 from cosed.generate import batches
-from cosed.latents import CandidateSource, LatentPool, initial_latents, plan_candidates
+from cosed.latents import CandidateSource, LatentPool, fresh_keys, initial_latents, plan_candidates
 from cosed.metrics import clip_i, clip_t
 from cosed.models.profiles import Profile
 from cosed.seeds import derive_seed
@@ -65,6 +65,7 @@ class StepResult:
     image_embedding: np.ndarray
     video_seed: int
     candidate_images: np.ndarray | None = None
+    fresh_keys: list[CandidateSource] = field(default_factory=list)
 
 
 @dataclass
@@ -87,19 +88,25 @@ def sequence_task(task: Task, captions: list[str], backend: Backend, cfg: RunCon
     steps: list[StepResult] = []
     for number, (text, caption) in enumerate(zip(task.steps, captions), start=1):
         sources = plan_candidates(number, pool, cfg.pool, cfg.seed, task.id)
-        starts = initial_latents(sources, pool, shape)
+        keys = fresh_keys(number, cfg.pool, cfg.seed, task.id)
+        starts = initial_latents(sources + keys, pool, shape)
         with timer.phase("sd"):
             rendered = backend.render_many(caption, [starts[list(b)] for b in batches(len(starts), cfg.sd.batch_size)],
                                            cfg.sd, cfg.pool.iterations)
-        images = np.concatenate([r.images for r in rendered])
+        rendered_images = np.concatenate([r.images for r in rendered])
+        images = rendered_images[:len(sources)]
         with timer.phase("clip_select"):
-            image_embeddings = backend.embed_images(images)
+            rendered_embeddings = backend.embed_images(rendered_images)
+            image_embeddings, key_embeddings = rendered_embeddings[:len(sources)], rendered_embeddings[len(sources):]
             if number == 1:
                 scores = clip_pick_scores(image_embeddings, caption_embeddings[0])
             else:
+                past_text = np.concatenate([caption_embeddings[:number - 1],
+                                            np.repeat(caption_embeddings[number - 1][None], len(keys), axis=0)])
+                past_image = np.concatenate([np.stack([s.image_embedding for s in steps]), key_embeddings])
                 scores = backend.selector_scores(
                     np.repeat(caption_embeddings[number - 1][None], len(images), axis=0), image_embeddings,
-                    caption_embeddings[:number - 1], np.stack([s.image_embedding for s in steps]))
+                    past_text, past_image)
         chosen = int(np.argmax(scores))
         batch_index, row = divmod(chosen, cfg.sd.batch_size)
         pool.add_run(number, {k: v[row] for k, v in rendered[batch_index].captured.items()})
@@ -107,7 +114,7 @@ def sequence_task(task: Task, captions: list[str], backend: Backend, cfg: RunCon
                           scores=[float(s) for s in scores], chosen=chosen, image=images[chosen],
                           image_embedding=image_embeddings[chosen],
                           video_seed=derive_seed(cfg.seed, task.id, number, "video"),
-                          candidate_images=images if cfg.save_candidates else None)
+                          candidate_images=images if cfg.save_candidates else None, fresh_keys=keys)
         steps.append(step)
         if on_scene:
             on_scene(step)
@@ -171,6 +178,7 @@ def write_task_outputs(out: str, result: SequenceResult, clips: list[np.ndarray]
                 "candidates": candidates,
                 "chosen": step.chosen, "image": image_rel, "clip": clip_rel,
                 "frames": int(len(clip)),
+                **({"fresh_keys": [s.to_dict() for s in step.fresh_keys]} if step.fresh_keys else {}),
             })
         video = stitch(clips)
         storage.write_bytes(task_uri(out, task, "video.mp4"),

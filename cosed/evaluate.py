@@ -2,7 +2,9 @@
 
 Each method is the same engine with a different pool policy; per-task metrics
 come from the manifests, so the numbers in `metrics.csv` are exactly the ones
-each task folder reports.
+each task folder reports. With selector variants, every method that scores
+candidates runs once per variant (untrained, trained, CLIP-only, text-only,
+image-only) and the ablation table sets them side by side.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import dataclasses
 import io
 import json
 from collections import Counter
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -29,6 +32,60 @@ def method_config(cfg: RunConfig, method: str) -> RunConfig:
     if method not in METHOD_POOLS:
         raise ValueError(f"unknown method {method!r}: use {', '.join(METHOD_POOLS)}")
     return dataclasses.replace(cfg, pool=dataclasses.replace(cfg.pool, **METHOD_POOLS[method]))
+
+
+SELECTOR_VARIANTS = {
+    "untrained": {"selector_mode": "full"},
+    "trained": {"selector_mode": "full"},
+    "clip": {"selector_mode": "clip"},
+    "text": {"selector_mode": "text"},
+    "image": {"selector_mode": "image"},
+}
+NO_SELECTOR = "n/a"
+
+
+@dataclass(frozen=True)
+class EvalRun:
+    """One generation run of an evaluation: a method under a selector variant, written to ``out/name``."""
+
+    name: str
+    method: str
+    variant: str
+
+
+def plan_runs(methods: list[str], variants: list[str] | None, cfg: RunConfig) -> list[EvalRun]:
+    """Without variants, one run per method (folder = method). With them, ``independent`` runs once (it never
+    scores candidates: one per step) and every other method once per variant (folder = method-variant)."""
+    for method in methods:
+        method_config(cfg, method)
+    if not variants:
+        return [EvalRun(m, m, variant_label(cfg)) for m in methods]
+    for variant in variants:
+        variant_config(cfg, variant)
+    return [EvalRun(m, m, NO_SELECTOR) if m == "independent" else EvalRun(f"{m}-{v}", m, v)
+            for m in methods for v in (variants if m != "independent" else [NO_SELECTOR])]
+
+
+def variant_label(cfg: RunConfig) -> str:
+    if cfg.selector_mode != "full":
+        return cfg.selector_mode
+    return "trained" if cfg.selector else "untrained"
+
+
+def variant_config(cfg: RunConfig, variant: str) -> RunConfig:
+    """``untrained`` drops the checkpoint; ``trained`` needs one; the modes keep whichever selector is given."""
+    if variant == NO_SELECTOR:
+        return cfg
+    if variant not in SELECTOR_VARIANTS:
+        raise ValueError(f"unknown selector variant {variant!r}: use {', '.join(SELECTOR_VARIANTS)}")
+    if variant == "trained" and not cfg.selector:
+        raise ValueError("the trained selector variant needs --selector CHECKPOINT")
+    selector = None if variant == "untrained" else cfg.selector
+    return dataclasses.replace(cfg, selector=selector, **SELECTOR_VARIANTS[variant])
+
+
+def run_config(cfg: RunConfig, run: EvalRun) -> RunConfig:
+    return variant_config(method_config(cfg, run.method), run.variant)
 
 
 def source_distance(step: dict) -> str:
@@ -76,6 +133,48 @@ def summarise(rows: list[dict], methods: list[str], seed: int = 0) -> dict:
                            "clip_t": bootstrap_mean([r["clip_t"] for r in mine], seed),
                            "source_distances": dict(sorted(distances.items()))}
     return summary
+
+
+def reach(distances: dict[str, int]) -> dict[str, float | int | None]:
+    """How far back chosen latents reach: mean and largest steps back over pool picks, and the fresh share."""
+    back = [int(d) for d, n in distances.items() if d.isdigit() for _ in range(n)]
+    total = sum(distances.values())
+    return {"mean_steps_back": float(np.mean(back)) if back else None, "max_steps_back": max(back, default=None),
+            "fresh_share": distances.get("fresh", 0) / total if total else None}
+
+
+def ablation_rows(summary: dict, runs: list[EvalRun]) -> list[dict]:
+    return [{"method": run.method, "variant": run.variant, "run": run.name, "tasks": summary[run.name]["tasks"],
+             "clip_i": summary[run.name]["clip_i"], "clip_t": summary[run.name]["clip_t"],
+             **reach(summary[run.name]["source_distances"])} for run in runs]
+
+
+def _num(value, digits: int = 2) -> str:
+    return "" if value is None else f"{value:.{digits}f}"
+
+
+def ablation_csv(rows: list[dict]) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(["method", "variant", "tasks", "clip_i", "clip_i_low", "clip_i_high", "clip_t", "clip_t_low",
+                     "clip_t_high", "mean_steps_back", "max_steps_back", "fresh_share"])
+    for r in rows:
+        writer.writerow([r["method"], r["variant"], r["tasks"],
+                         *(_num(r[m][k], 4) for m in ("clip_i", "clip_t") for k in ("mean", "low", "high")),
+                         _num(r["mean_steps_back"], 3), r["max_steps_back"] or "", _num(r["fresh_share"], 3)])
+    return buffer.getvalue()
+
+
+def ablation_markdown(rows: list[dict]) -> str:
+    def stat(s: dict) -> str:
+        return "–" if s["mean"] is None else f"{s['mean']:.2f} [{s['low']:.2f}, {s['high']:.2f}]"
+
+    lines = ["| method | selector | tasks | CLIP-I (95% CI) | CLIP-T (95% CI) | mean steps back | max back | fresh |",
+             "|---|---|---:|---|---|---:|---:|---:|"]
+    lines += [f"| {r['method']} | {r['variant']} | {r['tasks']} | {stat(r['clip_i'])} | {stat(r['clip_t'])} | "
+              f"{_num(r['mean_steps_back']) or '–'} | {r['max_steps_back'] or '–'} | {_num(r['fresh_share']) or '–'} |"
+              for r in rows]
+    return "\n".join(lines) + "\n"
 
 
 def rows_csv(rows: list[dict]) -> str:
@@ -134,11 +233,16 @@ def _png(fig) -> bytes:
     return buffer.getvalue()
 
 
-def write_evaluation(out: str, methods: list[str], seed: int = 0) -> dict:
-    rows = metric_rows(out, methods)
-    summary = summarise(rows, methods, seed)
+def write_evaluation(out: str, runs: list[EvalRun], seed: int = 0) -> dict:
+    """metrics.csv, summary.json (per run, plus the ``ablation`` table), ablation.csv / .md and the plots."""
+    names = [run.name for run in runs]
+    rows = metric_rows(out, names)
+    summary = summarise(rows, names, seed)
+    ablation = ablation_rows(summary, runs)
     storage.write_text(storage.join(out, "metrics.csv"), rows_csv(rows))
-    storage.write_text(storage.join(out, "summary.json"), json.dumps(summary, indent=2) + "\n")
-    for name, data in plots(rows, summary, methods).items():
+    storage.write_text(storage.join(out, "summary.json"), json.dumps({**summary, "ablation": ablation}, indent=2) + "\n")
+    storage.write_text(storage.join(out, "ablation.csv"), ablation_csv(ablation))
+    storage.write_text(storage.join(out, "ablation.md"), ablation_markdown(ablation))
+    for name, data in plots(rows, summary, names).items():
         storage.write_bytes(storage.join(out, "plots", name), data)
-    return summary
+    return {**summary, "ablation": ablation}

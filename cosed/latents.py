@@ -57,7 +57,11 @@ class LatentPool:
 
 
 def plan_candidates(step: int, pool: LatentPool, cfg: PoolConfig, run_seed: int, task_id: str) -> list[CandidateSource]:
-    """The candidate sources of one step, in a fixed order: pool (by step, iteration), then fresh."""
+    """The candidate sources of one step, in a fixed order: pool (by step, iteration), then fresh.
+
+    Fresh sources are candidates unless ``cfg.fresh_as`` is ``key`` (see `fresh_keys`);
+    over ``cfg.max_candidates`` the pool is sampled with a seeded generator.
+    """
     if step == 1:
         return [CandidateSource.fresh(derive_seed(run_seed, task_id, 1, "fresh", k)) for k in range(cfg.n_first)]
     if cfg.steps == "all":
@@ -67,12 +71,21 @@ def plan_candidates(step: int, pool: LatentPool, cfg: PoolConfig, run_seed: int,
     else:
         allowed = set()
     pooled = [CandidateSource.pooled(j, k) for j, k in pool.keys() if j in allowed and k in cfg.iterations]
-    room = max(cfg.max_candidates - cfg.fresh, 0)
-    if len(pooled) > room:
+    fresh = [] if cfg.fresh_as == "key" else fresh_sources(step, cfg, run_seed, task_id)
+    room = None if cfg.max_candidates is None else max(cfg.max_candidates - len(fresh), 0)
+    if room is not None and len(pooled) > room:
         order = torch.randperm(len(pooled), generator=generator(derive_seed(run_seed, task_id, step, "pool-sample")))
         pooled = [pooled[i] for i in sorted(order[:room].tolist())]
-    fresh = [CandidateSource.fresh(derive_seed(run_seed, task_id, step, "fresh", k)) for k in range(cfg.fresh)]
     return pooled + fresh
+
+
+def fresh_sources(step: int, cfg: PoolConfig, run_seed: int, task_id: str) -> list[CandidateSource]:
+    return [CandidateSource.fresh(derive_seed(run_seed, task_id, step, "fresh", k)) for k in range(cfg.fresh)]
+
+
+def fresh_keys(step: int, cfg: PoolConfig, run_seed: int, task_id: str) -> list[CandidateSource]:
+    """With ``fresh_as: key``, the fresh renders of step i >= 2 join the past scenes the selector scores against."""
+    return fresh_sources(step, cfg, run_seed, task_id) if cfg.fresh_as == "key" and step > 1 else []
 
 
 def initial_latents(sources: list[CandidateSource], pool: LatentPool, shape: tuple[int, ...]) -> np.ndarray:

@@ -91,8 +91,22 @@ def _fmt_value(value) -> str:
     return "–" if value is None else f"{value:.2f}"
 
 
+def _ablation(rows: list[dict]) -> str:
+    """Method x selector variant: CLIP-I, CLIP-T and how far back the chosen latents reach."""
+    if not rows:
+        return ""
+    cells = "".join(
+        f"<tr><td>{_e(r['method'])}</td><td>{_e(r['variant'])}</td><td>{r['tasks']}</td><td>{_fmt(r['clip_i'])}</td>"
+        f"<td>{_fmt(r['clip_t'])}</td><td>{_fmt_value(r['mean_steps_back'])}</td>"
+        f"<td>{'–' if r['max_steps_back'] is None else r['max_steps_back']}</td>"
+        f"<td>{_fmt_value(r['fresh_share'])}</td></tr>" for r in rows)
+    return ('<h2 id="ablation">Ablation: method × selector</h2><table class="cmp"><tr><th>method</th><th>selector</th>'
+            '<th>tasks</th><th>CLIP-I (95% CI)</th><th>CLIP-T (95% CI)</th><th>mean steps back</th><th>max back</th>'
+            f'<th>fresh share</th></tr>{cells}</table>')
+
+
 def build_report(out: str, methods: list[str], summary: dict) -> str:
-    primary = "cosed" if "cosed" in methods else methods[0]
+    primary = next((m for m in methods if m == "cosed"), next((m for m in methods if m.startswith("cosed")), methods[0]))
     by_method = {m: {x["task_id"]: x for x in read_manifests(out, m)} for m in methods}
     manifests = list(by_method[primary].values())
     if not manifests:
@@ -117,6 +131,7 @@ def build_report(out: str, methods: list[str], summary: dict) -> str:
             f' · {models}</div>{warning}'
             f'<h2>Methods</h2><table class="cmp"><tr><th>method</th><th>tasks</th><th>CLIP-I (95% CI)</th>'
             f'<th>CLIP-T (95% CI)</th><th>chosen source (steps back)</th></tr>{rows}</table>'
+            f'{_ablation(summary.get("ablation", []))}'
             f'<div class="plots"><img src="plots/clip_i_vs_clip_t.png" alt="CLIP-I vs CLIP-T">'
             f'<img src="plots/source_distance.png" alt="source distance"></div>'
             f'<h2>Tasks ({_e(primary)})</h2>{sections}</body></html>')

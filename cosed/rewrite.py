@@ -1,6 +1,8 @@
 """Visual-caption rewriters (method.md §1): each step becomes a self-contained caption.
 
-``identity`` and ``template`` are deterministic and need no model; ``lm`` prompts
+``identity`` and ``template`` are deterministic and need no model; ``given``
+uses the task's own captions (``captions`` in JSONL, the authors'
+``steps_generated`` in the recipes layout); ``lm`` prompts
 any transformers causal or seq2seq model with the reference window of two
 (previous caption, current step), greedily, and caches captions on disk by
 (model, prompt) hash so a re-run never re-generates them.
@@ -72,6 +74,23 @@ class TemplateRewriter:
         return [truncate_to_clip(f"{task.title}: {step}" if task.title else step) for step in task.steps]
 
 
+class GivenRewriter:
+    """The captions the task carries, e.g. the authors' InstructBLIP captions of the shared recipes."""
+
+    name = "given"
+
+    def captions(self, task: Task) -> list[str]:
+        if not task.captions:
+            raise ValueError(f"task {task.id!r} carries no captions: the given rewriter needs 'captions' "
+                             "(JSONL) or 'steps_generated' (recipes layout), one per step")
+        return [truncate_to_clip(caption) for caption in task.captions]
+
+
+def default_rewriter(tasks: list[Task]) -> str:
+    """``given`` when every task carries its own captions (the authors' on the shared recipes), else ``template``."""
+    return "given" if tasks and all(task.captions for task in tasks) else "template"
+
+
 class LMRewriter:
     def __init__(self, source: str, cache_dir: Path, device: torch.device, max_new_tokens: int = 77):
         from cosed.models.loaders import load_lm
@@ -115,10 +134,12 @@ def make_rewriter(name: str, *, model: str | None = None, cache_dir: Path | None
         return IdentityRewriter()
     if name == "template":
         return TemplateRewriter()
+    if name == "given":
+        return GivenRewriter()
     if name == "lm":
         if not model:
             raise ValueError("the lm rewriter needs rewriter_model (a hub id or a local folder)")
         from cosed.models.profiles import default_cache_dir
 
         return LMRewriter(model, cache_dir or default_cache_dir(), device or torch.device("cpu"))
-    raise ValueError(f"unknown rewriter {name!r}: use identity, template or lm")
+    raise ValueError(f"unknown rewriter {name!r}: use identity, template, given or lm")

@@ -26,6 +26,7 @@ class Task:
     ingredients: tuple[str, ...] = ()
     tools: tuple[str, ...] = ()
     step_images: tuple[str, ...] = ()
+    captions: tuple[str, ...] = ()
 
     @property
     def folder(self) -> str:
@@ -112,7 +113,30 @@ def parse_task(record: Any, *, max_steps: int, default_id: str | None = None) ->
     if extra["step_images"] and len(extra["step_images"]) != len(steps):
         raise InvalidTask("step_images", f"{len(extra['step_images'])} images for {len(steps)} steps")
     return Task(id=task_id, title=title.strip(), steps=tuple(s.strip() for s in steps),
-                description=description, **extra)
+                description=description, **extra, captions=parse_captions(record.get("captions"), len(steps)))
+
+
+def parse_captions(captions: Any, n_steps: int) -> tuple[str, ...]:
+    """Optional visual captions, one non-empty string per step (the ``given`` rewriter uses them)."""
+    if captions is None:
+        return ()
+    if not isinstance(captions, list):
+        raise InvalidTask("captions", "must be a list of strings, one per step")
+    for number, text in enumerate(captions, start=1):
+        if not isinstance(text, str):
+            raise InvalidTask(f"captions[{number}]", f"caption {number} is {type(text).__name__}, not a string")
+        if not text.strip():
+            raise InvalidTask(f"captions[{number}]", f"caption {number} is empty")
+    if len(captions) != n_steps:
+        raise InvalidTask("captions", f"{len(captions)} captions for {n_steps} steps")
+    return tuple(c.strip() for c in captions)
+
+
+def recipe_record(record: Any) -> Any:
+    """The recipes layout names the authors' per-step captions ``steps_generated``."""
+    if isinstance(record, dict) and "steps_generated" in record and "captions" not in record:
+        return {**record, "captions": record["steps_generated"]}
+    return record
 
 
 @dataclass
@@ -156,7 +180,7 @@ def parse_tasks(data: bytes, *, source: str, max_steps: int) -> TaskSet:
             return _collect(((None, None, r) for r in document), source, max_steps)
         if isinstance(document, dict) and "steps" not in document and all(
                 isinstance(v, dict) for v in document.values()):
-            return _collect(((None, str(k), v) for k, v in document.items()), source, max_steps)
+            return _collect(((None, str(k), recipe_record(v)) for k, v in document.items()), source, max_steps)
     return _collect(_jsonl_records(data), source, max_steps)
 
 

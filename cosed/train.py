@@ -1,9 +1,10 @@
-"""Selector training (method.md §5, paper Eq. 9) and held-out retrieval evaluation.
+"""Selector training (method.md §5, paper Eq. 9): the decision Eq. 8 makes, learned in-batch.
 
-Per task one step is the query ("next scene") and its earlier steps are the
-keys ("past scenes"). Logits are every query against every key of the batch;
-the positives of a query are its own task's keys (multi-positive
-cross-entropy: the mean log-softmax over positives).
+Per task one step is the "next scene" and its earlier steps are the "past
+scenes". Logits are `ContrastiveSelector.similarity` (Eq. 7 over the
+checkpoint's temperature) between every next scene and every past scene of
+the batch; for each past scene, a softmax over the batch's next scenes, whose
+target is its own task's next scene — the softmax over candidates of Eq. 8.
 """
 
 from __future__ import annotations
@@ -20,35 +21,26 @@ from cosed import storage
 from cosed.config import RunConfig
 from cosed.generate import batches
 from cosed.seeds import derive_seed, gaussian_latent
+from cosed.heldout import TaskScenes, compare_selectors, split_by_title, write_split
 from cosed.selector import ContrastiveSelector
 from cosed.tasks import Task
 
 
 @dataclass
 class TrainConfig:
-    """Paper defaults (Adam, lr 0.01, batch 500, 10 epochs) plus the training temperature.
+    """Paper defaults (Adam, lr 0.01, batch 500, 10 epochs) plus an optional temperature.
 
-    Eq. 7's 1/sqrt(512) keeps logits within about +-0.1, too flat for a softmax
-    over the ~1,500 keys of a batch; training logits are the mean of the two
-    modalities' inner products over ``temperature``, the usual contrastive
-    temperature (scoring at generation time stays exactly Eq. 7-8).
+    ``temperature`` divides Eq. 7's logits during training and is saved in the
+    checkpoint, so scoring at generation divides by it too; 1 (the default) is
+    exactly Eq. 7, sensible because the selector sees raw CLIP features.
     """
 
     epochs: int = 10
     batch_size: int = 500
     lr: float = 0.01
-    temperature: float = 0.07
+    temperature: float = 1.0
     holdout: float = 0.2
     seed: int = 0
-
-
-@dataclass
-class TaskScenes:
-    """CLIP embeddings of one task's steps: caption text and step image, (steps, 512) each."""
-
-    task_id: str
-    text: np.ndarray
-    image: np.ndarray
 
 
 def load_image(uri: str) -> np.ndarray:
@@ -86,33 +78,23 @@ def image_embeddings(task: Task, captions: list[str], backend, cache, cfg: RunCo
         render_step_images(task, captions, [i + 1 for i in missing], backend, cfg)))
 
 
-def split(scenes: list[TaskScenes], holdout: float, seed: int) -> tuple[list[TaskScenes], list[TaskScenes]]:
-    """A seeded split into (train, held-out); tasks of one step cannot form a query and are dropped."""
-    usable = [s for s in scenes if len(s.text) >= 2]
-    order = torch.randperm(len(usable), generator=torch.Generator().manual_seed(seed)).tolist()
-    n_held = int(round(holdout * len(usable)))
-    return [usable[i] for i in order[n_held:]], [usable[i] for i in order[:n_held]]
-
-
-def contrastive_loss(selector: ContrastiveSelector, batch: list[TaskScenes], query_steps: list[int],
-                     temperature: float = 0.07) -> torch.Tensor:
-    """Multi-positive in-batch cross-entropy of Eq. 9."""
+def contrastive_loss(selector: ContrastiveSelector, batch: list[TaskScenes], query_steps: list[int]) -> torch.Tensor:
+    """Mean over the batch's past scenes of -log p(own next scene | past scene), p the Eq. 8 softmax over next scenes."""
     tensor = lambda a: torch.as_tensor(np.asarray(a, dtype=np.float32))  # noqa: E731
-    q_text = tensor([s.text[q] for s, q in zip(batch, query_steps)])
-    q_image = tensor([s.image[q] for s, q in zip(batch, query_steps)])
-    k_text = tensor(np.concatenate([s.text[:q] for s, q in zip(batch, query_steps)]))
-    k_image = tensor(np.concatenate([s.image[:q] for s, q in zip(batch, query_steps)]))
+    next_text = tensor([s.text[q] for s, q in zip(batch, query_steps)])
+    next_image = tensor([s.image[q] for s, q in zip(batch, query_steps)])
+    past_text = tensor(np.concatenate([s.text[:q] for s, q in zip(batch, query_steps)]))
+    past_image = tensor(np.concatenate([s.image[:q] for s, q in zip(batch, query_steps)]))
     owner = torch.as_tensor(np.repeat(np.arange(len(batch)), query_steps))
-    logits = selector.next_scene(q_text, q_image) @ selector.past_scene(k_text, k_image).T / (2 * temperature)
-    positives = (owner[None, :] == torch.arange(len(batch))[:, None]).float()
-    log_p = torch.log_softmax(logits, dim=1)
-    return -((log_p * positives).sum(1) / positives.sum(1)).mean()
+    logits = selector.similarity(next_text, next_image, past_text, past_image)
+    return torch.nn.functional.cross_entropy(logits.T, owner)
 
 
 def train_selector(train: list[TaskScenes], tc: TrainConfig,
                    selector: ContrastiveSelector | None = None, on_epoch=None) -> tuple[ContrastiveSelector, list[float]]:
-    """Adam over shuffled batches of tasks; each epoch draws one query step per task."""
+    """Adam over shuffled batches of tasks; each epoch draws one next-scene step per task."""
     selector = selector or ContrastiveSelector.untrained(seed=tc.seed)
+    selector.temperature = tc.temperature
     selector.train()
     optimizer = torch.optim.Adam(selector.parameters(), lr=tc.lr)
     gen = torch.Generator().manual_seed(tc.seed)
@@ -124,7 +106,7 @@ def train_selector(train: list[TaskScenes], tc: TrainConfig,
             for start in range(0, len(order), tc.batch_size):
                 batch = [train[i] for i in order[start:start + tc.batch_size]]
                 queries = [int(torch.randint(1, len(s.text), (1,), generator=gen)) for s in batch]
-                loss = contrastive_loss(selector, batch, queries, tc.temperature)
+                loss = contrastive_loss(selector, batch, queries)
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
@@ -136,24 +118,15 @@ def train_selector(train: list[TaskScenes], tc: TrainConfig,
     return selector.eval(), losses
 
 
-def retrieval_metrics(selector: ContrastiveSelector, held: list[TaskScenes]) -> dict[str, float]:
-    """Rank each held-out task's true last scene among all held-out tasks' last scenes (Eq. 8 scores)."""
-    if len(held) < 2:
-        return {"top1": float("nan"), "mrr": float("nan"), "queries": len(held)}
-    cand_text = np.stack([s.text[-1] for s in held])
-    cand_image = np.stack([s.image[-1] for s in held])
-    ranks = []
-    for own, scenes in enumerate(held):
-        scores = selector.score(cand_text, cand_image, scenes.text[:-1], scenes.image[:-1])
-        ranks.append(1 + int(np.sum(scores > scores[own])))
-    ranks = np.asarray(ranks)
-    return {"top1": float(np.mean(ranks == 1)), "mrr": float(np.mean(1.0 / ranks)), "queries": len(held)}
+HELD_OUT_PROTOCOL = ("each held-out task and step i >= 2: its true step image among the step-i images of the other "
+                     "held-out tasks, all with the true caption, scored against its steps before i (as at generation); "
+                     "per-task means, 95% bootstrap intervals over tasks")
 
 
-def train_report(tc: TrainConfig, selector: ContrastiveSelector, losses: list[float], trained: dict,
-                 untrained: dict, n_train: int, extra: dict) -> dict:
+def train_report(tc: TrainConfig, selector: ContrastiveSelector, losses: list[float], held_out: dict,
+                 n_train: int, extra: dict) -> dict:
     return {"train_config": asdict(tc), "parameters": selector.num_parameters(), "loss_per_epoch": losses,
-            "train_tasks": n_train, "held_out": {"trained": trained, "untrained": untrained}, **extra}
+            "train_tasks": n_train, "held_out": held_out, "held_out_protocol": HELD_OUT_PROTOCOL, **extra}
 
 
 def collect_scenes(tasks: list[Task], rewriter, backend, cache, cfg: RunConfig, sd_model: str,
@@ -165,7 +138,7 @@ def collect_scenes(tasks: list[Task], rewriter, backend, cache, cfg: RunConfig, 
     for task in tqdm(tasks, desc="embedding", unit="task", disable=not progress):
         captions = rewriter.captions(task)
         images = image_embeddings(task, captions, backend, cache, cfg, sd_model, generate_missing)
-        scenes.append(TaskScenes(task_id=task.id, text=cache.texts(captions), image=images))
+        scenes.append(TaskScenes(task_id=task.id, text=cache.texts(captions), image=images, title=task.title))
     return scenes
 
 
@@ -184,21 +157,21 @@ def run_training(tasks_uri: str, out: str, cfg: RunConfig, tc: TrainConfig, *, b
     cache = EmbeddingCache(backend, profile.model_names()["clip"], profile_cache(cfg) / "embeddings")
     scenes = collect_scenes(task_set.tasks, rewriter, backend, cache, cfg, profile.model_names()["sd"],
                             generate_missing, progress)
-    train, held = split(scenes, tc.holdout, tc.seed)
+    train, held = split_by_title(scenes, tc.holdout, tc.seed)
     if not train:
         raise ValueError("no task with two or more steps to train on")
-    untrained = retrieval_metrics(ContrastiveSelector.untrained(seed=tc.seed), held)
 
     def log_epoch(epoch: int, loss: float) -> None:
         if progress:
             print(f"epoch {epoch}/{tc.epochs}: loss {loss:.4f}", flush=True)
 
     selector, losses = train_selector(train, tc, on_epoch=log_epoch)
-    trained = retrieval_metrics(selector, held)
-    report = train_report(tc, selector, losses, trained, untrained, len(train), {
+    held_out = compare_selectors(selector, ContrastiveSelector.untrained(seed=tc.seed), held, tc.seed)
+    report = train_report(tc, selector, losses, held_out, len(train), {
         "profile": profile.name, "random_weights": profile.random_weights, "clip": profile.model_names()["clip"],
         "rewriter": cfg.rewriter, "tasks": len(task_set.tasks), "rejected": len(task_set.errors),
         "held_out_tasks": len(held), "images": "generated" if generate_missing else "step_images"})
+    write_split(out, train, held, tc.holdout, tc.seed)
     selector.save(storage.join(out, "selector.safetensors"),
                   metadata={"parameters": report["parameters"], "train_config": report["train_config"]})
     storage.write_text(storage.join(out, "selector.json"), json.dumps(report, indent=2) + "\n")

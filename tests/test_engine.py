@@ -72,7 +72,8 @@ def test_candidate_counts_and_non_linear_pool_sources(first, tiny_run):
     steps = manifests(out)["sauce"]["steps"]
     assert len(steps[0]["candidates"]) == cfg.pool.n_first
     for i, step in enumerate(steps[1:], start=2):
-        assert len(step["candidates"]) == min((i - 1) * w + f, cfg.pool.max_candidates)
+        assert cfg.pool.max_candidates is None  # no cap by default, as in the paper
+        assert len(step["candidates"]) == (i - 1) * w + f
         pooled = {c["source"]["step"] for c in step["candidates"] if c["source"]["kind"] == "pool"}
         assert pooled == set(range(1, i))
     assert any(c["source"]["step"] < 2 for c in steps[2]["candidates"] if c["source"]["kind"] == "pool")

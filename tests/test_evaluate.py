@@ -11,6 +11,7 @@ from PIL import Image
 
 from cosed.cli import main
 from cosed.evaluate import bootstrap_mean, source_distance
+from cosed.selector import ContrastiveSelector
 
 from conftest import SHARED_RECIPES, SMALL_TASKS, needs_shared_recipes, write_jsonl
 
@@ -42,6 +43,8 @@ def test_evaluate_writes_rows_for_every_method(evaluation):
     for method in ("independent", "previous", "cosed"):
         stat = summary[method]["clip_t"]
         assert stat["low"] <= stat["mean"] <= stat["high"] and stat["n"] == 3
+    assert [(r["method"], r["variant"]) for r in summary["ablation"]] == [
+        (m, "untrained") for m in ("independent", "previous", "cosed")]
     for plot in ("clip_i_vs_clip_t.png", "source_distance.png"):
         assert Image.open(evaluation / "plots" / plot).size[0] > 300
 
@@ -75,21 +78,35 @@ def test_report_renders_in_a_real_browser(evaluation, tmp_path):
     assert saturated[500:].mean() > 0.02, "no colourful scene images below the overview: the storyboard did not render"
 
 
-def test_train_selector_cli_writes_checkpoint_and_report(tmp_path, tiny_cache):
-    tasks = write_jsonl(tmp_path / "t.jsonl", [
-        {"id": f"t{i}", "title": f"Dish {i}", "steps": [f"Prepare part {i}.", f"Cook part {i}.", f"Serve dish {i}."]}
-        for i in range(12)])
+def test_train_selector_cli_writes_checkpoint_report_and_split(tmp_path, tiny_cache, capsys):
+    records = [{"id": f"t{i}", "title": f"Dish {i % 8}", "steps": [f"Prepare part {i}.", f"Cook part {i}.",
+                                                                   f"Serve dish {i}."]} for i in range(12)]
+    tasks = write_jsonl(tmp_path / "t.jsonl", records)
     assert main(["train-selector", "--tasks", str(tasks), "--out", str(tmp_path / "sel"), "--generate-missing",
-                 "--no-ray", "--quiet", "--epochs", "3", "--holdout", "0.25", "--cache-dir", str(tiny_cache)]) == 0
+                 "--no-ray", "--quiet", "--epochs", "3", "--holdout", "0.25", "--temperature", "0.5",
+                 "--cache-dir", str(tiny_cache)]) == 0
     report = json.loads((tmp_path / "sel" / "selector.json").read_text())
     assert report["parameters"] == 524_288 and len(report["loss_per_epoch"]) == 3
-    assert report["held_out_tasks"] == 3 and set(report["held_out"]) == {"trained", "untrained"}
-    assert report["random_weights"] is True
-    out = tmp_path / "gen"
-    assert main(["generate", "--tasks", str(write_jsonl(tmp_path / "one.jsonl", [TASKS[2]])), "--out", str(out),
-                 "--no-ray", "--quiet", "--cache-dir", str(tiny_cache),
-                 "--selector", str(tmp_path / "sel" / "selector.safetensors")]) == 0
-    manifest = json.loads((out / "tea" / "manifest.json").read_text())
+    assert set(report["held_out"]) == {"trained", "untrained", "clip"} and report["random_weights"] is True
+    assert report["rewriter"] == "template"
+    split = json.loads((tmp_path / "sel" / "split.json").read_text())
+    assert sorted(split["train"] + split["held_out"]) == sorted(r["id"] for r in records)
+    assert report["held_out_tasks"] == len(split["held_out"]) >= 2
+    titles = {r["id"]: r["title"] for r in records}
+    assert not {titles[i] for i in split["train"]} & {titles[i] for i in split["held_out"]}
+    assert ContrastiveSelector.load(tmp_path / "sel" / "selector.safetensors").temperature == 0.5
+    checkpoint = str(tmp_path / "sel" / "selector.safetensors")
+    capsys.readouterr()
+    assert main(["evaluate", "--tasks", str(tasks), "--out", str(tmp_path / "ev"), "--no-ray", "--quiet",
+                 "--selector", checkpoint, "--refuse-trained-tasks"]) == 2
+    captured = capsys.readouterr()
+    assert f"warning: the selector was trained on {len(split['train'])} of these 12 tasks" in captured.out
+    assert "--refuse-trained-tasks" in captured.err and not (tmp_path / "ev").exists()
+    one = write_jsonl(tmp_path / "one.jsonl", [r for r in records if r["id"] == split["train"][0]])
+    assert main(["evaluate", "--tasks", str(one), "--out", str(tmp_path / "ev1"), "--no-ray", "--quiet",
+                 "--methods", "independent", "--cache-dir", str(tiny_cache), "--selector", checkpoint]) == 0
+    assert "warning: the selector was trained on 1 of these 1 tasks" in capsys.readouterr().out
+    manifest = json.loads((tmp_path / "ev1" / "independent" / split["train"][0] / "manifest.json").read_text())
     assert manifest["config"]["selector"].endswith("selector.safetensors")
 
 
@@ -147,3 +164,30 @@ def test_eval_captions_on_the_shared_pairs(tmp_path, tiny_cache):
                  "--out", str(tmp_path / "s.json"), "--cache-dir", str(tiny_cache)]) == 0
     scores = json.loads((tmp_path / "s.json").read_text())["scores"]
     assert scores["identity"]["pairs"] == 40 and scores["template"]["bleu"] > 0
+
+
+def test_ablation_runs_each_method_under_each_selector_variant(tmp_path, tiny_cache):
+    tasks = write_jsonl(tmp_path / "t.jsonl", [TASKS[1], TASKS[2]])
+    run = tmp_path / "run"
+    assert main(["evaluate", "--tasks", str(tasks), "--out", str(run), "--no-ray", "--quiet", "--cache-dir",
+                 str(tiny_cache), "--methods", "independent,cosed", "--variants", "untrained,clip,text"]) == 0
+    table = list(csv.DictReader((run / "ablation.csv").open()))
+    assert [(r["method"], r["variant"]) for r in table] == [
+        ("independent", "n/a"), ("cosed", "untrained"), ("cosed", "clip"), ("cosed", "text")]
+    summary = json.loads((run / "summary.json").read_text())
+    rows = {(r["method"], r["variant"]): r for r in summary["ablation"]}
+    assert rows[("independent", "n/a")]["fresh_share"] == 1.0 and rows[("independent", "n/a")]["mean_steps_back"] is None
+    for row in summary["ablation"]:
+        assert row["tasks"] == 2 and row["clip_t"]["low"] <= row["clip_t"]["mean"] <= row["clip_t"]["high"]
+    # Text-only scores cannot tell candidates that share a caption apart: the first (step 1, iteration 1) is kept,
+    # so the shelf's step 3 reaches two steps back.
+    text = json.loads((run / "cosed-text" / "shelf" / "manifest.json").read_text())
+    assert [s["chosen"] for s in text["steps"][1:]] == [0, 0] and text["config"]["selector_mode"] == "text"
+    assert rows[("cosed", "text")]["max_steps_back"] == 2
+    clip = json.loads((run / "cosed-clip" / "shelf" / "manifest.json").read_text())
+    assert clip["config"]["selector_mode"] == "clip"
+    assert "| cosed | clip | 2 |" in (run / "ablation.md").read_text()
+    page = (run / "report.html").read_text()
+    assert "Ablation: method × selector" in page and page.count("<td>cosed</td><td>") >= 3
+    assert main(["evaluate", "--tasks", str(tasks), "--out", str(tmp_path / "x"), "--no-ray", "--quiet",
+                 "--variants", "trained"]) == 2

@@ -88,3 +88,62 @@ def test_checkpoint_round_trip_is_safetensors(tmp_path):
     loaded = ContrastiveSelector.load(path)
     for key, value in selector.state_dict().items():
         torch.testing.assert_close(loaded.state_dict()[key], value)
+
+
+def test_temperature_is_saved_in_the_checkpoint_and_divides_the_logits(tmp_path):
+    rng = np.random.default_rng(4)
+    nt, nv, pt, pv = (10 * unit(rng.normal(size=(n, 512))) for n in (4, 4, 2, 2))
+    selector = ContrastiveSelector.untrained(seed=1)
+    selector.temperature = 0.25
+    selector.save(tmp_path / "s.safetensors")
+    loaded = ContrastiveSelector.load(tmp_path / "s.safetensors")
+    assert loaded.temperature == 0.25
+    np.testing.assert_allclose(loaded.score(nt, nv, pt, pv), selector.score(nt, nv, pt, pv))
+    plain = ContrastiveSelector.untrained(seed=1)
+    sharper = plain.similarity(*(torch.tensor(a, dtype=torch.float32) for a in (nt, nv, pt, pv))) / 0.25
+    np.testing.assert_allclose(loaded.score(nt, nv, pt, pv), contrastive_scores(sharper.detach().double().numpy()), rtol=1e-5)
+
+
+def test_a_checkpoint_without_temperature_loads_with_temperature_1(tmp_path):
+    from safetensors.torch import save
+
+    selector = ContrastiveSelector.untrained(seed=2)
+    state = {k: v.contiguous() for k, v in selector.state_dict().items()}
+    (tmp_path / "old.safetensors").write_bytes(save(state, metadata={"format": "cosed-selector-v1"}))
+    assert ContrastiveSelector.load(tmp_path / "old.safetensors").temperature == 1.0
+
+
+def test_modes_score_with_one_modality_or_plain_clip():
+    rng = np.random.default_rng(5)
+    selector = ContrastiveSelector.untrained(seed=0)
+    caption = 10 * unit(rng.normal(size=(1, 512)))
+    past_t, past_v = 10 * unit(rng.normal(size=(2, 512))), 10 * unit(rng.normal(size=(2, 512)))
+    images = 10 * unit(np.stack([past_v[0] + 0.2 * rng.normal(size=512), rng.normal(size=512)]))
+    texts = np.repeat(caption, 2, axis=0)
+    text_only = selector.score(texts, images, past_t, past_v, mode="text")
+    assert text_only[0] == pytest.approx(text_only[1])  # one shared caption: text alone cannot tell candidates apart
+    assert selector.score(texts, images, past_t, past_v, mode="image").argmax() == 0
+    # A caption shared by all candidates adds one constant per past scene, which Eq. 8's softmax removes:
+    # at generation the full and image-only rules agree; they differ once candidates carry their own text.
+    np.testing.assert_allclose(selector.score(texts, images, past_t, past_v),
+                               selector.score(texts, images, past_t, past_v, mode="image"), rtol=1e-5)
+    own_texts = np.concatenate([caption, 10 * unit(past_t[1:] + 0.1 * rng.normal(size=(1, 512)))])
+    assert not np.allclose(selector.score(own_texts, images, past_t, past_v),
+                           selector.score(own_texts, images, past_t, past_v, mode="image"))
+    clip = selector.score(texts, images, past_t, past_v, mode="clip")
+    expected = [sum(np.dot(unit(caption[0]), unit(t)) + np.dot(unit(v), unit(img)) for t, v in zip(past_t, past_v))
+                for img in images]
+    np.testing.assert_allclose(clip, expected, rtol=1e-5)
+    with pytest.raises(ValueError, match="selector mode"):
+        selector.score(texts, images, past_t, past_v, mode="both")
+
+
+def test_untrained_eq7_logits_on_raw_features_are_not_flat():
+    """With raw CLIP norms (~10) Eq. 7 gives logits of a few units, so the softmax of Eq. 8 is not near-linear."""
+    rng = np.random.default_rng(6)
+    v = 10 * unit(rng.normal(size=(1, 512)))
+    near = 10 * unit(v + 3 * rng.normal(size=(1, 512)))
+    sim = ContrastiveSelector.untrained().similarity(*(torch.tensor(a, dtype=torch.float32) for a in (v, v, v, v)))
+    assert sim.item() > 1.5
+    scores = ContrastiveSelector.untrained().score(np.concatenate([v, v]), np.concatenate([v, near]), v, v)
+    assert scores[0] > 0.6
