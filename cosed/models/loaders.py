@@ -41,7 +41,8 @@ def load_sd(source: str, device: torch.device):
 
     try:
         pipe = StableDiffusionPipeline.from_pretrained(
-            source, torch_dtype=default_dtype(device), safety_checker=None, requires_safety_checker=False)
+            source, torch_dtype=default_dtype(device), safety_checker=None, requires_safety_checker=False,
+            use_safetensors=True)
     except (OSError, ValueError) as exc:
         raise hub_error("text-to-image", source, exc) from exc
     pipe.set_progress_bar_config(disable=True)
@@ -53,7 +54,8 @@ def load_video(source: str, device: torch.device):
     from diffusers import StableVideoDiffusionPipeline
 
     try:
-        pipe = StableVideoDiffusionPipeline.from_pretrained(source, torch_dtype=default_dtype(device))
+        pipe = StableVideoDiffusionPipeline.from_pretrained(source, torch_dtype=default_dtype(device),
+                                                            use_safetensors=True)
     except (OSError, ValueError) as exc:
         raise hub_error("image-to-video", source, exc) from exc
     pipe.set_progress_bar_config(disable=True)
@@ -89,7 +91,7 @@ def load_lm(source: str, device: torch.device):
     try:
         config = AutoConfig.from_pretrained(source)
         model_cls = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
-        model = model_cls.from_pretrained(source).to(device).eval()
+        model = model_cls.from_pretrained(source, use_safetensors=True).to(device).eval()
         tokenizer = AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError) as exc:
         raise hub_error("caption LM", source, exc) from exc
