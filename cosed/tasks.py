@@ -180,30 +180,32 @@ def parse_tasks(data: bytes, *, source: str, max_steps: int) -> TaskSet:
     """Read JSONL (one task per line) or a JSON document (recipes layout or a list); a UTF-8 BOM is fine.
 
     A document is parsed as a document: one bad record is one error, not every line.
+    A file that is neither a valid document nor has any line holding a JSON object
+    is one error (a broken document), not one per line.
     """
     data = data.removeprefix(b"\xef\xbb\xbf")
-    lines = [raw for raw in data.split(b"\n") if raw.strip()]
-    if data.lstrip()[:1] in (b"{", b"[") and not (len(lines) > 1 and _is_json(lines[0])):
+    if data.lstrip()[:1] in (b"{", b"["):
         try:
             document = json.loads(data.decode("utf-8"))
-        except UnicodeDecodeError as exc:
-            return TaskSet(errors=[TaskError(source=source, reason=f"not valid UTF-8 ({exc.reason} at byte {exc.start})")])
+        except UnicodeDecodeError:
+            document = None
         except json.JSONDecodeError as exc:
-            if len(lines) > 1:
+            document = None
+            if not any(_is_object(raw) for raw in data.split(b"\n")):
                 return TaskSet(errors=[TaskError(source=source, line=exc.lineno,
                                                  reason=f"invalid JSON document: {exc.msg} at column {exc.colno}")])
-            document = None
         if isinstance(document, list):
             return _collect(((None, None, r) for r in document), source, max_steps)
         if isinstance(document, dict) and "steps" not in document:
             return _collect(((None, str(k), v) for k, v in document.items()), source, max_steps)
+        if isinstance(document, dict):  # one task, possibly spread over several lines
+            return _collect([(1, None, document)], source, max_steps)
     return _collect(_jsonl_records(data), source, max_steps)
 
 
-def _is_json(raw: bytes) -> bool:
+def _is_object(raw: bytes) -> bool:
     try:
-        json.loads(raw)
-        return True
+        return isinstance(json.loads(raw), dict)
     except (UnicodeDecodeError, json.JSONDecodeError):
         return False
 
