@@ -198,7 +198,8 @@ def write_task_outputs(out: str, result: SequenceResult, clips: list[np.ndarray]
             task.title or task.id, [s.image for s in result.steps], [s.caption for s in result.steps],
             [source_label(s.sources[s.chosen]) for s in result.steps]))
     manifest = {
-        "task_id": task.id, "fingerprint": task_fingerprint(task, profile, cfg), "title": task.title, "seed": cfg.seed, "profile": profile.name,
+        "task_id": task.id, "fingerprint": task_fingerprint(task, profile, cfg), "title": task.title,
+        "seed": cfg.seed, "profile": profile.name,
         "random_weights": profile.random_weights, "models": profile.model_names(),
         "config": manifest_config(cfg), "steps": steps_meta, "metrics": result.metrics,
         "video": "video.mp4", "video_frames": int(len(video)), "fps": cfg.video.fps, "storyboard": "storyboard.png",

@@ -104,7 +104,8 @@ class OutputLease:
             if holder is not None and not holder.gone():
                 raise LeaseHeld(f"another job is writing this output ({holder.describe()}): wait for it, "
                                 f"stop it, or use another --out; its lease is {self.uri}")
-            log.warning("taking over the lease of a job that is gone: %s", holder.describe() if holder else "unreadable")
+            log.warning("taking over the lease of a job that is gone: %s",
+                        holder.describe() if holder else "unreadable")
             self.tag = storage.replace_if(self.uri, self._record(), tag)
             if self.tag:
                 break

@@ -67,7 +67,8 @@ class RunSummary:
     def lines(self) -> list[str]:
         lines = [f"tasks: {len(self.done)} done, {len(self.skipped)} skipped (already done), "
                  f"{len(self.failed)} failed, {len(self.rejected)} rejected"
-                 + (f" ({len(self.stale)} redone: inputs or config changed since their manifest)" if self.stale else ""),
+                 + (f" ({len(self.stale)} redone: inputs or config changed since their manifest)"
+                    if self.stale else ""),
                  f"scenes: {self.scenes} in {self.seconds:.1f} s ({self.scenes_per_minute:.1f} scenes/min)"]
         lines += [f"  {k}: {v}" for k, v in self.extra.items()]
         if self.failed or self.rejected:

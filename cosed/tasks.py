@@ -127,7 +127,8 @@ def parse_task(record: Any, *, max_steps: int, default_id: str | None = None) ->
         if not text.strip():
             raise InvalidTask(f"steps[{number}]", f"step {number} is empty")
         if len(text) > MAX_STEP_CHARS:
-            raise InvalidTask(f"steps[{number}]", f"step {number} is {len(text)} characters, more than {MAX_STEP_CHARS}")
+            raise InvalidTask(f"steps[{number}]",
+                              f"step {number} is {len(text)} characters, more than {MAX_STEP_CHARS}")
     if len(steps) > max_steps:
         raise InvalidTask("steps", f"{len(steps)} steps, more than the configured maximum of {max_steps}")
     description = record.get("description", "")

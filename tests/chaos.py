@@ -23,13 +23,13 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def wait_for(check, timeout: float, what: str):
+def wait_for(check, timeout: float, what: str, pause: float = 0.3):
     deadline = time.time() + timeout
     while time.time() < deadline:
         result = check()
         if result:
             return result
-        time.sleep(0.3)
+        time.sleep(pause)
     raise TimeoutError(f"timed out waiting for {what}")
 
 

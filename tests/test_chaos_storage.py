@@ -9,7 +9,6 @@ import os
 import subprocess
 import sys
 import threading
-import time
 
 import pytest
 
@@ -48,11 +47,12 @@ def generate(proxy: Proxy, out: str, tiny_cache, tmp_path, *extra: str) -> subpr
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def outage_after_first_manifest(proxy: Proxy, client, prefix: str, seconds: float) -> threading.Thread:
+def outage_after_first_manifest(proxy: Proxy, client, prefix: str, seconds: float,
+                                end_early: threading.Event | None = None) -> threading.Thread:
     def run():
         wait_for(lambda: manifests(client, "videos", prefix), 120, "the first finished task")
         proxy.cut()
-        time.sleep(seconds)
+        (end_early or threading.Event()).wait(seconds)
         proxy.restore()
 
     thread = threading.Thread(target=run, daemon=True)
@@ -76,9 +76,11 @@ def test_a_20_s_outage_mid_run_is_ridden_out(s3, proxy, tiny_cache, tmp_path):
 def test_a_short_retry_budget_fails_naming_the_endpoint_and_a_resubmit_completes(s3, proxy, tiny_cache, tmp_path):
     _, client = s3
     (tmp_path / "short.yaml").write_text("storage:\n  retry_seconds: 3\n")
-    outage = outage_after_first_manifest(proxy, client, "d2", OUTAGE_SECONDS)
+    gave_up = threading.Event()
+    outage = outage_after_first_manifest(proxy, client, "d2", OUTAGE_SECONDS, gave_up)
     process = generate(proxy, "s3://videos/d2", tiny_cache, tmp_path, "--config", str(tmp_path / "short.yaml"))
     _, stderr = process.communicate(timeout=300)
+    gave_up.set()
     assert process.returncode == 1, stderr[-3000:]
     last = stderr.strip().splitlines()[-1]
     assert last.startswith("cosed: error:") and proxy.url in last and "run the same command again" in last

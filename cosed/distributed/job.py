@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -12,7 +11,6 @@ from dataclasses import dataclass
 
 import ray
 
-from cosed import storage
 from cosed.config import RunConfig
 from cosed.distributed.actors import ModelPools, Stitcher, TaskDriver
 from cosed.models.profiles import ModelUnavailable, Profile
