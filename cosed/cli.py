@@ -4,11 +4,22 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+import tempfile
+import time
+import traceback
+from contextlib import nullcontext
 from importlib import resources
+from pathlib import Path
 
 from cosed.config import RunConfig, load_config
+from cosed.errors import UserError
 from cosed.models.profiles import ModelUnavailable, available_profiles
+
+# Problems found before any work: one line, exit 2 (README, *Failure model*).
+USER_ERRORS = (UserError, ModelUnavailable, FileNotFoundError, IsADirectoryError, NotADirectoryError,
+               PermissionError, ValueError)
 
 EXAMPLES = "examples/tasks.jsonl"
 
@@ -106,16 +117,71 @@ def add_ray_options(parser: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Exit 0: every task done; 1: some task failed or was rejected, or storage stayed away;
+    2: a usage, config, model or storage-access problem found before any work; 3: an internal error."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    from cosed.runner import run_in_process
+    from cosed.storage import StorageUnavailable
 
     try:
-        cfg = config_from_args(args)
-        if getattr(args, "tasks", None):
-            cfg = tasks_rewriter(args, cfg)
-        if args.verb in COMMANDS:
-            return COMMANDS[args.verb](args, cfg)
+        return run_command(args)
+    except USER_ERRORS as exc:
+        print(f"cosed: error: {_one_line(exc)}", file=sys.stderr)
+        return 2
+    except StorageUnavailable as exc:
+        print(f"cosed: error: {_one_line(exc)}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("cosed: interrupted; finished tasks are kept: run the same command again to resume", file=sys.stderr)
+        return 130
+    except Exception as exc:  # a bug: the traceback goes to a file, the console gets one line
+        path = write_crash_log(argv, exc)
+        print(f"cosed: internal error: {type(exc).__name__}: {_one_line(exc)} (traceback in {path})", file=sys.stderr)
+        return 3
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
+    return " ".join(text.split()) or type(exc).__name__
+
+
+def write_crash_log(argv: list[str] | None, exc: BaseException) -> str:
+    from cosed.models.profiles import default_cache_dir
+
+    text = (f"cosed {' '.join(sys.argv[:1] + list(argv if argv is not None else sys.argv[1:]))}\n"
+            + "".join(traceback.format_exception(exc)))
+    name = f"crash-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}.log"
+    for folder in (default_cache_dir() / "logs", Path(tempfile.gettempdir())):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / name).write_text(text, encoding="utf-8")
+            return str(folder / name)
+        except OSError:
+            continue
+    return "(could not write a log file)"
+
+
+def output_lease(out: str, cfg: RunConfig):
+    from cosed.lease import OutputLease
+
+    return OutputLease(out, cfg.storage.lease_seconds)
+
+
+def run_command(args: argparse.Namespace) -> int:
+    from cosed import storage
+    from cosed.runner import run_in_process
+
+    cfg = config_from_args(args)
+    storage.configure(cfg.storage.retry_seconds)
+    if getattr(args, "tasks", None):
+        cfg = tasks_rewriter(args, cfg)
+    if not getattr(args, "no_ray", True) and getattr(args, "out", None):
+        from cosed.distributed.outputs import require_shared_output
+
+        require_shared_output(args.out)
+    if args.verb in COMMANDS:
+        return COMMANDS[args.verb](args, cfg)
+    with output_lease(args.out, cfg):
         if args.verb == "demo":
             summary = run_in_process(example_tasks_path(), args.out, cfg, overwrite=args.overwrite,
                                      progress=not args.quiet)
@@ -126,9 +192,6 @@ def main(argv: list[str] | None = None) -> int:
 
             summary = run_on_ray(args.tasks, args.out, cfg, overwrite=args.overwrite, progress=not args.quiet,
                                  address=args.address)
-    except (ModelUnavailable, FileNotFoundError, ValueError) as exc:
-        print(f"cosed: error: {exc}", file=sys.stderr)
-        return 2
     for line in summary.lines():
         print(line)
     return 1 if summary.failed or summary.rejected else 0
@@ -161,8 +224,6 @@ def tasks_rewriter(args: argparse.Namespace, cfg: RunConfig) -> RunConfig:
 
 
 def train_command(args: argparse.Namespace, cfg: RunConfig) -> int:
-    from contextlib import nullcontext
-
     from cosed.backend import LocalBackend
     from cosed.runner import resolve_run
     from cosed.train import TrainConfig, run_training
@@ -216,21 +277,22 @@ def evaluate_command(args: argparse.Namespace, cfg: RunConfig) -> int:
     cfg = dataclasses.replace(cfg, save_candidates=True)
     backend = LocalBackend(*resolve_run(cfg)) if args.no_ray else None
     failed = False
-    for run in runs:
-        print(f"== {run.name}", flush=True)
-        if args.no_ray:
-            summary = run_in_process(args.tasks, join(args.out, run.name), run_config(cfg, run),
-                                     overwrite=args.overwrite, progress=not args.quiet,
-                                     backend=backend.for_run(run_config(backend.cfg, run)))
-        else:
-            from cosed.distributed.job import run_on_ray
+    with output_lease(args.out, cfg):
+        for run in runs:
+            print(f"== {run.name}", flush=True)
+            if args.no_ray:
+                summary = run_in_process(args.tasks, join(args.out, run.name), run_config(cfg, run),
+                                         overwrite=args.overwrite, progress=not args.quiet,
+                                         backend=backend.for_run(run_config(backend.cfg, run)))
+            else:
+                from cosed.distributed.job import run_on_ray
 
-            summary = run_on_ray(args.tasks, join(args.out, run.name), run_config(cfg, run),
-                                 overwrite=args.overwrite, progress=not args.quiet, address=args.address)
-        failed |= bool(summary.failed or summary.rejected)
-        print(summary.lines()[0])
-    results = write_evaluation(args.out, runs, seed=cfg.seed)
-    report = write_report(args.out, [run.name for run in runs], results)
+                summary = run_on_ray(args.tasks, join(args.out, run.name), run_config(cfg, run),
+                                     overwrite=args.overwrite, progress=not args.quiet, address=args.address)
+            failed |= bool(summary.failed or summary.rejected)
+            print(summary.lines()[0])
+        results = write_evaluation(args.out, runs, seed=cfg.seed)
+        report = write_report(args.out, [run.name for run in runs], results)
     print(f"{'method':<12}{'selector':<11}{'tasks':>6}{'CLIP-I':>9}{'CLIP-T':>9}{'back':>7}")
     for row in results["ablation"]:
         ci, ct, back = (str(v if v is None else round(v, 2)) for v in (

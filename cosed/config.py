@@ -6,11 +6,19 @@ Precedence: dataclass defaults < the profile's ``defaults`` < ``--config`` file 
 from __future__ import annotations
 
 import dataclasses
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from cosed.errors import UserError
+
+
+class ConfigError(UserError, ValueError):
+    """A config file or value that cannot be used; the message names the key."""
 
 
 @dataclass
@@ -84,6 +92,14 @@ class RayConfig:
 
 
 @dataclass
+class StorageConfig:
+    """How long one storage call may keep retrying, and how long an output lease lasts unrenewed."""
+
+    retry_seconds: float = 120.0
+    lease_seconds: float = 120.0
+
+
+@dataclass
 class RunConfig:
     profile: str = "tiny"
     seed: int = 0
@@ -102,32 +118,47 @@ class RunConfig:
     # GPU memory plan: auto (savers only when the GPU is too small), off, savers or offload (cosed.memory).
     memory: str = "auto"
     selector_mode: str = "full"
+    storage: StorageConfig = field(default_factory=StorageConfig)
 
     def validate(self) -> "RunConfig":
+        for section in (self.sd, self.video):
+            name = "sd" if section is self.sd else "video"
+            for key in ("height", "width"):
+                value = getattr(section, key)
+                if value is not None and (value < 8 or value % 8):
+                    raise ConfigError(f"{name}.{key} must be a positive multiple of 8, got {value}")
+        for key in ("num_frames", "fps", "num_inference_steps", "decode_chunk_size"):
+            value = getattr(self.video, key)
+            if value is not None and value < 1:
+                raise ConfigError(f"video.{key} must be positive, got {value}")
+        if self.sd.num_inference_steps is not None and self.sd.num_inference_steps < 1:
+            raise ConfigError("sd.num_inference_steps must be positive")
+        if self.storage.retry_seconds < 0 or self.storage.lease_seconds < 10:
+            raise ConfigError("storage.retry_seconds must be >= 0 and storage.lease_seconds >= 10")
         pool = self.pool
         if pool.steps not in ("all", "previous", "none"):
-            raise ValueError(f"pool.steps must be all, previous or none, got {pool.steps!r}")
+            raise ConfigError(f"pool.steps must be all, previous or none, got {pool.steps!r}")
         if not pool.iterations or any(k < 1 for k in pool.iterations):
-            raise ValueError("pool.iterations must list iterations numbered from 1")
+            raise ConfigError("pool.iterations must list iterations numbered from 1")
         if pool.fresh < 0 or pool.n_first < 1:
-            raise ValueError("pool.fresh must be >= 0 and pool.n_first >= 1")
+            raise ConfigError("pool.fresh must be >= 0 and pool.n_first >= 1")
         if pool.steps == "none" and pool.fresh < 1:
-            raise ValueError("pool.steps none needs pool.fresh >= 1")
+            raise ConfigError("pool.steps none needs pool.fresh >= 1")
         if pool.fresh_as not in ("candidate", "key"):
-            raise ValueError(f"pool.fresh_as must be candidate or key, got {pool.fresh_as!r}")
+            raise ConfigError(f"pool.fresh_as must be candidate or key, got {pool.fresh_as!r}")
         if pool.fresh_as == "key" and pool.steps == "none":
-            raise ValueError("pool.fresh_as key leaves pool.steps none without candidates")
+            raise ConfigError("pool.fresh_as key leaves pool.steps none without candidates")
         fresh_candidates = pool.fresh if pool.fresh_as == "candidate" else 0
         if pool.max_candidates is not None and pool.max_candidates < max(fresh_candidates, 1):
-            raise ValueError("pool.max_candidates must be at least max(pool.fresh, 1) (or null: no cap)")
+            raise ConfigError("pool.max_candidates must be at least max(pool.fresh, 1) (or null: no cap)")
         if self.selector_mode not in ("full", "text", "image", "clip"):
-            raise ValueError(f"selector_mode must be full, text, image or clip, got {self.selector_mode!r}")
+            raise ConfigError(f"selector_mode must be full, text, image or clip, got {self.selector_mode!r}")
         if self.sd.num_inference_steps is not None and max(pool.iterations) > self.sd.num_inference_steps:
-            raise ValueError("pool.iterations go past sd.num_inference_steps")
+            raise ConfigError("pool.iterations go past sd.num_inference_steps")
         if self.sd.batch_size < 1 or self.max_steps < 1:
-            raise ValueError("sd.batch_size and max_steps must be positive")
+            raise ConfigError("sd.batch_size and max_steps must be positive")
         if self.memory not in ("auto", "off", "savers", "offload"):
-            raise ValueError(f"memory must be auto, off, savers or offload, got {self.memory!r}")
+            raise ConfigError(f"memory must be auto, off, savers or offload, got {self.memory!r}")
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -139,7 +170,7 @@ class RunConfig:
         for section, values in defaults.items():
             for key, value in values.items():
                 if key not in merged[section]:
-                    raise ValueError(f"profile default {section}.{key} is not a config key")
+                    raise ConfigError(f"profile default {section}.{key} is not a config key")
                 if merged[section].get(key) is None:
                     merged[section][key] = value
         return from_dict(merged)
@@ -147,18 +178,53 @@ class RunConfig:
 
 def _build(cls, data: dict[str, Any], where: str):
     known = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
     unknown = sorted(set(data) - set(known))
     if unknown:
-        raise ValueError(f"unknown config key(s) in {where or 'top level'}: {', '.join(unknown)}")
+        raise ConfigError(f"unknown config key(s) in {where or 'top level'}: {', '.join(unknown)}")
     kwargs = {}
     for name, value in data.items():
         default = known[name].default_factory() if known[name].default_factory is not dataclasses.MISSING else None
         if dataclasses.is_dataclass(default):
             if not isinstance(value, dict):
-                raise ValueError(f"config section {name!r} must be a mapping")
-            value = _build(type(default), value, name)
+                raise ConfigError(f"config section {name!r} must be a mapping")
+            value = _build(type(default), value, f"{where}.{name}" if where else name)
+        else:
+            value = _checked(value, hints[name], f"{where}.{name}" if where else name)
         kwargs[name] = value
     return cls(**kwargs)
+
+
+def _type_name(hint) -> str:
+    return " or ".join(getattr(t, "__name__", str(t)).replace("NoneType", "null")
+                       for t in (typing.get_args(hint) if _is_union(hint) else (hint,)))
+
+
+def _is_union(hint) -> bool:
+    return typing.get_origin(hint) in (typing.Union, types.UnionType)
+
+
+def _checked(value: Any, hint, key: str) -> Any:
+    """``value`` if it has the field's type (an int is a float; "auto" is the only string for int | str)."""
+    options = typing.get_args(hint) if _is_union(hint) else (hint,)
+    for option in options:
+        if option is type(None) and value is None:
+            return value
+        if option is bool and isinstance(value, bool):
+            return value
+        if option is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if option is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if option is str and isinstance(value, str):
+            if int in options or float in options:
+                if value != "auto":
+                    raise ConfigError(f"config key {key} must be a number or 'auto', got {value!r}")
+            return value
+        if typing.get_origin(option) is list and isinstance(value, list):
+            (item,) = typing.get_args(option)
+            return [_checked(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    raise ConfigError(f"config key {key} must be {_type_name(hint)}, got {value!r}")
 
 
 def from_dict(data: dict[str, Any]) -> RunConfig:
@@ -169,9 +235,18 @@ def load_config(path: str | None = None, overrides: dict[str, Any] | None = None
     """A RunConfig from an optional YAML file plus dotted overrides like ``{"pool.fresh": 2}``."""
     data: dict[str, Any] = {}
     if path:
-        loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        try:
+            loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        except FileNotFoundError as exc:
+            raise ConfigError(f"config file not found: {path}") from exc
+        except (IsADirectoryError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"config file {path} is not a readable text file: {exc}") from exc
+        except yaml.YAMLError as exc:
+            where = getattr(exc, "problem_mark", None)
+            line = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
+            raise ConfigError(f"config file {path} is not valid YAML{line}: {getattr(exc, 'problem', exc)}") from exc
         if not isinstance(loaded, dict):
-            raise ValueError(f"config file {path} must hold a mapping")
+            raise ConfigError(f"config file {path} must hold a mapping")
         data = loaded
     for dotted, value in (overrides or {}).items():
         if value is None:

@@ -8,6 +8,9 @@ its manifest exists.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import hashlib
 import io
 import json
 import time
@@ -148,9 +151,24 @@ def thumbnail(image: np.ndarray, size: int = 256) -> np.ndarray:
 def manifest_config(cfg: RunConfig) -> dict:
     """The settings that decide the outputs (machine-specific ones left out)."""
     data = cfg.to_dict()
-    for machine_specific in ("device", "cache_dir", "ray"):
+    for machine_specific in ("device", "cache_dir", "ray", "storage"):
         data.pop(machine_specific)
     return data
+
+
+@functools.lru_cache(maxsize=8)
+def selector_checksum(uri: str | None) -> str | None:
+    return hashlib.sha256(storage.read_bytes(uri)).hexdigest() if uri else None
+
+
+def task_fingerprint(task: Task, profile: Profile, cfg: RunConfig) -> str:
+    """What decides a task's outputs: its content, the decisive config, the models and the selector weights.
+
+    Resume skips a task only when its manifest carries this same fingerprint.
+    """
+    payload = {"task": dataclasses.asdict(task), "config": manifest_config(cfg), "models": profile.model_names(),
+               "selector": selector_checksum(cfg.selector)}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, ensure_ascii=False).encode("utf-8")).hexdigest()[:32]
 
 
 def task_uri(out: str, task: Task, *parts: str) -> str:
@@ -160,6 +178,7 @@ def task_uri(out: str, task: Task, *parts: str) -> str:
 def write_task_outputs(out: str, result: SequenceResult, clips: list[np.ndarray], profile: Profile,
                        cfg: RunConfig, extra_timings: dict[str, float] | None = None) -> dict:
     """Write scenes, clips, video, storyboard, then the manifest (last)."""
+    storage.configure(cfg.storage.retry_seconds)
     task = result.task
     timer = result.timer
     steps_meta = []
@@ -187,7 +206,8 @@ def write_task_outputs(out: str, result: SequenceResult, clips: list[np.ndarray]
             task.title or task.id, [s.image for s in result.steps], [s.caption for s in result.steps],
             [source_label(s.sources[s.chosen]) for s in result.steps]))
     manifest = {
-        "task_id": task.id, "title": task.title, "seed": cfg.seed, "profile": profile.name,
+        "task_id": task.id, "fingerprint": task_fingerprint(task, profile, cfg), "title": task.title,
+        "seed": cfg.seed, "profile": profile.name,
         "random_weights": profile.random_weights, "models": profile.model_names(),
         "config": manifest_config(cfg), "steps": steps_meta, "metrics": result.metrics,
         "video": "video.mp4", "video_frames": int(len(video)), "fps": cfg.video.fps, "storyboard": "storyboard.png",

@@ -20,6 +20,7 @@ import numpy as np
 
 from cosed import storage
 from cosed.config import RunConfig
+from cosed.tasks import SUMMARY
 
 METHOD_POOLS = {
     "independent": {"steps": "none", "fresh": 1},
@@ -95,8 +96,18 @@ def source_distance(step: dict) -> str:
 
 
 def read_manifests(out: str, method: str) -> list[dict]:
-    uris = [u for u in storage.list_keys(storage.join(out, method)) if u.endswith("/manifest.json")]
-    return [json.loads(storage.read_bytes(u)) for u in sorted(uris)]
+    """The method's finished tasks; when its run left a summary.json, only manifests whose
+    fingerprint matches that run's (so a stale manifest from other inputs or config is ignored)."""
+    folder = storage.join(out, method)
+    uris = [u for u in storage.list_keys(folder) if u.endswith("/manifest.json")]
+    manifests = [json.loads(storage.read_bytes(u)) for u in sorted(uris)]
+    try:
+        current = json.loads(storage.read_bytes(storage.join(folder, SUMMARY))).get("fingerprints")
+    except FileNotFoundError:
+        current = None
+    if current is None:
+        return manifests
+    return [m for m in manifests if m.get("fingerprint") is not None and current.get(m["task_id"]) == m["fingerprint"]]
 
 
 def metric_rows(out: str, methods: list[str]) -> list[dict]:

@@ -10,6 +10,8 @@ import json
 import logging
 import time
 import traceback
+import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,13 +20,18 @@ from tqdm.auto import tqdm
 from cosed import storage
 from cosed.backend import LocalBackend
 from cosed.config import RunConfig
-from cosed.engine import MANIFEST, generate_task, task_uri
+from cosed.engine import MANIFEST, generate_task, task_fingerprint, task_uri
+from cosed.errors import UserError
 from cosed.models.profiles import Profile, resolve_profile
 from cosed.rewrite import make_rewriter
-from cosed.tasks import Task, TaskError, TaskSet, parse_tasks
+from cosed.storage import StorageUnavailable
+from cosed.tasks import ERRORS, ERRORS_DIR, SUMMARY, Task, TaskError, TaskSet, parse_tasks, task_folder_name
 
 log = logging.getLogger("cosed")
-ERRORS = "errors.jsonl"
+
+
+def new_run_id() -> str:
+    return time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
 
 
 @dataclass
@@ -38,6 +45,9 @@ class RunSummary:
     seconds: float = 0.0
     extra: dict = field(default_factory=dict)
     actors: list[dict] = field(default_factory=list)
+    stale: list[str] = field(default_factory=list)
+    run_id: str = field(default_factory=new_run_id)
+    fingerprints: dict[str, str] = field(default_factory=dict)
 
     @property
     def scenes_per_minute(self) -> float:
@@ -46,11 +56,19 @@ class RunSummary:
     def to_dict(self) -> dict:
         return {"out": self.out, "done": len(self.done), "skipped": len(self.skipped), "failed": len(self.failed),
                 "rejected": len(self.rejected), "scenes": self.scenes, "seconds": round(self.seconds, 2),
-                "scenes_per_minute": round(self.scenes_per_minute, 2), **self.extra}
+                "scenes_per_minute": round(self.scenes_per_minute, 2), "redone_stale": len(self.stale),
+                "run_id": self.run_id, **self.extra}
+
+    def to_record(self) -> dict:
+        """What summary.json holds."""
+        return {**self.to_dict(), "done_ids": self.done, "skipped_ids": self.skipped, "stale_ids": self.stale,
+                "actors": self.actors, "fingerprints": self.fingerprints}
 
     def lines(self) -> list[str]:
         lines = [f"tasks: {len(self.done)} done, {len(self.skipped)} skipped (already done), "
-                 f"{len(self.failed)} failed, {len(self.rejected)} rejected",
+                 f"{len(self.failed)} failed, {len(self.rejected)} rejected"
+                 + (f" ({len(self.stale)} redone: inputs or config changed since their manifest)"
+                    if self.stale else ""),
                  f"scenes: {self.scenes} in {self.seconds:.1f} s ({self.scenes_per_minute:.1f} scenes/min)"]
         lines += [f"  {k}: {v}" for k, v in self.extra.items()]
         if self.failed or self.rejected:
@@ -70,24 +88,86 @@ def read_tasks(tasks_uri: str, cfg: RunConfig) -> TaskSet:
     try:
         data = storage.read_bytes(tasks_uri)
     except FileNotFoundError as exc:
-        raise FileNotFoundError(f"task file not found: {tasks_uri}") from exc
-    return parse_tasks(data, source=tasks_uri, max_steps=cfg.max_steps)
+        raise UserError(f"task file not found: {tasks_uri}") from exc
+    except IsADirectoryError as exc:
+        raise UserError(f"the tasks path is a folder, not a file: {tasks_uri}") from exc
+    except PermissionError as exc:
+        raise UserError(f"cannot read the task file {tasks_uri}: permission denied") from exc
+    task_set = parse_tasks(data, source=tasks_uri, max_steps=cfg.max_steps)
+    if not task_set.tasks and not task_set.errors:
+        raise UserError(f"the task file {tasks_uri} holds no tasks")
+    return task_set
 
 
 def write_errors(out: str, errors: list[TaskError]) -> None:
-    """errors.jsonl, rewritten whole: one line per rejected or failed task."""
+    """errors.jsonl, whole: one line per rejected or failed task of this run. Best-effort: never raises."""
     uri = storage.join(out, ERRORS)
-    if errors or storage.exists(uri):
-        storage.write_text(uri, "".join(json.dumps(e.to_dict(), ensure_ascii=False) + "\n" for e in errors))
+    try:
+        if errors or storage.exists(uri):
+            storage.write_text(uri, "".join(json.dumps(e.to_dict(), ensure_ascii=False) + "\n" for e in errors))
+    except Exception as exc:  # recording must never abort a run
+        log.warning("could not write %s: %s", uri, exc)
 
 
-def pending_tasks(tasks: list[Task], out: str, overwrite: bool) -> tuple[list[Task], list[Task]]:
-    """(to run, already done): a task is done exactly when its manifest exists."""
+def record_failure(out: str, summary: RunSummary, error: TaskError) -> None:
+    """Add one failure to the summary and write it as its own object, errors/<run>/<task>.json.
+
+    Append-only (one object per failure, nothing rewritten) and best-effort: a
+    storage error here is logged, never raised, so it cannot abort the run.
+    """
+    summary.failed.append(error)
+    name = task_folder_name(error.task_id) if error.task_id else f"line-{error.line}"
+    uri = storage.join(out, ERRORS_DIR, summary.run_id, f"{name}.json")
+    try:
+        storage.write_text(uri, json.dumps(error.to_dict(), ensure_ascii=False) + "\n")
+    except Exception as exc:
+        log.warning("could not record the failure of task %s at %s: %s", error.task_id, uri, exc)
+
+
+def finish_run(out: str, summary: RunSummary) -> None:
+    """errors.jsonl then summary.json, each best-effort: a run always tries to leave both."""
+    write_errors(out, summary.rejected + summary.failed)
+    uri = storage.join(out, SUMMARY)
+    try:
+        storage.write_text(uri, json.dumps(summary.to_record(), indent=2, ensure_ascii=False) + "\n")
+    except Exception as exc:
+        log.warning("could not write %s: %s", uri, exc)
+
+
+def _resume_state(out: str, task: Task, overwrite: bool, fingerprint: str) -> str:
+    """'todo', 'done' or 'stale' for one task; a stale or overwritten task loses its manifest first."""
+    uri = task_uri(out, task, MANIFEST)
     if overwrite:
-        return list(tasks), []
-    done = [t for t in tasks if storage.exists(task_uri(out, t, MANIFEST))]
-    done_ids = {t.id for t in done}
-    return [t for t in tasks if t.id not in done_ids], done
+        storage.delete(uri)
+        return "todo"
+    try:
+        manifest = json.loads(storage.read_bytes(uri))
+    except FileNotFoundError:
+        return "todo"
+    except (ValueError, UnicodeDecodeError):
+        manifest = {}
+    if isinstance(manifest, dict) and manifest.get("fingerprint") == fingerprint:
+        return "done"
+    storage.delete(uri)
+    return "stale"
+
+
+def pending_tasks(tasks: list[Task], out: str, overwrite: bool,
+                  fingerprints: dict[str, str]) -> tuple[list[Task], list[Task], list[Task]]:
+    """(to run, already done, stale): a task is done exactly when its manifest exists with its fingerprint.
+
+    A manifest from other inputs, config, models or selector is stale: reported, removed and redone.
+    """
+    def state(task: Task) -> str:
+        return _resume_state(out, task, overwrite, fingerprints[task.id])
+
+    with ThreadPoolExecutor(max_workers=16 if storage.is_s3(out) else 1) as pool:
+        states = list(pool.map(state, tasks))
+    done = [t for t, s in zip(tasks, states) if s == "done"]
+    stale = [t for t, s in zip(tasks, states) if s == "stale"]
+    for task in stale:
+        log.warning("task %s: its manifest is from other inputs or config; redoing it", task.id)
+    return [t for t, s in zip(tasks, states) if s != "done"], done, stale
 
 
 def failure(task: Task, exc: BaseException) -> TaskError:
@@ -99,10 +179,13 @@ def prepare_run(tasks_uri: str, out: str, cfg: RunConfig, overwrite: bool):
     """Resolve the profile, read and validate tasks, report rejects, and find what is left to do."""
     profile, cfg = resolve_run(cfg)
     task_set = read_tasks(tasks_uri, cfg)
-    summary = RunSummary(out=out, rejected=list(task_set.errors))
+    storage.configure(cfg.storage.retry_seconds)
+    summary = RunSummary(out=out, rejected=list(task_set.errors),
+                         fingerprints={t.id: task_fingerprint(t, profile, cfg) for t in task_set.tasks})
     write_errors(out, summary.rejected)
-    todo, done = pending_tasks(task_set.tasks, out, overwrite)
+    todo, done, stale = pending_tasks(task_set.tasks, out, overwrite, summary.fingerprints)
     summary.skipped = [t.id for t in done]
+    summary.stale = [t.id for t in stale]
     return profile, cfg, summary, todo
 
 
@@ -116,18 +199,23 @@ def run_in_process(tasks_uri: str, out: str, cfg: RunConfig, *, overwrite: bool 
         backend.load_all()
     rewriter = make_rewriter(cfg.rewriter, model=cfg.rewriter_model, cache_dir=profile_cache(cfg),
                              device=backend.device)
-    with tqdm(total=sum(len(t.steps) for t in todo), unit="scene", disable=not progress, desc="cosed") as bar:
-        for task in todo:
-            bar.set_postfix_str(task.id)
-            try:
-                generate_task(task, rewriter.captions(task), backend, profile, cfg, out, on_step=lambda _: bar.update())
-            except Exception as exc:  # one broken task must not stop the batch
-                summary.failed.append(failure(task, exc))
-                write_errors(out, summary.rejected + summary.failed)
-                continue
-            summary.done.append(task.id)
-            summary.scenes += len(task.steps)
-    summary.seconds = time.perf_counter() - start
+    try:
+        with tqdm(total=sum(len(t.steps) for t in todo), unit="scene", disable=not progress, desc="cosed") as bar:
+            for task in todo:
+                bar.set_postfix_str(task.id)
+                try:
+                    generate_task(task, rewriter.captions(task), backend, profile, cfg, out,
+                                  on_step=lambda _: bar.update())
+                except StorageUnavailable:
+                    raise  # every later task would fail the same way: stop, keep what is finished
+                except Exception as exc:  # one broken task must not stop the batch
+                    record_failure(out, summary, failure(task, exc))
+                    continue
+                summary.done.append(task.id)
+                summary.scenes += len(task.steps)
+    finally:
+        summary.seconds = time.perf_counter() - start
+        finish_run(out, summary)
     return summary
 
 

@@ -6,13 +6,29 @@ Readers never raise on a bad task: they return the valid tasks plus a list of
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
+import unicodedata
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 _OPTIONAL_LIST_FIELDS = ("ingredients", "tools", "step_images")
-_SAFE_ID = re.compile(r"[^A-Za-z0-9._-]+")
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+_PLAIN_ID = re.compile(r"[a-z0-9][a-z0-9._-]*")
+
+# Run-level names in OUT: no task folder may take one of them (compared case-insensitively).
+SUMMARY = "summary.json"
+ERRORS = "errors.jsonl"
+ERRORS_DIR = "errors"
+LEASE = ".cosed-lease.json"
+RESERVED_NAMES = frozenset({SUMMARY, ERRORS, ERRORS_DIR, LEASE, "report.html", "metrics.csv", "plots", "logs",
+                            "selector.safetensors", "selector.json", "independent", "previous", "cosed"})
+
+MAX_ID_CHARS = 256
+MAX_TITLE_CHARS = 300
+MAX_STEP_CHARS = 2000
+MAX_DESCRIPTION_CHARS = 10000
 
 
 @dataclass(frozen=True)
@@ -64,16 +80,26 @@ class InvalidTask(ValueError):
 
 
 def task_folder_name(task_id: str) -> str:
-    """The folder a task's outputs go to; ids that would escape the output are refused."""
+    """The folder a task's outputs go to: the id itself when it is plain lowercase ASCII,
+    else a readable sanitised name plus a short hash of the id.
+
+    So no two ids share a folder, even on a case-insensitive file system, and no
+    task takes a run-level name; ids that look like paths out of the output are refused.
+    """
     if not task_id or task_id.strip() != task_id:
         raise InvalidTask("id", "id must be a non-empty string without surrounding spaces")
+    if len(task_id) > MAX_ID_CHARS:
+        raise InvalidTask("id", f"id is {len(task_id)} characters, more than {MAX_ID_CHARS}")
     if task_id.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:[/\\]", task_id):
         raise InvalidTask("id", f"id {task_id!r} is an absolute path")
     parts = re.split(r"[/\\]", task_id)
     if any(part in ("..", ".") for part in parts):
         raise InvalidTask("id", f"id {task_id!r} would escape the output folder")
-    name = _SAFE_ID.sub("_", task_id).strip("._") or "_"
-    return name[:128]
+    if _PLAIN_ID.fullmatch(task_id) and len(task_id) <= 64 and task_id not in RESERVED_NAMES:
+        return task_id
+    ascii_name = unicodedata.normalize("NFKD", task_id).encode("ascii", "ignore").decode("ascii")
+    readable = _UNSAFE.sub("_", ascii_name).strip("._")[:48] or "task"
+    return f"{readable}-{hashlib.sha256(task_id.encode('utf-8')).hexdigest()[:10]}"
 
 
 def parse_task(record: Any, *, max_steps: int, default_id: str | None = None) -> Task:
@@ -89,6 +115,8 @@ def parse_task(record: Any, *, max_steps: int, default_id: str | None = None) ->
     title = record.get("title", "")
     if not isinstance(title, str):
         raise InvalidTask("title", "must be a string")
+    if len(title) > MAX_TITLE_CHARS:
+        raise InvalidTask("title", f"{len(title)} characters, more than {MAX_TITLE_CHARS}")
     if "steps" not in record:
         raise InvalidTask("steps", "missing")
     steps = record["steps"]
@@ -99,11 +127,16 @@ def parse_task(record: Any, *, max_steps: int, default_id: str | None = None) ->
             raise InvalidTask(f"steps[{number}]", f"step {number} is {type(text).__name__}, not a string")
         if not text.strip():
             raise InvalidTask(f"steps[{number}]", f"step {number} is empty")
+        if len(text) > MAX_STEP_CHARS:
+            raise InvalidTask(f"steps[{number}]",
+                              f"step {number} is {len(text)} characters, more than {MAX_STEP_CHARS}")
     if len(steps) > max_steps:
         raise InvalidTask("steps", f"{len(steps)} steps, more than the configured maximum of {max_steps}")
     description = record.get("description", "")
     if not isinstance(description, str):
         raise InvalidTask("description", "must be a string")
+    if len(description) > MAX_DESCRIPTION_CHARS:
+        raise InvalidTask("description", f"{len(description)} characters, more than {MAX_DESCRIPTION_CHARS}")
     extra: dict[str, tuple[str, ...]] = {}
     for name in _OPTIONAL_LIST_FIELDS:
         value = record.get(name, [])
@@ -157,31 +190,49 @@ def _collect(records: Iterable[tuple[int | None, str | None, Any]], source: str,
             if isinstance(record, _Unreadable):
                 raise InvalidTask(None, str(record))
             task = parse_task(record, max_steps=max_steps, default_id=default_id)
-            if task.id in seen or task.folder in folders:
+            if task.id in seen or task.folder.lower() in folders:
                 raise InvalidTask("id", f"duplicate id {task.id!r} (an earlier task has the same id or folder)")
         except InvalidTask as exc:
             out.errors.append(TaskError(source=source, task_id=task_id, line=line, field=exc.field, reason=exc.reason))
             continue
         seen.add(task.id)
-        folders.add(task.folder)
+        folders.add(task.folder.lower())
         out.tasks.append(task)
     return out
 
 
 def parse_tasks(data: bytes, *, source: str, max_steps: int) -> TaskSet:
-    """Read JSONL (one task per line) or a JSON document (recipes layout or a list)."""
-    stripped = data.lstrip()
-    if stripped[:1] in (b"{", b"["):
+    """Read JSONL (one task per line) or a JSON document (recipes layout or a list); a UTF-8 BOM is fine.
+
+    A document is parsed as a document: one bad record is one error, not every line.
+    A file that is neither a valid document nor has any line holding a JSON object
+    is one error (a broken document), not one per line.
+    """
+    data = data.removeprefix(b"\xef\xbb\xbf")
+    if data.lstrip()[:1] in (b"{", b"["):
         try:
             document = json.loads(data.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError):
+        except UnicodeDecodeError:
             document = None
+        except json.JSONDecodeError as exc:
+            document = None
+            if not any(_is_object(raw) for raw in data.split(b"\n")):
+                return TaskSet(errors=[TaskError(source=source, line=exc.lineno,
+                                                 reason=f"invalid JSON document: {exc.msg} at column {exc.colno}")])
         if isinstance(document, list):
             return _collect(((None, None, r) for r in document), source, max_steps)
-        if isinstance(document, dict) and "steps" not in document and all(
-                isinstance(v, dict) for v in document.values()):
+        if isinstance(document, dict) and "steps" not in document:
             return _collect(((None, str(k), recipe_record(v)) for k, v in document.items()), source, max_steps)
+        if isinstance(document, dict):  # one task, possibly spread over several lines
+            return _collect([(1, None, document)], source, max_steps)
     return _collect(_jsonl_records(data), source, max_steps)
+
+
+def _is_object(raw: bytes) -> bool:
+    try:
+        return isinstance(json.loads(raw), dict)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return False
 
 
 def _jsonl_records(data: bytes) -> Iterable[tuple[int | None, str | None, Any]]:

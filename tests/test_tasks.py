@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from cosed.tasks import InvalidTask, parse_tasks, task_folder_name
+from cosed.tasks import RESERVED_NAMES, InvalidTask, parse_tasks, task_folder_name
 
 from conftest import SHARED_RECIPES, needs_shared_recipes
 
@@ -56,9 +56,39 @@ def test_duplicate_ids_keep_the_first():
     assert result.errors[0].field == "id" and "duplicate" in result.errors[0].reason
 
 
-def test_ids_that_differ_only_in_unsafe_characters_collide_as_folders():
-    result = parse_tasks(jsonl({**GOOD, "id": "a b"}, {**GOOD, "id": "a:b"}), source="t", max_steps=12)
-    assert len(result.tasks) == 1 and "duplicate" in result.errors[0].reason
+def test_ids_that_differ_only_in_unsafe_characters_case_or_accents_get_their_own_folders():
+    ids = ["a b", "a:b", "Soup", "soup", "SOUP", "crème", "creme", "crême", "寿司", "すし", "summary.json",
+           "errors.jsonl", "Errors", "x" * 200]
+    result = parse_tasks(jsonl(*({**GOOD, "id": i} for i in ids)), source="t", max_steps=12)
+    assert result.errors == [] and [t.id for t in result.tasks] == ids
+    folders = [t.folder for t in result.tasks]
+    assert len({f.lower() for f in folders}) == len(ids)
+    assert all(f.lower() not in RESERVED_NAMES and len(f) <= 64 for f in folders)
+    assert folders[3] == "soup" and folders[2].startswith("Soup-") and folders[5].startswith("creme-")
+
+
+def test_a_bom_and_one_bad_record_in_a_json_document_stay_local():
+    document = json.dumps([GOOD, {"id": "bad", "steps": "boil"}, {**GOOD, "id": "ok2"}], indent=2).encode()
+    result = parse_tasks(b"\xef\xbb\xbf" + document, source="t.json", max_steps=12)
+    assert [t.id for t in result.tasks] == ["ok", "ok2"]
+    assert [(e.task_id, e.field) for e in result.errors] == [("bad", "steps")]
+    recipes = json.dumps({"1": {"title": "a", "steps": ["s"]}, "2": "not a task"}, indent=2).encode()
+    result = parse_tasks(recipes, source="r.json", max_steps=12)
+    assert [t.id for t in result.tasks] == ["1"] and result.errors[0].task_id == "2"
+    broken = document[:-3]
+    result = parse_tasks(broken, source="t.json", max_steps=12)
+    assert result.tasks == [] and len(result.errors) == 1 and "invalid JSON document" in result.errors[0].reason
+    assert [t.id for t in parse_tasks(b"\xef\xbb\xbf" + jsonl(GOOD), source="t", max_steps=12).tasks] == ["ok"]
+
+
+@pytest.mark.parametrize("record, field", [
+    ({"id": "a", "title": "t" * 301, "steps": ["s"]}, "title"),
+    ({"id": "a", "steps": ["s", "w" * 2001]}, "steps[2]"),
+    ({"id": "i" * 257, "steps": ["s"]}, "id"),
+])
+def test_length_limits_name_the_field(record, field):
+    (error,) = parse_tasks(jsonl(record), source="t", max_steps=12).errors
+    assert error.field == field and "more than" in error.reason
 
 
 def test_recipes_json_layout_uses_keys_as_ids():
@@ -70,7 +100,8 @@ def test_recipes_json_layout_uses_keys_as_ids():
 
 
 def test_folder_names_are_sanitised():
-    assert task_folder_name("Pasta al pomodoro #1") == "Pasta_al_pomodoro_1"
+    assert task_folder_name("pasta-1") == "pasta-1"
+    assert task_folder_name("Pasta al pomodoro #1").startswith("Pasta_al_pomodoro_1-")
     with pytest.raises(InvalidTask):
         task_folder_name("..")
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -12,16 +11,14 @@ from dataclasses import dataclass
 
 import ray
 
-from cosed import storage
 from cosed.config import RunConfig
 from cosed.distributed.actors import ModelPools, Stitcher, TaskDriver
 from cosed.models.profiles import ModelUnavailable, Profile
 from cosed.rewrite import Rewriter, make_rewriter
-from cosed.runner import RunSummary, failure, prepare_run, profile_cache, write_errors
+from cosed.runner import RunSummary, failure, finish_run, prepare_run, profile_cache, record_failure
 from cosed.tasks import Task, TaskError
 
 log = logging.getLogger("cosed")
-SUMMARY = "summary.json"
 
 
 def connect(address: str | None = None) -> None:
@@ -29,8 +26,6 @@ def connect(address: str | None = None) -> None:
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
-    if not address:
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True)
 
 
@@ -106,9 +101,7 @@ def run_on_ray(tasks_uri: str, out: str, cfg: RunConfig, *, overwrite: bool = Fa
             ray.kill(pools)
             ray.kill(stitcher)
     summary.seconds = time.perf_counter() - start
-    storage.write_text(storage.join(out, SUMMARY), json.dumps(
-        {**summary.to_dict(), "done_ids": summary.done, "skipped_ids": summary.skipped,
-         "actors": summary.actors}, indent=2) + "\n")
+    finish_run(out, summary)
     return summary
 
 
@@ -153,13 +146,11 @@ def settle(job: Job, ref, task: Task, attempt: int, queue: deque) -> bool:
             log.warning("driver of task %s died (%s); retrying", task.id, type(exc).__name__)
             queue.append((task, attempt + 1))
         else:
-            summary.failed.append(TaskError(source="generation", task_id=task.id,
-                                            reason=f"driver died {attempt + 1} times: {exc}"))
-            write_errors(job.out, summary.rejected + summary.failed)
+            record_failure(job.out, summary, TaskError(source="generation", task_id=task.id,
+                                                       reason=f"driver died {attempt + 1} times: {exc}"))
         return False
     except ray.exceptions.RayTaskError as exc:
-        summary.failed.append(failure(task, exc.cause or exc))
-        write_errors(job.out, summary.rejected + summary.failed)
+        record_failure(job.out, summary, failure(task, exc.cause or exc))
     else:
         summary.done.append(task.id)
         summary.scenes += len(task.steps)

@@ -100,7 +100,7 @@ def load_lm(source: str, device: torch.device):
     try:
         config = AutoConfig.from_pretrained(source)
         model_cls = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
-        model = model_cls.from_pretrained(source).to(device).eval()
+        model = model_cls.from_pretrained(source, use_safetensors=True).to(device).eval()
         tokenizer = AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError) as exc:
         raise hub_error("caption LM", source, exc) from exc
