@@ -28,7 +28,7 @@ def cluster():
 
 def test_a_gpu_node_added_mid_run_gets_model_actors_and_work(cluster, tmp_path, tiny_config):
     cfg = dataclasses.replace(tiny_config, ray=dataclasses.replace(tiny_config.ray, rescale_seconds=1.0,
-                                                                   max_concurrent_tasks=2))
+                                                                   max_concurrent_tasks=2, rebalance=False))
     tasks = [{"id": f"t{i}", "title": f"Task {i}", "steps": ["Cut it.", "Sand it.", "Paint it."]} for i in range(8)]
     out = tmp_path / "out"
     result = {}
