@@ -75,6 +75,8 @@ def test_rebalance_moves_from_an_idle_pool_to_the_bottleneck_only():
                           0.85, 0.35) == ("sd", "video")
     assert rebalance_move({"sd": 0.5, "video": 0.97, "clip": 0.1}, {"sd": 3, "video": 1, "clip": 1}, gpus, movable,
                           0.85, 0.35) is None  # nobody idles enough (clip is not movable)
+    assert rebalance_move({"sd": 0.2, "video": 0.6, "clip": 0.99}, {"sd": 3, "video": 1, "clip": 1}, gpus, movable,
+                          0.85, 0.35) is None  # the bottleneck is fixed-size; video is not short
     assert rebalance_move({"sd": 0.2, "video": 0.97, "clip": 0.1}, {"sd": 1, "video": 1, "clip": 1}, gpus, movable,
                           0.85, 0.35) is None  # a pool keeps one actor
     assert rebalance_move({"sd": 0.2, "video": 0.97}, {"sd": 3, "video": 1}, {"sd": 0.5, "video": 1.0}, movable,

@@ -135,7 +135,7 @@ def run_on_ray(tasks_uri: str, out: str, cfg: RunConfig, *, overwrite: bool = Fa
                 summary.extra = {"pools": pools.describe(), "busy_fraction": busy,
                                  "bottleneck": max(busy, key=busy.get) if busy else None,
                                  "moves": pools.moves, "hung_calls_restarted": pools.hung_kills,
-                                 "max_writer_held_bytes": max((w["held_bytes"] for w in job.writes), default=0)}
+                                 "writer_peak_bytes": max((w["peak_bytes"] for w in job.writes), default=0)}
             finally:
                 pools.shutdown()
     finally:

@@ -45,6 +45,7 @@ class Pools:
         self.window: dict[str, tuple[float, float]] = {}  # kind -> (busy, alive) at the last rebalance
         self.moves: list[dict] = []
         self.hung_kills = 0
+        self.settled_at = time.monotonic()  # no move until the busy fractions reflect the last one
 
     # -- the plan (pure planning lives in sizing.py) -----------------------------------------------
     def _cluster(self) -> tuple[float, float]:
@@ -127,7 +128,8 @@ class Pools:
         changed = self._watch()
         changed |= self._finish_drains()
         changed |= self.rescale()
-        if self.cfg.ray.rebalance and not self.draining:
+        if self.cfg.ray.rebalance and not self.draining and \
+                time.monotonic() - self.settled_at >= 3 * self.cfg.ray.rescale_seconds:
             changed |= self._rebalance()
         if changed:
             self.publish()
@@ -229,6 +231,8 @@ class Pools:
                 del self.draining[name]
                 self._retire(name, handle)
                 self._add(target)
+                self.settled_at = time.monotonic()
+                self.busy()  # restart the busy window
                 changed = True
         return changed
 
