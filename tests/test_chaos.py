@@ -114,11 +114,10 @@ def test_a_rebalance_moves_an_actor_from_an_idle_pool_to_a_busy_one(tmp_path, ti
     expect_all_done(summary, tmp_path / "out", reference, TASKS[:5])
     moves = summary.extra["moves"]
     assert moves and all(m["busy"][m["to"]] >= m["busy"][m["from"]] for m in moves)
-    pools = summary.extra["pools"]
-    assert pools["sd"]["replicas"] + pools["video"]["replicas"] == 3
-    served = {a["name"] for a in summary.actors if a["calls"]}
-    assert any(a["kind"] == moves[0]["to"] and a["name"] not in {m["actor"] for m in moves} and
-               a["name"].rsplit("-", 1)[1] >= "4" and a["name"] in served for a in summary.actors)
+    assert sum(pool["replicas"] for pool in summary.extra["pools"].values()) <= 4  # never more than fit
+    moved = {m["actor"] for m in moves}
+    replacements = [a for a in summary.actors if a["name"] not in moved and int(a["name"].rsplit("-", 1)[1]) >= 4]
+    assert replacements and replacements[0]["kind"] == moves[0]["to"]
 
 
 def test_model_actors_killed_every_few_seconds(tmp_path, tiny_config, reference):

@@ -219,6 +219,9 @@ def write_task(out: str, sequenced: dict, profile: Profile, cfg: RunConfig, memb
             clips = dispatcher.call_many("video", "animate_clip",
                                          [(s.image, s.video_seed, cfg.video) for s in result.steps],
                                          submitted=sequenced["clips"])
+        # Ray's wait machinery allocates a fixed transient buffer (~1 MiB) here, whatever the task;
+        # from now on the peak counts what this task holds: its clips (still traced) and the writing.
+        tracemalloc.reset_peak()
         write_task_outputs(out, result, clips, profile, cfg, {"total": round(time.time() - start, 4)})
         peak = tracemalloc.get_traced_memory()[1]
     finally:
