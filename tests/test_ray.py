@@ -77,7 +77,8 @@ def kill_first(prefix_filter, after_calls_wait: float):
     """SIGKILL the process of the first live actor whose name or class matches, once it exists."""
     deadline = time.time() + 120
     while time.time() < deadline:
-        for actor in list_actors(filters=[("state", "=", "ALIVE")], detail=True):
+        for actor in list_actors(address=ray.get_runtime_context().gcs_address, filters=[("state", "=", "ALIVE")],
+                                 detail=True):
             if prefix_filter(actor) and actor.pid:
                 time.sleep(after_calls_wait)
                 try:

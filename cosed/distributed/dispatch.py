@@ -129,11 +129,14 @@ class Dispatcher:
         self.refresh()
         self._reap()
         loads = self.load(kind)
-        if not loads:
+        waited = 0.0
+        while not loads:  # a pool whose actors are all being replaced: wait for the job to publish new ones
+            if waited >= self.policy.timeout_floor_s:
+                raise CallFailed(f"no {kind} actor in the pool for {waited:.0f} s")
+            time.sleep(self.policy.refresh_s)
+            waited += self.policy.refresh_s
             self.refresh(force=True)
             loads = self.load(kind)
-            if not loads:
-                raise CallFailed(f"no {kind} actor in the pool")
         now = time.monotonic()
         healthy = [n for n in loads if n not in avoid and self.suspect.get(n, 0) <= now]
         candidates = healthy or [n for n in loads if n not in avoid] or list(loads)
@@ -161,7 +164,8 @@ class Dispatcher:
         return self.call_many(kind, method, [args])[0]
 
     def call_many(self, kind: str, method: str, arg_lists: list[tuple], submitted: list | None = None) -> list:
-        """Results of ``method(*args)`` for each entry, each retried on another actor on failure.
+        """Results of ``method(*args)`` for each entry, each retried on another actor on failure
+        (for at least ``attempts`` tries and ``timeout_floor_s`` seconds).
 
         ``submitted`` may hold refs already sent (by this or another process) for some entries;
         a failed one is sent again here. A wait ends after the policy's timeout: the call is then
@@ -170,6 +174,7 @@ class Dispatcher:
         results: list = [None] * len(arg_lists)
         failures: list[list[str]] = [[] for _ in arg_lists]
         pending: dict = {}  # ref -> (index, actor name or None, deadline)
+        first_failure: dict[int, float] = {}
 
         def send(index: int) -> None:
             ref, name = self.submit(kind, method, *arg_lists[index], avoid=set(failures[index]))
@@ -198,9 +203,13 @@ class Dispatcher:
                     results[index] = ray.get(ref)
                 except RETRYABLE as exc:
                     failures[index].append(name or "?")
+                    first_failure.setdefault(index, time.monotonic())
                     if name:
                         self.forget(name)
-                    if len(failures[index]) >= self.policy.attempts:
+                    # Give up after ``attempts`` failures, but never before the floor has passed: a pool
+                    # of one actor that is restarting (seconds to minutes) must not fail the task.
+                    if len(failures[index]) >= self.policy.attempts and \
+                            time.monotonic() - first_failure[index] >= self.policy.timeout_floor_s:
                         raise CallFailed(f"{kind}.{method} failed on {len(failures[index])} attempts "
                                          f"(actors {', '.join(failures[index])}); last error: "
                                          f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from exc

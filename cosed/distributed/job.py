@@ -210,11 +210,27 @@ def settle_sequencing(job: Job, ref, payload, attempt: Attempt, queue: deque, id
     """A driver finished choosing scenes: hand the task to a writer and free the driver's slot."""
     try:
         ray.get(ref)
-    except ray.exceptions.RayActorError as exc:  # only the driver itself: model failures are handled inside it
-        idle.append(TaskDriver.remote())
-        retry_or_fail(job, attempt, queue, f"driver died ({type(exc).__name__})")
+    except ray.exceptions.RayError as exc:
+        _consume(payload)  # the same error; read so Ray does not log it as unhandled
+        settle_failed_driver(job, exc, attempt, queue, idle)
         return
-    except ray.exceptions.RayTaskError as exc:
+    idle.append(attempt.driver)
+    write = write_task.options(max_retries=job.cfg.ray.task_retries + 1, retry_exceptions=False).remote(
+        job.out, payload, job.profile, job.cfg, job.pools.membership(), job.pools.directory, policy(job),
+        attempt.started_wall)
+    writing[write] = attempt
+
+
+def _consume(ref) -> None:
+    try:
+        ray.get(ref, timeout=1)
+    except Exception:
+        pass
+
+
+def settle_failed_driver(job: Job, exc: Exception, attempt: Attempt, queue: deque, idle: list) -> None:
+    """Only the driver's own death is "driver died": failed model calls arrive as `CallFailed` from inside it."""
+    if isinstance(exc, ray.exceptions.RayTaskError):
         idle.append(attempt.driver)
         cause = exc.cause or exc
         if isinstance(cause, CallFailed):
@@ -223,11 +239,9 @@ def settle_sequencing(job: Job, ref, payload, attempt: Attempt, queue: deque, id
             job.summary.failed.append(failure(attempt.task, cause))
             write_errors(job.out, job.summary.rejected + job.summary.failed)
         return
-    idle.append(attempt.driver)
-    write = write_task.options(max_retries=job.cfg.ray.task_retries + 1, retry_exceptions=False).remote(
-        job.out, payload, job.profile, job.cfg, job.pools.membership(), job.pools.directory, policy(job),
-        attempt.started_wall)
-    writing[write] = attempt
+    idle.append(TaskDriver.remote())
+    what = "driver died" if isinstance(exc, ray.exceptions.RayActorError) else "driver lost"  # e.g. its node left
+    retry_or_fail(job, attempt, queue, f"{what} ({type(exc).__name__})")
 
 
 def settle_writing(job: Job, ref, attempt: Attempt, queue: deque) -> None:

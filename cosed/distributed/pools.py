@@ -157,10 +157,12 @@ class Pools:
                 since = self.unreachable_since.setdefault(name, now)
                 limit = ray_cfg.start_timeout_s if name in self.starting else ray_cfg.call_timeout_floor_s
                 if now - since > limit:
-                    log.warning("model actor %s unreachable for %.0f s; removing it from the %s pool",
+                    log.warning("model actor %s unreachable for %.0f s; replacing it in the %s pool",
                                 name, now - since, kind)
                     self.starting.pop(name, None)
+                    self.unreachable_since.pop(name, None)
                     self._retire(name, handle)
+                    self._add(kind)  # placed wherever (and whenever) the cluster has room
                     changed = True
                 continue
             self.unreachable_since.pop(name, None)
