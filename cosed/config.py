@@ -89,6 +89,23 @@ class RayConfig:
     task_retries: int = 2
     rescale_seconds: float = 5.0
     start_timeout_s: float = 900.0
+    # Failure handling: a remote wait times out after max(floor, factor x the expected
+    # call time, measured during the run); a call is tried on up to ``call_attempts``
+    # actors; a task gets ``task_deadline_s`` per attempt (sequencing and writing).
+    call_timeout_factor: float = 10.0
+    call_timeout_floor_s: float = 120.0
+    call_attempts: int = 4
+    task_deadline_s: float = 3600.0
+    # Rebalancing: every ``rescale_seconds`` one actor moves from a pool busy less than
+    # ``idle_below`` to one busy more than ``busy_above``; 0 GPUs = do not ask the autoscaler.
+    rebalance: bool = True
+    busy_above: float = 0.85
+    idle_below: float = 0.35
+    autoscale_max_gpus: float = 0.0
+    # Test-only fault injection: the first call of this pool ("sd", "video", "clip") that
+    # creates the file ``chaos_stall_marker`` sleeps forever (tests of stuck-call handling).
+    chaos_stall_kind: str | None = None
+    chaos_stall_marker: str | None = None
 
 
 @dataclass

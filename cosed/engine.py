@@ -1,9 +1,10 @@
 """The whole CoSeD sequence for one task, and the files it leaves behind.
 
 `sequence_task` walks the steps in order (captions -> candidates -> CLIP ->
-selector -> pool update); `write_task_outputs` animates, stitches and writes
-the output contract with the manifest last, so a task is done exactly when
-its manifest exists.
+selector -> pool update); each chosen scene is animated and encoded to an
+H.264 clip at once; `write_task_outputs` joins the encoded clips (no re-decode)
+and writes the output contract with the manifest last, so a task is done
+exactly when its manifest exists. The Ray writers call the same function.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from cosed.seeds import derive_seed
 from cosed.selector import clip_pick_scores
 from cosed.storyboard import storyboard_png
 from cosed.tasks import Task
-from cosed.video import encode_mp4, stitch
+from cosed.video import EncodedClip, concat_mp4, encode_clip
 
 MANIFEST = "manifest.json"
 
@@ -175,9 +176,13 @@ def task_uri(out: str, task: Task, *parts: str) -> str:
     return storage.join(out, task.folder, *parts)
 
 
-def write_task_outputs(out: str, result: SequenceResult, clips: list[np.ndarray], profile: Profile,
+def write_task_outputs(out: str, result: SequenceResult, clips: list[EncodedClip], profile: Profile,
                        cfg: RunConfig, extra_timings: dict[str, float] | None = None) -> dict:
-    """Write scenes, clips, video, storyboard, then the manifest (last)."""
+    """Write scenes, clips, video, storyboard, then the manifest (last).
+
+    Holds at most the task's encoded clips twice (clips + joined video) and its
+    chosen images: never raw frames.
+    """
     storage.configure(cfg.storage.retry_seconds)
     task = result.task
     timer = result.timer
@@ -186,7 +191,7 @@ def write_task_outputs(out: str, result: SequenceResult, clips: list[np.ndarray]
         for step, clip in zip(result.steps, clips):
             image_rel, clip_rel = f"scenes/step_{step.number:02d}.png", f"clips/step_{step.number:02d}.mp4"
             storage.write_bytes(task_uri(out, task, image_rel), png_bytes(step.image))
-            storage.write_bytes(task_uri(out, task, clip_rel), encode_mp4(clip, cfg.video.fps))
+            storage.write_bytes(task_uri(out, task, clip_rel), clip.data)
             candidates = [{"source": s.to_dict(), "score": score} for s, score in zip(step.sources, step.scores)]
             if step.candidate_images is not None:
                 for index, (entry, image) in enumerate(zip(candidates, step.candidate_images)):
@@ -196,12 +201,12 @@ def write_task_outputs(out: str, result: SequenceResult, clips: list[np.ndarray]
                 "step": step.number, "text": step.text, "caption": step.caption,
                 "candidates": candidates,
                 "chosen": step.chosen, "image": image_rel, "clip": clip_rel,
-                "frames": int(len(clip)),
+                "frames": clip.frames,
                 **({"fresh_keys": [s.to_dict() for s in step.fresh_keys]} if step.fresh_keys else {}),
             })
-        video = stitch(clips)
-        storage.write_bytes(task_uri(out, task, "video.mp4"),
-                            encode_mp4(video, cfg.video.fps, metadata={"title": task.title, "comment": f"cosed task {task.id}"}))
+        video = concat_mp4([clip.data for clip in clips],
+                           metadata={"title": task.title or "", "comment": f"cosed task {task.id}"})
+        storage.write_bytes(task_uri(out, task, "video.mp4"), video)
         storage.write_bytes(task_uri(out, task, "storyboard.png"), storyboard_png(
             task.title or task.id, [s.image for s in result.steps], [s.caption for s in result.steps],
             [source_label(s.sources[s.chosen]) for s in result.steps]))
@@ -210,7 +215,7 @@ def write_task_outputs(out: str, result: SequenceResult, clips: list[np.ndarray]
         "seed": cfg.seed, "profile": profile.name,
         "random_weights": profile.random_weights, "models": profile.model_names(),
         "config": manifest_config(cfg), "steps": steps_meta, "metrics": result.metrics,
-        "video": "video.mp4", "video_frames": int(len(video)), "fps": cfg.video.fps, "storyboard": "storyboard.png",
+        "video": "video.mp4", "video_frames": sum(clip.frames for clip in clips), "fps": cfg.video.fps, "storyboard": "storyboard.png",
         "timings": {**timer.to_dict(), **(extra_timings or {})},
     }
     storage.write_text(task_uri(out, task, MANIFEST), json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
@@ -219,13 +224,14 @@ def write_task_outputs(out: str, result: SequenceResult, clips: list[np.ndarray]
 
 def generate_task(task: Task, captions: list[str], backend: Backend, profile: Profile, cfg: RunConfig,
                   out: str, on_step: Callable[[int], None] | None = None) -> dict:
-    """The whole task in this process: sequence, animate each scene, stitch, write."""
+    """The whole task in this process: sequence, animate and encode each scene, join, write."""
     start = time.perf_counter()
     result = sequence_task(task, captions, backend, cfg, on_step=on_step)
     clips = []
     with result.timer.phase("video"):
         for step in result.steps:
-            clips.append(backend.animate(step.image, step.video_seed, cfg.video, step.caption))
+            clips.append(encode_clip(backend.animate(step.image, step.video_seed, cfg.video, step.caption),
+                                     cfg.video.fps))
     return write_task_outputs(out, result, clips, profile, cfg,
                               extra_timings={"total": round(time.perf_counter() - start, 4)})
 

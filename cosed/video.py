@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from dataclasses import dataclass
 from fractions import Fraction
 
 import av
@@ -53,6 +54,48 @@ def encode_mp4(frames: np.ndarray, fps: int, metadata: dict[str, str] | None = N
         for frame in frames:
             container.mux(stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")))
         container.mux(stream.encode(None))
+    return buffer.getvalue()
+
+
+@dataclass(frozen=True)
+class EncodedClip:
+    """One scene's clip as H.264 mp4 bytes: what moves between processes instead of raw frames."""
+
+    data: bytes
+    frames: int
+
+
+def encode_clip(frames: np.ndarray, fps: int) -> EncodedClip:
+    return EncodedClip(data=encode_mp4(frames, fps), frames=int(len(frames)))
+
+
+def concat_mp4(clips: list[bytes], metadata: dict[str, str] | None = None) -> bytes:
+    """One mp4 from clips encoded alike (same size, fps, codec), hard cuts, without re-encoding.
+
+    Packets are copied with their timestamps shifted by the duration of the
+    clips before them, so memory stays at the size of the encoded clips.
+    """
+    buffer = io.BytesIO()
+    with av.open(buffer, mode="w", format="mp4") as output:
+        for key, value in (metadata or {}).items():
+            output.metadata[key] = value
+        stream = None
+        offset = 0
+        for data in clips:
+            with av.open(io.BytesIO(data), mode="r") as source:
+                template = source.streams.video[0]
+                if stream is None:
+                    stream = output.add_stream_from_template(template)
+                end = offset
+                for packet in source.demux(template):
+                    if packet.dts is None:  # the demuxer's final flush packet
+                        continue
+                    packet.pts += offset
+                    packet.dts += offset
+                    end = max(end, packet.pts + (packet.duration or 0))
+                    packet.stream = stream
+                    output.mux(packet)
+                offset = end
     return buffer.getvalue()
 
 

@@ -9,6 +9,7 @@ import pytest
 import ray
 from ray.cluster_utils import Cluster
 
+from cosed import runner
 from cosed.distributed.job import run_on_ray
 
 from conftest import write_jsonl
@@ -28,7 +29,7 @@ def cluster():
 
 def test_a_gpu_node_added_mid_run_gets_model_actors_and_work(cluster, tmp_path, tiny_config):
     cfg = dataclasses.replace(tiny_config, ray=dataclasses.replace(tiny_config.ray, rescale_seconds=1.0,
-                                                                   max_concurrent_tasks=2))
+                                                                   max_concurrent_tasks=2, rebalance=False))
     tasks = [{"id": f"t{i}", "title": f"Task {i}", "steps": ["Cut it.", "Sand it.", "Paint it."]} for i in range(8)]
     out = tmp_path / "out"
     result = {}
@@ -47,3 +48,31 @@ def test_a_gpu_node_added_mid_run_gets_model_actors_and_work(cluster, tmp_path, 
     on_new_node = [a for a in summary.actors if a["node_id"] == node.node_id]
     assert {a["kind"] for a in on_new_node} == {"sd", "video"}
     assert any(a["calls"] > 0 for a in on_new_node if a["kind"] == "sd")
+
+
+def test_a_node_removed_mid_run_loses_no_task(cluster, tmp_path, tiny_config, tiny_run):
+    from test_chaos import TASKS, snapshot
+
+    tasks = TASKS[:5]
+    _, resolved, backend = tiny_run
+    runner.run_in_process(str(write_jsonl(tmp_path / "ref.jsonl", tasks)), str(tmp_path / "ref"), resolved,
+                          progress=False, backend=backend)
+    node = cluster.add_node(num_cpus=4, num_gpus=2)
+    cluster.wait_for_nodes()
+    cfg = dataclasses.replace(tiny_config, ray=dataclasses.replace(
+        tiny_config.ray, rescale_seconds=1.0, max_concurrent_tasks=3, rebalance=False, call_timeout_floor_s=15.0))
+    out = tmp_path / "out"
+    result = {}
+    run = threading.Thread(target=lambda: result.setdefault("summary", run_on_ray(
+        str(write_jsonl(tmp_path / "t.jsonl", tasks)), str(out), cfg, progress=False)))
+    run.start()
+    deadline = time.time() + 300
+    while time.time() < deadline and not list(out.glob("*/manifest.json")):
+        time.sleep(0.5)
+    assert run.is_alive(), "the run ended before the node could be removed"
+    cluster.remove_node(node)  # Ray wants this on the main thread
+    run.join()
+    summary = result["summary"]
+    assert any(a["node_id"] == node.node_id for a in summary.actors), "no model actor ran on the removed node"
+    assert sorted(summary.done) == sorted(t["id"] for t in tasks) and not summary.failed
+    assert snapshot(out) == snapshot(tmp_path / "ref")

@@ -52,14 +52,14 @@ def outputs(out) -> dict:
 
 
 def test_sd_video_and_clip_actors_are_pinned_to_distinct_gpus(tiny_config):
-    pools, layout = start_pools(tiny_config)
-    assert layout["sd"] == {"replicas": 2, "num_gpus": 1.0}
-    stats = ray.get(pools.stats.remote())
+    pools = start_pools(tiny_config)
+    assert pools.describe()["sd"] == {"replicas": 2, "num_gpus": 1.0}
+    stats = pools.stats()
     assert sorted(s["kind"] for s in stats) == ["clip", "sd", "sd", "video"]
     gpu_ids = [tuple(s["gpu_ids"]) for s in stats]
     assert all(len(ids) == 1 for ids in gpu_ids) and len(set(gpu_ids)) == 4
     assert {s["cuda_visible_devices"] for s in stats} == {ids[0] for ids in gpu_ids}
-    ray.kill(pools)
+    pools.shutdown()
 
 
 @pytest.mark.parametrize("drivers", [1, 3])
@@ -77,7 +77,8 @@ def kill_first(prefix_filter, after_calls_wait: float):
     """SIGKILL the process of the first live actor whose name or class matches, once it exists."""
     deadline = time.time() + 120
     while time.time() < deadline:
-        for actor in list_actors(filters=[("state", "=", "ALIVE")], detail=True):
+        for actor in list_actors(address=ray.get_runtime_context().gcs_address, filters=[("state", "=", "ALIVE")],
+                                 detail=True):
             if prefix_filter(actor) and actor.pid:
                 time.sleep(after_calls_wait)
                 try:

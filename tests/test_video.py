@@ -32,3 +32,12 @@ def test_decoded_stitched_video_shows_scenes_in_order():
     video = decode_mp4(encode_mp4(stitch([clip(30, 4), clip(220, 4)]), fps=7))
     assert len(video) == 8
     assert abs(video[1].mean() - 30) < 8 and abs(video[6].mean() - 220) < 8
+
+
+def test_encoded_clips_join_without_re_encoding_into_the_same_frames():
+    from cosed.video import concat_mp4, encode_clip
+
+    clips = [encode_clip(clip(value, frames), fps=7) for value, frames in ((30, 6), (220, 6), (120, 5))]
+    joined = concat_mp4([c.data for c in clips], metadata={"title": "t"})
+    assert [c.frames for c in clips] == [6, 6, 5]
+    assert np.array_equal(decode_mp4(joined), np.concatenate([decode_mp4(c.data) for c in clips]))

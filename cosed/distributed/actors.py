@@ -1,36 +1,46 @@
-"""Ray actors: model workers pinned to GPUs, the pool registry, the task driver, the stitcher."""
+"""Ray actors and tasks: model workers pinned to GPUs, the directory, task drivers, writers.
+
+Ownership and restarts (see README "Failure model"): the job process creates
+every model worker (restartable, stateless between calls) and the directory
+(restartable; the job republishes its contents); drivers only sequence a task
+and hand its clip refs to a writer task, which is stateless and retried by Ray.
+"""
 
 from __future__ import annotations
 
-import asyncio
-import itertools
 import os
+import threading
 import time
-import uuid
-from collections import defaultdict
+import tracemalloc
+from functools import lru_cache
 
 import numpy as np
+
 import ray
 
 from cosed.backend import LocalBackend
 from cosed.config import RunConfig
-from cosed.distributed.sizing import KINDS, PoolPlan, plan_pools
-from cosed.engine import SequenceResult, sequence_task, write_task_outputs
+from cosed.distributed import telemetry
+from cosed.distributed.dispatch import CallPolicy, Dispatcher, Membership
+from cosed.distributed.sizing import KINDS
+from cosed.engine import SequenceResult, png_bytes, sequence_task, write_task_outputs
 from cosed.models.profiles import Profile, resolve_profile
 from cosed.tasks import Task
-
-WORKER_RESTARTS = 3
+from cosed.storyboard import storyboard_png
+from cosed.video import concat_mp4, encode_clip
 
 
 class ModelWorker:
-    """One model kind in one actor: loads once, then serves batches; counts its busy time.
+    """One model kind in one actor: loads once, then serves calls; counts its busy time.
 
     It wraps the same `LocalBackend` methods the in-process path calls, so the
-    numbers cannot drift between the two paths.
+    numbers cannot drift between the two paths. `info` runs in its own thread
+    (the "control" group), so the job can see a call that hangs.
     """
 
     def __init__(self, kind: str, cfg: RunConfig):
         self.kind = kind
+        self.cfg = cfg
         profile = resolve_profile(cfg.profile, cfg.cache_dir)
         whole_gpu = ray.get_runtime_context().get_assigned_resources().get("GPU", 0) >= 1
         self.backend = LocalBackend(profile, cfg, gpu_shared_by=(kind,) if whole_gpu else KINDS)
@@ -40,14 +50,32 @@ class ModelWorker:
         self.busy = 0.0
         self.calls = 0
         self.started = time.time()
+        self.running_since: float | None = None
 
     def _timed(self, method: str, *args):
+        self._maybe_stall()
         start = time.perf_counter()
+        self.running_since = time.time()
         try:
             return getattr(self.backend, method)(*args)
         finally:
-            self.busy += time.perf_counter() - start
+            seconds = time.perf_counter() - start
+            self.running_since = None
+            self.busy += seconds
             self.calls += 1
+            telemetry.busy_seconds(self.kind, seconds)
+
+    def _maybe_stall(self) -> None:
+        """Test-only fault injection (RayConfig.chaos_stall_*): hang once, cluster-wide."""
+        ray_cfg = self.cfg.ray
+        if ray_cfg.chaos_stall_kind != self.kind or not ray_cfg.chaos_stall_marker:
+            return
+        try:
+            os.close(os.open(ray_cfg.chaos_stall_marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            return
+        self.running_since = time.time()
+        threading.Event().wait()
 
     def latent_shape(self, sd):
         return self.backend.latent_shape(sd)
@@ -67,163 +95,137 @@ class ModelWorker:
     def animate(self, image, seed, video, prompt=None):
         return self._timed("animate", image, seed, video, prompt)
 
+    def animate_clip(self, image, seed, video, prompt=None):
+        """The clip encoded to H.264 at once: raw frames never leave this process."""
+        frames = self.animate(image, seed, video, prompt)
+        return encode_clip(frames, video.fps)
+
+    def drain(self) -> bool:
+        """Returns once every call queued before it has run (used before removing this actor)."""
+        return True
+
+    @ray.method(concurrency_group="control")
     def info(self) -> dict:
         context = ray.get_runtime_context()
-        return {"kind": self.kind, "name": context.get_actor_name(), "gpu_ids": [str(g) for g in context.get_accelerator_ids().get("GPU", [])],
+        return {"kind": self.kind, "name": context.get_actor_name(),
+                "gpu_ids": [str(g) for g in context.get_accelerator_ids().get("GPU", [])],
                 "node_id": context.get_node_id(), "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
-                "busy": self.busy, "calls": self.calls, "alive": time.time() - self.started}
+                "busy": self.busy, "calls": self.calls, "alive": time.time() - self.started,
+                "running_for": time.time() - self.running_since if self.running_since else 0.0}
 
 
-@ray.remote(num_cpus=0)
-class ModelPools:
-    """Registry of model actors by kind; grows a pool when the cluster gains resources."""
+RemoteModelWorker = ray.remote(concurrency_groups={"control": 1})(ModelWorker)
 
-    def __init__(self, cfg: RunConfig):
-        self.cfg = cfg
-        self.run_id = uuid.uuid4().hex[:8]
-        self.handles: dict[str, list] = {kind: [] for kind in KINDS}
-        self.plan: dict[str, PoolPlan] = {}
 
-    def _cluster(self) -> tuple[float, float]:
-        resources = ray.cluster_resources()
-        return resources.get("GPU", 0.0), resources.get("CPU", 0.0)
+@ray.remote(num_cpus=0, max_restarts=-1)
+class Directory:
+    """Where drivers and writers look up pool members; the job republishes it after a restart."""
 
-    def start(self) -> dict[str, dict]:
-        """Create every pool and wait until each model has loaded (so a bad model fails here)."""
-        gpus, cpus = self._cluster()
-        self.plan = plan_pools(self.cfg.ray, gpus, cpus)
-        self._fill()
-        refs = [h.info.remote() for hs in self.handles.values() for h in hs]
-        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=self.cfg.ray.start_timeout_s)
-        if len(ready) < len(refs):
-            raise TimeoutError(
-                f"{len(refs) - len(ready)} model actors were not placed within {self.cfg.ray.start_timeout_s:.0f} s "
-                f"on a cluster of {cpus:g} CPUs and {gpus:g} GPUs; pools asked for "
-                + ", ".join(f"{k}: {p.replicas} x ({p.num_cpus:g} CPU, {p.num_gpus:g} GPU)" for k, p in self.plan.items()))
-        ray.get(ready)
-        return self.describe()
+    def __init__(self):
+        self.membership: Membership | None = None
 
-    def rescale(self) -> dict[str, dict]:
-        """Add actors where the cluster now holds room for more; never removes any."""
-        fixed = {kind: plan.num_gpus for kind, plan in self.plan.items()}
-        self.plan = plan_pools(self.cfg.ray, *self._cluster(), fixed_gpus=fixed)
-        self._fill()
-        return self.describe()
+    def publish(self, membership: Membership) -> None:
+        self.membership = membership
 
-    def _fill(self) -> None:
-        for kind, plan in self.plan.items():
-            while len(self.handles[kind]) < plan.replicas:
-                actor = ray.remote(ModelWorker).options(
-                    name=f"cosed-{self.run_id}-{kind}-{len(self.handles[kind])}",
-                    num_gpus=plan.num_gpus, num_cpus=plan.num_cpus,
-                    max_restarts=WORKER_RESTARTS, max_task_retries=WORKER_RESTARTS,
-                ).remote(kind, self.cfg)
-                self.handles[kind].append(actor)
-
-    def get(self, kind: str) -> list:
-        return list(self.handles[kind])
-
-    def describe(self) -> dict[str, dict]:
-        return {kind: {"replicas": len(self.handles[kind]), "num_gpus": plan.num_gpus}
-                for kind, plan in self.plan.items()}
-
-    def stats(self) -> list[dict]:
-        """Per-actor info (GPU ids, node, busy seconds), skipping actors still loading."""
-        refs = [h.info.remote() for hs in self.handles.values() for h in hs]
-        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=30)
-        out = []
-        for ref in ready:
-            try:
-                out.append(ray.get(ref))
-            except ray.exceptions.RayError:
-                continue
-        return out
+    def get(self) -> Membership | None:
+        return self.membership
 
 
 class RayBackend:
-    """The `Backend` the engine sees inside a driver: each call goes to a model actor."""
+    """The `Backend` the engine sees inside a driver: each call goes through the dispatcher."""
 
-    def __init__(self, pools, start: int = 0):
-        self.pools = pools
-        self.turn = itertools.count(start)
+    def __init__(self, dispatcher: Dispatcher):
+        self.dispatcher = dispatcher
         self._shape = None
-
-    def _next(self, kind: str):
-        handles = ray.get(self.pools.get.remote(kind))
-        return handles[next(self.turn) % len(handles)]
 
     def latent_shape(self, sd):
         if self._shape is None:
-            self._shape = ray.get(self._next("sd").latent_shape.remote(sd))
+            self._shape = self.dispatcher.call("sd", "latent_shape", sd)
         return self._shape
 
     def render_many(self, caption, latent_batches, sd, capture_iterations):
-        handles = ray.get(self.pools.get.remote("sd"))
-        offset = next(self.turn)
-        return ray.get([handles[(offset + i) % len(handles)].render.remote(caption, batch, sd, capture_iterations)
-                        for i, batch in enumerate(latent_batches)])
+        return self.dispatcher.call_many("sd", "render", [(caption, batch, sd, capture_iterations)
+                                                          for batch in latent_batches])
 
     def embed_texts(self, texts):
-        return ray.get(self._next("clip").embed_texts.remote(texts))
+        return self.dispatcher.call("clip", "embed_texts", texts)
 
     def embed_images(self, images):
-        return ray.get(self._next("clip").embed_images.remote(images))
+        return self.dispatcher.call("clip", "embed_images", images)
 
     def selector_scores(self, next_text, next_image, past_text, past_image):
-        return ray.get(self._next("clip").selector_scores.remote(next_text, next_image, past_text, past_image))
+        return self.dispatcher.call("clip", "selector_scores", next_text, next_image, past_text, past_image)
 
-    def animate_async(self, image, seed, video, prompt=None):
-        return self._next("video").animate.remote(image, seed, video, prompt)
+    def animate_clip_async(self, image, seed, video, prompt=None):
+        return self.dispatcher.submit("video", "animate_clip", image, seed, video, prompt)[0]
 
     def animate(self, image, seed, video, prompt=None):
-        return ray.get(self.animate_async(image, seed, video, prompt))
+        return self.dispatcher.call("video", "animate", image, seed, video, prompt)
 
 
-@ray.remote(num_cpus=0)
+@ray.remote(num_cpus=0, max_concurrency=2)
 class TaskDriver:
-    """Walks one task's steps in order; hands each chosen scene to the video pool at once.
+    """Walks one task's steps in order; sends each chosen scene to the video pool at once.
 
-    Step i+1's candidates are generated while step i's clip renders; the
-    stitcher receives the clips as they finish and writes the task.
+    It returns as soon as the last scene is chosen, with the clip refs still
+    rendering: the writer waits for them, so this slot can start the next task.
+    `progress` runs beside `run` and tells the job how many scenes are chosen.
     """
 
-    def run(self, task: Task, captions: list[str], attempt: int, out: str, profile: Profile,
-            cfg: RunConfig, pools, stitcher) -> dict:
-        start = time.time()
-        key = f"{task.id}#{attempt}"
-        backend = RayBackend(pools, start=abs(hash(task.id)) % 997)
+    def __init__(self):
+        self.scenes = 0
+
+    def progress(self) -> int:
+        return self.scenes
+
+    def run(self, task: Task, captions: list[str], cfg: RunConfig, membership: Membership, directory,
+            policy: CallPolicy) -> tuple[dict, dict]:
+        self.scenes = 0
+        backend = RayBackend(Dispatcher(membership, policy, directory, seed=hash(task.id) % 997))
+        clips = []
 
         def stream(step):
-            clip = backend.animate_async(step.image, step.video_seed, cfg.video, step.caption)
-            stitcher.add_clip.remote(key, step.number, [clip])
+            clips.append(backend.animate_clip_async(step.image, step.video_seed, cfg.video, step.caption))
 
-        result = sequence_task(task, captions, backend, cfg, on_scene=stream)
-        return ray.get(stitcher.finish.remote(key, out, result, profile, cfg, start))
+        def count(_number):
+            self.scenes += 1
+            telemetry.scene_done()
+
+        result = sequence_task(task, captions, backend, cfg, on_scene=stream, on_step=count)
+        return {"scenes": len(result.steps)}, {"result": result, "clips": clips}
+
+
+@lru_cache(maxsize=1)
+def _warm_writer() -> None:
+    """Load what writing imports lazily (codecs, fonts) once per process, so the traced peak is the task's."""
+    still = np.zeros((16, 16, 3), np.uint8)
+    png_bytes(still)
+    storyboard_png("warm", [still], ["warm"], ["fresh"])
+    concat_mp4([encode_clip(np.zeros((2, 16, 16, 3), np.uint8), 7).data])
 
 
 @ray.remote(num_cpus=0)
-class Stitcher:
-    """Collects clips in any order; writes a task (manifest last) once its last clip is in."""
+def write_task(out: str, sequenced: dict, profile: Profile, cfg: RunConfig, membership: Membership, directory,
+               policy: CallPolicy, start: float) -> dict:
+    """Wait for a task's encoded clips (re-animating any that were lost) and write the task.
 
-    def __init__(self):
-        self.slots: dict[str, dict[int, asyncio.Future]] = defaultdict(dict)
-
-    def _slot(self, key: str, step: int) -> asyncio.Future:
-        return self.slots[key].setdefault(step, asyncio.get_running_loop().create_future())
-
-    async def add_clip(self, key: str, step: int, clip_ref: list) -> None:
-        slot = self._slot(key, step)
-        try:
-            slot.set_result(np.asarray(await clip_ref[0]))
-        except Exception as exc:  # the driver's finish() re-raises it for this task
-            slot.set_exception(exc)
-
-    async def finish(self, key: str, out: str, result: SequenceResult, profile: Profile, cfg: RunConfig,
-                     start: float) -> dict:
+    Stateless: Ray re-runs it if its process dies; the outputs are the same
+    because every clip is a function of its image and seed.
+    """
+    result: SequenceResult = sequenced["result"]
+    dispatcher = Dispatcher(membership, policy, directory, seed=hash(result.task.id) % 997)
+    _warm_writer()
+    tracemalloc.start()  # the peak it reports is the memory bound the README states and a test checks
+    try:
         with result.timer.phase("video"):
-            try:
-                clips = [await self._slot(key, step.number) for step in result.steps]
-            finally:
-                self.slots.pop(key, None)
-        timings = {"total": round(time.time() - start, 4)}
-        return await asyncio.to_thread(write_task_outputs, out, result, clips, profile, cfg, timings)
+            clips = dispatcher.call_many("video", "animate_clip",
+                                         [(s.image, s.video_seed, cfg.video) for s in result.steps],
+                                         submitted=sequenced["clips"])
+        # Ray's wait machinery allocates a fixed transient buffer (~1 MiB) here, whatever the task;
+        # from now on the peak counts what this task holds: its clips (still traced) and the writing.
+        tracemalloc.reset_peak()
+        write_task_outputs(out, result, clips, profile, cfg, {"total": round(time.time() - start, 4)})
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    return {"task_id": result.task.id, "peak_bytes": peak, "clip_bytes": sum(len(c.data) for c in clips)}

@@ -1,4 +1,11 @@
-"""Run a batch of tasks on a Ray cluster: bounded concurrent drivers, retries, resume, summary."""
+"""Run a batch of tasks on a Ray cluster: drivers, writers, retries, deadlines, progress, summary.
+
+A task goes: queue -> a driver (sequencing; the slot is held only while it
+chooses scenes) -> a writer task (waits for the encoded clips, writes, manifest
+last) -> done. A task is retried from the start only when its driver or writer
+process died or its deadline passed; a failed model call is retried on
+another actor inside the driver/writer (`dispatch.Dispatcher`).
+"""
 
 from __future__ import annotations
 
@@ -7,18 +14,22 @@ import os
 import time
 from collections import deque
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import ray
 
 from cosed.config import RunConfig
-from cosed.distributed.actors import ModelPools, Stitcher, TaskDriver
+from cosed.distributed import telemetry
+from cosed.distributed.actors import RayBackend, TaskDriver, write_task
+from cosed.distributed.dispatch import CallFailed, CallPolicy, Dispatcher
+from cosed.distributed.pools import Pools
 from cosed.models.profiles import ModelUnavailable, Profile
 from cosed.rewrite import Rewriter, make_rewriter
 from cosed.runner import RunSummary, failure, finish_run, prepare_run, profile_cache, record_failure
 from cosed.tasks import Task, TaskError
 
 log = logging.getLogger("cosed")
+PROGRESS_SECONDS = 1.0
 
 
 def connect(address: str | None = None) -> None:
@@ -29,30 +40,28 @@ def connect(address: str | None = None) -> None:
     ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True)
 
 
-def start_pools(cfg: RunConfig):
-    pools = ModelPools.remote(cfg)
+def start_pools(cfg: RunConfig) -> Pools:
+    pools = Pools(cfg)
     try:
-        layout = ray.get(pools.start.remote())
-    except ray.exceptions.RayError as exc:
-        ray.kill(pools)
+        pools.start()
+    except (ray.exceptions.RayError, TimeoutError) as exc:
+        pools.shutdown()
         cause = exc
         while getattr(cause, "cause", None) is not None and cause.cause is not cause:
             cause = cause.cause
         raise ModelUnavailable(f"model actors could not start: {cause}") from exc
-    return pools, layout
+    return pools
 
 
 @contextmanager
 def pooled_backend(cfg: RunConfig, address: str | None = None):
     """A `RayBackend` over fresh model pools, for verbs that only need model calls (training)."""
-    from cosed.distributed.actors import RayBackend
-
     connect(address)
-    pools, _ = start_pools(cfg)
+    pools = start_pools(cfg)
     try:
-        yield RayBackend(pools)
+        yield RayBackend(Dispatcher(pools.membership(), CallPolicy.from_config(cfg.ray), pools.directory))
     finally:
-        ray.kill(pools)
+        pools.shutdown()
 
 
 def busy_fractions(stats: list[dict]) -> dict[str, float]:
@@ -65,6 +74,12 @@ def busy_fractions(stats: list[dict]) -> dict[str, float]:
     return {kind: round(busy[kind] / alive[kind], 3) if alive[kind] else 0.0 for kind in busy}
 
 
+def default_drivers(layout: dict[str, dict]) -> int:
+    """Two drivers per model actor: a driver keeps about one SD or CLIP call in flight, and
+    finished drivers hand their clips to writers, so the video pool is fed from the writers' queue."""
+    return max(2, 2 * sum(pool["replicas"] for pool in layout.values()))
+
+
 @dataclass
 class Job:
     """What every driver of one run shares."""
@@ -72,94 +87,207 @@ class Job:
     out: str
     profile: Profile
     cfg: RunConfig
-    pools: ray.actor.ActorHandle
-    stitcher: ray.actor.ActorHandle
+    pools: Pools
     rewriter: Rewriter
     summary: RunSummary
     progress: bool
+    total_scenes: int = 0
+    writes: list[dict] = field(default_factory=list)
+
+
+@dataclass
+class Attempt:
+    task: Task
+    number: int
+    started: float  # monotonic
+    started_wall: float
+    driver: object = None
 
 
 def run_on_ray(tasks_uri: str, out: str, cfg: RunConfig, *, overwrite: bool = False, progress: bool = True,
                address: str | None = None) -> RunSummary:
     start = time.perf_counter()
     profile, cfg, summary, todo = prepare_run(tasks_uri, out, cfg, overwrite)
-    if todo:
-        connect(address)
-        pools, layout = start_pools(cfg)
-        stitcher = Stitcher.remote()
-        try:
-            rewriter = make_rewriter(cfg.rewriter, model=cfg.rewriter_model, cache_dir=profile_cache(cfg))
-            limit = cfg.ray.max_concurrent_tasks
-            if limit == "auto":
-                limit = max(2, 2 * layout["sd"]["replicas"])
-            drive(Job(out, profile, cfg, pools, stitcher, rewriter, summary, progress), todo, int(limit))
-            summary.actors = ray.get(pools.stats.remote())
-            summary.extra = {"pools": ray.get(pools.describe.remote()),
-                             "busy_fraction": busy_fractions(summary.actors)}
-        finally:
-            # Model actors are owned by the pool registry and go with it.
-            ray.kill(pools)
-            ray.kill(stitcher)
-    summary.seconds = time.perf_counter() - start
-    finish_run(out, summary)
+    try:
+        if todo:
+            connect(address)
+            pools = start_pools(cfg)
+            try:
+                layout = pools.describe()
+                rewriter = make_rewriter(cfg.rewriter, model=cfg.rewriter_model, cache_dir=profile_cache(cfg))
+                limit = cfg.ray.max_concurrent_tasks
+                if limit == "auto":
+                    limit = default_drivers(layout)
+                job = Job(out, profile, cfg, pools, rewriter, summary, progress,
+                          total_scenes=sum(len(t.steps) for t in todo))
+                if progress:
+                    print(f"[cosed] pools: " + ", ".join(f"{k} {v['replicas']} x {v['num_gpus']:g} GPU"
+                                                         for k, v in layout.items()) + f"; {int(limit)} drivers",
+                          flush=True)
+                drive(job, todo, int(limit))
+                summary.actors = pools.stats()
+                busy = busy_fractions(summary.actors)
+                summary.extra = {"pools": pools.describe(), "busy_fraction": busy,
+                                 "bottleneck": max(busy, key=busy.get) if busy else None,
+                                 "moves": pools.moves, "hung_calls_restarted": pools.hung_kills,
+                                 "writer_peak_bytes": max((w["peak_bytes"] for w in job.writes), default=0)}
+            finally:
+                pools.shutdown()
+    finally:
+        summary.seconds = time.perf_counter() - start
+        finish_run(out, summary)
     return summary
 
 
 def drive(job: Job, todo: list[Task], limit: int) -> None:
-    """Keep at most ``limit`` drivers busy; retry a task whose driver died; record failures."""
-    queue = deque((task, 0) for task in todo)
+    """Keep at most ``limit`` tasks sequencing and ``limit`` writing; retry, time out, report."""
+    cfg = job.cfg
+    queue = deque(Attempt(task, 0, 0.0, 0.0) for task in todo)
     idle = [TaskDriver.remote() for _ in range(min(limit, len(todo)))]
-    running: dict = {}
-    last_rescale = time.monotonic()
+    sequencing: dict = {}  # status ref -> (Attempt, payload ref)
+    writing: dict = {}  # write ref -> Attempt
+    last_tick = last_progress = time.monotonic()
+    shown = -1
     try:
-        while queue or running:
-            while queue and idle:
-                task, attempt = queue.popleft()
-                driver = idle.pop()
-                ref = driver.run.remote(task, job.rewriter.captions(task), attempt, job.out, job.profile, job.cfg,
-                                        job.pools, job.stitcher)
-                running[ref] = (driver, task, attempt)
-            ready, _ = ray.wait(list(running), num_returns=1, timeout=job.cfg.ray.rescale_seconds)
-            if time.monotonic() - last_rescale >= job.cfg.ray.rescale_seconds:
-                job.pools.rescale.remote()
-                last_rescale = time.monotonic()
+        while queue or sequencing or writing:
+            while queue and idle and len(writing) < limit:
+                attempt = queue.popleft()
+                attempt.driver, attempt.started, attempt.started_wall = idle.pop(), time.monotonic(), time.time()
+                status, payload = attempt.driver.run.options(num_returns=2).remote(
+                    attempt.task, job.rewriter.captions(attempt.task), cfg, job.pools.membership(),
+                    job.pools.directory, policy(job))
+                sequencing[status] = (attempt, payload)
+            telemetry.tasks(len(queue), len(sequencing) + len(writing))
+            ready, _ = ray.wait(list(sequencing) + list(writing), num_returns=1, timeout=PROGRESS_SECONDS)
             for ref in ready:
-                driver, task, attempt = running.pop(ref)
-                if settle(job, ref, task, attempt, queue):
-                    idle.append(driver)
+                if ref in sequencing:
+                    attempt, payload = sequencing.pop(ref)
+                    settle_sequencing(job, ref, payload, attempt, queue, idle, writing)
                 else:
-                    idle.append(TaskDriver.remote())
-                if job.progress:
-                    report(job, task, len(todo))
+                    settle_writing(job, ref, writing.pop(ref), queue)
+            enforce_deadlines(job, queue, idle, sequencing, writing)
+            now = time.monotonic()
+            if now - last_tick >= cfg.ray.rescale_seconds:
+                job.pools.tick()
+                last_tick = now
+            if job.progress and now - last_progress >= PROGRESS_SECONDS:
+                shown = report(job, sequencing, writing, shown)
+                last_progress = now
+        if job.progress:
+            report(job, sequencing, writing, shown)
     finally:
-        for driver in idle + [entry[0] for entry in running.values()]:
+        for driver in idle + [attempt.driver for attempt, _ in sequencing.values()]:
             ray.kill(driver)
+        for ref in writing:
+            ray.cancel(ref, force=True)
 
 
-def settle(job: Job, ref, task: Task, attempt: int, queue: deque) -> bool:
-    """Record one finished driver call; False when the driver itself died."""
-    summary = job.summary
+def policy(job: Job) -> CallPolicy:
+    return CallPolicy.from_config(job.cfg.ray, job.pools.expected())
+
+
+def retry_or_fail(job: Job, attempt: Attempt, queue: deque, reason: str) -> None:
+    if attempt.number < job.cfg.ray.task_retries:
+        log.warning("task %s: %s; retrying (attempt %d)", attempt.task.id, reason, attempt.number + 2)
+        queue.append(Attempt(attempt.task, attempt.number + 1, 0.0, 0.0))
+    else:
+        fail(job, attempt.task, f"{reason} ({attempt.number + 1} attempts)")
+
+
+def fail(job: Job, task: Task, reason: str) -> None:
+    record_failure(job.out, job.summary, TaskError(source="generation", task_id=task.id, reason=reason))
+
+
+def settle_sequencing(job: Job, ref, payload, attempt: Attempt, queue: deque, idle: list, writing: dict) -> None:
+    """A driver finished choosing scenes: hand the task to a writer and free the driver's slot."""
     try:
         ray.get(ref)
-    except ray.exceptions.ActorDiedError as exc:
-        if attempt < job.cfg.ray.task_retries:
-            log.warning("driver of task %s died (%s); retrying", task.id, type(exc).__name__)
-            queue.append((task, attempt + 1))
+    except ray.exceptions.RayError as exc:
+        _consume(payload)  # the same error; read so Ray does not log it as unhandled
+        settle_failed_driver(job, exc, attempt, queue, idle)
+        return
+    idle.append(attempt.driver)
+    write = write_task.options(max_retries=job.cfg.ray.task_retries + 1, retry_exceptions=False).remote(
+        job.out, payload, job.profile, job.cfg, job.pools.membership(), job.pools.directory, policy(job),
+        attempt.started_wall)
+    writing[write] = attempt
+
+
+def _consume(ref) -> None:
+    try:
+        ray.get(ref, timeout=1)
+    except Exception:
+        pass
+
+
+def settle_failed_driver(job: Job, exc: Exception, attempt: Attempt, queue: deque, idle: list) -> None:
+    """Only the driver's own death is "driver died": failed model calls arrive as `CallFailed` from inside it."""
+    if isinstance(exc, ray.exceptions.RayTaskError):
+        idle.append(attempt.driver)
+        cause = exc.cause or exc
+        if isinstance(cause, CallFailed):
+            fail(job, attempt.task, f"model calls kept failing: {cause}")
         else:
-            record_failure(job.out, summary, TaskError(source="generation", task_id=task.id,
-                                                       reason=f"driver died {attempt + 1} times: {exc}"))
-        return False
-    except ray.exceptions.RayTaskError as exc:
-        record_failure(job.out, summary, failure(task, exc.cause or exc))
-    else:
-        summary.done.append(task.id)
-        summary.scenes += len(task.steps)
-    return True
+            record_failure(job.out, job.summary, failure(attempt.task, cause))
+        return
+    idle.append(TaskDriver.remote())
+    what = "driver died" if isinstance(exc, ray.exceptions.RayActorError) else "driver lost"  # e.g. its node left
+    retry_or_fail(job, attempt, queue, f"{what} ({type(exc).__name__})")
 
 
-def report(job: Job, task: Task, total: int) -> None:
+def settle_writing(job: Job, ref, attempt: Attempt, queue: deque) -> None:
     summary = job.summary
-    state = "done" if task.id in summary.done else "failed" if any(e.task_id == task.id for e in summary.failed) \
-        else "retrying"
-    finished = len(summary.done) + len(summary.failed)
-    print(f"[cosed] {finished}/{total} tasks, {summary.scenes} scenes: {task.id} {state}", flush=True)
+    try:
+        written = ray.get(ref)
+    except ray.exceptions.RayTaskError as exc:
+        cause = exc.cause or exc
+        if isinstance(cause, CallFailed):
+            fail(job, attempt.task, f"video calls kept failing: {cause}")
+        else:
+            record_failure(job.out, summary, failure(attempt.task, cause))
+        return
+    except ray.exceptions.RayError as exc:  # the writer's process or node, after Ray's own retries
+        retry_or_fail(job, attempt, queue, f"writer failed ({type(exc).__name__})")
+        return
+    job.writes.append(written)
+    summary.done.append(attempt.task.id)
+    summary.scenes += len(attempt.task.steps)
+    telemetry.task_latency(time.monotonic() - attempt.started)
+
+
+def enforce_deadlines(job: Job, queue: deque, idle: list, sequencing: dict, writing: dict) -> None:
+    """A task attempt older than ``task_deadline_s`` is stopped and retried (or failed)."""
+    limit = job.cfg.ray.task_deadline_s
+    now = time.monotonic()
+    for ref, (attempt, _) in list(sequencing.items()):
+        if now - attempt.started > limit:
+            del sequencing[ref]
+            ray.kill(attempt.driver)
+            idle.append(TaskDriver.remote())
+            retry_or_fail(job, attempt, queue, f"deadline of {limit:g} s passed while sequencing")
+    for ref, attempt in list(writing.items()):
+        if now - attempt.started > limit:
+            del writing[ref]
+            ray.cancel(ref, force=True)
+            retry_or_fail(job, attempt, queue, f"deadline of {limit:g} s passed while writing")
+
+
+def report(job: Job, sequencing: dict, writing: dict, shown: int) -> int:
+    """``[cosed] N/M scenes`` whenever a scene is chosen or a task finishes."""
+    running = [attempt.driver for attempt, _ in sequencing.values()]
+    chosen = sum(len(attempt.task.steps) for attempt in writing.values()) + job.summary.scenes
+    if running:
+        refs = [driver.progress.remote() for driver in running]
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=2.0)
+        for ref in ready:
+            try:
+                chosen += ray.get(ref)
+            except ray.exceptions.RayError:
+                pass
+    summary = job.summary
+    key = chosen * 100003 + len(summary.done) * 101 + len(summary.failed)
+    if key != shown:
+        print(f"[cosed] {chosen}/{job.total_scenes} scenes chosen, {summary.scenes} written; "
+              f"tasks: {len(summary.done)} done, {len(summary.failed)} failed, {len(writing)} writing",
+              flush=True)
+    return key

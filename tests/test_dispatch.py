@@ -1,0 +1,83 @@
+"""The dispatcher: least outstanding work, retries on another actor, timeouts (trivial actors, no models)."""
+
+import os
+import time
+
+import pytest
+import ray
+
+from cosed.distributed.dispatch import CallFailed, CallPolicy, Dispatcher, Membership
+from cosed.distributed.rebalance import rebalance_move
+
+
+@pytest.fixture(scope="module", autouse=True)
+def cluster():
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    ray.init(num_cpus=2, logging_level="ERROR", log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@ray.remote(num_cpus=0, max_restarts=-1)
+class Echo:
+    def __init__(self, name):
+        self.name = name
+
+    def work(self, seconds, value):
+        time.sleep(seconds)
+        return self.name, value
+
+    def die(self):
+        os._exit(1)
+
+
+def dispatcher(names, **policy):
+    members = {"sd": {name: Echo.remote(name) for name in names}}
+    return Dispatcher(Membership(1, members), CallPolicy(**{"timeout_floor_s": 30.0, **policy}))
+
+
+def test_each_call_goes_to_the_actor_with_the_least_outstanding_work():
+    pool = dispatcher(["a", "b", "c"])
+    first, _ = pool.submit("sd", "work", 3.0, 0)
+    second, _ = pool.submit("sd", "work", 3.0, 1)
+    assert pool.pick("sd") not in {pool.in_flight[first].name, pool.in_flight[second].name}
+    third, name = pool.submit("sd", "work", 0.0, 2)
+    assert {pool.in_flight[first].name, pool.in_flight[second].name, name} == {"a", "b", "c"}
+    assert ray.get(third) == (name, 2)
+    # Once "c" answered, it is again the least loaded while "a" and "b" still work.
+    assert pool.pick("sd") == name
+
+
+def test_a_call_whose_actor_dies_is_answered_by_another():
+    pool = dispatcher(["a", "b"])
+    ray.get(pool.membership.members["sd"]["a"].work.remote(0, 0))
+    pool.membership.members["sd"]["a"].die.remote()
+    time.sleep(0.5)
+    results = pool.call_many("sd", "work", [(0.2, i) for i in range(4)])
+    assert [value for _, value in results] == [0, 1, 2, 3]
+
+
+def test_a_call_that_hangs_times_out_and_is_retried_elsewhere():
+    pool = dispatcher(["a", "b"], timeout_floor_s=1.0, timeout_factor=1.0)
+    pool.membership.members["sd"]["a"].work.remote(60.0, "stuck")  # "a" hangs, unknown to the dispatcher
+    answers = [pool.call("sd", "work", 0.0, i) for i in range(4)]
+    assert answers == [("b", i) for i in range(4)]
+    assert "a" in pool.suspect  # tried, timed out, avoided since
+    failing = dispatcher(["x"], timeout_floor_s=0.5, timeout_factor=1.0, attempts=2)
+    with pytest.raises(CallFailed, match="2 attempts"):
+        failing.call("sd", "work", 5.0, "slow")
+
+
+def test_rebalance_moves_from_an_idle_pool_to_the_bottleneck_only():
+    gpus = {"sd": 1.0, "video": 1.0, "clip": 1.0}
+    movable = {"sd", "video"}
+    assert rebalance_move({"sd": 0.2, "video": 0.97, "clip": 0.1}, {"sd": 3, "video": 1, "clip": 1}, gpus, movable,
+                          0.85, 0.35) == ("sd", "video")
+    assert rebalance_move({"sd": 0.5, "video": 0.97, "clip": 0.1}, {"sd": 3, "video": 1, "clip": 1}, gpus, movable,
+                          0.85, 0.35) is None  # nobody idles enough (clip is not movable)
+    assert rebalance_move({"sd": 0.2, "video": 0.6, "clip": 0.99}, {"sd": 3, "video": 1, "clip": 1}, gpus, movable,
+                          0.85, 0.35) is None  # the bottleneck is fixed-size; video is not short
+    assert rebalance_move({"sd": 0.2, "video": 0.97, "clip": 0.1}, {"sd": 1, "video": 1, "clip": 1}, gpus, movable,
+                          0.85, 0.35) is None  # a pool keeps one actor
+    assert rebalance_move({"sd": 0.2, "video": 0.97}, {"sd": 3, "video": 1}, {"sd": 0.5, "video": 1.0}, movable,
+                          0.85, 0.35) is None  # half a GPU cannot host a one-GPU actor
