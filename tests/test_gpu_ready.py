@@ -80,7 +80,7 @@ def test_doctor_lines_for_an_unwritable_output_and_an_unreachable_cluster(tmp_pa
     blocker.write_text("x")
     check = out_check(str(blocker / "out"))
     assert check.status == FAIL and check.fix
-    (check,) = cluster_checks("127.0.0.1:9", resolve_profile("sd21-svd"), "auto", timeout=30)
+    (check,) = cluster_checks("127.0.0.1:9", resolve_profile("sd21-svd"), "auto", timeout=10)
     assert check.status == FAIL and "127.0.0.1:9" in check.detail and check.fix
 
 
