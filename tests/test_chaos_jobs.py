@@ -7,6 +7,7 @@ each task exactly once, with no partial object left.
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -76,6 +77,7 @@ def head(s3, tiny_cache, tmp_path_factory):
     except ProcessLookupError:
         pass
     process.wait(10)
+    shutil.rmtree(f"/tmp/cosed-chaos-{port}", ignore_errors=True)
 
 
 def submit(head, submission_id: str, tiny_cache, wait: bool) -> subprocess.CompletedProcess:
