@@ -7,6 +7,7 @@ each task exactly once, with no partial object left.
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -21,7 +22,11 @@ from cosed.video import decode_mp4
 pytestmark = pytest.mark.slow
 
 TASKS = [{**t, "steps": t["steps"][:2]} for t in SMALL_TASKS] + [
-    {"id": "toast", "title": "Toast", "steps": ["Slice the bread.", "Toast it until golden."]}]
+    {"id": "toast", "title": "Toast", "steps": ["Slice the bread.", "Toast it until golden."]},
+    {"id": "salad", "title": "Salad", "steps": ["Wash the leaves.", "Toss with dressing."]},
+    {"id": "frame", "title": "Frame", "steps": ["Cut the mitres.", "Glue the corners."]},
+    {"id": "rice", "title": "Rice", "steps": ["Rinse the rice.", "Simmer it covered."]},
+    {"id": "plant", "title": "Plant", "steps": ["Fill the pot.", "Water the seedling."]}]
 PREFIX = "e1"
 # One actor per pool and one task at a time: small enough to share a busy 2-core machine.
 SMALL_POOLS = "ray:\n  sd: {replicas: 1}\n  video: {replicas: 1}\n  max_concurrent_tasks: 1\n"
@@ -72,6 +77,7 @@ def head(s3, tiny_cache, tmp_path_factory):
     except ProcessLookupError:
         pass
     process.wait(10)
+    shutil.rmtree(f"/tmp/cosed-chaos-{port}", ignore_errors=True)
 
 
 def submit(head, submission_id: str, tiny_cache, wait: bool) -> subprocess.CompletedProcess:
@@ -95,9 +101,13 @@ def _submit(head, submission_id: str, tiny_cache, wait: bool) -> subprocess.Comp
 
 
 def stop(head, submission_id: str) -> None:
-    env, address = head
-    subprocess.run([str(BIN / "ray"), "job", "stop", f"--address={address}", submission_id],
-                   env=env, capture_output=True, timeout=120)
+    """`ray job stop`, through the job SDK (no CLI start-up delay), and wait until the job has ended."""
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    client = JobSubmissionClient(head[1])
+    client.stop_job(submission_id)
+    wait_for(lambda: client.get_job_status(submission_id) in (JobStatus.STOPPED, JobStatus.FAILED,
+                                                               JobStatus.SUCCEEDED), 120, "the job to stop")
 
 
 def finished_at(client) -> dict[str, str]:
