@@ -42,7 +42,7 @@ class CallPolicy:
     expected: dict[str, float] = field(default_factory=dict)
 
     @classmethod
-    def from_config(cls, ray_cfg, expected: dict[str, float] | None = None) -> "CallPolicy":
+    def from_config(cls, ray_cfg, expected: dict[str, float] | None = None) -> CallPolicy:
         return cls(ray_cfg.call_timeout_factor, ray_cfg.call_timeout_floor_s, ray_cfg.call_attempts,
                    restart_wait_s=ray_cfg.start_timeout_s, expected=dict(expected or {}))
 
