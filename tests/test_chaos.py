@@ -13,12 +13,13 @@ import threading
 
 import pytest
 import ray
-from conftest import write_jsonl
 from ray.util.state import list_actors, list_tasks
 
 from cosed import runner
 from cosed.distributed.job import run_on_ray
 from cosed.engine import manifest_without_timings
+
+from conftest import write_jsonl
 
 pytestmark = pytest.mark.slow
 
