@@ -66,7 +66,7 @@ class EncodedClip:
 
 
 def encode_clip(frames: np.ndarray, fps: int) -> EncodedClip:
-    return EncodedClip(data=encode_mp4(frames, fps), frames=int(len(frames)))
+    return EncodedClip(data=encode_mp4(frames, fps), frames=len(frames))
 
 
 def concat_mp4(clips: list[bytes], metadata: dict[str, str] | None = None) -> bytes:

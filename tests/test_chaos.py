@@ -10,7 +10,6 @@ import os
 import random
 import signal
 import threading
-import time
 
 import pytest
 import ray
@@ -55,7 +54,7 @@ def reference(tmp_path_factory, tiny_run):
 
 
 def chaos_config(tiny_config, **fields):
-    ray_fields = {"max_concurrent_tasks": 4, "rescale_seconds": 1.0, "call_timeout_floor_s": 30.0,
+    ray_fields = {"max_concurrent_tasks": 4, "rescale_seconds": 1.0, "call_timeout_floor_s": 60.0,
                   "rebalance": False, **fields}
     return dataclasses.replace(tiny_config, ray=dataclasses.replace(tiny_config.ray, **ray_fields))
 
@@ -132,9 +131,9 @@ def test_a_rebalance_moves_an_actor_from_an_idle_pool_to_a_busy_one(tmp_path, ti
 def test_model_actors_killed_every_few_seconds(tmp_path, tiny_config, reference):
     def killer(stop):
         rng, kills = random.Random(0), 0
-        while not stop.wait(3.0):
+        while not stop.wait(5.0):
             alive = model_workers()
-            if alive and kill_pid(rng.choice(alive).pid):
+            if len(alive) == 4 and kill_pid(rng.choice(alive).pid):  # each kill once the last one recovered
                 kills += 1
         return kills
 

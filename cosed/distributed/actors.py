@@ -15,7 +15,6 @@ import tracemalloc
 from functools import lru_cache
 
 import numpy as np
-
 import ray
 
 from cosed.backend import LocalBackend
@@ -25,8 +24,8 @@ from cosed.distributed.dispatch import CallPolicy, Dispatcher, Membership
 from cosed.distributed.sizing import KINDS
 from cosed.engine import SequenceResult, png_bytes, sequence_task, write_task_outputs
 from cosed.models.profiles import Profile, resolve_profile
-from cosed.tasks import Task
 from cosed.storyboard import storyboard_png
+from cosed.tasks import Task
 from cosed.video import concat_mp4, encode_clip
 
 

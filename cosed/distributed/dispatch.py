@@ -38,12 +38,13 @@ class CallPolicy:
     timeout_floor_s: float = 120.0
     attempts: int = 4
     refresh_s: float = 2.0
+    restart_wait_s: float = 900.0  # how long a call waits for the only actors of a pool to restart
     expected: dict[str, float] = field(default_factory=dict)
 
     @classmethod
-    def from_config(cls, ray_cfg, expected: dict[str, float] | None = None) -> "CallPolicy":
+    def from_config(cls, ray_cfg, expected: dict[str, float] | None = None) -> CallPolicy:
         return cls(ray_cfg.call_timeout_factor, ray_cfg.call_timeout_floor_s, ray_cfg.call_attempts,
-                   expected=dict(expected or {}))
+                   restart_wait_s=ray_cfg.start_timeout_s, expected=dict(expected or {}))
 
     def timeout(self, expected_s: float, queued: int = 0) -> float:
         """How long to wait for a call with ``queued`` calls of ours ahead of it on the same actor."""
@@ -206,10 +207,13 @@ class Dispatcher:
                     first_failure.setdefault(index, time.monotonic())
                     if name:
                         self.forget(name)
-                    # Give up after ``attempts`` failures, but never before the floor has passed: a pool
-                    # of one actor that is restarting (seconds to minutes) must not fail the task.
+                    # Give up after ``attempts`` failures, but never before the floor has passed, nor while
+                    # the actor is only restarting (reloading models can take minutes): a pool of one actor
+                    # that is restarting must not fail the task.
+                    patience = self.policy.restart_wait_s if isinstance(exc, ray.exceptions.ActorUnavailableError) \
+                        else self.policy.timeout_floor_s
                     if len(failures[index]) >= self.policy.attempts and \
-                            time.monotonic() - first_failure[index] >= self.policy.timeout_floor_s:
+                            time.monotonic() - first_failure[index] >= patience:
                         raise CallFailed(f"{kind}.{method} failed on {len(failures[index])} attempts "
                                          f"(actors {', '.join(failures[index])}); last error: "
                                          f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from exc

@@ -121,7 +121,7 @@ def run_on_ray(tasks_uri: str, out: str, cfg: RunConfig, *, overwrite: bool = Fa
                 job = Job(out, profile, cfg, pools, rewriter, summary, progress,
                           total_scenes=sum(len(t.steps) for t in todo))
                 if progress:
-                    print(f"[cosed] pools: " + ", ".join(f"{k} {v['replicas']} x {v['num_gpus']:g} GPU"
+                    print("[cosed] pools: " + ", ".join(f"{k} {v['replicas']} x {v['num_gpus']:g} GPU"
                                                          for k, v in layout.items()) + f"; {int(limit)} drivers",
                           flush=True)
                 drive(job, todo, int(limit))

@@ -147,15 +147,18 @@ class Pools:
         changed = False
         for ref, name in refs.items():
             kind, handle = everyone[name]
-            info = None
+            info, restarting = None, False
             if ref in ready:
                 try:
                     info = ray.get(ref)
+                except ray.exceptions.ActorUnavailableError:
+                    restarting = True  # Ray is bringing it back (reloading models can take minutes)
                 except ray.exceptions.RayError:
-                    info = None
+                    pass
             if info is None:
                 since = self.unreachable_since.setdefault(name, now)
-                limit = ray_cfg.start_timeout_s if name in self.starting else ray_cfg.call_timeout_floor_s
+                slow_start = name in self.starting or restarting
+                limit = ray_cfg.start_timeout_s if slow_start else ray_cfg.call_timeout_floor_s
                 if now - since > limit:
                     log.warning("model actor %s unreachable for %.0f s; replacing it in the %s pool",
                                 name, now - since, kind)

@@ -11,14 +11,14 @@ Metrics are best effort: a process without a metrics agent records nothing.
 
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cache
 
 from ray.util import metrics
 
 LATENCY_BOUNDARIES = [1, 5, 15, 30, 60, 120, 300, 600, 1200, 3600]
 
 
-@lru_cache(maxsize=None)
+@cache
 def _metric(kind: str, name: str, description: str, tags: tuple[str, ...] = ()):
     cls = {"counter": metrics.Counter, "gauge": metrics.Gauge}.get(kind)
     if cls is None:
