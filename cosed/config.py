@@ -71,6 +71,13 @@ class RayConfig:
     task_retries: int = 2
     rescale_seconds: float = 5.0
     start_timeout_s: float = 900.0
+    # Pool planning (cosed.distributed.sizing): "cost" sizes pools by expected GPU-seconds,
+    # "legacy" splits GPUs evenly (kept to compare against).
+    policy: str = "cost"
+    costs: dict = field(default_factory=dict)      # overrides of the profile's `costs`, same layout
+    min_gpus: float = 0.0                          # wait (up to gpu_wait_s) until the cluster has this many
+    gpu_wait_s: float = 600.0
+    max_gpus: float = 0.0                          # GPUs to ask the autoscaler for at most (0: never ask)
 
 
 @dataclass

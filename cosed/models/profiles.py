@@ -25,6 +25,8 @@ class Profile:
     defaults: dict[str, Any] = field(default_factory=dict)
     random_weights: bool = False
     description: str = ""
+    costs: dict[str, Any] = field(default_factory=dict)
+    backend: str = "local"
 
     def model_names(self) -> dict[str, str]:
         """Stable model names for manifests: tiny models by name, not by cache path."""
@@ -51,7 +53,8 @@ def resolve_profile(name_or_folder: str, cache_dir: str | os.PathLike | None = N
         models = {kind: _resolve_source(src, cache) for kind, src in data["models"].items()}
         return Profile(name=data["name"], defaults=data.get("defaults", {}),
                        random_weights=data.get("random_weights", False),
-                       description=data.get("description", ""), **models)
+                       description=data.get("description", ""), costs=data.get("costs", {}),
+                       backend=data.get("backend", "local"), **models)
     folder = Path(name_or_folder)
     if folder.is_dir():
         missing = [kind for kind in ("sd", "video", "clip") if not (folder / kind).is_dir()]
@@ -62,7 +65,8 @@ def resolve_profile(name_or_folder: str, cache_dir: str | os.PathLike | None = N
         meta = json.loads(meta_path.read_text(encoding="utf-8")) if meta_path.is_file() else {}
         return Profile(name=meta.get("name", str(folder)), sd=str(folder / "sd"), video=str(folder / "video"),
                        clip=str(folder / "clip"), defaults=meta.get("defaults", {}),
-                       random_weights=meta.get("random_weights", False), description=meta.get("description", ""))
+                       random_weights=meta.get("random_weights", False), description=meta.get("description", ""),
+                       costs=meta.get("costs", {}))
     raise ModelUnavailable(f"unknown profile {name_or_folder!r}: use one of {', '.join(available_profiles())} "
                            "or a folder holding sd/, video/ and clip/")
 
