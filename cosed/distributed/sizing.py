@@ -148,7 +148,8 @@ def plan_cluster(ray_cfg: RayConfig, nodes: list[Node], work: dict[str, float], 
     if sum(weights.values()) <= 0:
         weights = dict.fromkeys(KINDS, 1.0)
     whole_slots = sum(math.floor(n.gpus + _EPS) for n in nodes)
-    whole = [k for k in KINDS if costs.whole_gpu.get(k, True)]
+    whole = [k for k in KINDS if costs.whole_gpu.get(k, True)
+             or (specs[k].num_gpus != "auto" and float(specs[k].num_gpus) >= 1)]
     if sum(n.gpus for n in nodes) <= 0:
         replicas, gpus, reason = _cpu_split(specs, weights, nodes)
     elif whole_slots >= len(whole):
