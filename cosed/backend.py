@@ -92,3 +92,14 @@ class LocalBackend:
     def animate(self, image, seed, video):
         return animate(self.video, image, seed, video)
 
+
+def make_backend(profile: Profile, cfg: RunConfig):
+    """The backend a profile asks for: its models in this process, or the latency simulator.
+
+    A profile with ``"backend": "simulated"`` (``latency``) runs no model; see `cosed.simulate`.
+    """
+    if profile.backend == "simulated":
+        from cosed.simulate import SimulatedBackend
+
+        return SimulatedBackend(profile, cfg)
+    return LocalBackend(profile, cfg)

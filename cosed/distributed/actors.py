@@ -12,9 +12,11 @@ from collections import defaultdict
 import numpy as np
 import ray
 
-from cosed.backend import LocalBackend
+from cosed.backend import make_backend
 from cosed.config import RunConfig
-from cosed.distributed.sizing import KINDS, PoolPlan, plan_pools
+from cosed.distributed.costs import CostModel
+from cosed.distributed.sizing import (KINDS, ClusterPlan, PoolPlan, expected_gpus, nodes_from_ray, plan_cluster,
+                                      plan_pools, wait_for_gpus)
 from cosed.engine import SequenceResult, sequence_task, write_task_outputs
 from cosed.models.profiles import Profile, resolve_profile
 from cosed.tasks import Task
@@ -32,7 +34,7 @@ class ModelWorker:
     def __init__(self, kind: str, cfg: RunConfig):
         self.kind = kind
         profile = resolve_profile(cfg.profile, cfg.cache_dir)
-        self.backend = LocalBackend(profile, cfg)
+        self.backend = make_backend(profile, cfg)
         getattr(self.backend, kind)  # load now: a model that cannot load fails the pool's start
         if kind == "clip":
             self.backend.selector  # noqa: B018
@@ -82,15 +84,21 @@ class ModelPools:
         self.run_id = uuid.uuid4().hex[:8]
         self.handles: dict[str, list] = {kind: [] for kind in KINDS}
         self.plan: dict[str, PoolPlan] = {}
+        self.cluster_plan: ClusterPlan | None = None
+        self.costs = CostModel.from_dict({})
+        self.work: dict[str, float] = {}
+        self.drivers_hint: float | None = None
 
     def _cluster(self) -> tuple[float, float]:
         resources = ray.cluster_resources()
         return resources.get("GPU", 0.0), resources.get("CPU", 0.0)
 
-    def start(self) -> dict[str, dict]:
+    def start(self, costs: CostModel | None = None, work: dict[str, float] | None = None,
+              drivers_hint: float | None = None) -> dict[str, dict]:
         """Create every pool and wait until each model has loaded (so a bad model fails here)."""
+        self.costs, self.work, self.drivers_hint = costs or self.costs, work or {}, drivers_hint
+        self._plan(wait=True)
         gpus, cpus = self._cluster()
-        self.plan = plan_pools(self.cfg.ray, gpus, cpus)
         self._fill()
         refs = [h.info.remote() for hs in self.handles.values() for h in hs]
         ready, _ = ray.wait(refs, num_returns=len(refs), timeout=self.cfg.ray.start_timeout_s)
@@ -104,10 +112,26 @@ class ModelPools:
 
     def rescale(self) -> dict[str, dict]:
         """Add actors where the cluster now holds room for more; never removes any."""
-        fixed = {kind: plan.num_gpus for kind, plan in self.plan.items()}
-        self.plan = plan_pools(self.cfg.ray, *self._cluster(), fixed_gpus=fixed)
+        self._plan(wait=False)
         self._fill()
         return self.describe()
+
+    def _plan(self, wait: bool) -> None:
+        """The cost-aware plan on the nodes there now (at start: once the expected GPUs are in)."""
+        if self.cfg.ray.policy == "legacy" and self.plan:
+            fixed = {kind: plan.num_gpus for kind, plan in self.plan.items()}
+            self.plan = plan_pools(self.cfg.ray, *self._cluster(), fixed_gpus=fixed)
+            return
+        ray_cfg = self.cfg.ray
+        nodes = nodes_from_ray(ray.nodes())
+        if wait:
+            nodes = wait_for_gpus(lambda: nodes_from_ray(ray.nodes()), expected_gpus(ray_cfg, self.costs),
+                                  ray_cfg.gpu_wait_s, strict=ray_cfg.min_gpus > 0)
+        self.cluster_plan = plan_cluster(ray_cfg, nodes, self.work, self.costs, self.drivers_hint)
+        self.plan = self.cluster_plan.pools
+
+    def get_plan(self) -> ClusterPlan | None:
+        return self.cluster_plan
 
     def _fill(self) -> None:
         for kind, plan in self.plan.items():

@@ -15,6 +15,7 @@ import ray
 from cosed import storage
 from cosed.config import RunConfig
 from cosed.distributed.actors import ModelPools, Stitcher, TaskDriver
+from cosed.distributed.costs import CostModel, TaskWork, batch_work
 from cosed.models.profiles import ModelUnavailable, Profile
 from cosed.rewrite import Rewriter, make_rewriter
 from cosed.runner import RunSummary, failure, prepare_run, profile_cache, write_errors
@@ -34,10 +35,11 @@ def connect(address: str | None = None) -> None:
     ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True)
 
 
-def start_pools(cfg: RunConfig):
+def start_pools(cfg: RunConfig, costs: CostModel | None = None, expected: TaskWork | None = None):
     pools = ModelPools.remote(cfg)
+    hint = expected.critical_path / expected.total if expected and expected.total else None
     try:
-        layout = ray.get(pools.start.remote())
+        layout = ray.get(pools.start.remote(costs, expected.seconds if expected else None, hint))
     except ray.exceptions.RayError as exc:
         ray.kill(pools)
         cause = exc
@@ -90,16 +92,17 @@ def run_on_ray(tasks_uri: str, out: str, cfg: RunConfig, *, overwrite: bool = Fa
     profile, cfg, summary, todo = prepare_run(tasks_uri, out, cfg, overwrite)
     if todo:
         connect(address)
-        pools, layout = start_pools(cfg)
+        costs = CostModel.from_dict(profile.costs, cfg.ray.costs)
+        pools, layout = start_pools(cfg, costs, batch_work((len(t.steps) for t in todo), cfg, costs))
+        plan = ray.get(pools.get_plan.remote())
+        if progress:
+            print(f"[cosed] {plan.describe()}", flush=True)
         stitcher = Stitcher.remote()
         try:
             rewriter = make_rewriter(cfg.rewriter, model=cfg.rewriter_model, cache_dir=profile_cache(cfg))
-            limit = cfg.ray.max_concurrent_tasks
-            if limit == "auto":
-                limit = max(2, 2 * layout["sd"]["replicas"])
-            drive(Job(out, profile, cfg, pools, stitcher, rewriter, summary, progress), todo, int(limit))
+            drive(Job(out, profile, cfg, pools, stitcher, rewriter, summary, progress), todo, plan.drivers)
             summary.actors = ray.get(pools.stats.remote())
-            summary.extra = {"pools": ray.get(pools.describe.remote()),
+            summary.extra = {"plan": plan.to_dict(), "pools": ray.get(pools.describe.remote()),
                              "busy_fraction": busy_fractions(summary.actors)}
         finally:
             # Model actors are owned by the pool registry and go with it.
