@@ -49,6 +49,7 @@ class SimulatedBackend:
         self.costs = CostModel.from_dict(profile.costs, cfg.ray.costs)
         self.time_scale = float(os.environ.get(TIME_SCALE_ENV, "1")) if time_scale is None else time_scale
         self.device = torch.device("cpu")
+        torch.set_num_threads(cfg.cpu_threads)  # the selector's float sums, as in `LocalBackend`
         self.selector: ContrastiveSelector = load_selector(cfg.selector)
         # Nothing to load: a pool "loads" its model by reading the costs.
         self.sd = self.video = self.clip = self.costs
