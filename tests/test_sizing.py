@@ -184,3 +184,11 @@ def test_wanted_gpus_is_capped_by_config_and_useful_work():
     assert wanted_gpus(RayConfig(max_gpus=32), 10_000, 200, 50) == 32
     assert wanted_gpus(RayConfig(max_gpus=32), 1_000, 200, 4) == 5
     assert wanted_gpus(RayConfig(max_gpus=32), 100, 200, 1) == 2
+
+
+def test_without_known_work_clip_gets_a_whole_gpu_when_there_is_one_to_spare():
+    plan = plan_cluster(RayConfig(), [Node(cpus=6, gpus=4)], {}, CostModel.from_dict({}))
+    assert shape(plan) == {"sd": (2, 1.0), "video": (1, 1.0), "clip": (1, 1.0)}
+    fixed = RayConfig(sd=PoolResources(num_gpus=1), video=PoolResources(num_gpus=1))
+    plan = plan_cluster(fixed, [Node(cpus=6, gpus=2)], work(sd=1, video=1, clip=0.01), COSTS)
+    assert shape(plan) == {"sd": (1, 1.0), "video": (1, 1.0), "clip": (1, 0.0)}

@@ -179,6 +179,11 @@ def drivers_for(ray_cfg: RayConfig, plan: ClusterPlan, critical_over_work: float
 
 
 def _gpu_split(specs, weights, whole_slots, whole):
+    total = sum(weights.values())
+    hosts = [k for k in whole if specs[k].num_gpus == "auto"]
+    for kind in [k for k in KINDS if k not in whole]:
+        if (not hosts or weights[kind] / total * whole_slots > _MAX_FRACTION) and whole_slots > len(whole):
+            whole = whole + [kind]  # too much work (or no pool) to share a GPU with
     gpus: dict[str, float] = {}
     replicas: dict[str, int] = {}
     for kind in whole:
@@ -199,15 +204,13 @@ def _gpu_split(specs, weights, whole_slots, whole):
         replicas[kind] += 1
         used += math.ceil(gpus[kind] - _EPS)
     reason = f"{whole_slots} whole GPUs split by work among {', '.join(whole)}"
-    hosts = [k for k in whole if specs[k].num_gpus == "auto" and replicas[k] > 0]
-    total = sum(weights.values())
+    hosts = [k for k in hosts if replicas[k] > 0]
     for kind in (k for k in KINDS if k not in whole):
         spec = specs[kind]
         load = weights[kind] / total * whole_slots  # GPUs this pool would keep busy
-        if not hosts or load > _MAX_FRACTION:
-            replicas[kind] = max(1, int(spec.replicas) if spec.replicas != "auto" else round(load))
-            gpus[kind] = 1.0
-            reason += f"; {kind} gets whole GPUs (no pool to share with, or too much work)"
+        if not hosts:
+            replicas[kind], gpus[kind] = max(1, int(spec.replicas) if spec.replicas != "auto" else 1), 0.0
+            reason += f"; {kind} on CPUs (no GPU left to share)"
             continue
         host = max(hosts, key=lambda k: weights[k])
         count = int(spec.replicas) if spec.replicas != "auto" else max(1, math.ceil(load / _MAX_FRACTION))
