@@ -93,7 +93,7 @@ def run_on_ray(tasks_uri: str, out: str, cfg: RunConfig, *, overwrite: bool = Fa
     if todo:
         connect(address)
         costs = CostModel.from_dict(profile.costs, cfg.ray.costs)
-        pools, layout = start_pools(cfg, costs, batch_work((len(t.steps) for t in todo), cfg, costs))
+        pools, _ = start_pools(cfg, costs, batch_work((len(t.steps) for t in todo), cfg, costs))
         plan = ray.get(pools.get_plan.remote())
         if progress:
             print(f"[cosed] {plan.describe()}", flush=True)
