@@ -77,7 +77,6 @@ class RayConfig:
     costs: dict = field(default_factory=dict)      # overrides of the profile's `costs`, same layout
     min_gpus: float = 0.0                          # wait (up to gpu_wait_s) until the cluster has this many
     gpu_wait_s: float = 600.0
-    max_gpus: float = 0.0                          # GPUs to ask the autoscaler for at most (0: never ask)
 
 
 @dataclass

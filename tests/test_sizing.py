@@ -1,13 +1,11 @@
 """Cost model and pool planning on constructed costs and clusters (pure: no Ray)."""
 
-import dataclasses
-
 import pytest
 
 from cosed.config import PoolConfig, PoolResources, RayConfig, RunConfig, SDConfig
 from cosed.distributed.costs import CallCost, CostModel, batch_work, candidate_counts, task_work
 from cosed.distributed.sizing import (ClusterPlan, Node, PlanError, PoolPlan, nodes_from_ray, place, plan_cluster,
-                                      rebalance_move, wait_for_gpus, wanted_gpus)
+                                      plan_for_cluster, rebalance_move, wait_for_gpus, wanted_gpus)
 
 A100 = {"render": {"fixed": 2.5, "per_item": 2.1}, "animate": {"fixed": 45.0},
         "embed_texts": {"fixed": 0.01}, "embed_images": {"fixed": 0.01, "per_item": 0.004},
@@ -180,10 +178,25 @@ def test_rebalance_has_hysteresis():
 
 
 def test_wanted_gpus_is_capped_by_config_and_useful_work():
-    assert wanted_gpus(RayConfig(), 10_000, 200, 50) == 0
-    assert wanted_gpus(RayConfig(max_gpus=32), 10_000, 200, 50) == 32
-    assert wanted_gpus(RayConfig(max_gpus=32), 1_000, 200, 4) == 5
-    assert wanted_gpus(RayConfig(max_gpus=32), 100, 200, 1) == 2
+    assert wanted_gpus(0, 10_000, 200, 50) == 0
+    assert wanted_gpus(32, 10_000, 200, 50) == 32
+    assert wanted_gpus(32, 1_000, 200, 4) == 5
+    assert wanted_gpus(32, 100, 200, 1) == 2
+
+
+def test_plan_for_cluster_waits_only_at_start():
+    calls = []
+
+    def nodes():
+        calls.append(1)
+        return [Node(cpus=8, gpus=4)] if len(calls) > 1 else [Node(cpus=8, gpus=0)]
+
+    cfg = RayConfig(min_gpus=4, gpu_wait_s=60)
+    slept = []
+    plan = plan_for_cluster(cfg, nodes, work(sd=1, video=3), COSTS, log=lambda _: None, sleep=slept.append)
+    assert plan.pools["sd"].replicas + plan.pools["video"].replicas == 4 and len(calls) == 2 and len(slept) == 1
+    calls.clear()
+    assert plan_for_cluster(cfg, nodes, work(sd=1, video=3), COSTS, wait=False).gpus == 0
 
 
 def test_without_known_work_clip_gets_a_whole_gpu_when_there_is_one_to_spare():

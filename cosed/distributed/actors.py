@@ -15,8 +15,7 @@ import ray
 from cosed.backend import make_backend
 from cosed.config import RunConfig
 from cosed.distributed.costs import CostModel
-from cosed.distributed.sizing import (KINDS, ClusterPlan, PoolPlan, expected_gpus, nodes_from_ray, plan_cluster,
-                                      plan_pools, wait_for_gpus)
+from cosed.distributed.sizing import KINDS, ClusterPlan, PoolPlan, nodes_from_ray, plan_for_cluster, plan_pools
 from cosed.engine import SequenceResult, sequence_task, write_task_outputs
 from cosed.models.profiles import Profile, resolve_profile
 from cosed.tasks import Task
@@ -122,12 +121,8 @@ class ModelPools:
             fixed = {kind: plan.num_gpus for kind, plan in self.plan.items()}
             self.plan = plan_pools(self.cfg.ray, *self._cluster(), fixed_gpus=fixed)
             return
-        ray_cfg = self.cfg.ray
-        nodes = nodes_from_ray(ray.nodes())
-        if wait:
-            nodes = wait_for_gpus(lambda: nodes_from_ray(ray.nodes()), expected_gpus(ray_cfg, self.costs),
-                                  ray_cfg.gpu_wait_s, strict=ray_cfg.min_gpus > 0)
-        self.cluster_plan = plan_cluster(ray_cfg, nodes, self.work, self.costs, self.drivers_hint)
+        self.cluster_plan = plan_for_cluster(self.cfg.ray, lambda: nodes_from_ray(ray.nodes()), self.work,
+                                             self.costs, self.drivers_hint, wait=wait)
         self.plan = self.cluster_plan.pools
 
     def get_plan(self) -> ClusterPlan | None:

@@ -327,6 +327,18 @@ def _ceil_share(value: float) -> float:
     return math.ceil(value * 10 ** _SHARE_DECIMALS - _EPS) / 10 ** _SHARE_DECIMALS
 
 
+def plan_for_cluster(ray_cfg: RayConfig, get_nodes: Callable[[], list[Node]], work: dict[str, float],
+                     costs: CostModel, drivers_hint: float | None = None, *, wait: bool = True,
+                     log: Callable[[str], None] = print,
+                     sleep: Callable[[float], None] = time.sleep) -> ClusterPlan:
+    """The plan on the nodes ``get_nodes`` reports (``nodes_from_ray(ray.nodes())``); at start
+    (``wait``) once the GPUs the run expects have joined, bounded by ``ray.gpu_wait_s``."""
+    nodes = get_nodes() if not wait else wait_for_gpus(
+        get_nodes, expected_gpus(ray_cfg, costs), ray_cfg.gpu_wait_s, strict=ray_cfg.min_gpus > 0, log=log,
+        sleep=sleep)
+    return plan_cluster(ray_cfg, nodes, work, costs, drivers_hint)
+
+
 # --- Waiting for GPU workers, rebalancing, autoscaling -------------------------------------------
 
 def expected_gpus(ray_cfg: RayConfig, costs: CostModel) -> float:
@@ -400,14 +412,14 @@ def rebalance_move(busy: dict[str, float], plan: ClusterPlan, *, high: float = 0
     return frm, to
 
 
-def wanted_gpus(ray_cfg: RayConfig, remaining_seconds: float, mean_critical_path: float, tasks_left: int,
+def wanted_gpus(max_gpus: float, remaining_seconds: float, mean_critical_path: float, tasks_left: int,
                 whole_gpu_pools: int = 2) -> int:
-    """GPUs to ask the autoscaler for (0: do not ask): enough to run every remaining task at once.
+    """GPUs to ask the autoscaler for, up to ``max_gpus`` (0: do not ask): enough to run every remaining task at once.
 
     A task cannot keep more than its GPU-seconds over its critical path busy, so
     more GPUs than ``remaining_seconds / mean_critical_path`` would idle.
     """
-    if ray_cfg.max_gpus <= 0 or tasks_left <= 0:
+    if max_gpus <= 0 or tasks_left <= 0:
         return 0
     useful = math.ceil(remaining_seconds / mean_critical_path) if mean_critical_path > 0 else whole_gpu_pools
-    return int(min(math.floor(ray_cfg.max_gpus), max(useful, whole_gpu_pools)))
+    return int(min(math.floor(max_gpus), max(useful, whole_gpu_pools)))
