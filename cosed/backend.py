@@ -15,7 +15,6 @@ import torch
 
 from cosed.config import RunConfig, SDConfig, VideoConfig
 from cosed.generate import RenderedBatch, latent_shape, render_batch
-from cosed.models.loaders import load_sd, load_video, resolve_device
 from cosed.models.profiles import Profile
 from cosed.selector import ContrastiveSelector
 from cosed.embed import ClipEmbedder
@@ -46,6 +45,9 @@ class LocalBackend:
     """All models in this process, each loaded on first use."""
 
     def __init__(self, profile: Profile, cfg: RunConfig):
+        # Imported here: diffusers costs every driver and simulated worker process ~170 MB it never uses.
+        from cosed.models.loaders import resolve_device
+
         self.profile = profile
         self.cfg = cfg
         self.device = resolve_device(cfg.device)
@@ -56,10 +58,14 @@ class LocalBackend:
 
     @cached_property
     def sd(self):
+        from cosed.models.loaders import load_sd
+
         return load_sd(self.profile.sd, self.device)
 
     @cached_property
     def video(self):
+        from cosed.models.loaders import load_video
+
         return load_video(self.profile.video, self.device)
 
     @cached_property
