@@ -3,9 +3,10 @@
 import pytest
 
 from cosed.config import PoolConfig, PoolResources, RayConfig, RunConfig, SDConfig
-from cosed.distributed.costs import CallCost, CostModel, batch_work, candidate_counts, task_work
+from cosed.distributed.costs import CallCost, CostModel, batch_work, candidate_counts, expected_work, task_work
 from cosed.distributed.sizing import (ClusterPlan, Node, PlanError, PoolPlan, nodes_from_ray, place, plan_cluster,
                                       plan_for_cluster, rebalance_move, wait_for_gpus, wanted_gpus)
+from cosed.tasks import Task
 
 A100 = {"render": {"fixed": 2.5, "per_item": 2.1}, "animate": {"fixed": 45.0},
         "embed_texts": {"fixed": 0.01}, "embed_images": {"fixed": 0.01, "per_item": 0.004},
@@ -39,6 +40,13 @@ def test_task_work_counts_calls_and_seconds():
     assert one.critical_path == pytest.approx(first_image + 4 * 45.0)
     both = batch_work([4, 2], CFG, COSTS)
     assert both.tasks == 2 and both.calls["animate"] == 6
+
+
+def test_expected_work_is_per_pool_over_the_tasks():
+    tasks = [Task(id="a", title="A", steps=("x",) * 4), Task(id="b", title="B", steps=("y",) * 2)]
+    seconds = expected_work(tasks, CFG, COSTS)
+    assert seconds == pytest.approx(batch_work([4, 2], CFG, COSTS).seconds)
+    assert seconds["video"] == pytest.approx(6 * 45.0) and seconds["sd"] > 0 and 0 < seconds["clip"] < 1
 
 
 def test_costs_are_overridable_and_refined_from_measured_calls():
