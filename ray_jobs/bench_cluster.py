@@ -62,6 +62,8 @@ def run_once(tasks: str, out: Path, cfg: RunConfig, gpus: int, cpus: int, time_s
     finally:
         ray.shutdown()
     spans = task_times(out)
+    if not spans:
+        raise SystemExit(f"G={gpus} {cfg.ray.policy}: no task finished ({len(summary.failed)} failed; see above)")
     wall = max(e for _, e in spans) - min(s for s, _ in spans)
     plan = summary.extra["plan"]
     busy = {}
