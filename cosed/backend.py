@@ -110,3 +110,14 @@ class LocalBackend:
             video = dataclasses.replace(video, decode_chunk_size=min(video.decode_chunk_size, SMALL_DECODE_CHUNK))
         return animate(self.video, image, seed, video, prompt)
 
+
+def make_backend(profile: Profile, cfg: RunConfig, gpu_shared_by: tuple[str, ...] = KINDS):
+    """The backend a profile asks for: its models in this process, or the latency simulator.
+
+    A profile with ``"backend": "simulated"`` (``latency``) runs no model; see `cosed.simulate`.
+    """
+    if profile.backend == "simulated":
+        from cosed.simulate import SimulatedBackend
+
+        return SimulatedBackend(profile, cfg)
+    return LocalBackend(profile, cfg, gpu_shared_by=gpu_shared_by)

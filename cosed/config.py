@@ -106,6 +106,12 @@ class RayConfig:
     # creates the file ``chaos_stall_marker`` sleeps forever (tests of stuck-call handling).
     chaos_stall_kind: str | None = None
     chaos_stall_marker: str | None = None
+    # Pool planning (cosed.distributed.sizing): "cost" sizes pools by expected GPU-seconds,
+    # "legacy" splits GPUs evenly (kept to compare against).
+    policy: str = "cost"
+    costs: dict = field(default_factory=dict)      # overrides of the profile's `costs`, same layout
+    min_gpus: float = 0.0                          # wait (up to gpu_wait_s) until the cluster has this many
+    gpu_wait_s: float = 600.0
 
 
 @dataclass

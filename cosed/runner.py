@@ -18,7 +18,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from cosed import storage
-from cosed.backend import LocalBackend
+from cosed.backend import LocalBackend, make_backend
 from cosed.config import RunConfig
 from cosed.engine import MANIFEST, generate_task, task_fingerprint, task_uri
 from cosed.errors import UserError
@@ -194,7 +194,7 @@ def run_in_process(tasks_uri: str, out: str, cfg: RunConfig, *, overwrite: bool 
     """Every task in this process, one after another. Pass ``backend`` to reuse loaded models."""
     start = time.perf_counter()
     profile, cfg, summary, todo = prepare_run(tasks_uri, out, cfg, overwrite)
-    backend = backend or LocalBackend(profile, cfg)
+    backend = backend or make_backend(profile, cfg)
     if todo:
         backend.load_all()
     rewriter = make_rewriter(cfg.rewriter, model=cfg.rewriter_model, cache_dir=profile_cache(cfg),

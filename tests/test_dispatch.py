@@ -7,7 +7,6 @@ import pytest
 import ray
 
 from cosed.distributed.dispatch import CallFailed, CallPolicy, Dispatcher, Membership
-from cosed.distributed.rebalance import rebalance_move
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -66,18 +65,3 @@ def test_a_call_that_hangs_times_out_and_is_retried_elsewhere():
     failing = dispatcher(["x"], timeout_floor_s=0.5, timeout_factor=1.0, attempts=2)
     with pytest.raises(CallFailed, match="2 attempts"):
         failing.call("sd", "work", 5.0, "slow")
-
-
-def test_rebalance_moves_from_an_idle_pool_to_the_bottleneck_only():
-    gpus = {"sd": 1.0, "video": 1.0, "clip": 1.0}
-    movable = {"sd", "video"}
-    assert rebalance_move({"sd": 0.2, "video": 0.97, "clip": 0.1}, {"sd": 3, "video": 1, "clip": 1}, gpus, movable,
-                          0.85, 0.35) == ("sd", "video")
-    assert rebalance_move({"sd": 0.5, "video": 0.97, "clip": 0.1}, {"sd": 3, "video": 1, "clip": 1}, gpus, movable,
-                          0.85, 0.35) is None  # nobody idles enough (clip is not movable)
-    assert rebalance_move({"sd": 0.2, "video": 0.6, "clip": 0.99}, {"sd": 3, "video": 1, "clip": 1}, gpus, movable,
-                          0.85, 0.35) is None  # the bottleneck is fixed-size; video is not short
-    assert rebalance_move({"sd": 0.2, "video": 0.97, "clip": 0.1}, {"sd": 1, "video": 1, "clip": 1}, gpus, movable,
-                          0.85, 0.35) is None  # a pool keeps one actor
-    assert rebalance_move({"sd": 0.2, "video": 0.97}, {"sd": 3, "video": 1}, {"sd": 0.5, "video": 1.0}, movable,
-                          0.85, 0.35) is None  # half a GPU cannot host a one-GPU actor

@@ -44,7 +44,9 @@ def test_a_gpu_node_added_mid_run_gets_model_actors_and_work(cluster, tmp_path, 
     run.join()
     summary = result["summary"]
     assert len(summary.done) == 8
-    assert summary.extra["pools"]["sd"]["replicas"] == 2 and summary.extra["pools"]["video"]["replicas"] == 2
+    pools = summary.extra["pools"]
+    assert pools["sd"]["replicas"] >= 2 and pools["video"]["replicas"] >= 2
+    assert pools["sd"]["replicas"] + pools["video"]["replicas"] == 5  # every whole GPU of both nodes
     on_new_node = [a for a in summary.actors if a["node_id"] == node.node_id]
     assert {a["kind"] for a in on_new_node} == {"sd", "video"}
     assert any(a["calls"] > 0 for a in on_new_node if a["kind"] == "sd")

@@ -17,7 +17,7 @@ from functools import lru_cache
 import numpy as np
 import ray
 
-from cosed.backend import LocalBackend
+from cosed.backend import make_backend
 from cosed.config import RunConfig
 from cosed.distributed import telemetry
 from cosed.distributed.dispatch import CallPolicy, Dispatcher, Membership
@@ -42,7 +42,7 @@ class ModelWorker:
         self.cfg = cfg
         profile = resolve_profile(cfg.profile, cfg.cache_dir)
         whole_gpu = ray.get_runtime_context().get_assigned_resources().get("GPU", 0) >= 1
-        self.backend = LocalBackend(profile, cfg, gpu_shared_by=(kind,) if whole_gpu else KINDS)
+        self.backend = make_backend(profile, cfg, gpu_shared_by=(kind,) if whole_gpu else KINDS)
         getattr(self.backend, kind)  # load now: a model that cannot load fails the pool's start
         if kind == "clip":
             self.backend.selector  # noqa: B018

@@ -23,6 +23,7 @@ from cosed.distributed import telemetry
 from cosed.distributed.actors import RayBackend, TaskDriver, write_task
 from cosed.distributed.dispatch import CallFailed, CallPolicy, Dispatcher
 from cosed.distributed.pools import Pools
+from cosed.distributed.costs import CostModel, TaskWork, batch_work
 from cosed.models.profiles import ModelUnavailable, Profile
 from cosed.rewrite import Rewriter, make_rewriter
 from cosed.runner import RunSummary, failure, finish_run, prepare_run, profile_cache, record_failure
@@ -40,8 +41,9 @@ def connect(address: str | None = None) -> None:
     ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True)
 
 
-def start_pools(cfg: RunConfig) -> Pools:
-    pools = Pools(cfg)
+def start_pools(cfg: RunConfig, costs: CostModel | None = None, expected: TaskWork | None = None) -> Pools:
+    hint = expected.critical_path / expected.total if expected and expected.total else None
+    pools = Pools(cfg, costs, expected.seconds if expected else None, hint)
     try:
         pools.start()
     except (ray.exceptions.RayError, TimeoutError) as exc:
@@ -72,12 +74,6 @@ def busy_fractions(stats: list[dict]) -> dict[str, float]:
         busy[item["kind"]] = busy.get(item["kind"], 0.0) + item["busy"]
         alive[item["kind"]] = alive.get(item["kind"], 0.0) + item["alive"]
     return {kind: round(busy[kind] / alive[kind], 3) if alive[kind] else 0.0 for kind in busy}
-
-
-def default_drivers(layout: dict[str, dict]) -> int:
-    """Two drivers per model actor: a driver keeps about one SD or CLIP call in flight, and
-    finished drivers hand their clips to writers, so the video pool is fed from the writers' queue."""
-    return max(2, 2 * sum(pool["replicas"] for pool in layout.values()))
 
 
 @dataclass
@@ -111,23 +107,19 @@ def run_on_ray(tasks_uri: str, out: str, cfg: RunConfig, *, overwrite: bool = Fa
     try:
         if todo:
             connect(address)
-            pools = start_pools(cfg)
+            costs = CostModel.from_dict(profile.costs, cfg.ray.costs)
+            pools = start_pools(cfg, costs, batch_work((len(t.steps) for t in todo), cfg, costs))
             try:
-                layout = pools.describe()
+                plan = pools.cluster_plan
                 rewriter = make_rewriter(cfg.rewriter, model=cfg.rewriter_model, cache_dir=profile_cache(cfg))
-                limit = cfg.ray.max_concurrent_tasks
-                if limit == "auto":
-                    limit = default_drivers(layout)
                 job = Job(out, profile, cfg, pools, rewriter, summary, progress,
                           total_scenes=sum(len(t.steps) for t in todo))
                 if progress:
-                    print("[cosed] pools: " + ", ".join(f"{k} {v['replicas']} x {v['num_gpus']:g} GPU"
-                                                         for k, v in layout.items()) + f"; {int(limit)} drivers",
-                          flush=True)
-                drive(job, todo, int(limit))
+                    print(f"[cosed] {plan.describe()}", flush=True)
+                drive(job, todo, plan.drivers)
                 summary.actors = pools.stats()
                 busy = busy_fractions(summary.actors)
-                summary.extra = {"pools": pools.describe(), "busy_fraction": busy,
+                summary.extra = {"plan": plan.to_dict(), "pools": pools.describe(), "busy_fraction": busy,
                                  "bottleneck": max(busy, key=busy.get) if busy else None,
                                  "moves": pools.moves, "hung_calls_restarted": pools.hung_kills,
                                  "writer_peak_bytes": max((w["peak_bytes"] for w in job.writes), default=0)}

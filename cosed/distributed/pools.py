@@ -11,6 +11,7 @@ from an idle pool to the bottleneck and publishes the members to the
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import time
@@ -21,16 +22,22 @@ import ray
 from cosed.config import RunConfig
 from cosed.distributed.actors import Directory, RemoteModelWorker
 from cosed.distributed.dispatch import Membership
-from cosed.distributed.rebalance import rebalance_move
-from cosed.distributed.sizing import KINDS, PoolPlan, plan_pools
+from cosed.distributed.costs import CostModel
+from cosed.distributed.sizing import KINDS, ClusterPlan, PoolPlan, nodes_from_ray, plan_for_cluster, plan_pools, \
+    rebalance_move
 
 log = logging.getLogger("cosed")
 INFO_TIMEOUT_S = 5.0
 
 
 class Pools:
-    def __init__(self, cfg: RunConfig):
+    def __init__(self, cfg: RunConfig, costs: CostModel | None = None, work: dict[str, float] | None = None,
+                 drivers_hint: float | None = None):
         self.cfg = cfg
+        self.costs = costs or CostModel.from_dict({})
+        self.work = work or {}
+        self.drivers_hint = drivers_hint
+        self.cluster_plan: ClusterPlan | None = None
         self.run_id = uuid.uuid4().hex[:8]
         self.members: dict[str, dict[str, ray.actor.ActorHandle]] = {kind: {} for kind in KINDS}
         self.starting: dict[str, tuple[str, ray.actor.ActorHandle, float]] = {}  # name -> (kind, handle, since)
@@ -53,7 +60,15 @@ class Pools:
         return resources.get("GPU", 0.0), resources.get("CPU", 0.0)
 
     def _plan(self, fixed_gpus: dict[str, float] | None = None) -> dict[str, PoolPlan]:
-        return plan_pools(self.cfg.ray, *self._cluster(), fixed_gpus=fixed_gpus)
+        """The cost-aware plan (sizing.plan_cluster) on the nodes there now; at start, once the GPUs the
+        run expects have joined. ``ray.policy: legacy`` keeps the even split to compare against."""
+        if self.cfg.ray.policy == "legacy" and fixed_gpus:
+            return plan_pools(self.cfg.ray, *self._cluster(), fixed_gpus=fixed_gpus)
+        plan = plan_for_cluster(self.cfg.ray, lambda: nodes_from_ray(ray.nodes()), self.work, self.costs,
+                                self.drivers_hint, wait=fixed_gpus is None)
+        if fixed_gpus is None:
+            self.cluster_plan = plan
+        return plan.pools
 
     # -- actors --------------------------------------------------------------------------------------
     def _add(self, kind: str) -> None:
@@ -210,10 +225,10 @@ class Pools:
 
     def _rebalance(self) -> bool:
         busy = self.busy()
-        movable = {kind for kind in KINDS if getattr(self.cfg.ray, kind).replicas == "auto"}
-        move = rebalance_move(busy, {k: len(m) for k, m in self.members.items()},
-                              {k: p.num_gpus for k, p in self.plan.items()}, movable,
-                              self.cfg.ray.busy_above, self.cfg.ray.idle_below)
+        movable = {kind: value for kind, value in busy.items() if getattr(self.cfg.ray, kind).replicas == "auto"}
+        now = ClusterPlan(pools={k: dataclasses.replace(p, replicas=len(self.members[k])) for k, p in self.plan.items()},
+                          drivers=0, reason="")
+        move = rebalance_move(movable, now, high=self.cfg.ray.busy_above, low=self.cfg.ray.idle_below)
         if move is None:
             return False
         donor, target = move

@@ -1,13 +1,20 @@
-"""How many model actors of each kind, and what each asks for, from the cluster's resources."""
+"""How many model actors of each kind, and what each asks for, from the cluster's resources.
+
+`plan_cluster` sizes pools by what the work costs (`cosed.distributed.costs`) on the
+nodes actually there; `plan_pools` is the earlier even split, kept as ``ray.policy: legacy``.
+Everything here is pure: the Ray edge passes in ``ray.nodes()`` and measured busy fractions.
+"""
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
+from typing import Callable
 
 from cosed.config import PoolResources, RayConfig
+from cosed.distributed.costs import KINDS, CostModel
 
-KINDS = ("sd", "video", "clip")
 _EPS = 1e-6
 
 
@@ -63,3 +70,356 @@ def _num_cpus(value: float | str, cluster_cpus: float) -> float:
 def _share(total: float) -> float:
     """A third of ``total``, rounded down so that three shares always fit."""
     return math.floor(total / len(KINDS) * 1e4) / 1e4
+
+
+# --- Cost-aware planning -------------------------------------------------------------------------
+
+_SHARE_DECIMALS = 4  # Ray keeps resource amounts to 1e-4
+_MAX_FRACTION = 0.5  # a model that would need more than half a GPU gets whole GPUs instead
+
+
+class PlanError(RuntimeError):
+    """No placeable plan exists on these nodes (the message says what is missing)."""
+
+
+@dataclass(frozen=True)
+class Node:
+    """What one alive Ray node offers to model actors."""
+
+    cpus: float
+    gpus: float
+    memory: float = 0.0
+    node_id: str = ""
+
+
+def nodes_from_ray(ray_nodes: list[dict]) -> list[Node]:
+    """`Node`s from ``ray.nodes()`` (dead nodes dropped)."""
+    return [Node(cpus=n.get("Resources", {}).get("CPU", 0.0), gpus=n.get("Resources", {}).get("GPU", 0.0),
+                 memory=n.get("Resources", {}).get("memory", 0.0), node_id=n.get("NodeID", ""))
+            for n in ray_nodes if n.get("Alive", True)]
+
+
+@dataclass(frozen=True)
+class ClusterPlan:
+    """Actors per pool and what each asks of Ray, concurrent drivers, and why."""
+
+    pools: dict[str, PoolPlan]
+    drivers: int
+    reason: str
+    policy: str = "cost"
+    work: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def gpus(self) -> float:
+        return round(sum(p.replicas * p.num_gpus for p in self.pools.values()), _SHARE_DECIMALS)
+
+    def layout(self) -> dict[str, dict]:
+        return {kind: {"replicas": p.replicas, "num_gpus": p.num_gpus} for kind, p in self.pools.items()}
+
+    def describe(self) -> str:
+        pools = ", ".join(f"{kind} {p.replicas} x ({p.num_gpus:g} GPU, {p.num_cpus:g} CPU)"
+                          for kind, p in self.pools.items())
+        return f"pool plan ({self.policy}): {pools}; {self.drivers} concurrent tasks. {self.reason}"
+
+    def to_dict(self) -> dict:
+        return {"policy": self.policy, "reason": self.reason, "drivers": self.drivers,
+                "pools": {kind: {"replicas": p.replicas, "num_gpus": p.num_gpus, "num_cpus": p.num_cpus}
+                          for kind, p in self.pools.items()},
+                "expected_gpu_seconds": {k: round(v, 3) for k, v in self.work.items()}}
+
+
+def plan_cluster(ray_cfg: RayConfig, nodes: list[Node], work: dict[str, float], costs: CostModel,
+                 drivers_hint: float | None = None) -> ClusterPlan:
+    """Pools sized by expected GPU-seconds (``work`` per kind) on these nodes; always placeable.
+
+    Models that need a whole GPU split the whole GPUs in proportion to their work
+    (each pool gets the next GPU while its work per GPU is the largest); a small
+    model (CLIP and the selector) takes a fractional share of a GPU of the pool
+    with the most work, whose actors leave that share free. CPUs per actor are
+    what the busiest node can give. ``drivers_hint`` is the mean task's critical
+    path over its GPU-seconds (see `drivers_for`).
+    """
+    if ray_cfg.policy == "legacy":
+        return _legacy_plan(ray_cfg, nodes, work)
+    if ray_cfg.policy != "cost":
+        raise ValueError(f"ray.policy must be cost or legacy, got {ray_cfg.policy!r}")
+    specs = {kind: getattr(ray_cfg, kind) for kind in KINDS}
+    weights = {k: max(work.get(k, 0.0), 0.0) for k in KINDS}
+    if sum(weights.values()) <= 0:
+        weights = dict.fromkeys(KINDS, 1.0)
+    whole_slots = sum(math.floor(n.gpus + _EPS) for n in nodes)
+    whole = [k for k in KINDS if costs.whole_gpu.get(k, True)
+             or (specs[k].num_gpus != "auto" and float(specs[k].num_gpus) >= 1)]
+    if sum(n.gpus for n in nodes) <= 0:
+        replicas, gpus, reason = _cpu_split(specs, weights, nodes)
+    elif whole_slots >= len(whole):
+        replicas, gpus, reason = _gpu_split(specs, weights, whole_slots, whole)
+    else:
+        replicas, gpus, reason = _shared_gpu(specs, weights, nodes)
+    pools, note = _fit(specs, weights, replicas, gpus, nodes)
+    share = {k: round(weights[k] / sum(weights.values()), 3) for k in KINDS}
+    reason = f"expected GPU-second shares {share}; {reason}{note}"
+    plan = ClusterPlan(pools=pools, drivers=0, reason=reason, work=dict(work))
+    return ClusterPlan(pools=pools, drivers=drivers_for(ray_cfg, plan, drivers_hint), reason=reason, work=dict(work))
+
+
+def drivers_for(ray_cfg: RayConfig, plan: ClusterPlan, critical_over_work: float | None) -> int:
+    """Concurrent tasks that keep every pool busy (Little's law, with 2x headroom for queueing).
+
+    A pool of capacity C GPU-seconds per second finishes C / W tasks per second when
+    a task costs W GPU-seconds; each task stays at least its critical path P, so
+    C * P / W tasks must run at once.
+    """
+    if ray_cfg.max_concurrent_tasks != "auto":
+        return int(ray_cfg.max_concurrent_tasks)
+    capacity = sum(p.replicas * (p.num_gpus if p.num_gpus > 0 else 1.0) for p in plan.pools.values())
+    if not critical_over_work:
+        return max(2, 2 * plan.pools["sd"].replicas)
+    return max(2, math.ceil(2.0 * capacity * critical_over_work))
+
+
+def _gpu_split(specs, weights, whole_slots, whole):
+    total = sum(weights.values())
+    hosts = [k for k in whole if specs[k].num_gpus == "auto"]
+    for kind in [k for k in KINDS if k not in whole]:
+        if (not hosts or weights[kind] / total * whole_slots > _MAX_FRACTION) and whole_slots > len(whole):
+            whole = whole + [kind]  # too much work (or no pool) to share a GPU with
+    gpus: dict[str, float] = {}
+    replicas: dict[str, int] = {}
+    for kind in whole:
+        spec = specs[kind]
+        gpus[kind] = 1.0 if spec.num_gpus == "auto" else float(spec.num_gpus)
+        if spec.replicas != "auto":
+            replicas[kind] = int(spec.replicas)
+    auto = [k for k in whole if k not in replicas]
+    used = sum(replicas[k] * math.ceil(gpus[k] - _EPS) for k in replicas)
+    for kind in auto:
+        replicas[kind] = 1
+        used += math.ceil(gpus[kind] - _EPS)
+    while auto:
+        fits = [k for k in auto if used + math.ceil(gpus[k] - _EPS) <= whole_slots]
+        if not fits:
+            break
+        kind = max(fits, key=lambda k: weights[k] / (replicas[k] * gpus[k]))
+        replicas[kind] += 1
+        used += math.ceil(gpus[kind] - _EPS)
+    reason = f"{whole_slots} whole GPUs split by work among {', '.join(whole)}"
+    hosts = [k for k in hosts if replicas[k] > 0]
+    for kind in (k for k in KINDS if k not in whole):
+        spec = specs[kind]
+        load = weights[kind] / total * whole_slots  # GPUs this pool would keep busy
+        if not hosts:
+            replicas[kind], gpus[kind] = max(1, int(spec.replicas) if spec.replicas != "auto" else 1), 0.0
+            reason += f"; {kind} on CPUs (no GPU left to share)"
+            continue
+        host = max(hosts, key=lambda k: weights[k])
+        count = int(spec.replicas) if spec.replicas != "auto" else max(1, math.ceil(load / _MAX_FRACTION))
+        count = min(count, replicas[host])
+        share = float(spec.num_gpus) if spec.num_gpus != "auto" else _ceil_share(min(_MAX_FRACTION, max(0.01, load / count)))
+        replicas[kind], gpus[kind] = count, share
+        gpus[host] = _floor_share(gpus[host] - count * share)
+        reason += f"; {kind} shares a {host} GPU ({share:g} each, {host} actors ask {gpus[host]:g})"
+    return replicas, gpus, reason
+
+
+def _shared_gpu(specs, weights, nodes):
+    """Fewer GPUs than whole-GPU models: one actor per pool, GPU shares in proportion to work."""
+    biggest = max(n.gpus for n in nodes)
+    total = sum(max(weights[k], 0.05 * sum(weights.values())) for k in KINDS)
+    replicas = {k: 1 if specs[k].replicas == "auto" else int(specs[k].replicas) for k in KINDS}
+    gpus = {}
+    for kind in KINDS:
+        if specs[kind].num_gpus != "auto":
+            gpus[kind] = float(specs[kind].num_gpus)
+        else:
+            part = max(weights[kind], 0.05 * sum(weights.values())) / total
+            gpus[kind] = _floor_share(min(biggest, 1.0) * part / replicas[kind])
+    return replicas, gpus, f"fewer GPUs ({biggest:g} on the largest node) than whole-GPU models: pools share them"
+
+
+def _cpu_split(specs, weights, nodes):
+    """A CPU-only cluster: one actor per pool, more where CPUs allow, by work."""
+    cpus = sum(n.cpus for n in nodes)
+    replicas = {k: 1 if specs[k].replicas == "auto" else int(specs[k].replicas) for k in KINDS}
+    auto = [k for k in KINDS if specs[k].replicas == "auto"]
+    while auto and sum(replicas.values()) + 1 <= cpus:
+        kind = max(auto, key=lambda k: weights[k] / replicas[k])
+        replicas[kind] += 1
+    gpus = {k: 0.0 if specs[k].num_gpus == "auto" else float(specs[k].num_gpus) for k in KINDS}
+    return replicas, gpus, "no GPUs: model actors on CPUs"
+
+
+def _fit(specs, weights, replicas, gpus, nodes):
+    """PoolPlans with CPUs the nodes can give; drops actors (least work per actor first) until all place."""
+    note = ""
+    replicas = dict(replicas)
+    while True:
+        trial = {k: PoolPlan(replicas=replicas[k], num_gpus=gpus[k], num_cpus=0.0) for k in KINDS}
+        placed = place(trial, nodes)
+        if placed is not None:
+            counts: dict[int, int] = {}
+            for where in placed.values():
+                for index in where:
+                    counts[index] = counts.get(index, 0) + 1
+            auto_cpus = min(1.0, min((_floor_share(nodes[i].cpus / c) for i, c in counts.items()), default=1.0))
+            plan = {k: PoolPlan(replicas=replicas[k], num_gpus=gpus[k],
+                                num_cpus=auto_cpus if specs[k].num_cpus == "auto" else float(specs[k].num_cpus))
+                    for k in KINDS}
+            if place(plan, nodes) is not None:
+                if auto_cpus < 1.0:
+                    note += f"; {auto_cpus:g} CPU per model actor (the busiest node has fewer CPUs than actors)"
+                return plan, note
+        shrinkable = [k for k in KINDS if replicas[k] > 1]
+        if not shrinkable:
+            raise PlanError(
+                "no placeable pool plan on nodes " + ", ".join(f"({n.cpus:g} CPU, {n.gpus:g} GPU)" for n in nodes)
+                + " for pools " + ", ".join(f"{k}: {replicas[k]} x ({gpus[k]:g} GPU, {specs[k].num_cpus} CPU)"
+                                            for k in KINDS))
+        kind = min(shrinkable, key=lambda k: weights[k] / replicas[k])
+        replicas[kind] -= 1
+        note += f"; one {kind} actor fewer so that every actor places"
+
+
+def place(pools: dict[str, PoolPlan], nodes: list[Node]) -> dict[str, list[int]] | None:
+    """Node index of every actor, as Ray could place them (largest GPU asks first), or None."""
+    cpus = [n.cpus for n in nodes]
+    gpu_free = [[1.0] * math.floor(n.gpus + _EPS) + ([n.gpus % 1] if n.gpus % 1 > _EPS else []) for n in nodes]
+    actors = sorted(((k, p) for k, p in pools.items() for _ in range(p.replicas)), key=lambda a: -a[1].num_gpus)
+    where: dict[str, list[int]] = {k: [] for k in pools}
+    for kind, plan in actors:
+        options = []
+        for i, free in enumerate(gpu_free):
+            if cpus[i] + _EPS < plan.num_cpus:
+                continue
+            if plan.num_gpus >= 1 - _EPS:
+                need = math.ceil(plan.num_gpus - _EPS)
+                whole = [g for g, f in enumerate(free) if f >= 1 - _EPS]
+                if len(whole) >= need:
+                    options.append((0.0, i, whole[:need]))
+            elif plan.num_gpus > 0:
+                options += [(f, i, [g]) for g, f in enumerate(free) if f + _EPS >= plan.num_gpus]
+            else:
+                options.append((-cpus[i], i, []))
+        if not options:
+            return None
+        _, i, taken = min(options, key=lambda o: (o[0], o[1]))
+        cpus[i] -= plan.num_cpus
+        for g in taken:
+            free = gpu_free[i]
+            free[g] = round(free[g] - min(plan.num_gpus, 1.0), _SHARE_DECIMALS)
+        where[kind].append(i)
+    return where
+
+
+def _legacy_plan(ray_cfg: RayConfig, nodes: list[Node], work: dict[str, float]) -> ClusterPlan:
+    pools = plan_pools(ray_cfg, sum(n.gpus for n in nodes), sum(n.cpus for n in nodes))
+    limit = ray_cfg.max_concurrent_tasks
+    drivers = max(2, 2 * pools["sd"].replicas) if limit == "auto" else int(limit)
+    return ClusterPlan(pools=pools, drivers=drivers, reason="even split of the GPUs (legacy policy)",
+                       policy="legacy", work=dict(work))
+
+
+def _floor_share(value: float) -> float:
+    return math.floor(value * 10 ** _SHARE_DECIMALS + _EPS) / 10 ** _SHARE_DECIMALS
+
+
+def _ceil_share(value: float) -> float:
+    return math.ceil(value * 10 ** _SHARE_DECIMALS - _EPS) / 10 ** _SHARE_DECIMALS
+
+
+def plan_for_cluster(ray_cfg: RayConfig, get_nodes: Callable[[], list[Node]], work: dict[str, float],
+                     costs: CostModel, drivers_hint: float | None = None, *, wait: bool = True,
+                     log: Callable[[str], None] = print,
+                     sleep: Callable[[float], None] = time.sleep) -> ClusterPlan:
+    """The plan on the nodes ``get_nodes`` reports (``nodes_from_ray(ray.nodes())``); at start
+    (``wait``) once the GPUs the run expects have joined, bounded by ``ray.gpu_wait_s``."""
+    nodes = get_nodes() if not wait else wait_for_gpus(
+        get_nodes, expected_gpus(ray_cfg, costs), ray_cfg.gpu_wait_s, strict=ray_cfg.min_gpus > 0, log=log,
+        sleep=sleep)
+    return plan_cluster(ray_cfg, nodes, work, costs, drivers_hint)
+
+
+# --- Waiting for GPU workers, rebalancing, autoscaling -------------------------------------------
+
+def expected_gpus(ray_cfg: RayConfig, costs: CostModel) -> float:
+    """GPUs the run expects to find: ``ray.min_gpus``, or one when the profile is made for GPUs."""
+    return max(float(ray_cfg.min_gpus), 1.0 if costs.needs_gpu else 0.0)
+
+
+def gpu_wait_message(nodes: list[Node], expected: float) -> str | None:
+    """Why to wait before planning (None: plan now)."""
+    have = sum(n.gpus for n in nodes)
+    if have + _EPS >= expected:
+        return None
+    return (f"waiting for GPU workers: the cluster has {have:g} GPUs on {len(nodes)} nodes, "
+            f"the run expects at least {expected:g} (ray.min_gpus, or a profile made for GPUs)")
+
+
+def wait_for_gpus(get_nodes: Callable[[], list[Node]], expected: float, timeout_s: float, *, strict: bool,
+                  poll_s: float = 5.0, log: Callable[[str], None] = print,
+                  sleep: Callable[[float], None] = time.sleep,
+                  clock: Callable[[], float] = time.monotonic) -> list[Node]:
+    """The cluster's nodes once it has ``expected`` GPUs, waiting up to ``timeout_s``.
+
+    Past the deadline a ``strict`` wait (``ray.min_gpus`` set) raises; otherwise the
+    run goes on with what is there, and says so.
+    """
+    deadline = clock() + timeout_s
+    said = None
+    while True:
+        nodes = get_nodes()
+        message = gpu_wait_message(nodes, expected)
+        if message is None:
+            return nodes
+        if clock() >= deadline:
+            if strict:
+                raise TimeoutError(f"{message}; gave up after {timeout_s:g} s (ray.gpu_wait_s)")
+            log(f"{message}; planning for the {sum(n.gpus for n in nodes):g} GPUs there after {timeout_s:g} s")
+            return nodes
+        if message != said:
+            log(f"{message}; waiting up to {timeout_s:g} s (ray.gpu_wait_s)")
+            said = message
+        sleep(min(poll_s, max(deadline - clock(), 0.0)))
+
+
+def rebalance_move(busy: dict[str, float], plan: ClusterPlan, *, high: float = 0.85, low: float = 0.6,
+                   margin: float = 0.15) -> tuple[str, str] | None:
+    """(idle pool, bottleneck pool) when one actor should move between them, else None.
+
+    ``busy`` is each pool's busy fraction over a recent window. Hysteresis: the
+    bottleneck must be at least ``high`` busy, the donor at most ``low``, and
+    after the move the donor (fewer actors, same work) must still be ``margin``
+    less busy than the bottleneck (more actors), so a move is never undone by the
+    next one. The donor's actor must free at least what the bottleneck's asks for;
+    the runtime drains one whose GPU holds no other pool's actor.
+    """
+    gpu_pools = {k: p for k, p in plan.pools.items() if k in busy and p.replicas > 0 and p.num_gpus > 0}
+    if len(gpu_pools) < 2:
+        return None
+    to = max(gpu_pools, key=lambda k: busy[k])
+    if busy[to] < high:
+        return None
+    donors = [k for k, p in gpu_pools.items()
+              if k != to and p.replicas > 1 and busy[k] <= low
+              and math.ceil(p.num_gpus - _EPS) >= gpu_pools[to].num_gpus - _EPS]
+    if not donors:
+        return None
+    frm = min(donors, key=lambda k: busy[k])
+    donor_after = busy[frm] * gpu_pools[frm].replicas / (gpu_pools[frm].replicas - 1)
+    bottleneck_after = busy[to] * gpu_pools[to].replicas / (gpu_pools[to].replicas + 1)
+    if donor_after > bottleneck_after - margin:
+        return None
+    return frm, to
+
+
+def wanted_gpus(max_gpus: float, remaining_seconds: float, mean_critical_path: float, tasks_left: int,
+                whole_gpu_pools: int = 2) -> int:
+    """GPUs to ask the autoscaler for, up to ``max_gpus`` (0: do not ask): enough to run every remaining task at once.
+
+    A task cannot keep more than its GPU-seconds over its critical path busy, so
+    more GPUs than ``remaining_seconds / mean_critical_path`` would idle.
+    """
+    if max_gpus <= 0 or tasks_left <= 0:
+        return 0
+    useful = math.ceil(remaining_seconds / mean_critical_path) if mean_critical_path > 0 else whole_gpu_pools
+    return int(min(math.floor(max_gpus), max(useful, whole_gpu_pools)))

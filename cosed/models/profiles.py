@@ -66,6 +66,8 @@ class Profile:
     description: str = ""
     specs: dict[str, ModelSpec] = field(default_factory=dict)
     tiny_twin: str | None = None
+    costs: dict[str, Any] = field(default_factory=dict)
+    backend: str = "local"
 
     def spec(self, kind: str) -> ModelSpec:
         return self.specs.get(kind) or ModelSpec(source=getattr(self, kind), pipeline=DEFAULT_PIPELINES[kind])
@@ -105,7 +107,8 @@ def resolve_profile(name_or_folder: str, cache_dir: str | os.PathLike | None = N
         specs = {kind: ModelSpec.from_data(kind, src, cache) for kind, src in data["models"].items()}
         return Profile(name=data["name"], defaults=data.get("defaults", {}),
                        random_weights=data.get("random_weights", False), description=data.get("description", ""),
-                       specs=specs, tiny_twin=data.get("tiny_twin"), **{k: s.source for k, s in specs.items()})
+                       specs=specs, tiny_twin=data.get("tiny_twin"),
+                       costs=data.get("costs", {}), backend=data.get("backend", "local"), **{k: s.source for k, s in specs.items()})
     folder = Path(name_or_folder)
     if folder.is_dir():
         missing = [kind for kind in KINDS if not (folder / kind).is_dir()]
@@ -118,7 +121,7 @@ def resolve_profile(name_or_folder: str, cache_dir: str | os.PathLike | None = N
         return Profile(name=meta.get("name", str(folder)), sd=str(folder / "sd"), video=str(folder / "video"),
                        clip=str(folder / "clip"), defaults=meta.get("defaults", {}),
                        random_weights=meta.get("random_weights", False), description=meta.get("description", ""),
-                       specs=specs)
+                       specs=specs, costs=meta.get("costs", {}))
     raise ModelUnavailable(f"unknown profile {name_or_folder!r}: use one of {', '.join(available_profiles())} "
                            "or a folder holding sd/, video/ and clip/")
 

@@ -1,0 +1,173 @@
+"""What model work costs: expected GPU-seconds per call, and per task, for sizing the Ray pools.
+
+Costs are profile data (the ``costs`` section of a profile JSON), overridable with
+``ray.costs`` in the config, and refined from call times measured during a run.
+The task model follows the engine call for call (`cosed.engine.sequence_task`):
+the candidate plan of `cosed.latents.plan_candidates` decides how many images a
+step renders, `cosed.generate.batches` how many SD calls they take.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field, replace
+from typing import Iterable
+
+import numpy as np
+
+from cosed.config import PoolConfig, RunConfig
+from cosed.generate import batches
+from cosed.latents import LatentPool, plan_candidates
+
+KINDS = ("sd", "video", "clip")
+# Each model call the engine makes, and the pool that serves it.
+OPERATIONS = {"render": "sd", "animate": "video", "embed_texts": "clip", "embed_images": "clip",
+              "selector_scores": "clip"}
+
+
+@dataclass(frozen=True)
+class CallCost:
+    """Seconds of one call: a fixed part plus a part per item (image, clip, text)."""
+
+    fixed: float = 0.0
+    per_item: float = 0.0
+
+    def seconds(self, items: int) -> float:
+        return self.fixed + self.per_item * items
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """Expected GPU-seconds per call of each operation, and what each kind asks of a GPU.
+
+    ``whole_gpu[kind]`` is True for models that need a GPU of their own (SD, video);
+    the others may take a fractional share of a GPU that another pool uses.
+    ``needs_gpu`` says the profile is meant for GPUs: a cluster without any is still starting.
+    """
+
+    calls: dict[str, CallCost]
+    whole_gpu: dict[str, bool] = field(default_factory=lambda: {"sd": True, "video": True, "clip": False})
+    needs_gpu: bool = False
+    source: str = ""
+
+    @classmethod
+    def from_dict(cls, data: dict, overrides: dict | None = None) -> "CostModel":
+        """From a profile's ``costs`` section, with ``ray.costs`` (same layout, any subset) on top."""
+        merged = copy.deepcopy(data or {})
+        for key, value in (overrides or {}).items():
+            if isinstance(value, dict) and isinstance(merged.get(key), dict):
+                merged[key] = {**merged[key], **value}
+            else:
+                merged[key] = value
+        unknown = sorted(set(merged) - set(OPERATIONS) - {"whole_gpu", "needs_gpu", "source"})
+        if unknown:
+            raise ValueError(f"unknown cost key(s): {', '.join(unknown)} (operations: {', '.join(OPERATIONS)})")
+        calls = {op: CallCost(**merged.get(op, {})) for op in OPERATIONS}
+        whole = {**cls.__dataclass_fields__["whole_gpu"].default_factory(), **merged.get("whole_gpu", {})}
+        return cls(calls=calls, whole_gpu=whole, needs_gpu=bool(merged.get("needs_gpu", False)),
+                   source=str(merged.get("source", "")))
+
+    def seconds(self, operation: str, items: int = 1) -> float:
+        return self.calls[operation].seconds(items)
+
+    def refine(self, operation: str, items: int, measured: float, weight: float = 0.2) -> "CostModel":
+        """A model whose ``operation`` cost moved toward one measured call (exponential moving average).
+
+        One call cannot separate the fixed from the per-item part, so both scale by the same factor.
+        """
+        predicted = self.seconds(operation, items)
+        if predicted <= 0 or measured < 0:
+            return self
+        factor = (1.0 - weight) + weight * measured / predicted
+        cost = self.calls[operation]
+        calls = {**self.calls, operation: CallCost(cost.fixed * factor, cost.per_item * factor)}
+        return replace(self, calls=calls)
+
+    def to_dict(self) -> dict:
+        return {**{op: {"fixed": c.fixed, "per_item": c.per_item} for op, c in self.calls.items()},
+                "whole_gpu": dict(self.whole_gpu), "needs_gpu": self.needs_gpu, "source": self.source}
+
+
+def candidate_counts(num_steps: int, pool: PoolConfig) -> list[int]:
+    """Candidates of each step, from the engine's own candidate plan (counts need no latents)."""
+    latents = LatentPool()
+    counts = []
+    marker = np.zeros(1, dtype=np.float16)
+    for step in range(1, num_steps + 1):
+        counts.append(len(plan_candidates(step, latents, pool, 0, "count")))
+        latents.add_run(step, {k: marker for k in pool.iterations})
+    return counts
+
+
+@dataclass
+class TaskWork:
+    """Expected model work of one task (or the sum over a batch of tasks)."""
+
+    seconds: dict[str, float]          # kind -> GPU-seconds
+    calls: dict[str, int]              # operation -> number of calls
+    images: int = 0                    # SD images rendered
+    critical_path: float = 0.0         # seconds alone, one actor per pool (sum over tasks for a batch)
+    tasks: int = 1
+
+    def __add__(self, other: "TaskWork") -> "TaskWork":
+        return TaskWork(seconds={k: self.seconds.get(k, 0.0) + other.seconds.get(k, 0.0) for k in KINDS},
+                        calls={op: self.calls.get(op, 0) + other.calls.get(op, 0) for op in OPERATIONS},
+                        images=self.images + other.images, critical_path=self.critical_path + other.critical_path,
+                        tasks=self.tasks + other.tasks)
+
+    @property
+    def total(self) -> float:
+        return sum(self.seconds.values())
+
+
+def task_work(num_steps: int, cfg: RunConfig, costs: CostModel) -> TaskWork:
+    """The calls one task of ``num_steps`` steps makes, their GPU-seconds, and its critical path.
+
+    The critical path is the task alone with one actor per pool: SD, CLIP and the
+    selector run step after step; each step's clip starts once its image is chosen
+    and clips queue on the single video actor.
+    """
+    seconds = dict.fromkeys(KINDS, 0.0)
+    calls = dict.fromkeys(OPERATIONS, 0)
+
+    def call(operation: str, items: int) -> float:
+        cost = costs.seconds(operation, items)
+        seconds[OPERATIONS[operation]] += cost
+        calls[operation] += 1
+        return cost
+
+    clock = call("embed_texts", num_steps)
+    video_free = 0.0
+    images = 0
+    for step, count in enumerate(candidate_counts(num_steps, cfg.pool), start=1):
+        images += count
+        clock += sum(call("render", len(b)) for b in batches(count, cfg.sd.batch_size))
+        clock += call("embed_images", count)
+        if step > 1:
+            clock += call("selector_scores", count)
+        video_free = max(video_free, clock) + call("animate", 1)
+    clock += call("embed_texts", num_steps)
+    return TaskWork(seconds=seconds, calls=calls, images=images, critical_path=max(clock, video_free))
+
+
+def batch_work(step_counts: Iterable[int], cfg: RunConfig, costs: CostModel) -> TaskWork:
+    """Summed `task_work` over tasks given by their step counts."""
+    per_count: dict[int, TaskWork] = {}
+    total = TaskWork(seconds=dict.fromkeys(KINDS, 0.0), calls=dict.fromkeys(OPERATIONS, 0), tasks=0)
+    for n in step_counts:
+        if n not in per_count:
+            per_count[n] = task_work(n, cfg, costs)
+        total = total + per_count[n]
+    return total
+
+
+def expected_work(tasks, cfg: RunConfig, costs: CostModel) -> dict[str, float]:
+    """Expected GPU-seconds of each pool for a batch of tasks (anything with ``.steps``)."""
+    return batch_work((len(t.steps) for t in tasks), cfg, costs).seconds
+
+
+def full_batch_seconds(work: TaskWork, cfg: RunConfig, costs: CostModel) -> float:
+    """All modeled GPU work with SD images in full batches: the numerator of the GPU-seconds bound."""
+    render = costs.calls["render"]
+    sd = work.images * render.per_item + work.images / cfg.sd.batch_size * render.fixed
+    return sd + work.seconds["video"] + work.seconds["clip"]

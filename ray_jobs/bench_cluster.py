@@ -1,0 +1,159 @@
+"""Cluster efficiency: the real Ray job on logical GPUs with latency-simulating models, vs the GPU-seconds bound.
+
+    python ray_jobs/bench_cluster.py [--tasks FILE | --recipes 200] [--gpus 4 8 16] [--policies cost legacy]
+                                     [--target-seconds 60] [--json PATH] [--single-task-steps 2]
+
+Runs the `latency` profile (each model call sleeps for its modeled A100-class time, times a
+scale factor) on a local Ray cluster declared with G logical GPUs, once per G and pool policy:
+``cost`` (pools sized by expected GPU-seconds) and ``legacy`` (the earlier even split). Step
+counts come from the tasks file, by default the first N of ../shared/data/recipes/dataset.json.
+
+For each run it prints the pool plan, the makespan, the GPU-seconds bound (all modeled GPU work
+with SD images in full batches, over G), efficiency = bound / makespan, mean task latency and
+each pool's busy fraction. Times are in modeled seconds (wall seconds / time scale); the time
+scale is chosen per G so that the bound takes ``--target-seconds`` of wall time. The makespan
+runs from the first task's start to the last manifest, so pool start-up is not counted.
+``--single-task-steps N`` also runs one task of N steps alone at time scale 1 with one actor
+per pool and compares it with the modeled critical path (what Ray adds to a task).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import ray
+
+from cosed.config import PoolResources, RayConfig, RunConfig
+from cosed.distributed.costs import CostModel, batch_work, full_batch_seconds, task_work
+from cosed.distributed.job import run_on_ray
+from cosed.runner import read_tasks, resolve_run
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_throughput import SHARED_RECIPES, recipes_file  # noqa: E402
+
+KINDS = ("sd", "video", "clip")
+
+
+def start_cluster(gpus: int, cpus: int, time_scale: float) -> None:
+    ray.init(address="local", num_gpus=gpus, num_cpus=cpus, logging_level="ERROR", log_to_driver=False,
+             runtime_env={"env_vars": {"COSED_TIME_SCALE": repr(time_scale)}})
+
+
+def task_times(out: Path) -> list[tuple[float, float]]:
+    """(start, end) wall times of every finished task: manifest written last, its total timing."""
+    spans = []
+    for manifest in out.glob("*/manifest.json"):
+        end = manifest.stat().st_mtime
+        spans.append((end - json.loads(manifest.read_text())["timings"]["total"], end))
+    return spans
+
+
+def run_once(tasks: str, out: Path, cfg: RunConfig, gpus: int, cpus: int, time_scale: float,
+             bound_s: float) -> dict:
+    start_cluster(gpus, cpus, time_scale)
+    try:
+        summary = run_on_ray(tasks, str(out), cfg, progress=False)
+    finally:
+        ray.shutdown()
+    spans = task_times(out)
+    if not spans:
+        raise SystemExit(f"G={gpus} {cfg.ray.policy}: no task finished ({len(summary.failed)} failed; see above)")
+    wall = max(e for _, e in spans) - min(s for s, _ in spans)
+    plan = summary.extra["plan"]
+    busy = {}
+    for kind in KINDS:
+        actors = [a for a in summary.actors if a["kind"] == kind]
+        busy[kind] = round(sum(a["busy"] for a in actors) / (len(actors) * wall), 3) if actors else 0.0
+    makespan = wall / time_scale
+    return {"gpus": gpus, "policy": cfg.ray.policy, "tasks": len(summary.done), "failed": len(summary.failed),
+            "efficiency": round(bound_s / makespan, 4), "makespan_s": round(makespan, 1), "bound_s": round(bound_s, 1),
+            "mean_latency_s": round(sum(e - s for s, e in spans) / len(spans) / time_scale, 1),
+            "busy": busy, "time_scale": time_scale, "drivers": plan["drivers"],
+            "plan": {k: [p["replicas"], p["num_gpus"]] for k, p in plan["pools"].items()}}
+
+
+def single_task(tasks_file: str, steps: int, cpus: int, folder: Path) -> dict:
+    """One task alone, one actor per pool, time scale 1: measured latency vs the modeled critical path."""
+    chosen = next(t for t in read_tasks(tasks_file, RunConfig()).tasks if len(t.steps) == steps)
+    path = folder / "single.jsonl"
+    path.write_text(json.dumps({"id": chosen.id, "title": chosen.title, "steps": list(chosen.steps)}) + "\n")
+    one = PoolResources(replicas=1)
+    cfg = RunConfig(profile="latency", ray=RayConfig(sd=one, video=one, clip=one))
+    profile, resolved = resolve_run(cfg)
+    modeled = task_work(steps, resolved, CostModel.from_dict(profile.costs)).critical_path
+    start_cluster(2, cpus, 1.0)
+    try:
+        run_on_ray(str(path), str(folder / "single"), cfg, progress=False)
+    finally:
+        ray.shutdown()
+    (start, end), = task_times(folder / "single")
+    return {"steps": steps, "measured_s": round(end - start, 2), "critical_path_s": round(modeled, 2),
+            "overhead": round((end - start) / modeled - 1, 4)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tasks", help="tasks file (JSONL or recipes JSON); default: the shared recipes")
+    parser.add_argument("--recipes", type=int, default=200, help="how many shared recipes, without --tasks")
+    parser.add_argument("--gpus", type=int, nargs="+", default=[4, 8, 16])
+    parser.add_argument("--policies", nargs="+", default=["cost", "legacy"], choices=["cost", "legacy"])
+    parser.add_argument("--target-seconds", type=float, default=60.0, help="wall seconds of the bound per run")
+    parser.add_argument("--cpus", type=int, default=64, help="logical CPUs declared to Ray (actors mostly sleep)")
+    parser.add_argument("--single-task-steps", type=int, default=0, help="also run the single-task check")
+    parser.add_argument("--drivers", type=int, help="concurrent tasks (default: what the plan derives)")
+    parser.add_argument("--json", help="write one record per G and policy here")
+    args = parser.parse_args()
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a throwaway local cluster on this machine
+
+    records = []
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        if not args.tasks and not SHARED_RECIPES.is_file():
+            raise SystemExit(f"no --tasks given and the shared recipes are not at {SHARED_RECIPES}")
+        tasks = args.tasks or recipes_file(args.recipes, folder)
+        profile, resolved = resolve_run(RunConfig(profile="latency"))
+        costs = CostModel.from_dict(profile.costs)
+        task_list = read_tasks(tasks, resolved).tasks
+        work = batch_work((len(t.steps) for t in task_list), resolved, costs)
+        gpu_seconds = full_batch_seconds(work, resolved, costs)
+        print(f"{len(task_list)} tasks, {sum(len(t.steps) for t in task_list)} scenes; modeled GPU-seconds: "
+              + ", ".join(f"{k} {v:.0f}" for k, v in work.seconds.items())
+              + f"; with full SD batches {gpu_seconds:.0f}", flush=True)
+        for gpus in args.gpus:
+            bound = gpu_seconds / gpus
+            scale = args.target_seconds / bound
+            for policy in args.policies:
+                cfg = RunConfig(profile="latency", ray=dataclasses.replace(
+                    RayConfig(), policy=policy, max_concurrent_tasks=args.drivers or "auto"))
+                record = run_once(tasks, folder / f"g{gpus}-{policy}", cfg, gpus, args.cpus, scale, bound)
+                records.append(record)
+                print(f"G={gpus:>2} {policy:<6} plan {record['plan']} drivers {record['drivers']}: "
+                      f"makespan {record['makespan_s']:.0f} s, bound {record['bound_s']:.0f} s, "
+                      f"efficiency {record['efficiency']:.1%}, mean latency {record['mean_latency_s']:.0f} s, "
+                      f"busy {record['busy']}, {record['tasks']} done {record['failed']} failed", flush=True)
+        single = single_task(tasks, args.single_task_steps, args.cpus, folder) if args.single_task_steps else None
+
+    print("\n| G | policy | plan (replicas, GPUs each) | makespan s | bound s | efficiency | tasks/GPU-h "
+          "| mean latency s | busy sd / video / clip |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in records:
+        per_gpu_hour = r["tasks"] / (r["makespan_s"] * r["gpus"]) * 3600
+        plan = ", ".join(f"{k} {n}x{g:g}" for k, (n, g) in r["plan"].items())
+        print(f"| {r['gpus']} | {r['policy']} | {plan} | {r['makespan_s']:.0f} | {r['bound_s']:.0f} | "
+              f"{r['efficiency']:.1%} | {per_gpu_hour:.2f} | {r['mean_latency_s']:.0f} | "
+              + " / ".join(f"{r['busy'][k]:.2f}" for k in KINDS) + " |")
+    if single:
+        print(f"\nsingle task ({single['steps']} steps, one actor per pool, time scale 1): {single['measured_s']} s "
+              f"vs modeled critical path {single['critical_path_s']} s: Ray adds {single['overhead']:+.2%}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"records": records, "single_task": single}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

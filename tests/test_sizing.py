@@ -1,0 +1,215 @@
+"""Cost model and pool planning on constructed costs and clusters (pure: no Ray)."""
+
+import pytest
+
+from cosed.config import PoolConfig, PoolResources, RayConfig, RunConfig, SDConfig
+from cosed.distributed.costs import CallCost, CostModel, batch_work, candidate_counts, expected_work, task_work
+from cosed.distributed.sizing import (ClusterPlan, Node, PlanError, PoolPlan, nodes_from_ray, place, plan_cluster,
+                                      plan_for_cluster, rebalance_move, wait_for_gpus, wanted_gpus)
+from cosed.tasks import Task
+
+A100 = {"render": {"fixed": 2.5, "per_item": 2.1}, "animate": {"fixed": 45.0},
+        "embed_texts": {"fixed": 0.01}, "embed_images": {"fixed": 0.01, "per_item": 0.004},
+        "selector_scores": {"fixed": 0.002}, "needs_gpu": True}
+COSTS = CostModel.from_dict(A100)
+CFG = RunConfig(sd=SDConfig(batch_size=8), pool=PoolConfig())
+
+
+def work(sd: float, video: float, clip: float = 0.1) -> dict[str, float]:
+    return {"sd": sd, "video": video, "clip": clip}
+
+
+def shape(plan: ClusterPlan) -> dict[str, tuple[int, float]]:
+    return {kind: (p.replicas, p.num_gpus) for kind, p in plan.pools.items()}
+
+
+def test_candidate_counts_follow_the_engine_plan():
+    assert candidate_counts(5, PoolConfig()) == [4, 4, 7, 10, 13]
+    assert candidate_counts(3, PoolConfig(steps="previous")) == [4, 4, 4]
+    assert candidate_counts(8, PoolConfig(max_candidates=6)) == [4, 4, 6, 6, 6, 6, 6, 6]
+
+
+def test_task_work_counts_calls_and_seconds():
+    one = task_work(4, CFG, COSTS)  # candidates 4, 4, 7, 10 -> batches 1, 1, 1, 2
+    assert one.calls == {"render": 5, "animate": 4, "embed_texts": 2, "embed_images": 4, "selector_scores": 3}
+    assert one.images == 25
+    assert one.seconds["sd"] == pytest.approx(5 * 2.5 + 25 * 2.1)
+    assert one.seconds["video"] == pytest.approx(180.0)
+    # The clips queue on one video actor after the first image: video is the critical path.
+    first_image = 0.01 + 2.5 + 4 * 2.1 + 0.01 + 4 * 0.004
+    assert one.critical_path == pytest.approx(first_image + 4 * 45.0)
+    both = batch_work([4, 2], CFG, COSTS)
+    assert both.tasks == 2 and both.calls["animate"] == 6
+
+
+def test_expected_work_is_per_pool_over_the_tasks():
+    tasks = [Task(id="a", title="A", steps=("x",) * 4), Task(id="b", title="B", steps=("y",) * 2)]
+    seconds = expected_work(tasks, CFG, COSTS)
+    assert seconds == pytest.approx(batch_work([4, 2], CFG, COSTS).seconds)
+    assert seconds["video"] == pytest.approx(6 * 45.0) and seconds["sd"] > 0 and 0 < seconds["clip"] < 1
+
+
+def test_costs_are_overridable_and_refined_from_measured_calls():
+    costs = CostModel.from_dict(A100, overrides={"animate": {"fixed": 30.0}, "whole_gpu": {"clip": True}})
+    assert costs.seconds("animate") == 30.0 and costs.seconds("render", 8) == pytest.approx(2.5 + 16.8)
+    assert costs.whole_gpu == {"sd": True, "video": True, "clip": True}
+    refined = costs.refine("animate", 1, measured=60.0, weight=0.5)
+    assert refined.seconds("animate") == pytest.approx(45.0)
+    assert refined.refine("render", 8, measured=19.3).calls["render"] == pytest.approx(CallCost(2.5, 2.1))
+    with pytest.raises(ValueError, match="unknown cost"):
+        CostModel.from_dict(A100, overrides={"unet": {"fixed": 1.0}})
+
+
+def test_gpus_split_in_proportion_to_work_with_whole_gpus():
+    plan = plan_cluster(RayConfig(), [Node(cpus=64, gpus=16)], work(sd=250, video=750), COSTS)
+    assert plan.pools["sd"].replicas == 4 and plan.pools["video"].replicas == 12
+    assert plan.pools["sd"].num_gpus == 1.0
+    plan = plan_cluster(RayConfig(), [Node(cpus=64, gpus=8)], work(sd=700, video=100), COSTS)
+    assert (plan.pools["sd"].replicas, plan.pools["video"].replicas) == (7, 1)
+
+
+def test_clip_takes_a_fractional_share_of_the_busiest_pools_gpu():
+    plan = plan_cluster(RayConfig(), [Node(cpus=16, gpus=4)], work(sd=250, video=750, clip=2), COSTS)
+    clip, video = plan.pools["clip"], plan.pools["video"]
+    assert clip.replicas == 1 and 0 < clip.num_gpus < 0.5
+    assert video.num_gpus == pytest.approx(1 - clip.num_gpus)
+    assert plan.gpus <= 4 and place(plan.pools, [Node(cpus=16, gpus=4)]) is not None
+    assert "clip shares a video GPU" in plan.reason
+
+
+def test_fixed_replicas_and_gpus_from_the_config_are_kept():
+    cfg = RayConfig(sd=PoolResources(replicas=2), clip=PoolResources(replicas=1, num_gpus=1))
+    plan = plan_cluster(cfg, [Node(cpus=64, gpus=8)], work(sd=900, video=100), COSTS)
+    assert shape(plan)["sd"] == (2, 1.0)
+    assert shape(plan) == {"sd": (2, 1.0), "video": (5, 1.0), "clip": (1, 1.0)}
+
+
+def test_a_cpu_poor_node_never_gets_a_plan_that_cannot_place():
+    # `ray start --head --num-cpus 2 --num-gpus 4`: every actor must fit in 2 CPUs.
+    node = Node(cpus=2, gpus=4)
+    plan = plan_cluster(RayConfig(), [node], work(sd=250, video=750), COSTS)
+    actors = sum(p.replicas for p in plan.pools.values())
+    assert sum(p.replicas * p.num_cpus for p in plan.pools.values()) <= 2 + 1e-9
+    assert actors == 5 and place(plan.pools, [node]) is not None
+    with pytest.raises(PlanError):
+        plan_cluster(RayConfig(sd=PoolResources(num_cpus=4)), [node], work(sd=1, video=1), COSTS)
+
+
+def test_fixed_cpus_drop_actors_until_every_one_places():
+    cfg = RayConfig(sd=PoolResources(num_cpus=1), video=PoolResources(num_cpus=1), clip=PoolResources(num_cpus=1))
+    plan = plan_cluster(cfg, [Node(cpus=3, gpus=8)], work(sd=250, video=750), COSTS)
+    assert sum(p.replicas for p in plan.pools.values()) == 3
+    assert "fewer so that every actor places" in plan.reason
+
+
+def test_plan_spans_nodes_and_whole_gpus_stay_on_one_node():
+    nodes = [Node(cpus=8, gpus=4), Node(cpus=8, gpus=4), Node(cpus=1, gpus=0)]
+    plan = plan_cluster(RayConfig(), nodes, work(sd=300, video=700), COSTS)
+    assert plan.pools["sd"].replicas + plan.pools["video"].replicas == 8
+    where = place(plan.pools, nodes)
+    assert sorted(set(i for ids in where.values() for i in ids)) == [0, 1]
+
+
+def test_single_gpu_and_cpu_only_clusters():
+    one = plan_cluster(RayConfig(), [Node(cpus=8, gpus=1)], work(sd=250, video=750), COSTS)
+    assert all(p.replicas == 1 for p in one.pools.values()) and one.gpus <= 1
+    assert one.pools["video"].num_gpus > one.pools["sd"].num_gpus
+    cpu = plan_cluster(RayConfig(), [Node(cpus=8, gpus=0)], work(sd=250, video=750), COSTS)
+    assert all(p.num_gpus == 0 for p in cpu.pools.values()) and sum(p.replicas for p in cpu.pools.values()) == 8
+    assert cpu.pools["video"].replicas > cpu.pools["sd"].replicas
+
+
+def test_legacy_policy_is_the_even_split():
+    cfg = RayConfig(policy="legacy")
+    plan = plan_cluster(cfg, [Node(cpus=64, gpus=16)], work(sd=250, video=750), COSTS)
+    assert shape(plan) == {"sd": (8, 1.0), "video": (7, 1.0), "clip": (1, 1.0)} and plan.drivers == 16
+
+
+def test_drivers_keep_every_pool_busy():
+    mean = task_work(4, CFG, COSTS)
+    plan = plan_cluster(RayConfig(), [Node(cpus=64, gpus=16)], mean.seconds, COSTS, mean.critical_path / mean.total)
+    assert plan.drivers >= 16  # more than the SD replicas alone would give (2 x 4)
+    assert plan_cluster(RayConfig(max_concurrent_tasks=3), [Node(64, 16)], mean.seconds, COSTS).drivers == 3
+    assert plan.to_dict()["pools"]["sd"]["replicas"] == plan.pools["sd"].replicas and "pool plan" in plan.describe()
+
+
+def test_waits_for_gpu_workers_then_plans_with_them():
+    clock = {"t": 0.0}
+    seen = iter([[Node(cpus=4, gpus=0)], [Node(cpus=4, gpus=0)], [Node(cpus=4, gpus=0), Node(cpus=8, gpus=4)]])
+    said = []
+
+    def sleep(s):
+        clock["t"] += s
+
+    nodes = wait_for_gpus(lambda: next(seen), expected=1, timeout_s=60, strict=True, log=said.append,
+                          sleep=sleep, clock=lambda: clock["t"])
+    assert sum(n.gpus for n in nodes) == 4
+    assert len(said) == 1 and "waiting for GPU workers" in said[0]
+
+
+def test_waiting_for_gpus_is_bounded():
+    clock = {"t": 0.0}
+
+    def sleep(s):
+        clock["t"] += s
+
+    args = dict(get_nodes=lambda: [Node(cpus=4, gpus=0)], expected=2, timeout_s=30, log=lambda _: None,
+                sleep=sleep, clock=lambda: clock["t"])
+    with pytest.raises(TimeoutError, match="gave up after 30 s"):
+        wait_for_gpus(strict=True, **args)
+    assert clock["t"] == pytest.approx(30)
+    assert wait_for_gpus(strict=False, **{**args, "clock": lambda: clock["t"]})[0].gpus == 0
+
+
+def test_nodes_from_ray_drops_dead_nodes():
+    nodes = nodes_from_ray([{"Alive": True, "NodeID": "a", "Resources": {"CPU": 2.0, "GPU": 4.0, "memory": 1e9}},
+                            {"Alive": False, "NodeID": "b", "Resources": {"CPU": 8.0}}])
+    assert nodes == [Node(cpus=2.0, gpus=4.0, memory=1e9, node_id="a")]
+
+
+def _plan(sd: int, video: int) -> ClusterPlan:
+    return ClusterPlan(pools={"sd": PoolPlan(sd, 1.0, 1.0), "video": PoolPlan(video, 0.99, 1.0),
+                              "clip": PoolPlan(1, 0.01, 1.0)}, drivers=8, reason="")
+
+
+def test_rebalance_moves_an_actor_from_the_idle_pool_to_the_bottleneck():
+    assert rebalance_move({"sd": 0.3, "video": 0.98, "clip": 0.01}, _plan(4, 4)) == ("sd", "video")
+    assert rebalance_move({"sd": 0.99, "video": 0.4, "clip": 0.01}, _plan(4, 4)) == ("video", "sd")
+
+
+def test_rebalance_has_hysteresis():
+    assert rebalance_move({"sd": 0.8, "video": 0.8, "clip": 0.0}, _plan(4, 4)) is None      # nobody idles
+    assert rebalance_move({"sd": 0.55, "video": 0.9, "clip": 0.0}, _plan(2, 6)) is None     # sd 1.1 after
+    assert rebalance_move({"sd": 0.1, "video": 0.99, "clip": 0.0}, _plan(1, 7)) is None     # last sd actor
+    # the fractional CLIP actor never donates a GPU
+    assert rebalance_move({"sd": 0.95, "video": 0.9, "clip": 0.0}, _plan(4, 4)) is None
+
+
+def test_wanted_gpus_is_capped_by_config_and_useful_work():
+    assert wanted_gpus(0, 10_000, 200, 50) == 0
+    assert wanted_gpus(32, 10_000, 200, 50) == 32
+    assert wanted_gpus(32, 1_000, 200, 4) == 5
+    assert wanted_gpus(32, 100, 200, 1) == 2
+
+
+def test_plan_for_cluster_waits_only_at_start():
+    calls = []
+
+    def nodes():
+        calls.append(1)
+        return [Node(cpus=8, gpus=4)] if len(calls) > 1 else [Node(cpus=8, gpus=0)]
+
+    cfg = RayConfig(min_gpus=4, gpu_wait_s=60)
+    slept = []
+    plan = plan_for_cluster(cfg, nodes, work(sd=1, video=3), COSTS, log=lambda _: None, sleep=slept.append)
+    assert plan.pools["sd"].replicas + plan.pools["video"].replicas == 4 and len(calls) == 2 and len(slept) == 1
+    calls.clear()
+    assert plan_for_cluster(cfg, nodes, work(sd=1, video=3), COSTS, wait=False).gpus == 0
+
+
+def test_without_known_work_clip_gets_a_whole_gpu_when_there_is_one_to_spare():
+    plan = plan_cluster(RayConfig(), [Node(cpus=6, gpus=4)], {}, CostModel.from_dict({}))
+    assert shape(plan) == {"sd": (2, 1.0), "video": (1, 1.0), "clip": (1, 1.0)}
+    fixed = RayConfig(sd=PoolResources(num_gpus=1), video=PoolResources(num_gpus=1))
+    plan = plan_cluster(fixed, [Node(cpus=6, gpus=2)], work(sd=1, video=1, clip=0.01), COSTS)
+    assert shape(plan) == {"sd": (1, 1.0), "video": (1, 1.0), "clip": (1, 0.0)}
