@@ -101,6 +101,7 @@ class RayConfig:
     rebalance: bool = True
     busy_above: float = 0.85
     idle_below: float = 0.35
+    rebalance_margin: float = 0.15   # after a move the donor must stay this much less busy (no ping-pong)
     autoscale_max_gpus: float = 0.0
     # Test-only fault injection: the first call of this pool ("sd", "video", "clip") that
     # creates the file ``chaos_stall_marker`` sleeps forever (tests of stuck-call handling).

@@ -228,7 +228,8 @@ class Pools:
         movable = {kind: value for kind, value in busy.items() if getattr(self.cfg.ray, kind).replicas == "auto"}
         now = ClusterPlan(pools={k: dataclasses.replace(p, replicas=len(self.members[k])) for k, p in self.plan.items()},
                           drivers=0, reason="")
-        move = rebalance_move(movable, now, high=self.cfg.ray.busy_above, low=self.cfg.ray.idle_below)
+        move = rebalance_move(movable, now, high=self.cfg.ray.busy_above, low=self.cfg.ray.idle_below,
+                              margin=self.cfg.ray.rebalance_margin)
         if move is None:
             return False
         donor, target = move
