@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -9,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import boto3
@@ -126,6 +128,20 @@ class Proxy:
                     sock.shutdown(socket.SHUT_RDWR)
                 except OSError:
                     pass
+
+
+@contextmanager
+def s3_with_tasks(tasks: list[dict]):
+    """(server, client): a moto server with a ``tasks`` bucket holding ``t.jsonl`` and an empty ``videos`` bucket."""
+    server = MotoServer()
+    client = server.client()
+    for bucket in ("tasks", "videos"):
+        client.create_bucket(Bucket=bucket)
+    client.put_object(Bucket="tasks", Key="t.jsonl", Body="".join(json.dumps(t) + "\n" for t in tasks).encode())
+    try:
+        yield server, client
+    finally:
+        server.stop()
 
 
 def keys(client, bucket: str, prefix: str = "") -> list[str]:

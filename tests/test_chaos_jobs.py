@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from chaos import BIN, CREDENTIALS, MotoServer, free_port, keys, manifests, port_open, wait_for
+from chaos import BIN, CREDENTIALS, free_port, keys, manifests, port_open, s3_with_tasks, wait_for
 from conftest import REPO, SMALL_TASKS
 from cosed.tasks import LEASE
 from cosed.video import decode_mp4
@@ -34,13 +34,8 @@ SMALL_POOLS = "ray:\n  sd: {replicas: 1}\n  video: {replicas: 1}\n  max_concurre
 
 @pytest.fixture(scope="module")
 def s3():
-    server = MotoServer()
-    client = server.client()
-    for bucket in ("tasks", "videos"):
-        client.create_bucket(Bucket=bucket)
-    client.put_object(Bucket="tasks", Key="t.jsonl", Body="".join(json.dumps(t) + "\n" for t in TASKS).encode())
-    yield server, client
-    server.stop()
+    with s3_with_tasks(TASKS) as pair:
+        yield pair
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ import threading
 
 import pytest
 
-from chaos import CREDENTIALS, MotoServer, Proxy, keys, manifests, wait_for
+from chaos import CREDENTIALS, Proxy, keys, manifests, s3_with_tasks, wait_for
 from conftest import REPO, SMALL_TASKS
 
 pytestmark = pytest.mark.slow
@@ -23,13 +23,8 @@ OUTAGE_SECONDS = 20
 
 @pytest.fixture(scope="module")
 def s3():
-    server = MotoServer()
-    client = server.client()
-    for bucket in ("tasks", "videos"):
-        client.create_bucket(Bucket=bucket)
-    client.put_object(Bucket="tasks", Key="t.jsonl", Body="".join(json.dumps(t) + "\n" for t in TASKS).encode())
-    yield server, client
-    server.stop()
+    with s3_with_tasks(TASKS) as pair:
+        yield pair
 
 
 @pytest.fixture
