@@ -361,7 +361,8 @@ def profiles_command(args: argparse.Namespace, cfg: RunConfig) -> int:
     for name in available_profiles():
         data = profile_data(name)
         twin = data.get("tiny_twin") or (f"twin of {data['twin_of']}" if data.get("twin_of") else "-")
-        weights = "random weights, built locally" if data.get("random_weights") else "hub weights"
+        weights = ("no models: simulated call times" if data.get("backend") == "simulated"
+                   else "random weights, built locally" if data.get("random_weights") else "hub weights")
         print(f"{name}  ({weights}; tiny twin: {twin})")
         for kind, model in data["models"].items():
             model = {"source": model} if isinstance(model, str) else model

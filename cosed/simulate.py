@@ -51,6 +51,7 @@ class SimulatedBackend:
         self.device = torch.device("cpu")
         torch.set_num_threads(cfg.cpu_threads)  # the selector's float sums, as in `LocalBackend`
         self.selector: ContrastiveSelector = load_selector(cfg.selector)
+        self.selector_mode = cfg.selector_mode
         # Nothing to load: a pool "loads" its model by reading the costs.
         self.sd = self.video = self.clip = self.costs
 
@@ -87,9 +88,9 @@ class SimulatedBackend:
 
     def selector_scores(self, next_text, next_image, past_text, past_image):
         self._wait("selector_scores", len(next_image))
-        return self.selector.score(next_text, next_image, past_text, past_image)
+        return self.selector.score(next_text, next_image, past_text, past_image, self.selector_mode)
 
-    def animate(self, image, seed, video):
+    def animate(self, image, seed, video, prompt=None):
         self._wait("animate", 1)
         rng = _rng("clip", image, seed)
         base = rng.integers(0, 256, (1, video.height, video.width, 3)).astype(np.int16)

@@ -109,7 +109,6 @@ def main() -> None:
     parser.add_argument("--drivers", type=int, help="concurrent tasks (default: what the plan derives)")
     parser.add_argument("--json", help="write one record per G and policy here")
     args = parser.parse_args()
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a throwaway local cluster on this machine
 
     records = []
     with tempfile.TemporaryDirectory() as tmp:

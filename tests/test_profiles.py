@@ -15,7 +15,8 @@ from cosed.seeds import gaussian_latent
 
 from conftest import SMALL_TASKS, write_jsonl
 
-REAL = [name for name in available_profiles() if not profile_data(name).get("random_weights")]
+REAL = [name for name in available_profiles()
+        if not profile_data(name).get("random_weights") and profile_data(name).get("backend") != "simulated"]
 
 
 @pytest.mark.parametrize("name", REAL)
