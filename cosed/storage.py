@@ -137,11 +137,12 @@ def _s3_call(uri: str, call: Callable[..., T]) -> T:
             problem = exc
         except BotoCoreError:
             raise
-        if time.monotonic() + delay > deadline:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
             raise StorageUnavailable(
                 f"storage endpoint {endpoint()} did not answer within {_retry_seconds:g} s "
                 f"(last error: {problem}); finished tasks are kept, run the same command again to resume") from problem
-        time.sleep(delay)
+        time.sleep(min(delay, remaining))  # the last try lands at the deadline: the whole budget is used
         delay = min(2 * delay, 10.0)
 
 

@@ -52,8 +52,6 @@ def test_a_gpu_node_added_mid_run_gets_model_actors_and_work(cluster, tmp_path, 
     assert any(a["calls"] > 0 for a in on_new_node if a["kind"] == "sd")
 
 
-@pytest.mark.skip(reason="known failure (issue 8, chaos c): after a node is removed, a call to an actor that was "
-                  "on it waits for that actor's restart (up to start_timeout_s) instead of moving to a live actor")
 def test_a_node_removed_mid_run_loses_no_task(cluster, tmp_path, tiny_config, tiny_run):
     from test_chaos import TASKS, snapshot
 

@@ -28,6 +28,7 @@ from cosed.distributed.sizing import KINDS, ClusterPlan, PoolPlan, nodes_from_ra
 
 log = logging.getLogger("cosed")
 INFO_TIMEOUT_S = 5.0
+START_GRACE_S = 10.0  # the least time late actors get to join the first of their pools at start
 
 
 class Pools:
@@ -40,7 +41,8 @@ class Pools:
         self.cluster_plan: ClusterPlan | None = None
         self.run_id = uuid.uuid4().hex[:8]
         self.members: dict[str, dict[str, ray.actor.ActorHandle]] = {kind: {} for kind in KINDS}
-        self.starting: dict[str, tuple[str, ray.actor.ActorHandle, float]] = {}  # name -> (kind, handle, since)
+        # name -> (kind, handle, since, its first `info` call: done once the models have loaded)
+        self.starting: dict[str, tuple[str, ray.actor.ActorHandle, float, ray.ObjectRef]] = {}
         self.draining: dict[str, tuple[str, ray.actor.ActorHandle, object, float]] = {}
         self.plan: dict[str, PoolPlan] = {}
         self.base_plan: dict[str, PoolPlan] = {}
@@ -71,32 +73,57 @@ class Pools:
         return plan.pools
 
     # -- actors --------------------------------------------------------------------------------------
-    def _add(self, kind: str) -> None:
+    def _add(self, kind: str) -> str:
         plan = self.plan[kind]
         name = f"cosed-{self.run_id}-{kind}-{next(self.names)}"
         handle = RemoteModelWorker.options(
             name=name, num_gpus=plan.num_gpus, num_cpus=plan.num_cpus, max_restarts=-1, max_task_retries=0,
         ).remote(kind, self.cfg)
-        self.starting[name] = (kind, handle, time.monotonic())
+        self.starting[name] = (kind, handle, time.monotonic(), handle.info.remote())
+        return name
 
     def start(self) -> dict[str, dict]:
-        """Create every pool and wait until each model has loaded (so a bad model fails here)."""
+        """Create every pool and wait until each has a loaded model (so a bad model fails here).
+
+        Actors the cluster cannot place yet (another job holds the room, a node is still joining)
+        do not hold the run back: once every pool has a member and the rest have had as long again
+        as the first took, the run starts and they join when placed (see `_watch`).
+        """
         self.plan = self.base_plan = self._plan()
         for kind, plan in self.plan.items():
             for _ in range(plan.replicas):
                 self._add(kind)
-        refs = {handle.info.remote(): name for name, (_, handle, _) in self.starting.items()}
-        ready, _ = ray.wait(list(refs), num_returns=len(refs), timeout=self.cfg.ray.start_timeout_s)
-        if len(ready) < len(refs):
+        refs = {ref: name for name, (_, _, _, ref) in self.starting.items()}
+        began = time.monotonic()
+        deadline = began + self.cfg.ray.start_timeout_s
+        every_pool_at = None
+        while refs:
+            now = time.monotonic()
+            if every_pool_at is not None:
+                until = min(deadline, every_pool_at + max(START_GRACE_S, every_pool_at - began))
+            else:
+                until = deadline
+            ready, _ = ray.wait(list(refs), num_returns=1, timeout=max(0.0, until - now))
+            if not ready:
+                break
+            for ref in ready:
+                name = refs.pop(ref)
+                self.info[name] = ray.get(ref)
+                kind, handle, _, _ = self.starting.pop(name)
+                self.members[kind][name] = handle
+            if every_pool_at is None and all(self.members[kind] for kind in self.plan):
+                every_pool_at = time.monotonic()
+        missing = [kind for kind in self.plan if not self.members[kind]]
+        if missing:
             gpus, cpus = self._cluster()
             raise TimeoutError(
-                f"{len(refs) - len(ready)} model actors were not placed within {self.cfg.ray.start_timeout_s:.0f} s "
+                f"no {' or '.join(missing)} model actor was placed within {self.cfg.ray.start_timeout_s:.0f} s "
                 f"on a cluster of {cpus:g} CPUs and {gpus:g} GPUs; pools asked for "
                 + ", ".join(f"{k}: {p.replicas} x ({p.num_cpus:g} CPU, {p.num_gpus:g} GPU)" for k, p in self.plan.items()))
-        for ref in ready:
-            self.info[refs[ref]] = ray.get(ref)
-            kind, handle, _ = self.starting.pop(refs[ref])
-            self.members[kind][refs[ref]] = handle
+        if refs:
+            log.warning("%d of %d model actors are not placed yet (the cluster is busy or still growing); "
+                        "the run starts without them and they join when placed",
+                        len(refs), sum(p.replicas for p in self.plan.values()))
         self._request_gpus()
         self.publish()
         return self.describe()
@@ -152,14 +179,13 @@ class Pools:
             self.directory.publish.remote(self.membership())
 
     def _watch(self) -> bool:
+        changed = self._promote_started()
         ray_cfg = self.cfg.ray
         everyone = {name: (kind, h) for kind, m in self.members.items() for name, h in m.items()}
-        everyone.update({name: (kind, h) for name, (kind, h, _) in self.starting.items()})
         refs = {handle.info.remote(): name for name, (_, handle) in everyone.items()}
         ready, _ = ray.wait(list(refs), num_returns=len(refs), timeout=INFO_TIMEOUT_S) if refs else ([], [])
         now = time.monotonic()
         expected = self.expected()
-        changed = False
         for ref, name in refs.items():
             kind, handle = everyone[name]
             info, restarting = None, False
@@ -172,12 +198,13 @@ class Pools:
                     pass
             if info is None:
                 since = self.unreachable_since.setdefault(name, now)
-                slow_start = name in self.starting or restarting
-                limit = ray_cfg.start_timeout_s if slow_start else ray_cfg.call_timeout_floor_s
+                others = len(self.members[kind]) > 1
+                # A restarting actor gets time to reload, unless its pool can serve without it (its node
+                # may be gone for good): then it is replaced and the replacement joins when placed.
+                limit = ray_cfg.start_timeout_s if restarting and not others else ray_cfg.call_timeout_floor_s
                 if now - since > limit:
                     log.warning("model actor %s unreachable for %.0f s; replacing it in the %s pool",
                                 name, now - since, kind)
-                    self.starting.pop(name, None)
                     self.unreachable_since.pop(name, None)
                     self._retire(name, handle)
                     self._add(kind)  # placed wherever (and whenever) the cluster has room
@@ -185,16 +212,35 @@ class Pools:
                 continue
             self.unreachable_since.pop(name, None)
             self.info[name] = info
-            if name in self.starting:
-                self.starting.pop(name)
-                self.members[kind][name] = handle
-                changed = True
             stall = max(ray_cfg.call_timeout_floor_s, ray_cfg.call_timeout_factor * expected.get(kind, 0.0))
             if info["running_for"] > stall:
                 log.warning("model actor %s has run one call for %.0f s (limit %.0f s); restarting it",
                             name, info["running_for"], stall)
                 self.hung_kills += 1
                 ray.kill(handle, no_restart=False)
+        return changed
+
+    def _promote_started(self) -> bool:
+        """Members for actors whose models have loaded; a fresh try for one not up within the start timeout."""
+        changed = False
+        now = time.monotonic()
+        for name, (kind, handle, since, ref) in list(self.starting.items()):
+            done, _ = ray.wait([ref], timeout=0)
+            if done:
+                try:
+                    self.info[name] = ray.get(ref)
+                except ray.exceptions.RayError as exc:
+                    log.warning("model actor %s failed to start (%s); trying again", name, type(exc).__name__)
+                else:
+                    del self.starting[name]
+                    self.members[kind][name] = handle
+                    changed = True
+                    continue
+            elif now - since <= self.cfg.ray.start_timeout_s:
+                continue
+            del self.starting[name]
+            self._retire(name, handle)
+            self._add(kind)
         return changed
 
     def rescale(self) -> bool:
@@ -251,7 +297,8 @@ class Pools:
             if done and time.monotonic() - since >= grace:
                 del self.draining[name]
                 self._retire(name, handle)
-                self._add(target)
+                replacement = self._add(target)
+                next(m for m in reversed(self.moves) if m["actor"] == name)["replacement"] = replacement
                 self.settled_at = time.monotonic()
                 self.busy()  # restart the busy window
                 changed = True
@@ -269,7 +316,7 @@ class Pools:
 
     def shutdown(self) -> None:
         handles = [h for m in self.members.values() for h in m.values()]
-        handles += [h for _, h, _ in self.starting.values()] + [h for _, h, _, _ in self.draining.values()]
+        handles += [h for _, h, _, _ in self.starting.values()] + [h for _, h, _, _ in self.draining.values()]
         for handle in handles + [self.directory]:
             try:
                 ray.kill(handle, no_restart=True)
