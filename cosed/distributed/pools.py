@@ -279,7 +279,10 @@ class Pools:
         if move is None:
             return False
         donor, target = move
-        name = min(self.members[donor], key=lambda n: self.info.get(n, {}).get("busy", 0.0))
+        roomy = [n for n in self.members[donor] if self._room_without(n) >= self.plan[target].num_gpus - 1e-6]
+        if not roomy:  # every donor shares its GPU: the replacement would not fit where it leaves
+            return False
+        name = min(roomy, key=lambda n: self.info.get(n, {}).get("busy", 0.0))
         handle = self.members[donor].pop(name)
         self.draining[name] = (target, handle, handle.drain.remote(), time.monotonic())
         self.moves.append({"from": donor, "to": target, "actor": name,
@@ -287,6 +290,17 @@ class Pools:
         log.warning("rebalancing: draining %s (%s busy %.0f%%) for the %s pool (busy %.0f%%)",
                     name, donor, 100 * busy[donor], target, 100 * busy[target])
         return True
+
+    def _room_without(self, name: str) -> float:
+        """GPU share free on ``name``'s GPU once it has gone (0 when unknown)."""
+        mine = self.info.get(name)
+        if not mine or not mine["gpu_ids"]:
+            return 0.0
+        gpus = set(mine["gpu_ids"])
+        used = sum(min(1.0, self.plan[kind].num_gpus) for kind, members in self.members.items() for other in members
+                   if other != name and other in self.info and self.info[other]["node_id"] == mine["node_id"]
+                   and gpus & set(self.info[other]["gpu_ids"]))
+        return max(0.0, 1.0 - used)
 
     def _finish_drains(self) -> bool:
         """Kill drained actors once drivers have seen them leave; start their replacements."""
