@@ -127,8 +127,9 @@ def main() -> None:
             bound = gpu_seconds / gpus
             scale = args.target_seconds / bound
             for policy in args.policies:
+                # The legacy policy is the earlier runtime's plan: fixed, never rebalanced.
                 cfg = RunConfig(profile="latency", ray=dataclasses.replace(
-                    RayConfig(), policy=policy, max_concurrent_tasks=args.drivers or "auto"))
+                    RayConfig(), policy=policy, max_concurrent_tasks=args.drivers or "auto", rebalance=policy == "cost"))
                 record = run_once(tasks, folder / f"g{gpus}-{policy}", cfg, gpus, args.cpus, scale, bound)
                 records.append(record)
                 print(f"G={gpus:>2} {policy:<6} plan {record['plan']} drivers {record['drivers']}: "

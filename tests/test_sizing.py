@@ -3,9 +3,10 @@
 import pytest
 
 from cosed.config import PoolConfig, PoolResources, RayConfig, RunConfig, SDConfig
-from cosed.distributed.costs import CallCost, CostModel, batch_work, candidate_counts, expected_work, task_work
-from cosed.distributed.sizing import (ClusterPlan, Node, PlanError, PoolPlan, nodes_from_ray, place, plan_cluster,
-                                      plan_for_cluster, rebalance_move, wait_for_gpus, wanted_gpus)
+from cosed.distributed.costs import (CostModel, TaskWork, batch_work, candidate_counts, expected_work,
+                                    measured_factors, task_work)
+from cosed.distributed.sizing import (ClusterPlan, Node, PlanError, PoolPlan, grow_pools, nodes_from_ray, place,
+                                      plan_cluster, plan_for_cluster, rebalance_move, wait_for_gpus, wanted_gpus)
 from cosed.tasks import Task
 
 A100 = {"render": {"fixed": 2.5, "per_item": 2.1}, "animate": {"fixed": 45.0},
@@ -53,9 +54,13 @@ def test_costs_are_overridable_and_refined_from_measured_calls():
     costs = CostModel.from_dict(A100, overrides={"animate": {"fixed": 30.0}, "whole_gpu": {"clip": True}})
     assert costs.seconds("animate") == 30.0 and costs.seconds("render", 8) == pytest.approx(2.5 + 16.8)
     assert costs.whole_gpu == {"sd": True, "video": True, "clip": True}
-    refined = costs.refine("animate", 1, measured=60.0, weight=0.5)
-    assert refined.seconds("animate") == pytest.approx(45.0)
-    assert refined.refine("render", 8, measured=19.3).calls["render"] == pytest.approx(CallCost(2.5, 2.1))
+    refined = costs.scaled({"video": 1.5})
+    assert refined.seconds("animate") == pytest.approx(45.0) and refined.seconds("render", 8) == costs.seconds("render", 8)
+    work = TaskWork(seconds={"sd": 40.0, "video": 90.0, "clip": 1.0},
+                    calls={"render": 4, "animate": 3, "embed_texts": 2, "embed_images": 3, "selector_scores": 2})
+    # SD measured 2x its model (20 s per call instead of 10); video on model; CLIP has too few calls to say.
+    factors = measured_factors(work, {"sd": (200.0, 10), "video": (300.0, 10), "clip": (5.0, 2)})
+    assert factors == pytest.approx({"sd": 2.0, "video": 1.0})
     with pytest.raises(ValueError, match="unknown cost"):
         CostModel.from_dict(A100, overrides={"unet": {"fixed": 1.0}})
 
@@ -213,3 +218,13 @@ def test_without_known_work_clip_gets_a_whole_gpu_when_there_is_one_to_spare():
     fixed = RayConfig(sd=PoolResources(num_gpus=1), video=PoolResources(num_gpus=1))
     plan = plan_cluster(fixed, [Node(cpus=6, gpus=2)], work(sd=1, video=1, clip=0.01), COSTS)
     assert shape(plan) == {"sd": (1, 1.0), "video": (1, 1.0), "clip": (1, 0.0)}
+
+
+def test_gpus_that_join_go_to_the_pool_with_the_most_work_per_gpu():
+    pools = {"sd": PoolPlan(1, 1.0, 1.0), "video": PoolPlan(2, 1.0, 1.0), "clip": PoolPlan(1, 0.2, 1.0)}
+    # video: 72 s of work on 2 GPUs (36 per GPU) vs sd 28 on 1: video first, then sd, then video again.
+    assert grow_pools(pools, 1, {"sd": 28.0, "video": 72.0, "clip": 0.3}) == {"sd": 0, "video": 1, "clip": 0}
+    assert grow_pools(pools, 2, {"sd": 28.0, "video": 72.0, "clip": 0.3}) == {"sd": 1, "video": 1, "clip": 0}
+    assert grow_pools(pools, 3.9, {"sd": 28.0, "video": 72.0, "clip": 0.3}) == {"sd": 1, "video": 2, "clip": 0}
+    assert grow_pools(pools, 2, {"sd": 28.0, "video": 72.0}, fixed={"video"}) == {"sd": 2, "video": 0, "clip": 0}
+    assert grow_pools(pools, 0.5, {"sd": 28.0, "video": 72.0}) == {"sd": 0, "video": 0, "clip": 0}

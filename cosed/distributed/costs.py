@@ -70,17 +70,11 @@ class CostModel:
     def seconds(self, operation: str, items: int = 1) -> float:
         return self.calls[operation].seconds(items)
 
-    def refine(self, operation: str, items: int, measured: float, weight: float = 0.2) -> "CostModel":
-        """A model whose ``operation`` cost moved toward one measured call (exponential moving average).
-
-        One call cannot separate the fixed from the per-item part, so both scale by the same factor.
-        """
-        predicted = self.seconds(operation, items)
-        if predicted <= 0 or measured < 0:
-            return self
-        factor = (1.0 - weight) + weight * measured / predicted
-        cost = self.calls[operation]
-        calls = {**self.calls, operation: CallCost(cost.fixed * factor, cost.per_item * factor)}
+    def scaled(self, factors: dict[str, float]) -> "CostModel":
+        """This model with every operation of each kind in ``factors`` scaled by its factor
+        (measured over modeled seconds per call of that pool, see `measured_factors`)."""
+        calls = {op: CallCost(c.fixed * factors.get(OPERATIONS[op], 1.0), c.per_item * factors.get(OPERATIONS[op], 1.0))
+                 for op, c in self.calls.items()}
         return replace(self, calls=calls)
 
     def to_dict(self) -> dict:
@@ -159,6 +153,20 @@ def batch_work(step_counts: Iterable[int], cfg: RunConfig, costs: CostModel) -> 
             per_count[n] = task_work(n, cfg, costs)
         total = total + per_count[n]
     return total
+
+
+def measured_factors(work: TaskWork, measured: dict[str, tuple[float, int]], min_calls: int = 5) -> dict[str, float]:
+    """Per pool, measured over modeled seconds per call; ``measured`` is kind -> (busy seconds, calls).
+
+    Pools with fewer than ``min_calls`` calls keep the model (factor 1).
+    """
+    factors = {}
+    for kind in KINDS:
+        busy, count = measured.get(kind, (0.0, 0))
+        modeled_calls = sum(n for op, n in work.calls.items() if OPERATIONS[op] == kind)
+        if count >= min_calls and modeled_calls and work.seconds.get(kind, 0.0) > 0:
+            factors[kind] = (busy / count) / (work.seconds[kind] / modeled_calls)
+    return factors
 
 
 def expected_work(tasks, cfg: RunConfig, costs: CostModel) -> dict[str, float]:

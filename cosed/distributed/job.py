@@ -42,8 +42,7 @@ def connect(address: str | None = None) -> None:
 
 
 def start_pools(cfg: RunConfig, costs: CostModel | None = None, expected: TaskWork | None = None) -> Pools:
-    hint = expected.critical_path / expected.total if expected and expected.total else None
-    pools = Pools(cfg, costs, expected.seconds if expected else None, hint)
+    pools = Pools(cfg, costs, expected)
     try:
         pools.start()
     except (ray.exceptions.RayError, TimeoutError) as exc:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import logging
+import math
 import time
 import uuid
 
@@ -22,8 +23,8 @@ import ray
 from cosed.config import RunConfig
 from cosed.distributed.actors import Directory, RemoteModelWorker
 from cosed.distributed.dispatch import Membership
-from cosed.distributed.costs import CostModel
-from cosed.distributed.sizing import KINDS, ClusterPlan, PoolPlan, nodes_from_ray, plan_for_cluster, plan_pools, \
+from cosed.distributed.costs import CostModel, TaskWork, measured_factors
+from cosed.distributed.sizing import KINDS, ClusterPlan, PoolPlan, grow_pools, nodes_from_ray, plan_for_cluster, \
     rebalance_move
 
 log = logging.getLogger("cosed")
@@ -32,12 +33,13 @@ START_GRACE_S = 10.0  # the least time late actors get to join the first of thei
 
 
 class Pools:
-    def __init__(self, cfg: RunConfig, costs: CostModel | None = None, work: dict[str, float] | None = None,
-                 drivers_hint: float | None = None):
+    def __init__(self, cfg: RunConfig, costs: CostModel | None = None, expected: TaskWork | None = None):
         self.cfg = cfg
         self.costs = costs or CostModel.from_dict({})
-        self.work = work or {}
-        self.drivers_hint = drivers_hint
+        self.expected_work = expected
+        self.work = dict(expected.seconds) if expected else {}
+        self.drivers_hint = expected.critical_path / expected.total if expected and expected.total else None
+        self.sized_for: tuple[float, float] = (0.0, 0.0)  # cluster (GPUs, CPUs) the pools were last sized for
         self.cluster_plan: ClusterPlan | None = None
         self.run_id = uuid.uuid4().hex[:8]
         self.members: dict[str, dict[str, ray.actor.ActorHandle]] = {kind: {} for kind in KINDS}
@@ -45,7 +47,6 @@ class Pools:
         self.starting: dict[str, tuple[str, ray.actor.ActorHandle, float, ray.ObjectRef]] = {}
         self.draining: dict[str, tuple[str, ray.actor.ActorHandle, object, float]] = {}
         self.plan: dict[str, PoolPlan] = {}
-        self.base_plan: dict[str, PoolPlan] = {}
         self.version = 0
         self.names = itertools.count()
         self.directory = Directory.remote()
@@ -61,16 +62,13 @@ class Pools:
         resources = ray.cluster_resources()
         return resources.get("GPU", 0.0), resources.get("CPU", 0.0)
 
-    def _plan(self, fixed_gpus: dict[str, float] | None = None) -> dict[str, PoolPlan]:
-        """The cost-aware plan (sizing.plan_cluster) on the nodes there now; at start, once the GPUs the
-        run expects have joined. ``ray.policy: legacy`` keeps the even split to compare against."""
-        if self.cfg.ray.policy == "legacy" and fixed_gpus:
-            return plan_pools(self.cfg.ray, *self._cluster(), fixed_gpus=fixed_gpus)
-        plan = plan_for_cluster(self.cfg.ray, lambda: nodes_from_ray(ray.nodes()), self.work, self.costs,
-                                self.drivers_hint, wait=fixed_gpus is None)
-        if fixed_gpus is None:
-            self.cluster_plan = plan
-        return plan.pools
+    def _plan(self) -> dict[str, PoolPlan]:
+        """The plan (sizing.plan_cluster) on the nodes there once the GPUs the run expects have joined.
+        ``ray.policy: legacy`` keeps the even split to compare against."""
+        self.cluster_plan = plan_for_cluster(self.cfg.ray, lambda: nodes_from_ray(ray.nodes()), self.work, self.costs,
+                                             self.drivers_hint)
+        self.sized_for = self._cluster()
+        return self.cluster_plan.pools
 
     # -- actors --------------------------------------------------------------------------------------
     def _add(self, kind: str) -> str:
@@ -89,7 +87,7 @@ class Pools:
         do not hold the run back: once every pool has a member and the rest have had as long again
         as the first took, the run starts and they join when placed (see `_watch`).
         """
-        self.plan = self.base_plan = self._plan()
+        self.plan = self._plan()
         for kind, plan in self.plan.items():
             for _ in range(plan.replicas):
                 self._add(kind)
@@ -243,16 +241,38 @@ class Pools:
             self._add(kind)
         return changed
 
+    def measured_work(self) -> dict[str, float]:
+        """Expected GPU-seconds per pool, each scaled by measured over modeled seconds per call."""
+        if self.expected_work is None:
+            return dict(self.work)
+        measured: dict[str, tuple[float, int]] = {}
+        for info in self.info.values():
+            busy, calls = measured.get(info["kind"], (0.0, 0))
+            measured[info["kind"]] = (busy + info["busy"], calls + info["calls"])
+        factors = measured_factors(self.expected_work, measured)
+        return {kind: seconds * factors.get(kind, 1.0) for kind, seconds in self.work.items()}
+
     def rescale(self) -> bool:
-        """Add actors where the cluster now holds room for more; never removes any."""
-        grown = self._plan(fixed_gpus={kind: plan.num_gpus for kind, plan in self.plan.items()})
-        added = False
-        for kind in KINDS:
-            for _ in range(max(0, grown[kind].replicas - self.base_plan[kind].replicas)):
+        """When the cluster has grown, new actors for the pools that need them most; never removes any."""
+        gpus, cpus = self._cluster()
+        if (gpus, cpus) == self.sized_for:
+            return False
+        grew = gpus > self.sized_for[0] + 1e-6
+        self.sized_for = (gpus, cpus)
+        if not grew:
+            return False
+        now = {kind: dataclasses.replace(plan, replicas=len(self.members[kind]) + sum(
+                   1 for k, _, _, _ in self.starting.values() if k == kind)) for kind, plan in self.plan.items()}
+        used = sum(p.replicas * min(1.0, p.num_gpus) for p in now.values())
+        fixed = {kind for kind in KINDS if getattr(self.cfg.ray, kind).replicas != "auto"}
+        added = grow_pools(now, gpus - math.ceil(used - 1e-6), self.measured_work(), fixed)
+        for kind, count in added.items():
+            for _ in range(count):
                 self._add(kind)
-                added = True
-        self.base_plan = grown
-        return added
+        if any(added.values()):
+            log.warning("the cluster grew to %g GPUs: adding %s", gpus,
+                        ", ".join(f"{n} {kind}" for kind, n in added.items() if n))
+        return any(added.values())
 
     def busy(self) -> dict[str, float]:
         """Busy fraction per pool since the last call (all of the run on the first)."""

@@ -412,6 +412,26 @@ def rebalance_move(busy: dict[str, float], plan: ClusterPlan, *, high: float = 0
     return frm, to
 
 
+def grow_pools(pools: dict[str, PoolPlan], free_gpus: float, work: dict[str, float],
+               fixed: set[str] = frozenset()) -> dict[str, int]:
+    """Actors to add per pool when ``free_gpus`` GPUs join a running job: each whole GPU goes to the pool
+    with the most expected work per GPU it holds (the one that needs it most).
+
+    Existing actors keep their place and share; only pools sized in (near) whole GPUs grow, and
+    pools in ``fixed`` (replicas set in the config) never do.
+    """
+    counts = {kind: plan.replicas for kind, plan in pools.items()}
+    added = dict.fromkeys(pools, 0)
+    growable = [k for k, p in pools.items() if k not in fixed and p.num_gpus >= 0.5 and p.replicas > 0]
+    for _ in range(int(math.floor(free_gpus + _EPS))):
+        if not growable:
+            break
+        kind = max(growable, key=lambda k: (work.get(k, 0.0) / (counts[k] * pools[k].num_gpus), -KINDS.index(k)))
+        counts[kind] += 1
+        added[kind] += 1
+    return added
+
+
 def wanted_gpus(max_gpus: float, remaining_seconds: float, mean_critical_path: float, tasks_left: int,
                 whole_gpu_pools: int = 2) -> int:
     """GPUs to ask the autoscaler for, up to ``max_gpus`` (0: do not ask): enough to run every remaining task at once.
