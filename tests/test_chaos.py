@@ -172,3 +172,23 @@ def test_a_hung_call_times_out_and_is_retried_elsewhere(tmp_path, tiny_config, r
     assert marker.exists()  # one SD call did hang
     assert summary.extra["hung_calls_restarted"] >= 1
     expect_all_done(summary, tmp_path / "out", reference, TASKS[:4])
+
+
+@ray.remote(num_gpus=1, num_cpus=0)
+class OtherJob:
+    """Holds a GPU, as another job on the same cluster would."""
+
+    def ready(self) -> bool:
+        return True
+
+
+def test_a_run_starts_when_another_job_holds_part_of_the_cluster(tmp_path, tiny_config, reference):
+    other = OtherJob.remote()
+    ray.get(other.ready.remote())
+    try:
+        summary, _ = run(tmp_path, chaos_config(tiny_config), tasks=TASKS[:3])
+    finally:
+        ray.kill(other)
+    expect_all_done(summary, tmp_path / "out", reference, TASKS[:3])
+    planned = sum(pool["replicas"] for pool in summary.extra["plan"]["pools"].values())
+    assert sum(pool["replicas"] for pool in summary.extra["pools"].values()) < planned  # ran without the unplaced one

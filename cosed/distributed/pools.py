@@ -124,6 +124,8 @@ class Pools:
                         len(refs), sum(p.replicas for p in self.plan.values()))
         self._request_gpus()
         self.publish()
+        self.busy()  # the first rebalancing window starts with the run, not with model loading
+        self.settled_at = time.monotonic()
         return self.describe()
 
     def _request_gpus(self) -> None:
