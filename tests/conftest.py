@@ -1,8 +1,10 @@
 import json
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+import ray
 
 from cosed.backend import LocalBackend
 from cosed.config import RunConfig
@@ -51,3 +53,14 @@ def tiny_run(tiny_config):
 def write_jsonl(path: Path, records: list) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
     return path
+
+
+@contextmanager
+def local_ray(num_cpus: int = 6, num_gpus: int = 4):
+    """A local Ray cluster with logical GPUs for one test module (auth off: it is this test's own)."""
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    ray.init(num_cpus=num_cpus, num_gpus=num_gpus, logging_level="ERROR", log_to_driver=False)
+    try:
+        yield
+    finally:
+        ray.shutdown()

@@ -19,7 +19,7 @@ from cosed import runner
 from cosed.distributed.job import run_on_ray
 from cosed.engine import manifest_without_timings
 
-from conftest import write_jsonl
+from conftest import local_ray, write_jsonl
 
 pytestmark = pytest.mark.slow
 
@@ -31,10 +31,8 @@ TASKS = [{"id": f"c{i}", "title": f"Chaos {i}",
 
 @pytest.fixture(scope="module", autouse=True)
 def cluster():
-    os.environ["RAY_AUTH_MODE"] = "disabled"
-    ray.init(num_cpus=6, num_gpus=4, logging_level="ERROR", log_to_driver=False)
-    yield
-    ray.shutdown()
+    with local_ray(num_cpus=6, num_gpus=4):
+        yield
 
 
 def snapshot(out) -> dict:

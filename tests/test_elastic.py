@@ -27,10 +27,10 @@ def cluster():
     cluster.shutdown()
 
 
-def test_a_gpu_node_added_mid_run_gets_model_actors_and_work(cluster, tmp_path, tiny_config):
-    cfg = dataclasses.replace(tiny_config, ray=dataclasses.replace(tiny_config.ray, rescale_seconds=1.0,
-                                                                   max_concurrent_tasks=2, rebalance=False))
-    tasks = [{"id": f"t{i}", "title": f"Task {i}", "steps": ["Cut it.", "Sand it.", "Paint it."]} for i in range(8)]
+def run_and_change_the_cluster(tmp_path, tasks, cfg, change):
+    """(summary, what ``change()`` returned) of a Ray run of ``tasks`` into ``tmp_path/out``; ``change``
+    runs on this (the main) thread, as Ray wants for adding and removing nodes, once the first task is
+    written and while the run goes on."""
     out = tmp_path / "out"
     result = {}
     run = threading.Thread(target=lambda: result.setdefault("summary", run_on_ray(
@@ -39,10 +39,17 @@ def test_a_gpu_node_added_mid_run_gets_model_actors_and_work(cluster, tmp_path, 
     deadline = time.time() + 300
     while time.time() < deadline and not list(out.glob("*/manifest.json")):
         time.sleep(0.5)
-    assert run.is_alive(), "the run ended before the node could join"
-    node = cluster.add_node(num_cpus=4, num_gpus=2)  # Ray wants this on the main thread
+    assert run.is_alive(), "the run ended before the cluster could change"
+    changed = change()
     run.join()
-    summary = result["summary"]
+    return result["summary"], changed
+
+
+def test_a_gpu_node_added_mid_run_gets_model_actors_and_work(cluster, tmp_path, tiny_config):
+    cfg = dataclasses.replace(tiny_config, ray=dataclasses.replace(tiny_config.ray, rescale_seconds=1.0,
+                                                                   max_concurrent_tasks=2, rebalance=False))
+    tasks = [{"id": f"t{i}", "title": f"Task {i}", "steps": ["Cut it.", "Sand it.", "Paint it."]} for i in range(8)]
+    summary, node = run_and_change_the_cluster(tmp_path, tasks, cfg, lambda: cluster.add_node(num_cpus=4, num_gpus=2))
     assert len(summary.done) == 8
     pools = summary.extra["pools"]
     assert pools["sd"]["replicas"] >= 2 and pools["video"]["replicas"] >= 2
@@ -64,17 +71,7 @@ def test_a_node_removed_mid_run_loses_no_task(cluster, tmp_path, tiny_config, ti
     cfg = dataclasses.replace(tiny_config, ray=dataclasses.replace(
         tiny_config.ray, rescale_seconds=1.0, max_concurrent_tasks=3, rebalance=False, call_timeout_floor_s=15.0))
     out = tmp_path / "out"
-    result = {}
-    run = threading.Thread(target=lambda: result.setdefault("summary", run_on_ray(
-        str(write_jsonl(tmp_path / "t.jsonl", tasks)), str(out), cfg, progress=False)))
-    run.start()
-    deadline = time.time() + 300
-    while time.time() < deadline and not list(out.glob("*/manifest.json")):
-        time.sleep(0.5)
-    assert run.is_alive(), "the run ended before the node could be removed"
-    cluster.remove_node(node)  # Ray wants this on the main thread
-    run.join()
-    summary = result["summary"]
+    summary, _ = run_and_change_the_cluster(tmp_path, tasks, cfg, lambda: cluster.remove_node(node))
     assert any(a["node_id"] == node.node_id for a in summary.actors), "no model actor ran on the removed node"
     assert sorted(summary.done) == sorted(t["id"] for t in tasks) and not summary.failed
     assert snapshot(out) == snapshot(tmp_path / "ref")

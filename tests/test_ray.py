@@ -17,7 +17,7 @@ from cosed.distributed.job import run_on_ray, start_pools
 from cosed.distributed.sizing import plan_pools
 from cosed.engine import manifest_without_timings
 
-from conftest import SMALL_TASKS, write_jsonl
+from conftest import SMALL_TASKS, local_ray, write_jsonl
 
 pytestmark = pytest.mark.slow
 
@@ -26,10 +26,8 @@ TASKS = SMALL_TASKS
 
 @pytest.fixture(scope="module", autouse=True)
 def cluster():
-    os.environ["RAY_AUTH_MODE"] = "disabled"
-    ray.init(num_cpus=6, num_gpus=4, logging_level="ERROR", log_to_driver=False)
-    yield
-    ray.shutdown()
+    with local_ray(num_cpus=6, num_gpus=4):
+        yield
 
 
 @pytest.fixture(scope="module")
