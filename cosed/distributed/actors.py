@@ -133,14 +133,19 @@ class Directory:
 class RayBackend:
     """The `Backend` the engine sees inside a driver: each call goes through the dispatcher."""
 
+    # A latent shape is asked of the SD pool once per run and process, not once per task (the call
+    # waits behind every queued render). Keyed by the run (its actors' name prefix) and the SD config.
+    _shapes: dict[tuple[str, str], tuple] = {}
+
     def __init__(self, dispatcher: Dispatcher):
         self.dispatcher = dispatcher
-        self._shape = None
 
     def latent_shape(self, sd):
-        if self._shape is None:
-            self._shape = self.dispatcher.call("sd", "latent_shape", sd)
-        return self._shape
+        run = min(self.dispatcher.membership.members.get("sd", {}) or [""]).rsplit("-", 2)[0]
+        key = (run, repr(sd))
+        if key not in self._shapes:
+            self._shapes[key] = tuple(self.dispatcher.call("sd", "latent_shape", sd))
+        return self._shapes[key]
 
     def render_many(self, caption, latent_batches, sd, capture_iterations):
         return self.dispatcher.call_many("sd", "render", [(caption, batch, sd, capture_iterations)
@@ -201,6 +206,13 @@ def _warm_writer() -> None:
     png_bytes(still)
     storyboard_png("warm", [still], ["warm"], ["fresh"])
     concat_mp4([encode_clip(np.zeros((2, 16, 16, 3), np.uint8), 7).data])
+
+
+@ray.remote(num_cpus=0)
+def warm_writer_process() -> int:
+    """Start (and warm) one worker process for writers before the run, so no task waits for one."""
+    _warm_writer()
+    return os.getpid()
 
 
 @ray.remote(num_cpus=0)

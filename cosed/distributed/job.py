@@ -20,7 +20,7 @@ import ray
 
 from cosed.config import RunConfig
 from cosed.distributed import telemetry
-from cosed.distributed.actors import RayBackend, TaskDriver, write_task
+from cosed.distributed.actors import RayBackend, TaskDriver, warm_writer_process, write_task
 from cosed.distributed.dispatch import CallFailed, CallPolicy, Dispatcher
 from cosed.distributed.pools import Pools
 from cosed.distributed.costs import CostModel, TaskWork, batch_work
@@ -134,7 +134,7 @@ def drive(job: Job, todo: list[Task], limit: int) -> None:
     """Keep at most ``limit`` tasks sequencing and ``limit`` writing; retry, time out, report."""
     cfg = job.cfg
     queue = deque(Attempt(task, 0, 0.0, 0.0) for task in todo)
-    idle = [TaskDriver.remote() for _ in range(min(limit, len(todo)))]
+    idle = start_drivers(min(limit, len(todo)), job.cfg.ray.start_timeout_s)
     sequencing: dict = {}  # status ref -> (Attempt, payload ref)
     writing: dict = {}  # write ref -> Attempt
     last_tick = last_progress = time.monotonic()
@@ -171,6 +171,19 @@ def drive(job: Job, todo: list[Task], limit: int) -> None:
             ray.kill(driver)
         for ref in writing:
             ray.cancel(ref, force=True)
+
+
+WARM_WRITERS = 4  # writers mostly wait briefly for their last clip: a few processes cover the usual overlap
+
+
+def start_drivers(count: int, timeout_s: float) -> list:
+    """``count`` drivers and a few warm writer processes, up before the first task starts: a process
+    start (imports, codecs) takes seconds, which no task should wait for in the middle of the run."""
+    drivers = [TaskDriver.remote() for _ in range(count)]
+    warm = [warm_writer_process.remote() for _ in range(min(count, WARM_WRITERS))]
+    ready = [driver.progress.remote() for driver in drivers] + warm
+    ray.wait(ready, num_returns=len(ready), timeout=timeout_s)
+    return drivers
 
 
 def policy(job: Job) -> CallPolicy:
