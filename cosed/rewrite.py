@@ -130,12 +130,12 @@ class LMRewriter:
 
 def make_rewriter(name: str, *, model: str | None = None, cache_dir: Path | None = None,
                   device: torch.device | None = None) -> Rewriter:
-    if name == "identity":
-        return IdentityRewriter()
-    if name == "template":
-        return TemplateRewriter()
-    if name == "given":
-        return GivenRewriter()
+    """The named rewriter, ready: what it loads (a model, or the CLIP tokenizer that truncates
+    captions, seconds on first use) loads here, not inside the first task's time."""
+    simple = {"identity": IdentityRewriter, "template": TemplateRewriter, "given": GivenRewriter}
+    if name in simple:
+        _bpe()
+        return simple[name]()
     if name == "lm":
         if not model:
             raise ValueError("the lm rewriter needs rewriter_model (a hub id or a local folder)")

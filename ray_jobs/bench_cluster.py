@@ -68,12 +68,15 @@ def run_once(tasks: str, out: Path, cfg: RunConfig, gpus: int, cpus: int, time_s
     busy = {}
     for kind in KINDS:
         actors = [a for a in summary.actors if a["kind"] == kind]
-        busy[kind] = round(sum(a["busy"] for a in actors) / (len(actors) * wall), 3) if actors else 0.0
+        # over the time each actor was up during the makespan (a moved actor counts only while it served)
+        busy[kind] = round(sum(a["busy"] for a in actors) / sum(min(a["alive"], wall) for a in actors), 3) \
+            if actors else 0.0
     makespan = wall / time_scale
     return {"gpus": gpus, "policy": cfg.ray.policy, "tasks": len(summary.done), "failed": len(summary.failed),
             "efficiency": round(bound_s / makespan, 4), "makespan_s": round(makespan, 1), "bound_s": round(bound_s, 1),
             "mean_latency_s": round(sum(e - s for s, e in spans) / len(spans) / time_scale, 1),
             "busy": busy, "time_scale": time_scale, "drivers": plan["drivers"],
+            "moves": [f"{m['from']}->{m['to']}" for m in summary.extra["moves"]],
             "plan": {k: [p["replicas"], p["num_gpus"]] for k, p in plan["pools"].items()}}
 
 
@@ -135,7 +138,8 @@ def main() -> None:
                 print(f"G={gpus:>2} {policy:<6} plan {record['plan']} drivers {record['drivers']}: "
                       f"makespan {record['makespan_s']:.0f} s, bound {record['bound_s']:.0f} s, "
                       f"efficiency {record['efficiency']:.1%}, mean latency {record['mean_latency_s']:.0f} s, "
-                      f"busy {record['busy']}, {record['tasks']} done {record['failed']} failed", flush=True)
+                      f"busy {record['busy']}, moves {record['moves'] or 'none'}, "
+                      f"{record['tasks']} done {record['failed']} failed", flush=True)
         single = single_task(tasks, args.single_task_steps, args.cpus, folder) if args.single_task_steps else None
 
     print("\n| G | policy | plan (replicas, GPUs each) | makespan s | bound s | efficiency | tasks/GPU-h "

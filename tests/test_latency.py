@@ -56,3 +56,14 @@ def test_latency_run_at_4_gpus_makes_the_predicted_calls_per_pool(tmp_path, monk
         assert read("ray") == read("local")
         for scene in (tmp_path / "local" / task["id"] / "scenes").iterdir():
             assert (tmp_path / "ray" / task["id"] / "scenes" / scene.name).read_bytes() == scene.read_bytes()
+
+
+def test_drivers_writers_and_simulated_actors_do_not_import_model_libraries():
+    """They never load a model; diffusers and transformers would cost each such process ~100 MB."""
+    import subprocess
+    import sys
+
+    code = ("import sys, cosed.distributed.job, cosed.simulate; "
+            "print(sorted(m for m in ('diffusers', 'transformers', 'open_clip') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

@@ -3,10 +3,11 @@
 import pytest
 
 from cosed.config import PoolConfig, PoolResources, RayConfig, RunConfig, SDConfig
-from cosed.distributed.costs import (CostModel, TaskWork, batch_work, candidate_counts, expected_work,
+from cosed.distributed.costs import (CostModel, TaskWork, batch_work, candidate_counts, expected_work, flow_order,
                                     measured_factors, task_work)
 from cosed.distributed.sizing import (ClusterPlan, Node, PlanError, PoolPlan, grow_pools, nodes_from_ray, place,
-                                      plan_cluster, plan_for_cluster, rebalance_move, wait_for_gpus, wanted_gpus)
+                                      plan_cluster, plan_for_cluster, rebalance_move, rebalance_window_s,
+                                      wait_for_gpus, wanted_gpus)
 from cosed.tasks import Task
 
 A100 = {"render": {"fixed": 2.5, "per_item": 2.1}, "animate": {"fixed": 45.0},
@@ -188,6 +189,26 @@ def test_rebalance_has_hysteresis():
     assert rebalance_move({"sd": 0.1, "video": 0.99, "clip": 0.0}, _plan(1, 7)) is None     # last sd actor
     # the fractional CLIP actor never donates a GPU
     assert rebalance_move({"sd": 0.95, "video": 0.9, "clip": 0.0}, _plan(4, 4)) is None
+
+
+def test_a_rebalancing_window_spans_many_calls_of_the_slowest_pool():
+    assert rebalance_window_s(5.0, {"sd": 12.0, "video": 45.0, "clip": 0.01}) == 450.0  # ten clips
+    assert rebalance_window_s(5.0, {"clip": 0.01}) == 15.0  # never under three ticks
+    assert rebalance_window_s(5.0, {}) == 15.0
+
+
+def test_tasks_start_in_johnsons_order_for_the_plan():
+    """SD-light tasks first, by SD work; SD-heavy ones last, by decreasing video work."""
+    tasks = [Task(id=f"{n}-{i}", title="t", steps=tuple(f"s{k}" for k in range(n)))
+             for i, n in enumerate((4, 6, 2, 5, 3, 2))]
+
+    def order(capacity):
+        return [t.id for t in flow_order(tasks, CFG, COSTS, capacity)]
+
+    # One SD GPU, three video GPUs: per GPU a 3-step task is SD 39 s / video 45 s, a 4-step one 65 s / 60 s.
+    assert order({"sd": 1, "video": 3}) == ["2-2", "2-5", "3-4", "6-1", "5-3", "4-0"]
+    # Video scarce: every task's video stage is the longer one, so all go by increasing SD work.
+    assert order({"sd": 5, "video": 1}) == ["2-2", "2-5", "3-4", "4-0", "5-3", "6-1"]
 
 
 def test_wanted_gpus_is_capped_by_config_and_useful_work():

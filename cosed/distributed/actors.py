@@ -20,7 +20,7 @@ import ray
 from cosed.backend import make_backend
 from cosed.config import RunConfig
 from cosed.distributed import telemetry
-from cosed.distributed.dispatch import CallPolicy, Dispatcher, Membership
+from cosed.distributed.dispatch import CallPolicy, Dispatcher, Membership, QueueCounter
 from cosed.distributed.sizing import KINDS
 from cosed.engine import SequenceResult, png_bytes, sequence_task, write_task_outputs
 from cosed.models.profiles import Profile, resolve_profile
@@ -48,6 +48,7 @@ class ModelWorker:
             self.backend.selector  # noqa: B018
         self.busy = 0.0
         self.calls = 0
+        self.queue = QueueCounter()
         self.started = time.time()
         self.running_since: float | None = None
 
@@ -62,6 +63,7 @@ class ModelWorker:
             self.running_since = None
             self.busy += seconds
             self.calls += 1
+            self.queue.finish()
             telemetry.busy_seconds(self.kind, seconds)
 
     def _maybe_stall(self) -> None:
@@ -77,6 +79,7 @@ class ModelWorker:
         threading.Event().wait()
 
     def latent_shape(self, sd):
+        self.queue.finish()
         return self.backend.latent_shape(sd)
 
     def render(self, caption, latents, sd, capture_iterations):
@@ -98,6 +101,14 @@ class ModelWorker:
         """The clip encoded to H.264 at once: raw frames never leave this process."""
         frames = self.animate(image, seed, video, prompt)
         return encode_clip(frames, video.fps)
+
+    @ray.method(concurrency_group="control")
+    def claim(self) -> None:
+        self.queue.claim()
+
+    @ray.method(concurrency_group="control")
+    def queued(self) -> int:
+        return self.queue.queued
 
     def drain(self) -> bool:
         """Returns once every call queued before it has run (used before removing this actor)."""
@@ -172,7 +183,8 @@ class TaskDriver:
     """Walks one task's steps in order; sends each chosen scene to the video pool at once.
 
     It returns as soon as the last scene is chosen, with the clip refs still
-    rendering: the writer waits for them, so this slot can start the next task.
+    rendering (in both returns: the job watches them, the writer reads them), so
+    this slot can start the next task.
     `progress` runs beside `run` and tells the job how many scenes are chosen.
     """
 
@@ -196,7 +208,7 @@ class TaskDriver:
             telemetry.scene_done()
 
         result = sequence_task(task, captions, backend, cfg, on_scene=stream, on_step=count)
-        return {"scenes": len(result.steps)}, {"result": result, "clips": clips}
+        return {"scenes": len(result.steps), "clips": clips}, {"result": result, "clips": clips}
 
 
 @lru_cache(maxsize=1)

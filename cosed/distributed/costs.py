@@ -144,6 +144,29 @@ def task_work(num_steps: int, cfg: RunConfig, costs: CostModel) -> TaskWork:
     return TaskWork(seconds=seconds, calls=calls, images=images, critical_path=max(clock, video_free))
 
 
+def flow_order(tasks: list, cfg: RunConfig, costs: CostModel, capacity: dict[str, float]) -> list:
+    """Tasks (anything with ``.steps``) in Johnson's order over the two stages that hold the work.
+
+    A task's first stage is its SD work per SD GPU (``capacity``: GPUs per pool),
+    its second its video work per video GPU. Tasks whose first stage is shorter go
+    first, by increasing first stage, so the video pool has clips early; the rest go
+    last, by decreasing second stage, so the run ends on tasks whose clips finish
+    soon after their scenes. For two stages in series this order minimises the
+    makespan (Johnson's rule); here it shortens both the start and the tail.
+    """
+    stages = {}
+    for n in {len(t.steps) for t in tasks}:
+        seconds = task_work(n, cfg, costs).seconds
+        stages[n] = (seconds["sd"] / max(capacity.get("sd", 1.0), 1e-9),
+                     seconds["video"] / max(capacity.get("video", 1.0), 1e-9))
+
+    def key(task):
+        first, second = stages[len(task.steps)]
+        return (0, first) if first < second else (1, -second)
+
+    return sorted(tasks, key=key)
+
+
 def batch_work(step_counts: Iterable[int], cfg: RunConfig, costs: CostModel) -> TaskWork:
     """Summed `task_work` over tasks given by their step counts."""
     per_count: dict[int, TaskWork] = {}

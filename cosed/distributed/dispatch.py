@@ -4,13 +4,18 @@ Like `ray.util.ActorPool`, but load-aware, with a timeout on every wait and
 retries on another actor. A `Dispatcher` lives in one process (a driver, a
 writer, the job) and holds the pool members it was given; it asks the
 `Directory` for fresh members only every ``refresh_s`` seconds or after a
-failure, never once per call. Which actor serves a call never changes its
-result: every model call is a pure function of its arguments.
+failure, never once per call. Outstanding work is what the actors themselves
+count (`QueueCounter`: calls claimed by any caller, less those finished), asked
+of the pool's members in parallel when there is a choice: many drivers each
+seeing only their own calls would pile work on some actors while others idle.
+Which actor serves a call never changes its result: every model call is a pure
+function of its arguments.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,6 +27,8 @@ from cosed.distributed import telemetry
 log = logging.getLogger("cosed")
 
 # Failures of the serving actor or its node: the call is tried again elsewhere.
+QUEUE_TIMEOUT_S = 1.0  # an actor whose control thread does not answer this fast is left out of the choice
+
 RETRYABLE = (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError, ray.exceptions.TaskCancelledError,
              ray.exceptions.ObjectLostError, ray.exceptions.WorkerCrashedError)
 
@@ -49,6 +56,27 @@ class CallPolicy:
     def timeout(self, expected_s: float, queued: int = 0) -> float:
         """How long to wait for a call with ``queued`` calls of ours ahead of it on the same actor."""
         return max(self.timeout_floor_s, self.timeout_factor * expected_s * (1 + queued))
+
+
+class QueueCounter:
+    """An actor's queue as every caller sees it: calls claimed (by any dispatcher, just before
+    sending) less calls finished. Claims run on the actor's control thread, so they count while
+    the model thread is busy. A call cancelled while still queued stays counted until the actor
+    restarts: the actor then looks one call busier than it is, never less busy."""
+
+    def __init__(self):
+        self.claimed = 0
+        self.finished = 0
+
+    def claim(self) -> None:
+        self.claimed += 1
+
+    def finish(self) -> None:
+        self.finished += 1
+
+    @property
+    def queued(self) -> int:
+        return max(0, self.claimed - self.finished)
 
 
 @dataclass
@@ -125,6 +153,20 @@ class Dispatcher:
                 loads[call.name] += call.seconds
         return loads
 
+    def queues(self, kind: str, names: list[str]) -> dict[str, int]:
+        """Calls queued or running at each named actor, from every caller; those that do not answer
+        within ``QUEUE_TIMEOUT_S`` (dead, restarting) are left out."""
+        members = self.membership.members[kind]
+        refs = {members[name].queued.remote(): name for name in names}
+        ready, _ = ray.wait(list(refs), num_returns=len(refs), timeout=QUEUE_TIMEOUT_S)
+        answers = {}
+        for ref in ready:
+            try:
+                answers[refs[ref]] = int(ray.get(ref))
+            except ray.exceptions.RayError:
+                pass
+        return answers
+
     def pick(self, kind: str, avoid: set[str] = frozenset()) -> str:
         """The member with the least outstanding work; suspects and ``avoid`` only when nothing else is left."""
         self.refresh()
@@ -141,6 +183,10 @@ class Dispatcher:
         now = time.monotonic()
         healthy = [n for n in loads if n not in avoid and self.suspect.get(n, 0) <= now]
         candidates = healthy or [n for n in loads if n not in avoid] or list(loads)
+        if len(candidates) > 1:
+            queued = self.queues(kind, candidates)
+            if queued:  # every caller's work; an actor that did not answer only when none of the others can
+                loads = {n: queued[n] * self.expected_s(kind) if n in queued else math.inf for n in candidates}
         self.turn += 1
         # Ties go round-robin from a per-process offset, so drivers do not all start on the same actor.
         order = {name: (i - self.turn) % len(candidates) for i, name in enumerate(sorted(candidates))}
@@ -154,6 +200,7 @@ class Dispatcher:
         """(ref, actor name): one call on the least-loaded member, not waited for."""
         name = self.pick(kind, avoid)
         handle = self.membership.members[kind][name]
+        handle.claim.remote()  # the control thread counts it before the call queues behind others
         ref = getattr(handle, method).remote(*args)
         self.in_flight[ref] = _InFlight(kind, name, self.expected_s(kind))
         return ref, name

@@ -1,8 +1,8 @@
 """Run a batch of tasks on a Ray cluster: drivers, writers, retries, deadlines, progress, summary.
 
 A task goes: queue -> a driver (sequencing; the slot is held only while it
-chooses scenes) -> a writer task (waits for the encoded clips, writes, manifest
-last) -> done. A task is retried from the start only when its driver or writer
+chooses scenes) -> rendering (its clips are made; only the job watches them, no
+process is held) -> a writer task (writes, manifest last) -> done. A task is retried from the start only when its driver or writer
 process died or its deadline passed; a failed model call is retried on
 another actor inside the driver/writer (`dispatch.Dispatcher`).
 """
@@ -23,7 +23,7 @@ from cosed.distributed import telemetry
 from cosed.distributed.actors import RayBackend, TaskDriver, warm_writer_process, write_task
 from cosed.distributed.dispatch import CallFailed, CallPolicy, Dispatcher
 from cosed.distributed.pools import Pools
-from cosed.distributed.costs import CostModel, TaskWork, batch_work
+from cosed.distributed.costs import CostModel, TaskWork, batch_work, flow_order
 from cosed.models.profiles import ModelUnavailable, Profile
 from cosed.rewrite import Rewriter, make_rewriter
 from cosed.runner import RunSummary, failure, finish_run, prepare_run, profile_cache, record_failure
@@ -99,6 +99,21 @@ class Attempt:
     driver: object = None
 
 
+@dataclass(eq=False)
+class Rendering:
+    """A sequenced task whose clips are still being made; its writer starts when they are done.
+
+    A writer started earlier would hold a worker process (and its memory) while it
+    waits: with many tasks in flight, those idle processes were most of a node's RAM.
+    Past ``overdue`` the writer starts anyway and its dispatcher retries what is late.
+    """
+
+    attempt: Attempt
+    payload: object
+    pending: list
+    overdue: float  # monotonic
+
+
 def run_on_ray(tasks_uri: str, out: str, cfg: RunConfig, *, overwrite: bool = False, progress: bool = True,
                address: str | None = None) -> RunSummary:
     start = time.perf_counter()
@@ -130,42 +145,53 @@ def run_on_ray(tasks_uri: str, out: str, cfg: RunConfig, *, overwrite: bool = Fa
     return summary
 
 
+AFTER_SEQUENCING = 2  # tasks past their driver (clips rendering, writing) may number this many times the drivers
+
+
 def drive(job: Job, todo: list[Task], limit: int) -> None:
-    """Keep at most ``limit`` tasks sequencing and ``limit`` writing; retry, time out, report."""
+    """Keep at most ``limit`` tasks sequencing and ``AFTER_SEQUENCING * limit`` waiting for their clips or
+    writing (a bound on what a run holds; room to spare, so that a burst of clips does not stop the
+    drivers); retry, time out, report."""
     cfg = job.cfg
-    queue = deque(Attempt(task, 0, 0.0, 0.0) for task in todo)
+    capacity = {kind: p.replicas * (p.num_gpus or 1.0) for kind, p in job.pools.cluster_plan.pools.items()}
+    queue = deque(Attempt(task, 0, 0.0, 0.0) for task in flow_order(todo, cfg, job.pools.costs, capacity))
     idle = start_drivers(min(limit, len(todo)), job.cfg.ray.start_timeout_s)
+    job.pools.begin()
     sequencing: dict = {}  # status ref -> (Attempt, payload ref)
+    rendering: list[Rendering] = []
     writing: dict = {}  # write ref -> Attempt
     last_tick = last_progress = time.monotonic()
     shown = -1
     try:
-        while queue or sequencing or writing:
-            while queue and idle and len(writing) < limit:
+        while queue or sequencing or rendering or writing:
+            while queue and idle and len(rendering) + len(writing) < AFTER_SEQUENCING * limit:
                 attempt = queue.popleft()
                 attempt.driver, attempt.started, attempt.started_wall = idle.pop(), time.monotonic(), time.time()
                 status, payload = attempt.driver.run.options(num_returns=2).remote(
                     attempt.task, job.rewriter.captions(attempt.task), cfg, job.pools.membership(),
                     job.pools.directory, policy(job))
                 sequencing[status] = (attempt, payload)
-            telemetry.tasks(len(queue), len(sequencing) + len(writing))
-            ready, _ = ray.wait(list(sequencing) + list(writing), num_returns=1, timeout=PROGRESS_SECONDS)
+            telemetry.tasks(len(queue), len(sequencing) + len(rendering) + len(writing))
+            clips = [ref for item in rendering for ref in item.pending]
+            ready, _ = ray.wait(list(sequencing) + list(writing) + clips, num_returns=1, timeout=PROGRESS_SECONDS,
+                                fetch_local=False)
             for ref in ready:
                 if ref in sequencing:
                     attempt, payload = sequencing.pop(ref)
-                    settle_sequencing(job, ref, payload, attempt, queue, idle, writing)
-                else:
+                    settle_sequencing(job, ref, payload, attempt, queue, idle, rendering)
+                elif ref in writing:
                     settle_writing(job, ref, writing.pop(ref), queue)
-            enforce_deadlines(job, queue, idle, sequencing, writing)
+            start_writers(job, rendering, writing)
+            enforce_deadlines(job, queue, idle, sequencing, rendering, writing)
             now = time.monotonic()
             if now - last_tick >= cfg.ray.rescale_seconds:
                 job.pools.tick()
                 last_tick = now
             if job.progress and now - last_progress >= PROGRESS_SECONDS:
-                shown = report(job, sequencing, writing, shown)
+                shown = report(job, sequencing, rendering, writing, shown)
                 last_progress = now
         if job.progress:
-            report(job, sequencing, writing, shown)
+            report(job, sequencing, rendering, writing, shown)
     finally:
         for driver in idle + [attempt.driver for attempt, _ in sequencing.values()]:
             ray.kill(driver)
@@ -202,19 +228,34 @@ def fail(job: Job, task: Task, reason: str) -> None:
     record_failure(job.out, job.summary, TaskError(source="generation", task_id=task.id, reason=reason))
 
 
-def settle_sequencing(job: Job, ref, payload, attempt: Attempt, queue: deque, idle: list, writing: dict) -> None:
-    """A driver finished choosing scenes: hand the task to a writer and free the driver's slot."""
+def settle_sequencing(job: Job, ref, payload, attempt: Attempt, queue: deque, idle: list,
+                      rendering: list[Rendering]) -> None:
+    """A driver finished choosing scenes: free its slot; the task waits for its clips."""
     try:
-        ray.get(ref)
+        status = ray.get(ref)
     except ray.exceptions.RayError as exc:
         _consume(payload)  # the same error; read so Ray does not log it as unhandled
         settle_failed_driver(job, exc, attempt, queue, idle)
         return
     idle.append(attempt.driver)
-    write = write_task.options(max_retries=job.cfg.ray.task_retries + 1, retry_exceptions=False).remote(
-        job.out, payload, job.profile, job.cfg, job.pools.membership(), job.pools.directory, policy(job),
-        attempt.started_wall)
-    writing[write] = attempt
+    calls = policy(job)
+    overdue = time.monotonic() + calls.timeout(calls.expected.get("video", 1.0), len(status["clips"]))
+    rendering.append(Rendering(attempt, payload, list(status["clips"]), overdue))
+
+
+def start_writers(job: Job, rendering: list[Rendering], writing: dict) -> None:
+    """A writer task for each task whose clips are all made (or failed, or overdue)."""
+    now = time.monotonic()
+    for item in list(rendering):
+        if item.pending:
+            _, item.pending = ray.wait(item.pending, num_returns=len(item.pending), timeout=0, fetch_local=False)
+        if item.pending and now < item.overdue:
+            continue
+        rendering.remove(item)
+        write = write_task.options(max_retries=job.cfg.ray.task_retries + 1, retry_exceptions=False).remote(
+            job.out, item.payload, job.profile, job.cfg, job.pools.membership(), job.pools.directory, policy(job),
+            item.attempt.started_wall)
+        writing[write] = item.attempt
 
 
 def _consume(ref) -> None:
@@ -259,7 +300,8 @@ def settle_writing(job: Job, ref, attempt: Attempt, queue: deque) -> None:
     telemetry.task_latency(time.monotonic() - attempt.started)
 
 
-def enforce_deadlines(job: Job, queue: deque, idle: list, sequencing: dict, writing: dict) -> None:
+def enforce_deadlines(job: Job, queue: deque, idle: list, sequencing: dict, rendering: list[Rendering],
+                      writing: dict) -> None:
     """A task attempt older than ``task_deadline_s`` is stopped and retried (or failed)."""
     limit = job.cfg.ray.task_deadline_s
     now = time.monotonic()
@@ -269,6 +311,10 @@ def enforce_deadlines(job: Job, queue: deque, idle: list, sequencing: dict, writ
             ray.kill(attempt.driver)
             idle.append(TaskDriver.remote())
             retry_or_fail(job, attempt, queue, f"deadline of {limit:g} s passed while sequencing")
+    for item in list(rendering):
+        if now - item.attempt.started > limit:
+            rendering.remove(item)
+            retry_or_fail(job, item.attempt, queue, f"deadline of {limit:g} s passed while rendering clips")
     for ref, attempt in list(writing.items()):
         if now - attempt.started > limit:
             del writing[ref]
@@ -276,10 +322,11 @@ def enforce_deadlines(job: Job, queue: deque, idle: list, sequencing: dict, writ
             retry_or_fail(job, attempt, queue, f"deadline of {limit:g} s passed while writing")
 
 
-def report(job: Job, sequencing: dict, writing: dict, shown: int) -> int:
+def report(job: Job, sequencing: dict, rendering: list[Rendering], writing: dict, shown: int) -> int:
     """``[cosed] N/M scenes`` whenever a scene is chosen or a task finishes."""
     running = [attempt.driver for attempt, _ in sequencing.values()]
-    chosen = sum(len(attempt.task.steps) for attempt in writing.values()) + job.summary.scenes
+    after = [item.attempt for item in rendering] + list(writing.values())
+    chosen = sum(len(attempt.task.steps) for attempt in after) + job.summary.scenes
     if running:
         refs = [driver.progress.remote() for driver in running]
         ready, _ = ray.wait(refs, num_returns=len(refs), timeout=2.0)
@@ -292,6 +339,6 @@ def report(job: Job, sequencing: dict, writing: dict, shown: int) -> int:
     key = chosen * 100003 + len(summary.done) * 101 + len(summary.failed)
     if key != shown:
         print(f"[cosed] {chosen}/{job.total_scenes} scenes chosen, {summary.scenes} written; "
-              f"tasks: {len(summary.done)} done, {len(summary.failed)} failed, {len(writing)} writing",
+              f"tasks: {len(summary.done)} done, {len(summary.failed)} failed, {len(after)} rendering or writing",
               flush=True)
     return key

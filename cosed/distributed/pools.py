@@ -25,7 +25,7 @@ from cosed.distributed.actors import Directory, RemoteModelWorker
 from cosed.distributed.dispatch import Membership
 from cosed.distributed.costs import CostModel, TaskWork, measured_factors
 from cosed.distributed.sizing import KINDS, ClusterPlan, PoolPlan, grow_pools, nodes_from_ray, plan_for_cluster, \
-    rebalance_move
+    rebalance_move, rebalance_window_s
 
 log = logging.getLogger("cosed")
 INFO_TIMEOUT_S = 5.0
@@ -55,7 +55,7 @@ class Pools:
         self.window: dict[str, tuple[float, float]] = {}  # kind -> (busy, alive) at the last rebalance
         self.moves: list[dict] = []
         self.hung_kills = 0
-        self.settled_at = time.monotonic()  # no move until the busy fractions reflect the last one
+        self.window_at = time.monotonic()  # when the busy window began (after start, each move, each decision)
 
     # -- the plan (pure planning lives in sizing.py) -----------------------------------------------
     def _cluster(self) -> tuple[float, float]:
@@ -125,8 +125,14 @@ class Pools:
         self._request_gpus()
         self.publish()
         self.busy()  # the first rebalancing window starts with the run, not with model loading
-        self.settled_at = time.monotonic()
         return self.describe()
+
+    def begin(self) -> None:
+        """The first task starts now: rebalancing windows count from here, not from the drivers' start-up
+        (a window that began while no task ran reads as an idle pool, and would move an actor it needs)."""
+        if self._watch():
+            self.publish()
+        self.busy()
 
     def _request_gpus(self) -> None:
         """Ask an autoscaling cluster for up to ``autoscale_max_gpus`` GPUs (a no-op elsewhere)."""
@@ -170,8 +176,8 @@ class Pools:
         changed = self._watch()
         changed |= self._finish_drains()
         changed |= self.rescale()
-        if self.cfg.ray.rebalance and not self.draining and \
-                time.monotonic() - self.settled_at >= 3 * self.cfg.ray.rescale_seconds:
+        if self.cfg.ray.rebalance and not self.draining and time.monotonic() - self.window_at >= \
+                rebalance_window_s(self.cfg.ray.rescale_seconds, self.expected()):
             changed |= self._rebalance()
         if changed:
             self.publish()
@@ -277,7 +283,7 @@ class Pools:
         return any(added.values())
 
     def busy(self) -> dict[str, float]:
-        """Busy fraction per pool since the last call (all of the run on the first)."""
+        """Busy fraction per pool since the last call (all of the run on the first); starts a new window."""
         totals = {kind: [0.0, 0.0] for kind in KINDS}
         for name, info in self.info.items():
             if name in self.members[info["kind"]]:
@@ -289,6 +295,7 @@ class Pools:
             span = alive - last_alive
             out[kind] = (busy - last_busy) / span if span > 0 else 0.0
             self.window[kind] = (busy, alive)
+        self.window_at = time.monotonic()
         return out
 
     def _rebalance(self) -> bool:
@@ -335,7 +342,6 @@ class Pools:
                 self._retire(name, handle)
                 replacement = self._add(target)
                 next(m for m in reversed(self.moves) if m["actor"] == name)["replacement"] = replacement
-                self.settled_at = time.monotonic()
                 self.busy()  # restart the busy window
                 changed = True
         return changed

@@ -412,6 +412,13 @@ def rebalance_move(busy: dict[str, float], plan: ClusterPlan, *, high: float = 0
     return frm, to
 
 
+def rebalance_window_s(rescale_seconds: float, call_seconds: dict[str, float], calls: int = 10) -> float:
+    """How long busy fractions are measured before a rebalancing decision: three ticks, and ``calls``
+    calls of the slowest pool (busy time is counted when a call ends: over a window of a few calls a
+    pool of 45 s clips reads as 0 % or 100 % busy, and a move decided on that would be undone)."""
+    return max(3 * rescale_seconds, calls * max(call_seconds.values(), default=0.0))
+
+
 def grow_pools(pools: dict[str, PoolPlan], free_gpus: float, work: dict[str, float],
                fixed: set[str] = frozenset()) -> dict[str, int]:
     """Actors to add per pool when ``free_gpus`` GPUs join a running job: each whole GPU goes to the pool

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from functools import cache
 from pathlib import Path
 
 import torch
@@ -11,8 +12,14 @@ from cosed.memory import MemoryPlan, apply_memory_plan
 from cosed.models.profiles import ROLES, ModelSpec, hub_error
 
 
-def _quiet_libraries() -> None:
-    """Loading bars and version chatter would drown the per-task progress."""
+@cache
+def quiet_libraries() -> None:
+    """Loading bars and version chatter would drown the per-task progress.
+
+    Called by each loader, not at import: drivers, writers and simulated model
+    actors import this module but never load a model, and diffusers plus
+    transformers cost every such process about 160 MB.
+    """
     import diffusers
     import transformers
 
@@ -21,9 +28,6 @@ def _quiet_libraries() -> None:
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     warnings.filterwarnings("ignore", message=".*torch_dtype.*deprecated", category=FutureWarning)
-
-
-_quiet_libraries()
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -47,6 +51,8 @@ def load_pipeline(spec: ModelSpec, kind: str, device: torch.device, plan: Memory
 
     from cosed.models.adapters import image_to_video_adapter, text_to_image_adapter
 
+    quiet_libraries()
+
     adapter = text_to_image_adapter(spec.pipeline) if kind == "sd" else image_to_video_adapter(spec.pipeline)
     kwargs = {"torch_dtype": default_dtype(device, spec.dtype), "use_safetensors": True, **adapter.load_kwargs}
     if spec.variant:
@@ -67,6 +73,7 @@ def load_clip(source: str, device: torch.device):
     """
     import open_clip
 
+    quiet_libraries()
     if Path(source).is_dir():
         name, pretrained = f"local-dir:{source}", None
     else:
@@ -96,6 +103,8 @@ def _clip_safetensors(source: str) -> str | None:
 def load_lm(source: str, device: torch.device):
     """A transformers causal or seq2seq LM with its tokenizer, for caption rewriting."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+
+    quiet_libraries()
 
     try:
         config = AutoConfig.from_pretrained(source)

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from cosed.models.loaders import quiet_libraries
+
 TINY_VERSION = "tiny-v1"
 MODERN_VERSION = "tiny-modern-v1"  # twins of the modern pipelines, a zoo of their own so tiny-v1 caches stay valid
 _SEED = 0
@@ -41,6 +43,7 @@ def ensure_tiny_models(cache_dir: Path, version: str = TINY_VERSION) -> Path:
             return root
         staging = cache_dir / f"{version}.staging"
         shutil.rmtree(staging, ignore_errors=True)
+        quiet_libraries()
         (build_modern_models if version == MODERN_VERSION else build_tiny_models)(staging)
         (staging / ".complete").write_text("ok\n")
         shutil.rmtree(root, ignore_errors=True)
