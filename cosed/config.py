@@ -96,17 +96,21 @@ class RayConfig:
     call_timeout_floor_s: float = 120.0
     call_attempts: int = 4
     task_deadline_s: float = 3600.0
-    # Rebalancing: every ``rescale_seconds`` one actor moves from a pool busy less than
-    # ``idle_below`` to one busy more than ``busy_above``; 0 GPUs = do not ask the autoscaler.
+    # Rebalancing: after each window (at least three ``rescale_seconds`` and ``rebalance_window_calls``
+    # calls of the slowest pool) one actor may move from a pool busy less than ``idle_below`` to one
+    # busy more than ``busy_above``; 0 GPUs = do not ask the autoscaler.
     rebalance: bool = True
     busy_above: float = 0.85
     idle_below: float = 0.35
     rebalance_margin: float = 0.15   # after a move the donor must stay this much less busy (no ping-pong)
+    rebalance_window_calls: int = 10
     autoscale_max_gpus: float = 0.0
     # Test-only fault injection: the first call of this pool ("sd", "video", "clip") that
     # creates the file ``chaos_stall_marker`` sleeps forever (tests of stuck-call handling).
     chaos_stall_kind: str | None = None
     chaos_stall_marker: str | None = None
+    # Test-only: the first writer that creates this file exits its process before writing (Ray runs it again).
+    chaos_writer_exit_marker: str | None = None
     # Pool planning (cosed.distributed.sizing): "cost" sizes pools by expected GPU-seconds,
     # "legacy" splits GPUs evenly (kept to compare against).
     policy: str = "cost"

@@ -29,6 +29,17 @@ from cosed.tasks import Task
 from cosed.video import concat_mp4, encode_clip
 
 
+def first_to_create(marker: str | None) -> bool:
+    """Test-only fault injection: True for the one process, cluster-wide, that creates ``marker``."""
+    if not marker:
+        return False
+    try:
+        os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return False
+    return True
+
+
 class ModelWorker:
     """One model kind in one actor: loads once, then serves calls; counts its busy time.
 
@@ -68,15 +79,9 @@ class ModelWorker:
 
     def _maybe_stall(self) -> None:
         """Test-only fault injection (RayConfig.chaos_stall_*): hang once, cluster-wide."""
-        ray_cfg = self.cfg.ray
-        if ray_cfg.chaos_stall_kind != self.kind or not ray_cfg.chaos_stall_marker:
-            return
-        try:
-            os.close(os.open(ray_cfg.chaos_stall_marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-        except FileExistsError:
-            return
-        self.running_since = time.time()
-        threading.Event().wait()
+        if self.cfg.ray.chaos_stall_kind == self.kind and first_to_create(self.cfg.ray.chaos_stall_marker):
+            self.running_since = time.time()
+            threading.Event().wait()
 
     def latent_shape(self, sd):
         self.queue.finish()
@@ -247,6 +252,8 @@ def write_task(out: str, sequenced: dict, profile: Profile, cfg: RunConfig, memb
         # Ray's wait machinery allocates a fixed transient buffer (~1 MiB) here, whatever the task;
         # from now on the peak counts what this task holds: its clips (still traced) and the writing.
         tracemalloc.reset_peak()
+        if first_to_create(cfg.ray.chaos_writer_exit_marker):
+            os._exit(1)
         write_task_outputs(out, result, clips, profile, cfg, {"total": round(time.time() - start, 4)})
         peak = tracemalloc.get_traced_memory()[1]
     finally:

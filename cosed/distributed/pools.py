@@ -177,7 +177,7 @@ class Pools:
         changed |= self._finish_drains()
         changed |= self.rescale()
         if self.cfg.ray.rebalance and not self.draining and time.monotonic() - self.window_at >= \
-                rebalance_window_s(self.cfg.ray.rescale_seconds, self.expected()):
+                rebalance_window_s(self.cfg.ray.rescale_seconds, self.expected(), self.cfg.ray.rebalance_window_calls):
             changed |= self._rebalance()
         if changed:
             self.publish()
