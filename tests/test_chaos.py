@@ -116,7 +116,7 @@ def test_ten_concurrent_tasks_keep_each_writer_within_the_per_task_bound(tmp_pat
 
 def test_a_rebalance_moves_an_actor_from_an_idle_pool_to_a_busy_one(tmp_path, tiny_config, reference):
     cfg = chaos_config(tiny_config, rebalance=True, busy_above=0.0, idle_below=1.0, rebalance_margin=-1.0,
-                       rebalance_window_calls=1)
+                       rebalance_window_calls=1, max_concurrent_tasks=2)
     summary, _ = run(tmp_path, cfg)  # all ten tasks: long enough for a replacement to load and serve
     expect_all_done(summary, tmp_path / "out", reference)
     moves = summary.extra["moves"]
@@ -158,7 +158,7 @@ def test_the_writer_and_the_directory_each_killed_once(tmp_path, tiny_config, re
                     killed.add("directory")
         return killed
 
-    cfg = chaos_config(tiny_config, chaos_writer_exit_marker=str(exited))
+    cfg = chaos_config(tiny_config, chaos_writer_exit_marker=str(exited), task_retries=0)  # only Ray re-runs it
     summary, killed = run(tmp_path, cfg, killer, tasks=TASKS[:5])
     assert exited.exists() and killed == {"directory"}
     expect_all_done(summary, tmp_path / "out", reference, TASKS[:5])

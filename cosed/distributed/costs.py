@@ -113,6 +113,15 @@ class TaskWork:
     def total(self) -> float:
         return sum(self.seconds.values())
 
+    def seconds_per_call(self) -> dict[str, float]:
+        """Mean modeled seconds of one call, per pool."""
+        out = {}
+        for kind in KINDS:
+            count = sum(n for op, n in self.calls.items() if OPERATIONS[op] == kind)
+            if count:
+                out[kind] = self.seconds[kind] / count
+        return out
+
 
 def task_work(num_steps: int, cfg: RunConfig, costs: CostModel) -> TaskWork:
     """The calls one task of ``num_steps`` steps makes, their GPU-seconds, and its critical path.

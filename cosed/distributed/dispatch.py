@@ -105,6 +105,7 @@ class Dispatcher:
         self.expected: dict[str, float] = {**policy.expected, **membership.expected}
         self.in_flight: dict[Any, _InFlight] = {}
         self.suspect: dict[str, float] = {}  # actor name -> until when it is avoided
+        self.seen_queue: dict[str, int] = {}  # actor name -> its queue when last asked (every caller's calls)
         self.turn = seed
         self.refreshed = time.monotonic()
 
@@ -154,8 +155,9 @@ class Dispatcher:
         return loads
 
     def queues(self, kind: str, names: list[str]) -> dict[str, int]:
-        """Calls queued or running at each named actor, from every caller; those that do not answer
-        within ``QUEUE_TIMEOUT_S`` (dead, restarting) are left out."""
+        """Calls queued or running at each named actor, from every caller. One that does not answer
+        within ``QUEUE_TIMEOUT_S`` (dead, restarting) is left out and avoided for a while, so later
+        calls do not each wait for it."""
         members = self.membership.members[kind]
         refs = {members[name].queued.remote(): name for name in names}
         ready, _ = ray.wait(list(refs), num_returns=len(refs), timeout=QUEUE_TIMEOUT_S)
@@ -165,6 +167,9 @@ class Dispatcher:
                 answers[refs[ref]] = int(ray.get(ref))
             except ray.exceptions.RayError:
                 pass
+        for name in set(names) - set(answers):
+            self.forget(name)
+        self.seen_queue.update(answers)
         return answers
 
     def pick(self, kind: str, avoid: set[str] = frozenset()) -> str:
@@ -206,7 +211,9 @@ class Dispatcher:
         return ref, name
 
     def _queued(self, name: str) -> int:
-        return sum(1 for call in self.in_flight.values() if call.name == name) - 1
+        """Calls ahead of our latest one on ``name``: ours, or every caller's when the actor told us more."""
+        ours = sum(1 for call in self.in_flight.values() if call.name == name) - 1
+        return max(ours, self.seen_queue.get(name, 0))
 
     def call(self, kind: str, method: str, *args):
         return self.call_many(kind, method, [args])[0]

@@ -162,6 +162,12 @@ class Pools:
                 out[kind] = sum(i["busy"] for i in items) / sum(i["calls"] for i in items)
         return out
 
+    def call_seconds(self) -> dict[str, float]:
+        """Seconds per call of each pool: measured, else modeled (a pool none of whose calls has ended yet
+        must not make the rebalancing window short)."""
+        modeled = self.expected_work.seconds_per_call() if self.expected_work else {}
+        return {**modeled, **self.expected()}
+
     def _retire(self, name: str, handle) -> None:
         for kind in KINDS:
             self.members[kind].pop(name, None)
@@ -177,7 +183,7 @@ class Pools:
         changed |= self._finish_drains()
         changed |= self.rescale()
         if self.cfg.ray.rebalance and not self.draining and time.monotonic() - self.window_at >= \
-                rebalance_window_s(self.cfg.ray.rescale_seconds, self.expected(), self.cfg.ray.rebalance_window_calls):
+                rebalance_window_s(self.cfg.ray.rescale_seconds, self.call_seconds(), self.cfg.ray.rebalance_window_calls):
             changed |= self._rebalance()
         if changed:
             self.publish()
