@@ -27,18 +27,28 @@ def cluster():
     cluster.shutdown()
 
 
-def run_and_change_the_cluster(tmp_path, tasks, cfg, change):
+def a_task_is_written(out) -> bool:
+    return bool(list(out.glob("*/manifest.json")))
+
+
+def the_model_actors_hold_the_gpus(out) -> bool:
+    """The run has placed its pools for the cluster as it was, and its sequencing is still to come: a tiny
+    actor loads in seconds, the run sequences for tens of seconds."""
+    return ray.available_resources().get("GPU", 0.0) < 1.0
+
+
+def run_and_change_the_cluster(tmp_path, tasks, cfg, change, when=a_task_is_written):
     """(summary, what ``change()`` returned) of a Ray run of ``tasks`` into ``tmp_path/out``; ``change``
-    runs on this (the main) thread, as Ray wants for adding and removing nodes, once the first task is
-    written and while the run goes on."""
+    runs on this (the main) thread, as Ray wants for adding and removing nodes, once ``when(out)`` holds
+    and while the run goes on."""
     out = tmp_path / "out"
     result = {}
     run = threading.Thread(target=lambda: result.setdefault("summary", run_on_ray(
         str(write_jsonl(tmp_path / "t.jsonl", tasks)), str(out), cfg, progress=False)))
     run.start()
     deadline = time.time() + 300
-    while time.time() < deadline and not list(out.glob("*/manifest.json")):
-        time.sleep(0.5)
+    while time.time() < deadline and not when(out):
+        time.sleep(0.2)
     assert run.is_alive(), "the run ended before the cluster could change"
     changed = change()
     run.join()
@@ -48,9 +58,10 @@ def run_and_change_the_cluster(tmp_path, tasks, cfg, change):
 def test_a_gpu_node_added_mid_run_gets_model_actors_and_work(cluster, tmp_path, tiny_config):
     cfg = dataclasses.replace(tiny_config, ray=dataclasses.replace(tiny_config.ray, rescale_seconds=1.0,
                                                                    max_concurrent_tasks=2, rebalance=False))
-    tasks = [{"id": f"t{i}", "title": f"Task {i}", "steps": ["Cut it.", "Sand it.", "Paint it."]} for i in range(8)]
-    summary, node = run_and_change_the_cluster(tmp_path, tasks, cfg, lambda: cluster.add_node(num_cpus=4, num_gpus=2))
-    assert len(summary.done) == 8
+    tasks = [{"id": f"t{i}", "title": f"Task {i}", "steps": ["Cut it.", "Sand it.", "Paint it."]} for i in range(12)]
+    summary, node = run_and_change_the_cluster(tmp_path, tasks, cfg, lambda: cluster.add_node(num_cpus=4, num_gpus=2),
+                                                when=the_model_actors_hold_the_gpus)
+    assert len(summary.done) == 12
     pools = summary.extra["pools"]
     assert pools["sd"]["replicas"] >= 2 and pools["video"]["replicas"] >= 2
     assert pools["sd"]["replicas"] + pools["video"]["replicas"] == 5  # every whole GPU of both nodes

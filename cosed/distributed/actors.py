@@ -150,15 +150,14 @@ class RayBackend:
     """The `Backend` the engine sees inside a driver: each call goes through the dispatcher."""
 
     # A latent shape is asked of the SD pool once per run and process, not once per task (the call
-    # waits behind every queued render). Keyed by the run (its actors' name prefix) and the SD config.
+    # waits behind every queued render). Keyed by the run that published the pools and the SD config.
     _shapes: dict[tuple[str, str], tuple] = {}
 
     def __init__(self, dispatcher: Dispatcher):
         self.dispatcher = dispatcher
 
     def latent_shape(self, sd):
-        run = min(self.dispatcher.membership.members.get("sd", {}) or [""]).rsplit("-", 2)[0]
-        key = (run, repr(sd))
+        key = (self.dispatcher.membership.run_id, repr(sd))
         if key not in self._shapes:
             self._shapes[key] = tuple(self.dispatcher.call("sd", "latent_shape", sd))
         return self._shapes[key]

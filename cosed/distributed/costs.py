@@ -193,11 +193,10 @@ def measured_factors(work: TaskWork, measured: dict[str, tuple[float, int]], min
     Pools with fewer than ``min_calls`` calls keep the model (factor 1).
     """
     factors = {}
-    for kind in KINDS:
+    for kind, modeled in work.seconds_per_call().items():
         busy, count = measured.get(kind, (0.0, 0))
-        modeled_calls = sum(n for op, n in work.calls.items() if OPERATIONS[op] == kind)
-        if count >= min_calls and modeled_calls and work.seconds.get(kind, 0.0) > 0:
-            factors[kind] = (busy / count) / (work.seconds[kind] / modeled_calls)
+        if count >= min_calls and modeled > 0:
+            factors[kind] = (busy / count) / modeled
     return factors
 
 

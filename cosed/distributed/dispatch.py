@@ -86,6 +86,7 @@ class Membership:
     version: int
     members: dict[str, dict[str, Any]]  # kind -> {actor name: handle}
     expected: dict[str, float] = field(default_factory=dict)
+    run_id: str = ""  # the `Pools` that published it: what its models answer holds for that run only
 
 
 @dataclass

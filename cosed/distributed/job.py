@@ -22,7 +22,7 @@ from cosed.config import RunConfig
 from cosed.distributed import telemetry
 from cosed.distributed.actors import RayBackend, TaskDriver, warm_writer_process, write_task
 from cosed.distributed.dispatch import CallFailed, CallPolicy, Dispatcher
-from cosed.distributed.pools import Pools
+from cosed.distributed.pools import Pools, pool_totals
 from cosed.distributed.costs import CostModel, TaskWork, batch_work, flow_order
 from cosed.models.profiles import ModelUnavailable, Profile
 from cosed.rewrite import Rewriter, make_rewriter
@@ -67,12 +67,8 @@ def pooled_backend(cfg: RunConfig, address: str | None = None):
 
 def busy_fractions(stats: list[dict]) -> dict[str, float]:
     """Per pool: busy seconds over alive seconds, summed over its actors."""
-    busy: dict[str, float] = {}
-    alive: dict[str, float] = {}
-    for item in stats:
-        busy[item["kind"]] = busy.get(item["kind"], 0.0) + item["busy"]
-        alive[item["kind"]] = alive.get(item["kind"], 0.0) + item["alive"]
-    return {kind: round(busy[kind] / alive[kind], 3) if alive[kind] else 0.0 for kind in busy}
+    return {kind: round(busy / alive, 3) if alive else 0.0
+            for kind, (busy, alive) in pool_totals(stats, "busy", "alive").items()}
 
 
 @dataclass

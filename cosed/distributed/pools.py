@@ -32,6 +32,16 @@ INFO_TIMEOUT_S = 5.0
 START_GRACE_S = 10.0  # the least time late actors get to join the first of their pools at start
 
 
+def pool_totals(stats, *fields: str) -> dict[str, tuple[float, ...]]:
+    """Per pool (each stat's ``kind``), the sums of ``fields`` over its actors' stats (`ModelWorker.info`)."""
+    totals: dict[str, list[float]] = {}
+    for item in stats:
+        sums = totals.setdefault(item["kind"], [0.0] * len(fields))
+        for i, name in enumerate(fields):
+            sums[i] += item[name]
+    return {kind: tuple(sums) for kind, sums in totals.items()}
+
+
 class Pools:
     def __init__(self, cfg: RunConfig, costs: CostModel | None = None, expected: TaskWork | None = None):
         self.cfg = cfg
@@ -147,7 +157,8 @@ class Pools:
             log.info("autoscaler request skipped: %s", exc)
 
     def membership(self) -> Membership:
-        return Membership(self.version, {kind: dict(m) for kind, m in self.members.items()}, self.expected())
+        return Membership(self.version, {kind: dict(m) for kind, m in self.members.items()}, self.expected(),
+                          self.run_id)
 
     def publish(self) -> None:
         self.version += 1
@@ -155,12 +166,8 @@ class Pools:
 
     def expected(self) -> dict[str, float]:
         """Mean seconds per call in each pool so far (seeds every dispatcher's timeouts)."""
-        out = {}
-        for kind in KINDS:
-            items = [i for i in self.info.values() if i["kind"] == kind and i["calls"]]
-            if items:
-                out[kind] = sum(i["busy"] for i in items) / sum(i["calls"] for i in items)
-        return out
+        return {kind: busy / calls for kind, (busy, calls) in pool_totals(self.info.values(), "busy", "calls").items()
+                if calls}
 
     def call_seconds(self) -> dict[str, float]:
         """Seconds per call of each pool: measured, else modeled (a pool none of whose calls has ended yet
@@ -259,11 +266,7 @@ class Pools:
         """Expected GPU-seconds per pool, each scaled by measured over modeled seconds per call."""
         if self.expected_work is None:
             return dict(self.work)
-        measured: dict[str, tuple[float, int]] = {}
-        for info in self.info.values():
-            busy, calls = measured.get(info["kind"], (0.0, 0))
-            measured[info["kind"]] = (busy + info["busy"], calls + info["calls"])
-        factors = measured_factors(self.expected_work, measured)
+        factors = measured_factors(self.expected_work, pool_totals(self.info.values(), "busy", "calls"))
         return {kind: seconds * factors.get(kind, 1.0) for kind, seconds in self.work.items()}
 
     def rescale(self) -> bool:
@@ -290,13 +293,11 @@ class Pools:
 
     def busy(self) -> dict[str, float]:
         """Busy fraction per pool since the last call (all of the run on the first); starts a new window."""
-        totals = {kind: [0.0, 0.0] for kind in KINDS}
-        for name, info in self.info.items():
-            if name in self.members[info["kind"]]:
-                totals[info["kind"]][0] += info["busy"]
-                totals[info["kind"]][1] += info["alive"]
+        totals = pool_totals((info for name, info in self.info.items() if name in self.members[info["kind"]]),
+                             "busy", "alive")
         out = {}
-        for kind, (busy, alive) in totals.items():
+        for kind in KINDS:
+            busy, alive = totals.get(kind, (0.0, 0.0))
             last_busy, last_alive = self.window.get(kind, (0.0, 0.0))
             span = alive - last_alive
             out[kind] = (busy - last_busy) / span if span > 0 else 0.0
