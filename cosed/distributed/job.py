@@ -2,9 +2,10 @@
 
 A task goes: queue -> a driver (sequencing; the slot is held only while it
 chooses scenes) -> rendering (its clips are made; only the job watches them, no
-process is held) -> a writer task (writes, manifest last) -> done. A task is retried from the start only when its driver or writer
-process died or its deadline passed; a failed model call is retried on
-another actor inside the driver/writer (`dispatch.Dispatcher`).
+process is held) -> a writer task (writes, manifest last) -> done. A task is
+retried from the start only when its driver or writer process died or its
+deadline passed; a failed model call is retried on another actor inside the
+driver/writer (`dispatch.Dispatcher`).
 """
 
 from __future__ import annotations
@@ -149,8 +150,8 @@ def drive(job: Job, todo: list[Task], limit: int) -> None:
     writing (a bound on what a run holds; room to spare, so that a burst of clips does not stop the
     drivers); retry, time out, report."""
     cfg = job.cfg
-    capacity = {kind: p.replicas * (p.num_gpus or 1.0) for kind, p in job.pools.cluster_plan.pools.items()}
-    queue = deque(Attempt(task, 0, 0.0, 0.0) for task in flow_order(todo, cfg, job.pools.costs, capacity))
+    order = flow_order(todo, cfg, job.pools.costs, job.pools.cluster_plan.capacity())
+    queue = deque(Attempt(task, 0, 0.0, 0.0) for task in order)
     idle = start_drivers(min(limit, len(todo)), job.cfg.ray.start_timeout_s)
     job.pools.begin()
     sequencing: dict = {}  # status ref -> (Attempt, payload ref)
@@ -242,9 +243,12 @@ def settle_sequencing(job: Job, ref, payload, attempt: Attempt, queue: deque, id
 def start_writers(job: Job, rendering: list[Rendering], writing: dict) -> None:
     """A writer task for each task whose clips are all made (or failed, or overdue)."""
     now = time.monotonic()
+    pending = [ref for item in rendering for ref in item.pending]
+    if pending:  # one wait for every task's clips, not one per task on each pass of the loop
+        done = set(ray.wait(pending, num_returns=len(pending), timeout=0, fetch_local=False)[0])
+        for item in rendering:
+            item.pending = [ref for ref in item.pending if ref not in done]
     for item in list(rendering):
-        if item.pending:
-            _, item.pending = ray.wait(item.pending, num_returns=len(item.pending), timeout=0, fetch_local=False)
         if item.pending and now < item.overdue:
             continue
         rendering.remove(item)

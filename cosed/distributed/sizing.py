@@ -113,6 +113,10 @@ class ClusterPlan:
     def gpus(self) -> float:
         return round(sum(p.replicas * p.num_gpus for p in self.pools.values()), _SHARE_DECIMALS)
 
+    def capacity(self) -> dict[str, float]:
+        """Per pool, the GPU-seconds it serves per second (a pool planned without GPUs: one per actor)."""
+        return {kind: p.replicas * (p.num_gpus if p.num_gpus > 0 else 1.0) for kind, p in self.pools.items()}
+
     def layout(self) -> dict[str, dict]:
         return {kind: {"replicas": p.replicas, "num_gpus": p.num_gpus} for kind, p in self.pools.items()}
 
@@ -172,7 +176,7 @@ def drivers_for(ray_cfg: RayConfig, plan: ClusterPlan, critical_over_work: float
     """
     if ray_cfg.max_concurrent_tasks != "auto":
         return int(ray_cfg.max_concurrent_tasks)
-    capacity = sum(p.replicas * (p.num_gpus if p.num_gpus > 0 else 1.0) for p in plan.pools.values())
+    capacity = sum(plan.capacity().values())
     if not critical_over_work:
         return max(2, 2 * plan.pools["sd"].replicas)
     return max(2, math.ceil(2.0 * capacity * critical_over_work))
