@@ -116,8 +116,8 @@ def test_ten_concurrent_tasks_keep_each_writer_within_the_per_task_bound(tmp_pat
 
 def test_a_rebalance_moves_an_actor_from_an_idle_pool_to_a_busy_one(tmp_path, tiny_config, reference):
     cfg = chaos_config(tiny_config, rebalance=True, busy_above=0.0, idle_below=1.0, rebalance_margin=-1.0,
-                       rebalance_window_calls=1, max_concurrent_tasks=2)
-    summary, _ = run(tmp_path, cfg)  # all ten tasks: long enough for a replacement to load and serve
+                       rebalance_window_calls=1, max_concurrent_tasks=1)
+    summary, _ = run(tmp_path, cfg)  # all ten tasks, one at a time: long enough for a replacement to load and serve
     expect_all_done(summary, tmp_path / "out", reference)
     moves = summary.extra["moves"]
     assert moves and all(m["busy"][m["to"]] >= m["busy"][m["from"]] for m in moves)
