@@ -75,7 +75,7 @@ class ModelWorker:
             self.busy += seconds
             self.calls += 1
             self.queue.finish()
-            telemetry.busy_seconds(self.kind, seconds)
+            telemetry.record("cosed_pool_busy_seconds", seconds, pool=self.kind)
 
     def _maybe_stall(self) -> None:
         """Test-only fault injection (RayConfig.chaos_stall_*): hang once, cluster-wide."""
@@ -209,7 +209,7 @@ class TaskDriver:
 
         def count(_number):
             self.scenes += 1
-            telemetry.scene_done()
+            telemetry.record("cosed_scenes_done")
 
         result = sequence_task(task, captions, backend, cfg, on_scene=stream, on_step=count)
         return {"scenes": len(result.steps), "clips": clips}, {"result": result, "clips": clips}

@@ -145,7 +145,7 @@ class Dispatcher:
 
     def _report(self) -> None:
         for kind in self.membership.members:
-            telemetry.calls_in_flight(kind, sum(1 for c in self.in_flight.values() if c.kind == kind))
+            telemetry.record("cosed_pool_calls_in_flight", sum(1 for c in self.in_flight.values() if c.kind == kind), pool=kind)
 
     def load(self, kind: str) -> dict[str, float]:
         """Outstanding expected seconds per member of ``kind`` (from this process's calls)."""

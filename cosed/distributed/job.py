@@ -168,7 +168,7 @@ def drive(job: Job, todo: list[Task], limit: int) -> None:
                     attempt.task, job.rewriter.captions(attempt.task), cfg, job.pools.membership(),
                     job.pools.directory, policy(job))
                 sequencing[status] = (attempt, payload)
-            telemetry.tasks(len(queue), len(sequencing) + len(rendering) + len(writing))
+            telemetry.record("cosed_tasks", len(queue), state="queued")
             clips = [ref for item in rendering for ref in item.pending]
             ready, _ = ray.wait(list(sequencing) + list(writing) + clips, num_returns=1, timeout=PROGRESS_SECONDS,
                                 fetch_local=False)
@@ -297,7 +297,7 @@ def settle_writing(job: Job, ref, attempt: Attempt, queue: deque) -> None:
     job.writes.append(written)
     summary.done.append(attempt.task.id)
     summary.scenes += len(attempt.task.steps)
-    telemetry.task_latency(time.monotonic() - attempt.started)
+    telemetry.record("cosed_task_latency_s", time.monotonic() - attempt.started)
 
 
 def enforce_deadlines(job: Job, queue: deque, idle: list, sequencing: dict, rendering: list[Rendering],

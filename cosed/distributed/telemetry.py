@@ -1,56 +1,69 @@
 """Ray metrics (`ray.util.metrics`) for the dashboard / Prometheus: where a cluster is short.
 
-- ``cosed_scenes_done``: scenes chosen (counter)
-- ``cosed_pool_busy_seconds{pool}``: model seconds spent per pool (counter; rate() = busy actors)
-- ``cosed_pool_calls_in_flight{pool}``: calls sent and not yet answered, per sending process (gauge)
-- ``cosed_tasks_queued``, ``cosed_tasks_running``: tasks waiting for / holding a driver (gauges)
-- ``cosed_task_latency_s``: seconds from a task's start to its manifest (histogram)
+Every metric cosed exports is declared once in `METRICS` (name -> kind, description,
+tag keys); `cluster/grafana/cosed.json` charts them and a test checks that each
+metric it uses is declared here. Ray exports user metrics to Prometheus with the
+prefix ``ray_`` (``cosed_scenes_done`` is scraped as ``ray_cosed_scenes_done``).
 
 Metrics are best effort: a process without a metrics agent records nothing.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import cache
 
-from ray.util import metrics
-
 LATENCY_BOUNDARIES = [1, 5, 15, 30, 60, 120, 300, 600, 1200, 3600]
+CALL_BOUNDARIES = [0.01, 0.05, 0.1, 0.5, 1, 2, 5, 10, 20, 45, 90, 180, 600]
+
+
+@dataclass(frozen=True)
+class Metric:
+    kind: str  # counter | gauge | histogram
+    description: str
+    tags: tuple[str, ...] = ()
+    boundaries: tuple[float, ...] = ()
+
+
+METRICS: dict[str, Metric] = {
+    "cosed_scenes_done": Metric("counter", "scenes chosen"),
+    "cosed_tasks": Metric("gauge", "tasks of the run in each state (queued, captioning, sequencing, rendering, "
+                                   "writing)", ("state",)),
+    "cosed_tasks_finished": Metric("counter", "tasks finished, by outcome (done, failed)", ("outcome",)),
+    "cosed_task_retries": Metric("counter", "task attempts started again (driver or writer lost, deadline)"),
+    "cosed_task_latency_s": Metric("histogram", "task start to manifest", (), tuple(LATENCY_BOUNDARIES)),
+    "cosed_pool_actors": Metric("gauge", "model actors serving in each pool", ("pool",)),
+    "cosed_pool_busy_seconds": Metric("counter", "model seconds per pool (rate() = busy actors)", ("pool",)),
+    "cosed_pool_calls_in_flight": Metric("gauge", "calls sent and not answered, per sending process", ("pool",)),
+    "cosed_pool_call_seconds": Metric("histogram", "seconds from sending a model call to its answer, queueing "
+                                                   "included", ("pool",), tuple(CALL_BOUNDARIES)),
+    "cosed_call_retries": Metric("counter", "model calls sent again to another actor (actor lost, timeout)",
+                                 ("pool",)),
+}
 
 
 @cache
-def _metric(kind: str, name: str, description: str, tags: tuple[str, ...] = ()):
-    cls = {"counter": metrics.Counter, "gauge": metrics.Gauge}.get(kind)
-    if cls is None:
-        return metrics.Histogram(name, description, boundaries=LATENCY_BOUNDARIES, tag_keys=tags)
-    return cls(name, description, tag_keys=tags)
+def _metric(name: str):
+    from ray.util import metrics
+
+    spec = METRICS[name]
+    if spec.kind == "counter":
+        return metrics.Counter(name, spec.description, tag_keys=spec.tags)
+    if spec.kind == "gauge":
+        return metrics.Gauge(name, spec.description, tag_keys=spec.tags)
+    return metrics.Histogram(name, spec.description, boundaries=list(spec.boundaries), tag_keys=spec.tags)
 
 
-def _record(fn) -> None:
+def record(name: str, value: float = 1.0, **tags: str) -> None:
+    """Add ``value`` to a counter, set a gauge or observe a histogram; never raises."""
     try:
-        fn()
+        metric = _metric(name)
+        kind = METRICS[name].kind
+        if kind == "counter":
+            metric.inc(value, tags=tags or None)
+        elif kind == "gauge":
+            metric.set(value, tags=tags or None)
+        else:
+            metric.observe(value, tags=tags or None)
     except Exception:  # metrics must never break a run
         pass
-
-
-def scene_done() -> None:
-    _record(lambda: _metric("counter", "cosed_scenes_done", "scenes chosen").inc())
-
-
-def busy_seconds(pool: str, seconds: float) -> None:
-    _record(lambda: _metric("counter", "cosed_pool_busy_seconds", "model seconds per pool", ("pool",))
-            .inc(seconds, tags={"pool": pool}))
-
-
-def calls_in_flight(pool: str, count: int) -> None:
-    _record(lambda: _metric("gauge", "cosed_pool_calls_in_flight", "calls sent, not answered", ("pool",))
-            .set(count, tags={"pool": pool}))
-
-
-def tasks(queued: int, running: int) -> None:
-    _record(lambda: _metric("gauge", "cosed_tasks_queued", "tasks waiting for a driver").set(queued))
-    _record(lambda: _metric("gauge", "cosed_tasks_running", "tasks holding a driver or a writer").set(running))
-
-
-def task_latency(seconds: float) -> None:
-    _record(lambda: _metric("histogram", "cosed_task_latency_s", "task start to manifest").observe(seconds))
