@@ -1,47 +1,47 @@
-"""Where model work runs. The engine only talks to a `Backend`.
+"""Where model work runs. The engine only talks to a `Backend`, one method per model call.
 
-`LocalBackend` runs every model in this process; the Ray backend in
-`cosed.distributed` sends the same calls to model actors. Both call the same
-core functions, so their outputs match byte for byte.
+Each method takes the call's request value (`cosed.calls`). `LocalBackend` runs
+every model in this process; the Ray backend in `cosed.distributed` sends the
+same values to model actors, whose `ModelWorker` runs them on a `LocalBackend`,
+so both paths run the same code and give the same bytes. `fetch` turns an
+image handle into pixels (identity here, an object-store read on Ray).
 """
 
 from __future__ import annotations
 
-import dataclasses
 from functools import cached_property
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 
-from cosed.config import RunConfig, SDConfig, VideoConfig
-from cosed.generate import RenderedBatch, latent_shape, render_batch
-from cosed.memory import LEVELS, SMALL_DECODE_CHUNK, MemoryPlan, gpu_memory_gib, plan_memory
+from cosed import storage
+from cosed.calls import ClipDone, ClipRequest, EmbedImages, EmbedTexts, Rendered, RenderRequest, Score
+from cosed.config import RunConfig, SDConfig
+from cosed.embed import ClipEmbedder
+from cosed.generate import latent_shape, render_batch
+from cosed.images import png_image, thumbnail_png
+from cosed.memory import LEVELS, MemoryPlan, gpu_memory_gib, plan_memory
 from cosed.models.loaders import load_pipeline, resolve_device
 from cosed.models.profiles import KINDS, Profile
 from cosed.selector import ContrastiveSelector
-from cosed.embed import ClipEmbedder
-from cosed.video import animate
+from cosed.video import animate, existing_clip, write_clip
 
 
 class Backend(Protocol):
     def latent_shape(self, sd: SDConfig) -> tuple[int, ...]: ...
 
-    def render_many(self, caption: str, latent_batches: list[np.ndarray], sd: SDConfig,
-                    capture_iterations: list[int]) -> list[RenderedBatch]: ...
+    def render(self, requests: list[RenderRequest]) -> list[Rendered]: ...
 
-    def embed_texts(self, texts: list[str]) -> np.ndarray: ...
+    def embed_texts(self, request: EmbedTexts) -> np.ndarray: ...
 
-    def embed_images(self, images: np.ndarray) -> np.ndarray: ...
+    def embed_images(self, request: EmbedImages) -> np.ndarray: ...
 
-    def selector_scores(self, next_text: np.ndarray, next_image: np.ndarray,
-                        past_text: np.ndarray, past_image: np.ndarray) -> np.ndarray: ...
+    def selector_scores(self, request: Score) -> np.ndarray: ...
 
-    def animate(self, image: np.ndarray, seed: int, video: VideoConfig, prompt: str | None = None) -> np.ndarray: ...
+    def animate(self, request: ClipRequest) -> ClipDone: ...
 
-
-def load_selector(path: str | None) -> ContrastiveSelector:
-    return ContrastiveSelector.load(path) if path else ContrastiveSelector.untrained()
+    def fetch(self, handle: Any) -> np.ndarray: ...
 
 
 class LocalBackend:
@@ -57,20 +57,21 @@ class LocalBackend:
             # in-process runs and every Ray actor bit-identical.
             torch.set_num_threads(cfg.cpu_threads)
 
-    @cached_property
-    def memory_plan(self) -> MemoryPlan:
-        """One plan for the models that share this process's GPU (all three in process; one per whole-GPU actor)."""
-        needs = {level: self.profile.memory_gib(level, self.gpu_shared_by) for level in LEVELS}
-        return plan_memory(needs, gpu_memory_gib(self.device),
-                           self.cfg.memory, what=f"profile {self.profile.name}")
+    def memory_plan(self, kind: str) -> MemoryPlan:
+        """The level the run resolved for this pool (`cosed.memory.resolve_memory_plan`), checked against this
+        process's GPU: never chosen here, since savers change output bytes and every actor of a pool must
+        decode alike. A GPU too small for it fails the model's load with a message that says so."""
+        level = self.cfg.memory_plan.get(kind, "plain")
+        needs = {name: self.profile.memory_gib(name, self.gpu_shared_by) for name in LEVELS}
+        return plan_memory(needs, gpu_memory_gib(self.device), level, what=f"profile {self.profile.name}")
 
     @cached_property
     def sd(self):
-        return load_pipeline(self.profile.spec("sd"), "sd", self.device, self.memory_plan)
+        return load_pipeline(self.profile.spec("sd"), "sd", self.device, self.memory_plan("sd"))
 
     @cached_property
     def video(self):
-        return load_pipeline(self.profile.spec("video"), "video", self.device, self.memory_plan)
+        return load_pipeline(self.profile.spec("video"), "video", self.device, self.memory_plan("video"))
 
     @cached_property
     def clip(self) -> ClipEmbedder:
@@ -78,7 +79,7 @@ class LocalBackend:
 
     @cached_property
     def selector(self) -> ContrastiveSelector:
-        return load_selector(self.cfg.selector)
+        return ContrastiveSelector.from_path(self.cfg.selector)
 
     def for_run(self, cfg: RunConfig) -> "LocalBackend":
         """A backend for another run config (another selector or mode) sharing the models loaded here."""
@@ -88,27 +89,42 @@ class LocalBackend:
 
     def load_all(self) -> None:
         """Load every model now, so a missing one stops the run before any task starts."""
-        self.memory_plan, self.sd, self.video, self.clip, self.selector  # noqa: B018
+        self.sd, self.video, self.clip, self.selector  # noqa: B018
 
     def latent_shape(self, sd: SDConfig) -> tuple[int, ...]:
         return latent_shape(self.sd, sd)
 
-    def render_many(self, caption, latent_batches, sd, capture_iterations):
-        return [render_batch(self.sd, caption, batch, sd, capture_iterations) for batch in latent_batches]
+    def render(self, requests: list[RenderRequest]) -> list[Rendered]:
+        return [self.render_one(request) for request in requests]
 
-    def embed_texts(self, texts):
-        return self.clip.texts(texts)
+    def render_one(self, request: RenderRequest) -> Rendered:
+        batch = render_batch(self.sd, request.caption, request.latents, request.sd, list(request.capture))
+        thumbnails = [thumbnail_png(image, request.thumbnail_px) for image in batch.images] \
+            if request.thumbnail_px else None
+        return Rendered(images=list(batch.images), captured=batch.captured, thumbnails=thumbnails)
 
-    def embed_images(self, images):
-        return self.clip.images(images)
+    def embed_texts(self, request: EmbedTexts) -> np.ndarray:
+        return self.clip.texts(list(request.texts))
 
-    def selector_scores(self, next_text, next_image, past_text, past_image):
-        return self.selector.score(next_text, next_image, past_text, past_image, self.cfg.selector_mode)
+    def embed_images(self, request: EmbedImages) -> np.ndarray:
+        return self.clip.images(list(request.images))
 
-    def animate(self, image, seed, video, prompt=None):
-        if "decode_chunk_size<=2" in self.memory_plan.savers and video.decode_chunk_size:
-            video = dataclasses.replace(video, decode_chunk_size=min(video.decode_chunk_size, SMALL_DECODE_CHUNK))
-        return animate(self.video, image, seed, video, prompt)
+    def selector_scores(self, request: Score) -> np.ndarray:
+        return self.selector.score(request.next_text, request.next_image, request.past_text, request.past_image,
+                                   self.cfg.selector_mode)
+
+    def animate(self, request: ClipRequest) -> ClipDone:
+        found = existing_clip(request)
+        if found:
+            return found
+        image = png_image(storage.read_bytes(request.scene))
+        return write_clip(request, self.frames(image, request))
+
+    def frames(self, image: np.ndarray, request: ClipRequest) -> np.ndarray:
+        return animate(self.video, image, request.seed, request.video, request.caption)
+
+    def fetch(self, handle: Any) -> np.ndarray:
+        return handle
 
 
 def make_backend(profile: Profile, cfg: RunConfig, gpu_shared_by: tuple[str, ...] = KINDS):
@@ -121,3 +137,4 @@ def make_backend(profile: Profile, cfg: RunConfig, gpu_shared_by: tuple[str, ...
 
         return SimulatedBackend(profile, cfg)
     return LocalBackend(profile, cfg, gpu_shared_by=gpu_shared_by)
+

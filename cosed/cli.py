@@ -121,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     2: a usage, config, model or storage-access problem found before any work; 3: an internal error."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from cosed.lease import LeaseLost
     from cosed.storage import StorageUnavailable
 
     try:
@@ -128,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as exc:
         print(f"cosed: error: {_one_line(exc)}", file=sys.stderr)
         return 2
-    except StorageUnavailable as exc:
+    except (StorageUnavailable, LeaseLost) as exc:
         print(f"cosed: error: {_one_line(exc)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
@@ -181,17 +182,18 @@ def run_command(args: argparse.Namespace) -> int:
         require_shared_output(args.out)
     if args.verb in COMMANDS:
         return COMMANDS[args.verb](args, cfg)
-    with output_lease(args.out, cfg):
+    with output_lease(args.out, cfg) as lease:
         if args.verb == "demo":
             summary = run_in_process(example_tasks_path(), args.out, cfg, overwrite=args.overwrite,
-                                     progress=not args.quiet)
+                                     progress=not args.quiet, lease=lease)
         elif args.no_ray:
-            summary = run_in_process(args.tasks, args.out, cfg, overwrite=args.overwrite, progress=not args.quiet)
+            summary = run_in_process(args.tasks, args.out, cfg, overwrite=args.overwrite, progress=not args.quiet,
+                                     lease=lease)
         else:
             from cosed.distributed.job import run_on_ray
 
             summary = run_on_ray(args.tasks, args.out, cfg, overwrite=args.overwrite, progress=not args.quiet,
-                                 address=args.address)
+                                 address=args.address, lease=lease)
     for line in summary.lines():
         print(line)
     return 1 if summary.failed or summary.rejected else 0

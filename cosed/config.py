@@ -84,7 +84,7 @@ class PoolResources:
 class RayConfig:
     sd: PoolResources = field(default_factory=PoolResources)
     video: PoolResources = field(default_factory=PoolResources)
-    clip: PoolResources = field(default_factory=lambda: PoolResources(replicas=1))
+    clip: PoolResources = field(default_factory=PoolResources)
     max_concurrent_tasks: int | str = "auto"
     task_retries: int = 2
     rescale_seconds: float = 5.0
@@ -111,6 +111,17 @@ class RayConfig:
     chaos_stall_marker: str | None = None
     # Test-only: the first writer that creates this file exits its process before writing (Ray runs it again).
     chaos_writer_exit_marker: str | None = None
+    # Test-only: the first model actor that creates this file fails its start (as a bad GPU or a download would).
+    chaos_start_failure_marker: str | None = None
+    # A pool whose starts failed this many times in a row, with no member yet, fails the run at once.
+    start_attempts: int = 3
+    # Writers: how many at once ("auto": two per node) and where ("workers": off the head node when there are
+    # other nodes; "any": wherever Ray puts them).
+    writers: int | str = "auto"
+    writer_nodes: str = "workers"
+    # The smallest GPU (GiB) any pool may run on, for the memory plan ("auto": the smallest GPU in the cluster
+    # at start). Set it when an autoscaling cluster can add smaller GPUs than it has at start.
+    gpu_memory_gib: float | str = "auto"
     # Pool planning (cosed.distributed.sizing): "cost" sizes pools by expected GPU-seconds,
     # "legacy" splits GPUs evenly (kept to compare against).
     policy: str = "cost"
@@ -145,6 +156,9 @@ class RunConfig:
     ray: RayConfig = field(default_factory=RayConfig)
     # GPU memory plan: auto (savers only when the GPU is too small), off, savers or offload (cosed.memory).
     memory: str = "auto"
+    # The level each pool runs at, resolved once per run from ``memory`` and the smallest GPU (pools that need
+    # more than the plain plan only). Set by the runners, not by hand: it is part of every task's fingerprint.
+    memory_plan: dict = field(default_factory=dict)
     selector_mode: str = "full"
     storage: StorageConfig = field(default_factory=StorageConfig)
 

@@ -16,8 +16,11 @@ import numpy as np
 import torch
 from PIL import Image
 
+from cosed.calls import EmbedImages, EmbedTexts
 
-FEATURES = "raw-v1"
+
+FEATURES = "raw-v2"  # v2: fixed-size chunks (v1 embeddings depended on the batch they were made in)
+CHUNK = 8
 
 
 def l2_normalize(vectors: np.ndarray) -> np.ndarray:
@@ -27,12 +30,21 @@ def l2_normalize(vectors: np.ndarray) -> np.ndarray:
 
 
 class ClipEmbedder:
-    def __init__(self, model, preprocess, tokenizer, device: torch.device, batch_size: int = 32):
+    """open_clip encoders run in fixed-size chunks.
+
+    On CPUs and GPUs alike a row's float result depends on the shape of the
+    batch it is computed in (other kernels, other summation orders), so every
+    chunk has ``chunk`` rows, zero-padded: an embedding is then the same bytes
+    whatever else is embedded with it, alone in process or batched with other
+    tasks' images on a shared actor.
+    """
+
+    def __init__(self, model, preprocess, tokenizer, device: torch.device, chunk: int = CHUNK):
         self.model = model
         self.preprocess = preprocess
         self.tokenizer = tokenizer
         self.device = device
-        self.batch_size = batch_size
+        self.chunk = chunk
 
     @classmethod
     def load(cls, source: str, device: torch.device) -> "ClipEmbedder":
@@ -40,23 +52,28 @@ class ClipEmbedder:
 
         return cls(*load_clip(source, device), device=device)
 
+    def _chunks(self, rows: torch.Tensor, encode) -> np.ndarray:
+        out = []
+        for start in range(0, len(rows), self.chunk):
+            part = rows[start:start + self.chunk]
+            padded = torch.cat([part, part.new_zeros((self.chunk - len(part), *part.shape[1:]))])
+            out.append(encode(padded.to(self.device))[:len(part)].float().cpu().numpy())
+        return np.concatenate(out) if out else np.zeros((0, self.dim), np.float32)
+
     @torch.no_grad()
     def texts(self, texts: list[str]) -> np.ndarray:
-        out = []
-        for start in range(0, len(texts), self.batch_size):
-            tokens = self.tokenizer(list(texts[start:start + self.batch_size])).to(self.device)
-            out.append(self.model.encode_text(tokens, normalize=False).float().cpu().numpy())
-        return np.concatenate(out) if out else np.zeros((0, self.dim), np.float32)
+        if not texts:
+            return np.zeros((0, self.dim), np.float32)
+        return self._chunks(self.tokenizer(list(texts)), lambda t: self.model.encode_text(t, normalize=False))
 
     @torch.no_grad()
     def images(self, images) -> np.ndarray:
         """Embed uint8 RGB images: an (N, H, W, 3) array or a list of (H, W, 3) arrays of any size."""
-        out = []
-        for start in range(0, len(images), self.batch_size):
-            pixels = torch.stack([self.preprocess(Image.fromarray(img)) for img in images[start:start + self.batch_size]])
-            dtype = next(self.model.parameters()).dtype
-            out.append(self.model.encode_image(pixels.to(self.device, dtype), normalize=False).float().cpu().numpy())
-        return np.concatenate(out) if out else np.zeros((0, self.dim), np.float32)
+        if not len(images):
+            return np.zeros((0, self.dim), np.float32)
+        dtype = next(self.model.parameters()).dtype
+        pixels = torch.stack([self.preprocess(Image.fromarray(np.asarray(img))) for img in images]).to(dtype)
+        return self._chunks(pixels, lambda p: self.model.encode_image(p, normalize=False))
 
     @property
     def dim(self) -> int:
@@ -77,12 +94,13 @@ class EmbeddingCache:
 
     def texts(self, texts: list[str]) -> np.ndarray:
         keys = [hashlib.sha256(b"text\x1f" + t.encode("utf-8")).hexdigest() for t in texts]
-        return self._cached(keys, lambda missing: self.backend.embed_texts([texts[i] for i in missing]))
+        return self._cached(keys, lambda missing: self.backend.embed_texts(EmbedTexts(tuple(texts[i] for i in missing))))
 
     def images(self, images) -> np.ndarray:
         keys = [hashlib.sha256(b"image\x1f" + str(np.shape(img)).encode() + np.ascontiguousarray(img).tobytes())
                 .hexdigest() for img in images]
-        return self._cached(keys, lambda missing: self.backend.embed_images([images[i] for i in missing]))
+        return self._cached(keys, lambda missing: self.backend.embed_images(
+            EmbedImages(tuple(images[i] for i in missing))))
 
     def keyed(self, keys: list[str], compute) -> np.ndarray:
         """Embeddings under caller-made keys; ``compute(missing_indices)`` embeds only what is not cached."""

@@ -1,10 +1,12 @@
 """The whole CoSeD sequence for one task, and the files it leaves behind.
 
 `sequence_task` walks the steps in order (captions -> candidates -> CLIP ->
-selector -> pool update); each chosen scene is animated and encoded to an
-H.264 clip at once; `write_task_outputs` joins the encoded clips (no re-decode)
-and writes the output contract with the manifest last, so a task is done
-exactly when its manifest exists. The Ray writers call the same function.
+selector -> pool update). Each chosen scene is stored in the task's parts
+(`cosed.parts`) and handed on as a `ClipRequest`, the one value every clip call
+for that scene sends; the sequence record is stored last. `assemble_task`
+builds the task's folder from the parts alone (scenes, clips, video,
+storyboard) and writes the manifest last, so a task is done exactly when its
+manifest exists. In process and on Ray the same three functions run.
 """
 
 from __future__ import annotations
@@ -12,31 +14,34 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
-import io
 import json
 import time
 from collections import defaultdict
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
-from PIL import Image
 
 from cosed import storage
 from cosed.backend import Backend
+from cosed.calls import ClipRequest, EmbedImages, EmbedTexts, RenderRequest, Score
 from cosed.config import RunConfig
 from cosed.generate import batches
+from cosed.images import png_bytes, png_image
+from cosed.lease import LeaseFence
 from cosed.latents import CandidateSource, LatentPool, fresh_keys, initial_latents, plan_candidates
 from cosed.metrics import clip_i, clip_t
 from cosed.models.profiles import Profile
+from cosed.parts import TaskParts
 from cosed.seeds import derive_seed
 from cosed.selector import clip_pick_scores
 from cosed.storyboard import storyboard_png
 from cosed.tasks import Task
-from cosed.video import EncodedClip, concat_mp4, encode_clip
+from cosed.video import concat_mp4, count_frames
 
 MANIFEST = "manifest.json"
+THUMBNAIL_PX = 256  # candidates kept for inspection (save_candidates) are at most this many pixels a side
 
 
 class Timer:
@@ -68,8 +73,17 @@ class StepResult:
     image: np.ndarray
     image_embedding: np.ndarray
     video_seed: int
-    candidate_images: np.ndarray | None = None
     fresh_keys: list[CandidateSource] = field(default_factory=list)
+    candidate_images: list[str] | None = None  # task-relative paths of the kept thumbnails
+
+    def record(self) -> dict:
+        """This step in the sequence record (and so in the manifest)."""
+        candidates = [{"source": s.to_dict(), "score": score} for s, score in zip(self.sources, self.scores)]
+        for entry, path in zip(candidates, self.candidate_images or []):
+            entry["image"] = path
+        return {"step": self.number, "text": self.text, "caption": self.caption, "candidates": candidates,
+                "chosen": self.chosen, "video_seed": self.video_seed,
+                **({"fresh_keys": [s.to_dict() for s in self.fresh_keys]} if self.fresh_keys else {})}
 
 
 @dataclass
@@ -79,74 +93,101 @@ class SequenceResult:
     metrics: dict[str, float | None]
     timer: Timer = field(default_factory=Timer)
 
+    def record(self) -> dict:
+        """What the writer needs besides the stored scenes and clips (`assemble_task`)."""
+        return {"task_id": self.task.id, "steps": [s.record() for s in self.steps], "metrics": self.metrics,
+                "timings": self.timer.to_dict()}
 
-def sequence_task(task: Task, captions: list[str], backend: Backend, cfg: RunConfig,
-                  on_scene: Callable[[StepResult], None] | None = None,
-                  on_step: Callable[[int], None] | None = None) -> SequenceResult:
-    """Choose one image per step (method.md §2-4). ``on_scene`` sees each chosen scene at once."""
+
+def clip_request(task: Task, step: int, caption: str, cfg: RunConfig, parts: TaskParts) -> ClipRequest:
+    """The one place a clip call is built: a scene's clip follows from the task, the step and the config."""
+    return ClipRequest(task_id=task.id, step=step, scene=parts.scene(step),
+                       seed=derive_seed(cfg.seed, task.id, step, "video"), video=cfg.video, caption=caption,
+                       clip=parts.clip(step))
+
+
+def candidate_path(step: int, index: int) -> str:
+    return f"candidates/step_{step:02d}/c{index:02d}.png"
+
+
+def sequence_task(task: Task, captions: list[str], backend: Backend, cfg: RunConfig, parts: TaskParts | None = None,
+                  on_scene: Callable[[ClipRequest], None] | None = None) -> SequenceResult:
+    """Choose one image per step (method.md §2-4).
+
+    With ``parts``, each chosen scene (and each kept candidate) is stored at once
+    and ``on_scene`` gets its clip request; the sequence record is stored last.
+    """
     timer = Timer()
     pool = LatentPool()
     shape = backend.latent_shape(cfg.sd)
+    keep = THUMBNAIL_PX if cfg.save_candidates else 0
     with timer.phase("clip_select"):
-        caption_embeddings = backend.embed_texts(captions)
+        caption_embeddings = backend.embed_texts(EmbedTexts(tuple(captions)))
     steps: list[StepResult] = []
     for number, (text, caption) in enumerate(zip(task.steps, captions), start=1):
         sources = plan_candidates(number, pool, cfg.pool, cfg.seed, task.id)
         keys = fresh_keys(number, cfg.pool, cfg.seed, task.id)
         starts = initial_latents(sources + keys, pool, shape)
+        requests = [RenderRequest(caption, starts[list(rows)], cfg.sd, tuple(cfg.pool.iterations), keep)
+                    for rows in batches(len(starts), cfg.sd.batch_size)]
         with timer.phase("sd"):
-            rendered = backend.render_many(caption, [starts[list(b)] for b in batches(len(starts), cfg.sd.batch_size)],
-                                           cfg.sd, cfg.pool.iterations)
-        rendered_images = np.concatenate([r.images for r in rendered])
-        images = rendered_images[:len(sources)]
+            rendered = backend.render(requests)
+        handles = [handle for batch in rendered for handle in batch.images]
         with timer.phase("clip_select"):
-            rendered_embeddings = backend.embed_images(rendered_images)
-            image_embeddings, key_embeddings = rendered_embeddings[:len(sources)], rendered_embeddings[len(sources):]
+            embeddings = backend.embed_images(EmbedImages(tuple(handles)))
+            image_embeddings, key_embeddings = embeddings[:len(sources)], embeddings[len(sources):]
             if number == 1:
                 scores = clip_pick_scores(image_embeddings, caption_embeddings[0])
             else:
                 past_text = np.concatenate([caption_embeddings[:number - 1],
                                             np.repeat(caption_embeddings[number - 1][None], len(keys), axis=0)])
                 past_image = np.concatenate([np.stack([s.image_embedding for s in steps]), key_embeddings])
-                scores = backend.selector_scores(
-                    np.repeat(caption_embeddings[number - 1][None], len(images), axis=0), image_embeddings,
-                    past_text, past_image)
+                scores = backend.selector_scores(Score(
+                    np.repeat(caption_embeddings[number - 1][None], len(sources), axis=0), image_embeddings,
+                    past_text, past_image))
         chosen = int(np.argmax(scores))
         batch_index, row = divmod(chosen, cfg.sd.batch_size)
         pool.add_run(number, {k: v[row] for k, v in rendered[batch_index].captured.items()})
+        image = backend.fetch(handles[chosen])
+        kept = None
+        if parts is not None:
+            storage.write_bytes(parts.scene(number), png_bytes(image))
+            if keep:
+                thumbnails = [t for batch in rendered for t in batch.thumbnails][:len(sources)]
+                for index, data in enumerate(thumbnails):
+                    storage.write_bytes(parts.candidate(number, index), data)
+                kept = [candidate_path(number, index) for index in range(len(thumbnails))]
         step = StepResult(number=number, text=text, caption=caption, sources=sources,
-                          scores=[float(s) for s in scores], chosen=chosen, image=images[chosen],
+                          scores=[float(s) for s in scores], chosen=chosen, image=image,
                           image_embedding=image_embeddings[chosen],
-                          video_seed=derive_seed(cfg.seed, task.id, number, "video"),
-                          candidate_images=images if cfg.save_candidates else None, fresh_keys=keys)
+                          video_seed=derive_seed(cfg.seed, task.id, number, "video"), fresh_keys=keys,
+                          candidate_images=kept)
         steps.append(step)
-        if on_scene:
-            on_scene(step)
-        if on_step:
-            on_step(number)
+        if parts is not None and on_scene:
+            on_scene(clip_request(task, number, caption, cfg, parts))
     with timer.phase("clip_select"):
         chosen_images = np.stack([s.image_embedding for s in steps])
-        metrics = {"clip_i": clip_i(chosen_images), "clip_t": clip_t(chosen_images, backend.embed_texts(list(task.steps)))}
-    return SequenceResult(task=task, steps=steps, metrics=metrics, timer=timer)
+        metrics = {"clip_i": clip_i(chosen_images),
+                   "clip_t": clip_t(chosen_images, backend.embed_texts(EmbedTexts(tuple(task.steps))))}
+    result = SequenceResult(task=task, steps=steps, metrics=metrics, timer=timer)
+    if parts is not None:
+        storage.write_text(parts.sequence, json.dumps(result.record(), ensure_ascii=False) + "\n")
+    return result
 
 
-def source_label(source: CandidateSource) -> str:
-    return "fresh" if source.kind == "fresh" else f"step {source.step} it {source.iteration}"
+def stored_sequence(task: Task, cfg: RunConfig, parts: TaskParts) -> list[ClipRequest] | None:
+    """The clip requests of a task whose sequence record is already stored (a retry or a resume), else None."""
+    try:
+        record = json.loads(storage.read_bytes(parts.sequence))
+    except FileNotFoundError:
+        return None
+    except ValueError:  # a torn or foreign record: sequence again (parts are written whole, so rare)
+        return None
+    return [clip_request(task, step["step"], step["caption"], cfg, parts) for step in record["steps"]]
 
 
-def png_bytes(image: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(image).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def thumbnail(image: np.ndarray, size: int = 256) -> np.ndarray:
-    """Candidate images are kept for inspection only: at most ``size`` pixels a side."""
-    if max(image.shape[:2]) <= size:
-        return image
-    picture = Image.fromarray(image)
-    picture.thumbnail((size, size), Image.Resampling.LANCZOS)
-    return np.asarray(picture)
+def source_label(source: dict) -> str:
+    return "fresh" if source["kind"] == "fresh" else f"step {source['step']} it {source['iteration']}"
 
 
 def manifest_config(cfg: RunConfig) -> dict:
@@ -154,6 +195,8 @@ def manifest_config(cfg: RunConfig) -> dict:
     data = cfg.to_dict()
     for machine_specific in ("device", "cache_dir", "ray", "storage"):
         data.pop(machine_specific)
+    if not data["memory_plan"]:
+        data.pop("memory_plan")  # every pool plain: nothing that depends on the GPUs
     return data
 
 
@@ -176,64 +219,85 @@ def task_uri(out: str, task: Task, *parts: str) -> str:
     return storage.join(out, task.folder, *parts)
 
 
-def write_task_outputs(out: str, result: SequenceResult, clips: list[EncodedClip], profile: Profile,
-                       cfg: RunConfig, extra_timings: dict[str, float] | None = None) -> dict:
-    """Write scenes, clips, video, storyboard, then the manifest (last).
+def assemble_task(out: str, task: Task, fingerprint: str, profile: Profile, cfg: RunConfig,
+                  fence: LeaseFence | None = None, extra_timings: dict[str, float] | None = None) -> dict:
+    """The task's folder from its parts: scenes, clips, video, storyboard, then the manifest (last).
 
-    Holds at most the task's encoded clips twice (clips + joined video) and its
-    chosen images: never raw frames.
+    ``fence`` (the run's output lease) raises `LeaseLost` when this job may no longer
+    write; it is checked just before the manifest, whose write it bounds in time. Holds the task's encoded clips twice (clips + joined
+    video) and its scene PNGs: never raw frames. Removes the parts once the
+    manifest is written.
     """
     storage.configure(cfg.storage.retry_seconds)
-    task = result.task
-    timer = result.timer
-    steps_meta = []
+    parts = TaskParts.of(out, task.folder, fingerprint)
+    timer = Timer()
     with timer.phase("stitch"):
-        for step, clip in zip(result.steps, clips):
-            image_rel, clip_rel = f"scenes/step_{step.number:02d}.png", f"clips/step_{step.number:02d}.mp4"
-            storage.write_bytes(task_uri(out, task, image_rel), png_bytes(step.image))
-            storage.write_bytes(task_uri(out, task, clip_rel), clip.data)
-            candidates = [{"source": s.to_dict(), "score": score} for s, score in zip(step.sources, step.scores)]
-            if step.candidate_images is not None:
-                for index, (entry, image) in enumerate(zip(candidates, step.candidate_images)):
-                    entry["image"] = f"candidates/step_{step.number:02d}/c{index:02d}.png"
-                    storage.write_bytes(task_uri(out, task, entry["image"]), png_bytes(thumbnail(image)))
-            steps_meta.append({
-                "step": step.number, "text": step.text, "caption": step.caption,
-                "candidates": candidates,
-                "chosen": step.chosen, "image": image_rel, "clip": clip_rel,
-                "frames": clip.frames,
-                **({"fresh_keys": [s.to_dict() for s in step.fresh_keys]} if step.fresh_keys else {}),
-            })
-        video = concat_mp4([clip.data for clip in clips],
-                           metadata={"title": task.title or "", "comment": f"cosed task {task.id}"})
+        record = json.loads(storage.read_bytes(parts.sequence))
+        steps_meta, clips, scenes, written = [], [], [], []
+        for step in record["steps"]:
+            number = step["step"]
+            image_rel, clip_rel = f"scenes/step_{number:02d}.png", f"clips/step_{number:02d}.mp4"
+            scene, clip = storage.read_bytes(parts.scene(number)), storage.read_bytes(parts.clip(number))
+            storage.write_bytes(task_uri(out, task, image_rel), scene)
+            storage.write_bytes(task_uri(out, task, clip_rel), clip)
+            written += [parts.scene(number), parts.clip(number)]
+            for index, entry in enumerate(step["candidates"]):
+                if "image" in entry:
+                    storage.write_bytes(task_uri(out, task, entry["image"]),
+                                        storage.read_bytes(parts.candidate(number, index)))
+                    written.append(parts.candidate(number, index))
+            scenes.append(scene)
+            clips.append(clip)
+            meta = {k: v for k, v in step.items() if k != "video_seed"}
+            steps_meta.append({**meta, "image": image_rel, "clip": clip_rel, "frames": count_frames(clip)})
+        video = concat_mp4(clips, metadata={"title": task.title or "", "comment": f"cosed task {task.id}"})
         storage.write_bytes(task_uri(out, task, "video.mp4"), video)
         storage.write_bytes(task_uri(out, task, "storyboard.png"), storyboard_png(
-            task.title or task.id, [s.image for s in result.steps], [s.caption for s in result.steps],
-            [source_label(s.sources[s.chosen]) for s in result.steps]))
+            task.title or task.id, [png_image(scene) for scene in scenes], [s["caption"] for s in record["steps"]],
+            [source_label(s["candidates"][s["chosen"]]["source"]) for s in record["steps"]]))
     manifest = {
-        "task_id": task.id, "fingerprint": task_fingerprint(task, profile, cfg), "title": task.title,
+        "task_id": task.id, "fingerprint": fingerprint, "title": task.title,
         "seed": cfg.seed, "profile": profile.name,
         "random_weights": profile.random_weights, "models": profile.model_names(),
-        "config": manifest_config(cfg), "steps": steps_meta, "metrics": result.metrics,
-        "video": "video.mp4", "video_frames": sum(clip.frames for clip in clips), "fps": cfg.video.fps, "storyboard": "storyboard.png",
-        "timings": {**timer.to_dict(), **(extra_timings or {})},
+        "config": manifest_config(cfg), "steps": steps_meta, "metrics": record["metrics"],
+        "video": "video.mp4", "video_frames": sum(s["frames"] for s in steps_meta), "fps": cfg.video.fps,
+        "storyboard": "storyboard.png",
+        "timings": {**record.get("timings", {}), **timer.to_dict(), **(extra_timings or {})},
     }
-    storage.write_text(task_uri(out, task, MANIFEST), json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
+    with fence.manifest_write() if fence is not None else nullcontext():
+        storage.write_text(task_uri(out, task, MANIFEST), json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
+    for uri in written + [parts.sequence]:
+        try:
+            storage.delete(uri)
+        except Exception:  # parts left behind are harmless: a later run of these inputs reuses them
+            pass
     return manifest
 
 
 def generate_task(task: Task, captions: list[str], backend: Backend, profile: Profile, cfg: RunConfig,
-                  out: str, on_step: Callable[[int], None] | None = None) -> dict:
-    """The whole task in this process: sequence, animate and encode each scene, join, write."""
+                  out: str, fingerprint: str, on_step: Callable[[int], None] | None = None,
+                  fence: LeaseFence | None = None) -> dict:
+    """The whole task in this process: sequence (storing scenes), animate each scene, assemble."""
     start = time.perf_counter()
-    result = sequence_task(task, captions, backend, cfg, on_step=on_step)
-    clips = []
-    with result.timer.phase("video"):
-        for step in result.steps:
-            clips.append(encode_clip(backend.animate(step.image, step.video_seed, cfg.video, step.caption),
-                                     cfg.video.fps))
-    return write_task_outputs(out, result, clips, profile, cfg,
-                              extra_timings={"total": round(time.perf_counter() - start, 4)})
+    parts = TaskParts.of(out, task.folder, fingerprint)
+    requests = stored_sequence(task, cfg, parts)
+    if requests is None:
+        requests = []
+
+        def scene(request: ClipRequest) -> None:
+            requests.append(request)
+            if on_step:
+                on_step(request.step)
+
+        sequence_task(task, captions, backend, cfg, parts, on_scene=scene)
+    elif on_step:
+        for request in requests:
+            on_step(request.step)
+    video_start = time.perf_counter()
+    for request in requests:
+        backend.animate(request)
+    return assemble_task(out, task, fingerprint, profile, cfg, fence, extra_timings={
+        "video": round(time.perf_counter() - video_start, 4), "total": round(time.perf_counter() - start, 4)})
 
 
 def manifest_without_timings(manifest: dict) -> dict:

@@ -4,6 +4,14 @@ Taken with a create-if-absent write (S3 ``If-None-Match: *``, local ``O_EXCL``),
 renewed by a background thread, released at the end. A lease whose holder
 stopped renewing (past its expiry), or whose process on this host is gone, is
 taken over, so a crashed job never blocks an output for longer than one lease.
+
+The lease fences: each renewal may take at most an eighth of the lease, and a job
+counts its lease as held only until half a lease before the expiry it last wrote.
+Past that (storage away, or another job took it over) `OutputLease.check` raises
+`LeaseLost` and the job stops; every manifest write is preceded by a `LeaseFence`
+check that reads the lease object and wants this job's token with at least half a
+lease left, and the manifest write itself may take at most a quarter of a lease.
+So a job that cannot renew writes no manifest once another job could take over.
 """
 
 from __future__ import annotations
@@ -15,6 +23,7 @@ import socket
 import threading
 import time
 import uuid
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 from cosed import storage
@@ -26,6 +35,41 @@ log = logging.getLogger("cosed")
 
 class LeaseHeld(UserError):
     """Another job is writing the same output prefix."""
+
+
+class LeaseLost(RuntimeError):
+    """This job no longer holds its output's lease: another job may take it over, so nothing more is written."""
+
+
+def _margin(seconds: float) -> float:
+    return seconds / 2
+
+
+@dataclass(frozen=True)
+class LeaseFence:
+    """What a writer checks just before a manifest write (picklable: it travels to Ray writers)."""
+
+    uri: str
+    token: str
+    seconds: float
+
+    def __call__(self) -> None:
+        with storage.budget(self.seconds / 8):
+            try:
+                holder = _parse(storage.read_bytes(self.uri))
+            except FileNotFoundError:
+                holder = None
+        left = holder.expires - time.time() if holder else 0.0
+        if holder is None or holder.token != self.token or left < _margin(self.seconds):
+            raise LeaseLost(f"the output lease {self.uri} is no longer this job's (or expires in {left:.0f} s): "
+                            "no more manifests are written; finished tasks are kept, run again to resume")
+
+    @contextmanager
+    def manifest_write(self):
+        """The manifest write after the check: bounded, so it cannot land after the lease could pass on."""
+        self()
+        with storage.budget(self.seconds / 4):
+            yield
 
 
 @dataclass(frozen=True)
@@ -85,6 +129,8 @@ class OutputLease:
         self.tag: str | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self.held_until = 0.0  # monotonic: half a lease before the expiry last written
+        self.lost: str | None = None
 
     def _record(self) -> bytes:
         holder = Holder(host=socket.gethostname(), pid=os.getpid(), job=current_job_id(), token=self.token,
@@ -92,6 +138,7 @@ class OutputLease:
         return (json.dumps(asdict(holder)) + "\n").encode()
 
     def acquire(self) -> "OutputLease":
+        started = time.monotonic()
         for _ in range(3):
             self.tag = storage.create_exclusive(self.uri, self._record())
             if self.tag:
@@ -111,21 +158,42 @@ class OutputLease:
                 break
         else:
             raise LeaseHeld(f"could not take the lease {self.uri}: other jobs keep taking it")
+        self._confirmed(started)
         self._thread = threading.Thread(target=self._renew, name="cosed-lease", daemon=True)
         self._thread.start()
         return self
 
+    def _confirmed(self, written_at: float) -> None:
+        self.held_until = written_at + self.seconds - _margin(self.seconds)
+
     def _renew(self) -> None:
-        while not self._stop.wait(self.seconds / 3):
+        while not self._stop.wait(self.seconds / 8):
+            attempt = time.monotonic()
             try:
-                tag = storage.replace_if(self.uri, self._record(), self.tag)
-                if tag:
-                    self.tag = tag
-                else:
-                    log.error("the lease %s was taken by another job; this job's outputs may interleave", self.uri)
-                    return
-            except Exception as exc:  # keep trying: the storage may come back before the lease expires
+                with storage.budget(self.seconds / 8):
+                    tag = storage.replace_if(self.uri, self._record(), self.tag)
+            except Exception as exc:  # keep trying: the storage may come back while the lease is held
                 log.warning("could not renew the lease %s: %s", self.uri, exc)
+                continue
+            if not tag:
+                self.lost = f"the lease {self.uri} was taken over by another job"
+                log.error("%s; this job stops writing", self.lost)
+                return
+            self.tag = tag
+            self._confirmed(attempt)
+
+    def check(self) -> None:
+        """Raise `LeaseLost` once the lease may no longer be this job's."""
+        if self.lost:
+            raise LeaseLost(f"{self.lost}: no more manifests are written; finished tasks are kept")
+        if time.monotonic() > self.held_until:
+            raise LeaseLost(f"could not renew the output lease {self.uri} in time (storage {storage.endpoint()} "
+                            "unreachable?): no more manifests are written; finished tasks are kept, run again "
+                            "to resume")
+
+    @property
+    def fence(self) -> LeaseFence:
+        return LeaseFence(self.uri, self.token, self.seconds)
 
     def release(self) -> None:
         self._stop.set()

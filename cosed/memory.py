@@ -5,11 +5,19 @@ in the profile JSON, GiB at its default settings) against the GPU's memory.
 ``auto`` picks the first level that fits, so savers cost speed only where the
 GPU is too small; ``off`` keeps the plain plan. A plan that fits nowhere is an
 error, never a silent start.
+
+Savers change output bytes (attention and VAE slicing reorder float sums, a
+smaller ``decode_chunk_size`` decodes other frames), so the level is decided once
+per run and pool (`resolve_memory_plan`, from the smallest GPU the pool may run
+on), written into the run config and so into every task's fingerprint; a model
+process only checks that its GPU can hold the level it was given.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
+from cosed.errors import UserError
 
 LEVELS = ("plain", "savers", "offload")
 SAVERS = {
@@ -22,7 +30,7 @@ HEADROOM = 0.9
 SMALL_DECODE_CHUNK = 2
 
 
-class InsufficientGPUMemory(RuntimeError):
+class InsufficientGPUMemory(UserError, RuntimeError):
     """The GPU is too small for the profile even with every memory saver; the message says what to do."""
 
 
@@ -68,6 +76,26 @@ def plan_memory(needs: dict[str, float | None], gpu_gib: float | None, mode: str
         f"{what} needs about {needs[last]:.0f} GiB of GPU memory with the {last} plan but the GPU has "
         f"{gpu_gib:.0f} GiB: {hint}use a larger GPU (README: Running on GPUs lists the needs), "
         "give each model pool its own GPU (ray: sd/video num_gpus: 1), or use --profile tiny.")
+
+
+def resolve_memory_plan(needs: dict[str, dict[str, float | None]], gpu_gib: float | None,
+                        mode: str = "auto") -> dict[str, str]:
+    """Per pool, the memory plan level on a GPU of ``gpu_gib`` GiB (the smallest the pool may run on).
+
+    ``needs`` maps each pool to its GPU's peak needs per level (the models that share
+    that GPU). Only pools that need more than the plain plan are listed, so a plain
+    run's config, and its fingerprint, do not depend on the GPUs at all.
+    """
+    levels = {pool: plan_memory(pool_needs, gpu_gib, mode, what=f"the {pool} pool").level
+              for pool, pool_needs in needs.items()}
+    return {pool: level for pool, level in sorted(levels.items()) if level != "plain"}
+
+
+def decode_chunk_for(level: str, decode_chunk_size: int | None) -> int | None:
+    """The video decode chunk a plan level allows (savers decode two frames at a time)."""
+    if level != "plain" and decode_chunk_size:
+        return min(decode_chunk_size, SMALL_DECODE_CHUNK)
+    return decode_chunk_size
 
 
 def gpu_memory_gib(device) -> float | None:

@@ -6,6 +6,7 @@ loop itself.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -22,7 +23,11 @@ from cosed.backend import LocalBackend, make_backend
 from cosed.config import RunConfig
 from cosed.engine import MANIFEST, generate_task, task_fingerprint, task_uri
 from cosed.errors import UserError
-from cosed.models.profiles import Profile, resolve_profile
+from cosed.lease import LeaseLost, OutputLease
+from cosed.memory import LEVELS, decode_chunk_for, gpu_memory_gib, resolve_memory_plan
+from cosed.models.loaders import resolve_device
+from cosed.models.profiles import KINDS, Profile, resolve_profile
+from cosed.parts import stale_parts
 from cosed.rewrite import make_rewriter
 from cosed.storage import StorageUnavailable
 from cosed.tasks import ERRORS, ERRORS_DIR, SUMMARY, Task, TaskError, TaskSet, parse_tasks, task_folder_name
@@ -84,6 +89,20 @@ def resolve_run(cfg: RunConfig) -> tuple[Profile, RunConfig]:
     return profile, cfg.with_defaults(profile.defaults)
 
 
+def with_memory_plan(cfg: RunConfig, profile: Profile, gpu_gib: float | None,
+                     shares: dict[str, tuple[str, ...]]) -> RunConfig:
+    """The config with each pool's memory plan level resolved (`cosed.memory`) for the smallest GPU it may run on.
+
+    ``shares`` maps each pool to the models that may share its GPU. The level, and the
+    smaller video decode chunk that savers bring, become part of every task's fingerprint.
+    """
+    needs = {pool: {level: profile.memory_gib(level, kinds) for level in LEVELS} for pool, kinds in shares.items()}
+    plan = resolve_memory_plan(needs, gpu_gib, cfg.memory)
+    video = dataclasses.replace(cfg.video, decode_chunk_size=decode_chunk_for(plan.get("video", "plain"),
+                                                                              cfg.video.decode_chunk_size))
+    return dataclasses.replace(cfg, memory_plan=plan, video=video)
+
+
 def read_tasks(tasks_uri: str, cfg: RunConfig) -> TaskSet:
     try:
         data = storage.read_bytes(tasks_uri)
@@ -110,14 +129,19 @@ def write_errors(out: str, errors: list[TaskError]) -> None:
 
 
 def record_failure(out: str, summary: RunSummary, error: TaskError) -> None:
-    """Add one failure to the summary and write it as its own object, errors/<run>/<task>.json.
+    """Add one failure to the summary and write it as its own object (`write_failure`)."""
+    summary.failed.append(error)
+    write_failure(out, summary.run_id, error)
+
+
+def write_failure(out: str, run_id: str, error: TaskError) -> None:
+    """One failure as its own object, errors/<run>/<task>.json.
 
     Append-only (one object per failure, nothing rewritten) and best-effort: a
     storage error here is logged, never raised, so it cannot abort the run.
     """
-    summary.failed.append(error)
     name = task_folder_name(error.task_id) if error.task_id else f"line-{error.line}"
-    uri = storage.join(out, ERRORS_DIR, summary.run_id, f"{name}.json")
+    uri = storage.join(out, ERRORS_DIR, run_id, f"{name}.json")
     try:
         storage.write_text(uri, json.dumps(error.to_dict(), ensure_ascii=False) + "\n")
     except Exception as exc:
@@ -175,9 +199,11 @@ def failure(task: Task, exc: BaseException) -> TaskError:
     return TaskError(source="generation", task_id=task.id, reason=f"{type(exc).__name__}: {exc}")
 
 
-def prepare_run(tasks_uri: str, out: str, cfg: RunConfig, overwrite: bool):
-    """Resolve the profile, read and validate tasks, report rejects, and find what is left to do."""
-    profile, cfg = resolve_run(cfg)
+def prepare_run(tasks_uri: str, out: str, cfg: RunConfig, overwrite: bool, profile: Profile | None = None):
+    """Read and validate tasks, report rejects, and find what is left to do (``cfg`` resolved: `resolve_run`,
+    `with_memory_plan`)."""
+    if profile is None:
+        profile, cfg = resolve_run(cfg)
     task_set = read_tasks(tasks_uri, cfg)
     storage.configure(cfg.storage.retry_seconds)
     summary = RunSummary(out=out, rejected=list(task_set.errors),
@@ -186,28 +212,41 @@ def prepare_run(tasks_uri: str, out: str, cfg: RunConfig, overwrite: bool):
     todo, done, stale = pending_tasks(task_set.tasks, out, overwrite, summary.fingerprints)
     summary.skipped = [t.id for t in done]
     summary.stale = [t.id for t in stale]
+    for task in stale:  # parts stored under the task's old fingerprint can never be read again
+        for uri in stale_parts(out, task.folder, summary.fingerprints[task.id]):
+            storage.delete(uri)
     return profile, cfg, summary, todo
 
 
 def run_in_process(tasks_uri: str, out: str, cfg: RunConfig, *, overwrite: bool = False,
-                   progress: bool = True, backend: LocalBackend | None = None) -> RunSummary:
-    """Every task in this process, one after another. Pass ``backend`` to reuse loaded models."""
+                   progress: bool = True, backend: LocalBackend | None = None,
+                   lease: OutputLease | None = None) -> RunSummary:
+    """Every task in this process, one after another. Pass ``backend`` to reuse loaded models.
+
+    Stops (keeping what is finished) when the storage stays away past its retry
+    budget or the output lease is lost: every later task would fail the same way.
+    """
     start = time.perf_counter()
-    profile, cfg, summary, todo = prepare_run(tasks_uri, out, cfg, overwrite)
+    profile, cfg = resolve_run(cfg)
+    cfg = with_memory_plan(cfg, profile, gpu_memory_gib(resolve_device(cfg.device)), dict.fromkeys(KINDS, KINDS))
+    profile, cfg, summary, todo = prepare_run(tasks_uri, out, cfg, overwrite, profile)
     backend = backend or make_backend(profile, cfg)
     if todo:
         backend.load_all()
     rewriter = make_rewriter(cfg.rewriter, model=cfg.rewriter_model, cache_dir=profile_cache(cfg),
                              device=backend.device)
+    fence = lease.fence if lease else None
     try:
         with tqdm(total=sum(len(t.steps) for t in todo), unit="scene", disable=not progress, desc="cosed") as bar:
             for task in todo:
+                if lease:
+                    lease.check()
                 bar.set_postfix_str(task.id)
                 try:
                     generate_task(task, rewriter.captions(task), backend, profile, cfg, out,
-                                  on_step=lambda _: bar.update())
-                except StorageUnavailable:
-                    raise  # every later task would fail the same way: stop, keep what is finished
+                                  summary.fingerprints[task.id], on_step=lambda _: bar.update(), fence=fence)
+                except (StorageUnavailable, LeaseLost):
+                    raise
                 except Exception as exc:  # one broken task must not stop the batch
                     record_failure(out, summary, failure(task, exc))
                     continue

@@ -133,6 +133,11 @@ class ContrastiveSelector(nn.Module):
         storage.write_bytes(str(uri), save(state, metadata=meta))
 
     @classmethod
+    def from_path(cls, uri: str | Path | None) -> "ContrastiveSelector":
+        """The checkpoint at ``uri``, or the untrained selector when there is none."""
+        return cls.load(uri) if uri else cls.untrained()
+
+    @classmethod
     def load(cls, uri: str | Path) -> "ContrastiveSelector":
         from safetensors.torch import load
 

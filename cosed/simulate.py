@@ -3,8 +3,8 @@
 Each call sleeps for its modeled GPU time (the profile's ``costs`` times
 ``COSED_TIME_SCALE``) and returns small arrays derived from a hash of its
 inputs, so runs are reproducible and the real engine, selector math, latent
-pool, Ray dispatch and stitching all run around it. Pick it with a profile
-whose ``backend`` is ``simulated`` (``--profile latency``).
+pool, Ray dispatch, storage of parts and stitching all run around it. Pick it
+with a profile whose ``backend`` is ``simulated`` (``--profile latency``).
 """
 
 from __future__ import annotations
@@ -12,15 +12,19 @@ from __future__ import annotations
 import hashlib
 import os
 import time
+from typing import Any
 
 import numpy as np
 import torch
 
+from cosed import storage
+from cosed.calls import ClipDone, ClipRequest, EmbedImages, EmbedTexts, Rendered, RenderRequest, Score
 from cosed.config import RunConfig, SDConfig
 from cosed.distributed.costs import CostModel
-from cosed.generate import RenderedBatch
+from cosed.images import png_image, thumbnail_png
 from cosed.models.profiles import Profile
 from cosed.selector import EMBED_DIM, ContrastiveSelector
+from cosed.video import existing_clip, write_clip
 
 TIME_SCALE_ENV = "COSED_TIME_SCALE"
 LATENT_CHANNELS = 4
@@ -44,13 +48,11 @@ class SimulatedBackend:
     """The `Backend` protocol with modeled latencies instead of models (see module docstring)."""
 
     def __init__(self, profile: Profile, cfg: RunConfig, time_scale: float | None = None):
-        from cosed.backend import load_selector
-
         self.costs = CostModel.from_dict(profile.costs, cfg.ray.costs)
         self.time_scale = float(os.environ.get(TIME_SCALE_ENV, "1")) if time_scale is None else time_scale
         self.device = torch.device("cpu")
         torch.set_num_threads(cfg.cpu_threads)  # the selector's float sums, as in `LocalBackend`
-        self.selector: ContrastiveSelector = load_selector(cfg.selector)
+        self.selector = ContrastiveSelector.from_path(cfg.selector)
         self.selector_mode = cfg.selector_mode
         # Nothing to load: a pool "loads" its model by reading the costs.
         self.sd = self.video = self.clip = self.costs
@@ -64,35 +66,48 @@ class SimulatedBackend:
     def latent_shape(self, sd: SDConfig) -> tuple[int, ...]:
         return (LATENT_CHANNELS, sd.height // LATENT_SCALE, sd.width // LATENT_SCALE)
 
-    def render_many(self, caption, latent_batches, sd, capture_iterations):
-        rendered = []
-        for batch in latent_batches:
-            self._wait("render", len(batch))
-            images, captured = [], {k: [] for k in capture_iterations}
-            for latent in batch:
-                rng = _rng(caption, latent)
-                images.append(rng.integers(0, 256, (sd.height, sd.width, 3), dtype=np.uint8))
-                for k in capture_iterations:
-                    captured[k].append(latent * (1.0 - 0.05 * k) + 0.1 * rng.standard_normal(latent.shape))
-            rendered.append(RenderedBatch(images=np.stack(images),
-                                          captured={k: np.stack(v).astype(np.float16) for k, v in captured.items()}))
-        return rendered
+    def render(self, requests: list[RenderRequest]) -> list[Rendered]:
+        return [self.render_one(request) for request in requests]
 
-    def embed_texts(self, texts):
-        self._wait("embed_texts", len(texts))
-        return _unit(np.stack([_rng("text", t).standard_normal(EMBED_DIM) for t in texts]))
+    def render_one(self, request: RenderRequest) -> Rendered:
+        self._wait("render", request.size)
+        sd = request.sd
+        images, captured = [], {k: [] for k in request.capture}
+        for latent in request.latents:
+            rng = _rng(request.caption, latent)
+            images.append(rng.integers(0, 256, (sd.height, sd.width, 3), dtype=np.uint8))
+            for k in request.capture:
+                captured[k].append(latent * (1.0 - 0.05 * k) + 0.1 * rng.standard_normal(latent.shape))
+        thumbnails = [thumbnail_png(image, request.thumbnail_px) for image in images] if request.thumbnail_px else None
+        return Rendered(images=images, captured={k: np.stack(v).astype(np.float16) for k, v in captured.items()},
+                        thumbnails=thumbnails)
 
-    def embed_images(self, images):
-        self._wait("embed_images", len(images))
-        return _unit(np.stack([_rng("image", image).standard_normal(EMBED_DIM) for image in images]))
+    def embed_texts(self, request: EmbedTexts) -> np.ndarray:
+        self._wait("embed_texts", len(request.texts))
+        return _unit(np.stack([_rng("text", t).standard_normal(EMBED_DIM) for t in request.texts]))
 
-    def selector_scores(self, next_text, next_image, past_text, past_image):
-        self._wait("selector_scores", len(next_image))
-        return self.selector.score(next_text, next_image, past_text, past_image, self.selector_mode)
+    def embed_images(self, request: EmbedImages) -> np.ndarray:
+        self._wait("embed_images", len(request.images))
+        return _unit(np.stack([_rng("image", image).standard_normal(EMBED_DIM) for image in request.images]))
 
-    def animate(self, image, seed, video, prompt=None):
+    def selector_scores(self, request: Score) -> np.ndarray:
+        self._wait("selector_scores", len(request.next_image))
+        return self.selector.score(request.next_text, request.next_image, request.past_text, request.past_image,
+                                   self.selector_mode)
+
+    def animate(self, request: ClipRequest) -> ClipDone:
+        found = existing_clip(request)
+        if found:
+            return found
+        return write_clip(request, self.frames(png_image(storage.read_bytes(request.scene)), request))
+
+    def frames(self, image: np.ndarray, request: ClipRequest) -> np.ndarray:
         self._wait("animate", 1)
-        rng = _rng("clip", image, seed)
+        video = request.video
+        rng = _rng("clip", image, request.seed)
         base = rng.integers(0, 256, (1, video.height, video.width, 3)).astype(np.int16)
         steps = rng.integers(-8, 9, (video.num_frames, 1, 1, 3)).cumsum(axis=0)
         return np.clip(base + steps, 0, 255).astype(np.uint8)
+
+    def fetch(self, handle: Any) -> np.ndarray:
+        return handle

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import os
 import tempfile
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, TypeVar
@@ -85,6 +87,26 @@ def configure(retry_seconds: float) -> None:
         _s3_client = None
 
 
+_local = threading.local()
+
+
+@contextmanager
+def budget(seconds: float):
+    """Storage calls in this thread retry for at most ``seconds`` (less than the run's budget): for calls
+    that must finish or fail before a deadline, like a lease renewal or a fenced manifest write."""
+    previous = getattr(_local, "budget", None)
+    _local.budget = seconds
+    try:
+        yield
+    finally:
+        _local.budget = previous
+
+
+def _budget() -> float:
+    override = getattr(_local, "budget", None)
+    return _retry_seconds if override is None else min(override, _retry_seconds)
+
+
 def endpoint() -> str:
     return os.environ.get("AWS_ENDPOINT_URL") or "AWS S3"
 
@@ -118,7 +140,8 @@ def _s3_call(uri: str, call: Callable[..., T]) -> T:
     from botocore.exceptions import (BotoCoreError, ClientError, ConnectionError, HTTPClientError,
                                      NoCredentialsError, PartialCredentialsError, ResponseStreamingError)
 
-    deadline = time.monotonic() + _retry_seconds
+    allowed = _budget()
+    deadline = time.monotonic() + allowed
     delay = 0.5
     while True:
         try:
@@ -140,7 +163,7 @@ def _s3_call(uri: str, call: Callable[..., T]) -> T:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise StorageUnavailable(
-                f"storage endpoint {endpoint()} did not answer within {_retry_seconds:g} s "
+                f"storage endpoint {endpoint()} did not answer within {allowed:g} s "
                 f"(last error: {problem}); finished tasks are kept, run the same command again to resume") from problem
         time.sleep(min(delay, remaining))  # the last try lands at the deadline: the whole budget is used
         delay = min(2 * delay, 10.0)
@@ -342,6 +365,26 @@ def exists(uri: str) -> bool:
 
         return _s3_call(uri, head)
     return Path(uri).exists()
+
+
+def size(uri: str) -> int | None:
+    """An object's size in bytes, or None when there is none."""
+    if is_s3(uri):
+        loc = parse_s3(uri)
+
+        def head(client):
+            try:
+                return int(client.head_object(Bucket=loc.bucket, Key=loc.key)["ContentLength"])
+            except client.exceptions.ClientError as exc:
+                if _error_code(exc) in ("404", "NoSuchKey", "NotFound"):
+                    return None
+                raise
+
+        return _s3_call(uri, head)
+    try:
+        return Path(uri).stat().st_size
+    except FileNotFoundError:
+        return None
 
 
 def list_keys(prefix: str) -> list[str]:

@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 
 from cosed import storage
+from cosed.calls import EmbedImages, RenderRequest
 from cosed.config import RunConfig
 from cosed.generate import batches
 from cosed.seeds import derive_seed, gaussian_latent
@@ -60,9 +61,10 @@ def render_step_images(task: Task, captions: list[str], steps: list[int], backen
     shape = backend.latent_shape(cfg.sd)
     starts = np.stack([gaussian_latent(derive_seed(cfg.seed, task.id, n, "train-image"), shape).numpy() for n in steps])
     images = []
-    for rows in batches(len(steps), cfg.sd.batch_size):
-        (rendered,) = backend.render_many([captions[steps[i] - 1] for i in rows], [starts[list(rows)]], cfg.sd, [])
-        images.extend(rendered.images)
+    requests = [RenderRequest(tuple(captions[steps[i] - 1] for i in rows), starts[list(rows)], cfg.sd, ())
+                for rows in batches(len(steps), cfg.sd.batch_size)]
+    for rendered in backend.render(requests):
+        images.extend(backend.fetch(handle) for handle in rendered.images)
     return images
 
 
@@ -74,8 +76,8 @@ def image_embeddings(task: Task, captions: list[str], backend, cache, cfg: RunCo
     if not generate_missing:
         raise ValueError(f"task {task.id!r} has no step_images; pass --generate-missing to render them")
     keys = generated_image_keys(task, captions, cfg, sd_model)
-    return cache.keyed(keys, lambda missing: backend.embed_images(
-        render_step_images(task, captions, [i + 1 for i in missing], backend, cfg)))
+    return cache.keyed(keys, lambda missing: backend.embed_images(EmbedImages(tuple(
+        render_step_images(task, captions, [i + 1 for i in missing], backend, cfg)))))
 
 
 def contrastive_loss(selector: ContrastiveSelector, batch: list[TaskScenes], query_steps: list[int]) -> torch.Tensor:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import os
 import tempfile
-from dataclasses import dataclass
 from fractions import Fraction
 from typing import Callable
 
@@ -14,6 +13,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from cosed import storage
+from cosed.calls import ClipDone, ClipRequest
 from cosed.config import VideoConfig
 from cosed.generate import to_uint8
 from cosed.models.adapters import image_to_video_adapter
@@ -105,18 +106,6 @@ def encode_mp4(frames: np.ndarray, fps: int, metadata: dict[str, str] | None = N
     return write_mp4(fill, metadata)
 
 
-@dataclass(frozen=True)
-class EncodedClip:
-    """One scene's clip as H.264 mp4 bytes: what moves between processes instead of raw frames."""
-
-    data: bytes
-    frames: int
-
-
-def encode_clip(frames: np.ndarray, fps: int) -> EncodedClip:
-    return EncodedClip(data=encode_mp4(frames, fps), frames=len(frames))
-
-
 def concat_mp4(clips: list[bytes], metadata: dict[str, str] | None = None) -> bytes:
     """One mp4 from clips encoded alike (same size, fps, codec), hard cuts, without re-encoding.
 
@@ -143,6 +132,26 @@ def concat_mp4(clips: list[bytes], metadata: dict[str, str] | None = None) -> by
                 offset = end
 
     return write_mp4(fill, metadata)
+
+
+def write_clip(request: ClipRequest, frames: np.ndarray) -> ClipDone:
+    """Encode a scene's clip and store it where its request says (a repeated write stores the same bytes)."""
+    data = encode_mp4(frames, request.video.fps)
+    storage.write_bytes(request.clip, data)
+    return ClipDone(clip=request.clip, size=len(data), frames=len(frames))
+
+
+def existing_clip(request: ClipRequest) -> ClipDone | None:
+    """The clip a retry or a resume finds already stored (parts are keyed by the task's fingerprint)."""
+    size = storage.size(request.clip)
+    return None if size is None else ClipDone(clip=request.clip, size=size, frames=0, reused=True)
+
+
+def count_frames(data: bytes) -> int:
+    """Frames of an mp4's video stream, counted from its packets (nothing is decoded)."""
+    with av.open(io.BytesIO(data), mode="r") as container:
+        stream = container.streams.video[0]
+        return sum(1 for packet in container.demux(stream) if packet.size)
 
 
 def decode_mp4(data: bytes) -> np.ndarray:

@@ -5,6 +5,7 @@ import pytest
 
 from cosed import simulate
 from cosed.backend import LocalBackend, make_backend
+from cosed.calls import ClipRequest, EmbedTexts, RenderRequest
 from cosed.config import RunConfig
 from cosed.runner import resolve_run
 
@@ -27,9 +28,14 @@ def test_calls_wait_for_their_modeled_time_times_the_scale(latency, monkeypatch)
     backend = make_backend(*latency)
     profile, cfg = latency
     latents = np.zeros((3, *backend.latent_shape(cfg.sd)), np.float32)
-    backend.render_many("a caption", [latents[:2], latents[2:]], cfg.sd, [1, 2])
-    backend.animate(np.zeros((32, 32, 3), np.uint8), 7, cfg.video)
+    backend.render([RenderRequest("a caption", latents[:2], cfg.sd, (1, 2)),
+                    RenderRequest("a caption", latents[2:], cfg.sd, (1, 2))])
+    backend.frames(np.zeros((32, 32, 3), np.uint8), clip_request(cfg, 7))
     assert waits == pytest.approx([0.5 * (2.5 + 2 * 2.1), 0.5 * (2.5 + 2.1), 0.5 * 45.0])
+
+
+def clip_request(cfg, seed):
+    return ClipRequest("t", 1, "unused-scene.png", seed, cfg.video, "caption", "unused-clip.mp4")
 
 
 def test_outputs_are_derived_from_inputs(latency):
@@ -37,16 +43,17 @@ def test_outputs_are_derived_from_inputs(latency):
     backend = simulate.SimulatedBackend(profile, cfg, time_scale=0)
     rng = np.random.default_rng(0)
     latents = rng.standard_normal((2, *backend.latent_shape(cfg.sd))).astype(np.float32)
-    first = backend.render_many("cap", [latents], cfg.sd, [1, 2])[0]
-    again = backend.render_many("cap", [latents[::-1].copy()], cfg.sd, [1, 2])[0]
-    assert first.images.shape == (2, cfg.sd.height, cfg.sd.width, 3)
-    np.testing.assert_array_equal(first.images[::-1], again.images)  # per candidate, not per batch
-    assert not np.array_equal(first.images, backend.render_many("other", [latents], cfg.sd, [1])[0].images)
+    first = backend.render_one(RenderRequest("cap", latents, cfg.sd, (1, 2)))
+    again = backend.render_one(RenderRequest("cap", latents[::-1].copy(), cfg.sd, (1, 2)))
+    assert np.stack(first.images).shape == (2, cfg.sd.height, cfg.sd.width, 3)
+    np.testing.assert_array_equal(np.stack(first.images[::-1]), np.stack(again.images))  # per candidate, not batch
+    other = backend.render_one(RenderRequest("other", latents, cfg.sd, (1,)))
+    assert not np.array_equal(np.stack(first.images), np.stack(other.images))
     assert first.captured[2].shape == latents.shape and first.captured[2].dtype == np.float16
-    texts = backend.embed_texts(["a", "b", "a"])
+    texts = backend.embed_texts(EmbedTexts(("a", "b", "a")))
     np.testing.assert_array_equal(texts[0], texts[2])
     assert np.allclose(np.linalg.norm(texts, axis=1), 1, atol=1e-6)
-    clip = backend.animate(first.images[0], 3, cfg.video)
+    clip = backend.frames(first.images[0], clip_request(cfg, 3))
     assert clip.shape == (cfg.video.num_frames, cfg.video.height, cfg.video.width, 3)
-    np.testing.assert_array_equal(clip, backend.animate(first.images[0], 3, cfg.video))
-    assert not np.array_equal(clip, backend.animate(first.images[0], 4, cfg.video))
+    np.testing.assert_array_equal(clip, backend.frames(first.images[0], clip_request(cfg, 3)))
+    assert not np.array_equal(clip, backend.frames(first.images[0], clip_request(cfg, 4)))

@@ -77,10 +77,11 @@ def test_gpus_split_in_proportion_to_work_with_whole_gpus():
 def test_clip_takes_a_fractional_share_of_the_busiest_pools_gpu():
     plan = plan_cluster(RayConfig(), [Node(cpus=16, gpus=4)], work(sd=250, video=750, clip=2), COSTS)
     clip, video = plan.pools["clip"], plan.pools["video"]
-    assert clip.replicas == 1 and 0 < clip.num_gpus < 0.5
-    assert video.num_gpus == pytest.approx(1 - clip.num_gpus)
-    assert plan.gpus <= 4 and place(plan.pools, [Node(cpus=16, gpus=4)]) is not None
-    assert "clip shares a video GPU" in plan.reason
+    assert clip.replicas == 1 and 0 < clip.num_gpus < 0.5 and clip.partner == "video"
+    # Only the one video actor that hosts CLIP leaves room on its GPU; the others ask for a whole GPU.
+    assert video.num_gpus == 1.0 and video.hosts == 1 and video.host_gpus == pytest.approx(1 - clip.num_gpus)
+    assert plan.gpus == pytest.approx(4) and place(plan.pools, [Node(cpus=16, gpus=4)]) is not None
+    assert "clip shares 1 video GPU" in plan.reason
 
 
 def test_fixed_replicas_and_gpus_from_the_config_are_kept():
@@ -174,8 +175,8 @@ def test_nodes_from_ray_drops_dead_nodes():
 
 
 def _plan(sd: int, video: int) -> ClusterPlan:
-    return ClusterPlan(pools={"sd": PoolPlan(sd, 1.0, 1.0), "video": PoolPlan(video, 0.99, 1.0),
-                              "clip": PoolPlan(1, 0.01, 1.0)}, drivers=8, reason="")
+    return ClusterPlan(pools={"sd": PoolPlan(sd, 1.0, 1.0), "video": PoolPlan(video, 1.0, 1.0, 1, 0.99, "clip"),
+                              "clip": PoolPlan(1, 0.01, 1.0, partner="video")}, drivers=8, reason="")
 
 
 def test_rebalance_moves_an_actor_from_the_idle_pool_to_the_bottleneck():
@@ -242,10 +243,74 @@ def test_without_known_work_clip_gets_a_whole_gpu_when_there_is_one_to_spare():
 
 
 def test_gpus_that_join_go_to_the_pool_with_the_most_work_per_gpu():
-    pools = {"sd": PoolPlan(1, 1.0, 1.0), "video": PoolPlan(2, 1.0, 1.0), "clip": PoolPlan(1, 0.2, 1.0)}
-    # video: 72 s of work on 2 GPUs (36 per GPU) vs sd 28 on 1: video first, then sd, then video again.
-    assert grow_pools(pools, 1, {"sd": 28.0, "video": 72.0, "clip": 0.3}) == {"sd": 0, "video": 1, "clip": 0}
-    assert grow_pools(pools, 2, {"sd": 28.0, "video": 72.0, "clip": 0.3}) == {"sd": 1, "video": 1, "clip": 0}
-    assert grow_pools(pools, 3.9, {"sd": 28.0, "video": 72.0, "clip": 0.3}) == {"sd": 1, "video": 2, "clip": 0}
-    assert grow_pools(pools, 2, {"sd": 28.0, "video": 72.0}, fixed={"video"}) == {"sd": 2, "video": 0, "clip": 0}
-    assert grow_pools(pools, 0.5, {"sd": 28.0, "video": 72.0}) == {"sd": 0, "video": 0, "clip": 0}
+    pools = {"sd": PoolPlan(1, 1.0, 1.0), "video": PoolPlan(2, 1.0, 1.0, 1, 0.8, "clip"),
+             "clip": PoolPlan(1, 0.2, 1.0, partner="video")}
+    work = {"sd": 28.0, "video": 72.0, "clip": 0.3}
+
+    def room(gpus, cpus=8.0):
+        return [Node(cpus=cpus, gpus=gpus)]
+
+    # video: 72 s of work on 1.8 GPUs vs sd 28 on 1: video first, then sd, then video again.
+    assert grow_pools(pools, room(1), work) == {"sd": 0, "video": 1, "clip": 0}
+    assert grow_pools(pools, room(2), work) == {"sd": 1, "video": 1, "clip": 0}
+    assert grow_pools(pools, room(3), work) == {"sd": 1, "video": 2, "clip": 0}
+    assert grow_pools(pools, room(2), {"sd": 28.0, "video": 72.0}, fixed={"video"}) == {"sd": 2, "video": 0, "clip": 0}
+    assert grow_pools(pools, room(0), work) == {"sd": 0, "video": 0, "clip": 0}
+    assert grow_pools(pools, room(3, cpus=1.0), work) == {"sd": 0, "video": 1, "clip": 0}  # CPUs for one actor
+    assert grow_pools(pools, [Node(cpus=1, gpus=1), Node(cpus=1, gpus=1)], work) == {"sd": 1, "video": 1, "clip": 0}
+
+
+def test_the_clip_pool_is_sized_grown_and_rebalanced_by_its_work_like_the_others():
+    nodes = [Node(cpus=64, gpus=8)] * 4
+    # Heavy CLIP work (more than half a GPU's worth): whole GPUs in proportion to it, several actors.
+    heavy = CostModel.from_dict({**A100, "embed_images": {"fixed": 0.5, "per_item": 0.6}})
+    mean = task_work(6, CFG, heavy)
+    plan = plan_cluster(RayConfig(), nodes, mean.seconds, heavy)
+    assert plan.pools["clip"].replicas == 3 and plan.pools["clip"].num_gpus == 1.0
+    assert plan_cluster(RayConfig(clip=PoolResources(replicas=1)), nodes, mean.seconds,
+                        heavy).pools["clip"].replicas == 1  # a count set in the config is kept
+    # Light CLIP work: one actor on a share of a video GPU. Measured three hundred times its model, the
+    # next GPU goes to a new CLIP actor and the video actor that hosts it.
+    light = task_work(6, CFG, COSTS)
+    plan = plan_cluster(RayConfig(), nodes, light.seconds, COSTS)
+    clip, video = plan.pools["clip"], plan.pools["video"]
+    assert clip.replicas == 1 and clip.partner == "video" and video.hosts == 1
+    grown = grow_pools(plan.pools, [Node(cpus=8, gpus=1)], {**light.seconds, "clip": 300 * light.seconds["clip"]})
+    assert grown == {"sd": 0, "video": 1, "clip": 1}
+    # ... and a busy CLIP pool takes an idle pool's actor when rebalancing.
+    assert rebalance_move({"sd": 0.2, "video": 0.7, "clip": 0.99}, plan) == ("sd", "clip")
+
+
+def test_growth_on_a_256_gpu_cluster_adds_only_actors_that_place():
+    """sd21-svd costs, 8-step tasks: the plan hosts CLIP on one video GPU. Eight GPUs join: every actor added
+    places, and what the plan counts as used is exactly what the actors ask for."""
+    from cosed.models.profiles import profile_data
+    from cosed.distributed.sizing import free_room, with_added
+
+    costs = CostModel.from_dict(profile_data("sd21-svd")["costs"])
+    mean = task_work(8, CFG, costs)
+    nodes = [Node(cpus=96, gpus=8, node_id=f"n{i}") for i in range(32)]
+    plan = plan_cluster(RayConfig(), nodes, mean.seconds, costs, mean.critical_path / mean.total)
+    assert plan.gpus == pytest.approx(256) and place(plan.pools, nodes) is not None
+    grown_nodes = nodes + [Node(cpus=96, gpus=8, node_id="new")]
+    room = free_room(plan.pools, grown_nodes)
+    assert sum(n.gpus for n in room) == 8
+    after = with_added(plan.pools, grow_pools(plan.pools, room, mean.seconds))
+    assert place(after, grown_nodes) is not None
+    assert sum(p.gpus for p in after.values()) == pytest.approx(264)
+    # Nothing more fits: another growth step on the same cluster adds no actor.
+    assert sum(grow_pools(after, free_room(after, grown_nodes), mean.seconds).values()) == 0
+
+
+def test_a_busy_window_over_a_replacement_reads_the_true_busy_fraction():
+    from cosed.distributed.policies import Sample, window_busy
+
+    # Two video actors, each 80 % busy. At t=0 both are sampled; "a" dies at t=40 (its last sample: 32 s busy
+    # of 40) and "a2" replaces it at t=50 (80 % busy for its 50 s); "b" serves the whole 100 s window.
+    start = {"a#1": Sample("video", busy=100.0, alive=200.0), "b#1": Sample("video", busy=160.0, alive=200.0)}
+    latest = {"a#1": Sample("video", busy=132.0, alive=240.0), "b#1": Sample("video", busy=240.0, alive=300.0),
+              "a2#1": Sample("video", busy=40.0, alive=50.0)}
+    assert window_busy(start, latest)["video"] == pytest.approx(0.8)
+    # A restart is a new life of the same actor: its old counters do not turn into a negative delta.
+    latest = {**latest, "b#2": Sample("video", busy=8.0, alive=10.0)}
+    assert window_busy(start, latest)["video"] == pytest.approx((32 + 80 + 40 + 8) / (40 + 100 + 50 + 10))

@@ -1,32 +1,44 @@
-"""Ray actors and tasks: model workers pinned to GPUs, the directory, task drivers, writers.
+"""Ray actors and tasks: model workers pinned to GPUs, task drivers, writers, the GPU probe.
 
-Ownership and restarts (see README "Failure model"): the job process creates
-every model worker (restartable, stateless between calls) and the directory
-(restartable; the job republishes its contents); drivers only sequence a task
-and hand its clip refs to a writer task, which is stateless and retried by Ray.
+Ownership (README "Failure model"): the job process creates every model worker
+and owns every clip call; a driver only sequences one task at a time (its calls
+to the text-to-image and CLIP pools are its own, so its death costs only that
+task) and stores what it chose; a writer assembles a task from storage. No
+result lives only in a process that serves other tasks.
 """
 
 from __future__ import annotations
 
 import os
+import queue
+import subprocess
 import threading
 import time
 import tracemalloc
+import traceback
+import uuid
+from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
 import ray
 
+from cosed import storage
 from cosed.backend import make_backend
+from cosed.calls import EmbedImages, Rendered
 from cosed.config import RunConfig
 from cosed.distributed import telemetry
-from cosed.distributed.dispatch import CallPolicy, Dispatcher, Membership, QueueCounter
-from cosed.distributed.sizing import KINDS
-from cosed.engine import SequenceResult, png_bytes, sequence_task, write_task_outputs
+from cosed.distributed.core import ClipFound, DriverFailed, Sequenced
+from cosed.distributed.dispatch import CallFailed, CallPolicy, Dispatcher, Membership, QueueCounter
+from cosed.engine import assemble_task, sequence_task, stored_sequence
+from cosed.images import png_bytes
+from cosed.lease import LeaseFence
 from cosed.models.profiles import Profile, resolve_profile
+from cosed.parts import TaskParts
+from cosed.storage import StorageUnavailable
 from cosed.storyboard import storyboard_png
 from cosed.tasks import Task
-from cosed.video import concat_mp4, encode_clip
+from cosed.video import concat_mp4, encode_mp4, existing_clip
 
 
 def first_to_create(marker: str | None) -> bool:
@@ -40,76 +52,141 @@ def first_to_create(marker: str | None) -> bool:
     return True
 
 
-class ModelWorker:
-    """One model kind in one actor: loads once, then serves calls; counts its busy time.
+class Batcher:
+    """Concurrent calls of many drivers run as one model call (CLIP embeddings).
 
-    It wraps the same `LocalBackend` methods the in-process path calls, so the
-    numbers cannot drift between the two paths. `info` runs in its own thread
-    (the "control" group), so the job can see a call that hangs.
+    The first caller leads: it waits a moment for others, runs everything pending
+    as one call of ``fn`` and hands each caller its rows, until nothing is pending.
+    ``fn`` must give each row the same bytes whatever shares its call (the CLIP
+    embedder's fixed-size chunks do).
     """
 
-    def __init__(self, kind: str, cfg: RunConfig):
+    def __init__(self, fn, wait_s: float = 0.004):
+        self.fn = fn
+        self.wait_s = wait_s
+        self.lock = threading.Lock()
+        self.pending: list[dict] = []
+        self.leading = False
+        self.batches = 0
+
+    def __call__(self, items: list) -> np.ndarray:
+        slot = {"items": items, "done": threading.Event()}
+        with self.lock:
+            self.pending.append(slot)
+            lead = not self.leading
+            self.leading = self.leading or lead
+        if lead:
+            time.sleep(self.wait_s)
+            while True:
+                with self.lock:
+                    batch, self.pending = self.pending, []
+                    if not batch:
+                        self.leading = False
+                        break
+                self._run(batch)
+        slot["done"].wait()
+        if "error" in slot:
+            raise slot["error"]
+        return slot["result"]
+
+    def _run(self, batch: list[dict]) -> None:
+        self.batches += 1
+        try:
+            rows = self.fn([item for slot in batch for item in slot["items"]])
+        except Exception as exc:  # every caller of this batch sees the error
+            for slot in batch:
+                slot["error"] = exc
+                slot["done"].set()
+            return
+        start = 0
+        for slot in batch:
+            slot["result"] = rows[start:start + len(slot["items"])]
+            start += len(slot["items"])
+            slot["done"].set()
+
+
+class ModelWorker:
+    """One model kind in one actor: loads once, then runs calls (`cosed.calls` requests); counts its work.
+
+    It runs the same `LocalBackend` methods the in-process path calls, so the
+    numbers cannot drift between the two paths. Control methods (claims, queue
+    probes, `info`) run on a thread of their own, so they answer while a call runs.
+    """
+
+    def __init__(self, kind: str, cfg: RunConfig, gpu_shared_by: tuple[str, ...]):
+        if first_to_create(cfg.ray.chaos_start_failure_marker):
+            raise RuntimeError("injected start failure (ray.chaos_start_failure_marker)")
         self.kind = kind
         self.cfg = cfg
         profile = resolve_profile(cfg.profile, cfg.cache_dir)
-        whole_gpu = ray.get_runtime_context().get_assigned_resources().get("GPU", 0) >= 1
-        self.backend = make_backend(profile, cfg, gpu_shared_by=(kind,) if whole_gpu else KINDS)
-        getattr(self.backend, kind)  # load now: a model that cannot load fails the pool's start
+        self.backend = make_backend(profile, cfg, gpu_shared_by=gpu_shared_by)
+        getattr(self.backend, kind)  # load now: a model that cannot load fails this actor's start
         if kind == "clip":
             self.backend.selector  # noqa: B018
-        self.busy = 0.0
+            self.embed_images = Batcher(lambda images: self.backend.embed_images(EmbedImages(tuple(images))))
+        self.busy = 0.0  # seconds during which at least one call ran (calls batched together overlap)
         self.calls = 0
-        self.queue = QueueCounter()
+        self.active = 0
+        self.active_since = 0.0
+        self.counters = threading.Lock()
+        self.queue = QueueCounter(ttl_s=max(600.0, 3 * cfg.ray.call_timeout_floor_s))
+        self.life = uuid.uuid4().hex[:12]
         self.started = time.time()
-        self.running_since: float | None = None
+        self.running: dict[str, float] = {}  # call id -> when it started (a hung call shows here)
 
-    def _timed(self, method: str, *args):
-        self._maybe_stall()
-        start = time.perf_counter()
-        self.running_since = time.time()
+    def run(self, call_id: str, method: str, request):
+        self.queue.start(call_id)
+        self._began(call_id)
         try:
-            return getattr(self.backend, method)(*args)
+            self._maybe_stall()
+            if self.backend.device.type == "cpu":
+                import torch
+
+                torch.set_num_threads(self.cfg.cpu_threads)  # per thread under OpenMP: this call's thread too
+            return self._execute(method, request)
         finally:
-            seconds = time.perf_counter() - start
-            self.running_since = None
-            self.busy += seconds
-            self.calls += 1
+            self._ended(call_id)
             self.queue.finish()
-            telemetry.record("cosed_pool_busy_seconds", seconds, pool=self.kind)
+
+    def _began(self, call_id: str) -> None:
+        with self.counters:
+            if not self.active:
+                self.active_since = time.perf_counter()
+            self.active += 1
+            self.running[call_id] = time.time()
+
+    def _ended(self, call_id: str) -> None:
+        with self.counters:
+            self.active -= 1
+            self.calls += 1
+            self.running.pop(call_id, None)
+            if not self.active:
+                seconds = time.perf_counter() - self.active_since
+                self.busy += seconds
+                telemetry.record("cosed_pool_busy_seconds", seconds, pool=self.kind)
+
+    def _execute(self, method: str, request):
+        if method == "render":
+            rendered: Rendered = self.backend.render_one(request)
+            return (*rendered.images, (rendered.captured, rendered.thumbnails))  # one object per image
+        if method == "embed_images":
+            images = [ray.get(h) if isinstance(h, ray.ObjectRef) else h for h in request.images]
+            return self.embed_images(images) if self.kind == "clip" else self.backend.embed_images(
+                EmbedImages(tuple(images)))
+        return getattr(self.backend, method)(request)
 
     def _maybe_stall(self) -> None:
         """Test-only fault injection (RayConfig.chaos_stall_*): hang once, cluster-wide."""
         if self.cfg.ray.chaos_stall_kind == self.kind and first_to_create(self.cfg.ray.chaos_stall_marker):
-            self.running_since = time.time()
             threading.Event().wait()
 
-    def latent_shape(self, sd):
-        self.queue.finish()
-        return self.backend.latent_shape(sd)
-
-    def render(self, caption, latents, sd, capture_iterations):
-        return self._timed("render_many", caption, [latents], sd, capture_iterations)[0]
-
-    def embed_texts(self, texts):
-        return self._timed("embed_texts", texts)
-
-    def embed_images(self, images):
-        return self._timed("embed_images", images)
-
-    def selector_scores(self, *embeddings):
-        return self._timed("selector_scores", *embeddings)
-
-    def animate(self, image, seed, video, prompt=None):
-        return self._timed("animate", image, seed, video, prompt)
-
-    def animate_clip(self, image, seed, video, prompt=None):
-        """The clip encoded to H.264 at once: raw frames never leave this process."""
-        frames = self.animate(image, seed, video, prompt)
-        return encode_clip(frames, video.fps)
+    @ray.method(concurrency_group="control")
+    def claim(self, call_id: str) -> None:
+        self.queue.claim(call_id)
 
     @ray.method(concurrency_group="control")
-    def claim(self) -> None:
-        self.queue.claim()
+    def release(self, call_id: str) -> None:
+        self.queue.release(call_id)
 
     @ray.method(concurrency_group="control")
     def queued(self) -> int:
@@ -122,35 +199,39 @@ class ModelWorker:
     @ray.method(concurrency_group="control")
     def info(self) -> dict:
         context = ray.get_runtime_context()
-        return {"kind": self.kind, "name": context.get_actor_name(),
+        return {"kind": self.kind, "name": context.get_actor_name(), "life": self.life,
                 "gpu_ids": [str(g) for g in context.get_accelerator_ids().get("GPU", [])],
                 "node_id": context.get_node_id(), "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
                 "busy": self.busy, "calls": self.calls, "alive": time.time() - self.started,
-                "running_for": time.time() - self.running_since if self.running_since else 0.0}
+                "queued": self.queue.queued,
+                "running_for": self._running_for()}
+
+    def _running_for(self) -> float:
+        with self.counters:
+            return time.time() - min(self.running.values(), default=time.time())
+
+
+class BatchingWorker(ModelWorker):
+    """CLIP and the selector: many drivers' calls run at once, so that their embeddings are batched."""
+
+    @ray.method(concurrency_group="batch")
+    def run(self, call_id: str, method: str, request):
+        return super().run(call_id, method, request)
 
 
 RemoteModelWorker = ray.remote(concurrency_groups={"control": 1})(ModelWorker)
+RemoteBatchingWorker = ray.remote(concurrency_groups={"control": 1, "batch": 16})(BatchingWorker)
 
 
-@ray.remote(num_cpus=0, max_restarts=-1)
-class Directory:
-    """Where drivers and writers look up pool members; the job republishes it after a restart."""
-
-    def __init__(self):
-        self.membership: Membership | None = None
-
-    def publish(self, membership: Membership) -> None:
-        self.membership = membership
-
-    def get(self) -> Membership | None:
-        return self.membership
+def remote_worker(kind: str):
+    return RemoteBatchingWorker if kind == "clip" else RemoteModelWorker
 
 
 class RayBackend:
     """The `Backend` the engine sees inside a driver: each call goes through the dispatcher."""
 
     # A latent shape is asked of the SD pool once per run and process, not once per task (the call
-    # waits behind every queued render). Keyed by the run that published the pools and the SD config.
+    # waits behind every queued render). Keyed by the run that made the pools and the SD config.
     _shapes: dict[tuple[str, str], tuple] = {}
 
     def __init__(self, dispatcher: Dispatcher):
@@ -162,57 +243,110 @@ class RayBackend:
             self._shapes[key] = tuple(self.dispatcher.call("sd", "latent_shape", sd))
         return self._shapes[key]
 
-    def render_many(self, caption, latent_batches, sd, capture_iterations):
-        return self.dispatcher.call_many("sd", "render", [(caption, batch, sd, capture_iterations)
-                                                          for batch in latent_batches])
+    def render(self, requests):
+        out = []
+        for image_refs, (captured, thumbnails) in self.dispatcher.call_many(
+                "sd", "render", requests, num_returns=lambda request: request.size + 1):
+            out.append(Rendered(images=list(image_refs), captured=captured, thumbnails=thumbnails))
+        return out
 
-    def embed_texts(self, texts):
-        return self.dispatcher.call("clip", "embed_texts", texts)
+    def embed_texts(self, request):
+        return self.dispatcher.call("clip", "embed_texts", request)
 
-    def embed_images(self, images):
-        return self.dispatcher.call("clip", "embed_images", images)
+    def embed_images(self, request):
+        return self.dispatcher.call("clip", "embed_images", request)
 
-    def selector_scores(self, next_text, next_image, past_text, past_image):
-        return self.dispatcher.call("clip", "selector_scores", next_text, next_image, past_text, past_image)
+    def selector_scores(self, request):
+        return self.dispatcher.call("clip", "selector_scores", request)
 
-    def animate_clip_async(self, image, seed, video, prompt=None):
-        return self.dispatcher.submit("video", "animate_clip", image, seed, video, prompt)[0]
+    def animate(self, request):
+        raise RuntimeError("clip calls are sent by the job, not by drivers")
 
-    def animate(self, image, seed, video, prompt=None):
-        return self.dispatcher.call("video", "animate", image, seed, video, prompt)
+    def fetch(self, handle):
+        return ray.get(handle)
 
 
-@ray.remote(num_cpus=0, max_concurrency=2)
+@dataclass(frozen=True)
+class DriverTask:
+    """What a driver needs for one task attempt."""
+
+    key: tuple[str, int]
+    task: Task
+    captions: list[str]
+    fingerprint: str
+    out: str
+    cfg: RunConfig
+    policy: CallPolicy
+
+
+@ray.remote(num_cpus=0, max_concurrency=4)
 class TaskDriver:
-    """Walks one task's steps in order; sends each chosen scene to the video pool at once.
+    """Walks one task's steps in order; reports each chosen scene to the job as it is chosen.
 
-    It returns as soon as the last scene is chosen, with the clip refs still
-    rendering (in both returns: the job watches them, the writer reads them), so
-    this slot can start the next task.
-    `progress` runs beside `run` and tells the job how many scenes are chosen.
+    `start` begins a task in a thread of its own and returns; the job keeps one
+    `next_events` call waiting, which answers with whatever happened since (a
+    scene's `ClipRequest`, `ClipFound`, and finally `Sequenced` or `DriverFailed`).
+    `update` takes the pools' new members when they change.
     """
 
     def __init__(self):
-        self.scenes = 0
+        self.events: queue.Queue = queue.Queue()
+        self.membership: Membership | None = None
+        self.dispatcher: Dispatcher | None = None
+        self.known = threading.Condition()
 
-    def progress(self) -> int:
-        return self.scenes
+    def update(self, membership: Membership) -> None:
+        with self.known:
+            if self.membership is None or membership.version >= self.membership.version:
+                self.membership = membership
+            if self.dispatcher is not None:
+                self.dispatcher.update(membership)
+            self.known.notify_all()
 
-    def run(self, task: Task, captions: list[str], cfg: RunConfig, membership: Membership, directory,
-            policy: CallPolicy) -> tuple[dict, dict]:
-        self.scenes = 0
-        backend = RayBackend(Dispatcher(membership, policy, directory, seed=hash(task.id) % 997))
-        clips = []
+    def start(self, job: DriverTask) -> None:
+        with self.known:  # calls of a threaded actor may run out of order: the first members may still come
+            if not self.known.wait_for(lambda: self.membership is not None, timeout=job.policy.restart_wait_s):
+                self.events.put(DriverFailed("calls", "the driver was given no pool members"))
+                return
+            self.dispatcher = Dispatcher(self.membership, job.policy, seed=hash(job.task.id) % 997)
+        threading.Thread(target=self._run, args=(job, self.dispatcher), daemon=True).start()
 
-        def stream(step):
-            clips.append(backend.animate_clip_async(step.image, step.video_seed, cfg.video, step.caption))
+    def next_events(self) -> list:
+        events = [self.events.get()]
+        while not self.events.empty():
+            events.append(self.events.get_nowait())
+        return events
 
-        def count(_number):
-            self.scenes += 1
-            telemetry.record("cosed_scenes_done")
+    def _run(self, job: DriverTask, dispatcher: Dispatcher) -> None:
+        storage.configure(job.cfg.storage.retry_seconds)
+        parts = TaskParts.of(job.out, job.task.folder, job.fingerprint)
+        try:
+            stored = stored_sequence(job.task, job.cfg, parts)
+            if stored is not None:  # sequenced before (a retry or a resume): its scenes are stored
+                for request in stored:
+                    self.events.put(ClipFound(request) if existing_clip(request) else request)
+                    telemetry.record("cosed_scenes_done")
+                self.events.put(Sequenced(len(stored), _counts(dispatcher)))
+                return
 
-        result = sequence_task(task, captions, backend, cfg, on_scene=stream, on_step=count)
-        return {"scenes": len(result.steps), "clips": clips}, {"result": result, "clips": clips}
+            def scene(request) -> None:
+                self.events.put(request)
+                telemetry.record("cosed_scenes_done")
+
+            sequence_task(job.task, job.captions, RayBackend(dispatcher), job.cfg, parts, on_scene=scene)
+            self.events.put(Sequenced(len(job.task.steps), _counts(dispatcher)))
+        except StorageUnavailable as exc:
+            self.events.put(DriverFailed("storage", str(exc)))
+        except CallFailed as exc:
+            self.events.put(DriverFailed("calls", str(exc)))
+        except Exception as exc:  # a bad task fails alone
+            self.events.put(DriverFailed("error", f"{type(exc).__name__}: {exc}"))
+            traceback.print_exc()
+
+
+def _counts(dispatcher: Dispatcher) -> tuple[int, int, int, int]:
+    probes = dispatcher.probes
+    return (probes.calls, probes.probes, probes.claims, probes.releases)
 
 
 @lru_cache(maxsize=1)
@@ -221,40 +355,36 @@ def _warm_writer() -> None:
     still = np.zeros((16, 16, 3), np.uint8)
     png_bytes(still)
     storyboard_png("warm", [still], ["warm"], ["fresh"])
-    concat_mp4([encode_clip(np.zeros((2, 16, 16, 3), np.uint8), 7).data])
+    concat_mp4([encode_mp4(np.zeros((2, 16, 16, 3), np.uint8), 7)])
 
 
 @ray.remote(num_cpus=0)
-def warm_writer_process() -> int:
-    """Start (and warm) one worker process for writers before the run, so no task waits for one."""
-    _warm_writer()
-    return os.getpid()
+def write_task(out: str, task: Task, fingerprint: str, profile: Profile, cfg: RunConfig, fence: LeaseFence | None,
+               started_wall: float) -> dict:
+    """Assemble a task from its stored parts and write it, manifest last.
 
-
-@ray.remote(num_cpus=0)
-def write_task(out: str, sequenced: dict, profile: Profile, cfg: RunConfig, membership: Membership, directory,
-               policy: CallPolicy, start: float) -> dict:
-    """Wait for a task's encoded clips (re-animating any that were lost) and write the task.
-
-    Stateless: Ray re-runs it if its process dies; the outputs are the same
-    because every clip is a function of its image and seed.
+    Stateless: Ray runs it again if its process dies; the outputs are the same
+    because every part is stored under the task's fingerprint.
     """
-    result: SequenceResult = sequenced["result"]
-    dispatcher = Dispatcher(membership, policy, directory, seed=hash(result.task.id) % 997)
     _warm_writer()
     tracemalloc.start()  # the peak it reports is the memory bound the README states and a test checks
     try:
-        with result.timer.phase("video"):
-            clips = dispatcher.call_many("video", "animate_clip",
-                                         [(s.image, s.video_seed, cfg.video) for s in result.steps],
-                                         submitted=sequenced["clips"])
-        # Ray's wait machinery allocates a fixed transient buffer (~1 MiB) here, whatever the task;
-        # from now on the peak counts what this task holds: its clips (still traced) and the writing.
-        tracemalloc.reset_peak()
         if first_to_create(cfg.ray.chaos_writer_exit_marker):
             os._exit(1)
-        write_task_outputs(out, result, clips, profile, cfg, {"total": round(time.time() - start, 4)})
+        assemble_task(out, task, fingerprint, profile, cfg, fence,
+                      extra_timings={"total": round(time.time() - started_wall, 4)})
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
-    return {"task_id": result.task.id, "peak_bytes": peak, "clip_bytes": sum(len(c.data) for c in clips)}
+    return {"task_id": task.id, "peak_bytes": peak, "node_id": ray.get_runtime_context().get_node_id()}
+
+
+@ray.remote(num_cpus=0)
+def node_gpu_memory() -> list[float]:
+    """GiB of each GPU on this node (nvidia-smi; nothing on a node without NVIDIA GPUs)."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=20).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [float(line) / 1024 for line in out.split() if line.strip().replace(".", "", 1).isdigit()]

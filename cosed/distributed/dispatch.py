@@ -1,34 +1,37 @@
-"""Send each model call to the live actor of its pool with the least outstanding work.
+"""Model calls from many processes to pools of model actors: power-of-two choices, timeouts, retries.
 
-Like `ray.util.ActorPool`, but load-aware, with a timeout on every wait and
-retries on another actor. A `Dispatcher` lives in one process (a driver, a
-writer, the job) and holds the pool members it was given; it asks the
-`Directory` for fresh members only every ``refresh_s`` seconds or after a
-failure, never once per call. Outstanding work is what the actors themselves
-count (`QueueCounter`: calls claimed by any caller, less those finished), asked
-of the pool's members in parallel when there is a choice: many drivers each
-seeing only their own calls would pile work on some actors while others idle.
-Which actor serves a call never changes its result: every model call is a pure
-function of its arguments.
+A driver's `Dispatcher` sends each call to the less loaded of two members drawn at
+random from the pool, asking just those two for their queues (the actors count
+calls claimed by any caller, so many drivers do not pile work on a few actors).
+Work per call is constant, whatever the pool's size: two probes and one claim.
+Membership comes with the task and is pushed to the driver when it changes: no
+process serves every lookup. Every call carries a claim id; a claim is released
+whenever its call does not run (cancelled, failed to resolve, actor gone) and
+expires if its caller vanished, so queue counts cannot drift. Which actor serves
+a call never changes its result: every model call is a pure function of its
+request (`cosed.calls`).
 """
 
 from __future__ import annotations
 
 import logging
-import math
+import random
+import threading
 import time
+import uuid
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import ray
 
 from cosed.distributed import telemetry
+from cosed.distributed.policies import choose_actor, sample_candidates
 
 log = logging.getLogger("cosed")
 
-# Failures of the serving actor or its node: the call is tried again elsewhere.
-QUEUE_TIMEOUT_S = 1.0  # an actor whose control thread does not answer this fast is left out of the choice
+QUEUE_TIMEOUT_S = 1.0  # a probe unanswered this fast counts the actor as busy, and it is avoided for a while
 
+# Failures of the serving actor or its node, or of the call's delivery: the call is tried again elsewhere.
 RETRYABLE = (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError, ray.exceptions.TaskCancelledError,
              ray.exceptions.ObjectLostError, ray.exceptions.WorkerCrashedError)
 
@@ -44,224 +47,204 @@ class CallPolicy:
     timeout_factor: float = 10.0
     timeout_floor_s: float = 120.0
     attempts: int = 4
-    refresh_s: float = 2.0
-    restart_wait_s: float = 900.0  # how long a call waits for the only actors of a pool to restart
+    restart_wait_s: float = 900.0  # how long a call waits for the only actors of a pool to come back
     expected: dict[str, float] = field(default_factory=dict)
 
     @classmethod
-    def from_config(cls, ray_cfg, expected: dict[str, float] | None = None) -> CallPolicy:
+    def from_config(cls, ray_cfg, expected: dict[str, float] | None = None) -> "CallPolicy":
         return cls(ray_cfg.call_timeout_factor, ray_cfg.call_timeout_floor_s, ray_cfg.call_attempts,
                    restart_wait_s=ray_cfg.start_timeout_s, expected=dict(expected or {}))
 
     def timeout(self, expected_s: float, queued: int = 0) -> float:
-        """How long to wait for a call with ``queued`` calls of ours ahead of it on the same actor."""
+        """How long to wait for a call with ``queued`` calls ahead of it on the same actor."""
         return max(self.timeout_floor_s, self.timeout_factor * expected_s * (1 + queued))
 
 
 class QueueCounter:
-    """An actor's queue as every caller sees it: calls claimed (by any dispatcher, just before
-    sending) less calls finished. Claims run on the actor's control thread, so they count while
-    the model thread is busy. A call cancelled while still queued stays counted until the actor
-    restarts: the actor then looks one call busier than it is, never less busy."""
+    """An actor's queue as every caller sees it: claims (made on the actor's control thread just before a
+    call is sent, so they count while the model thread is busy) plus calls running.
 
-    def __init__(self):
-        self.claimed = 0
-        self.finished = 0
+    A claim ends when its call starts, when its caller releases it (the call was
+    cancelled, its arguments could not be resolved, it timed out while queued), or
+    after ``ttl_s`` (its caller died before either): the count never drifts upward.
+    """
 
-    def claim(self) -> None:
-        self.claimed += 1
+    def __init__(self, ttl_s: float = 3600.0, clock: Callable[[], float] = time.monotonic):
+        self.claims: dict[str, float] = {}
+        self.running = 0
+        self.ttl_s = ttl_s
+        self.clock = clock
+        self.lock = threading.Lock()
+
+    def claim(self, call_id: str) -> None:
+        with self.lock:
+            self.claims[call_id] = self.clock()
+
+    def release(self, call_id: str) -> None:
+        with self.lock:
+            self.claims.pop(call_id, None)
+
+    def start(self, call_id: str) -> None:
+        with self.lock:
+            self.claims.pop(call_id, None)
+            self.running += 1
 
     def finish(self) -> None:
-        self.finished += 1
+        with self.lock:
+            self.running = max(0, self.running - 1)
 
     @property
     def queued(self) -> int:
-        return max(0, self.claimed - self.finished)
+        with self.lock:
+            now = self.clock()
+            for call_id in [c for c, at in self.claims.items() if now - at > self.ttl_s]:
+                del self.claims[call_id]
+            return len(self.claims) + self.running
 
 
 @dataclass
 class Membership:
-    """What the `Directory` publishes: pool members by name, and measured seconds per call."""
+    """The live members of each pool (kind -> {actor name: handle}) and measured seconds per call."""
 
     version: int
-    members: dict[str, dict[str, Any]]  # kind -> {actor name: handle}
+    members: dict[str, dict[str, Any]]
     expected: dict[str, float] = field(default_factory=dict)
-    run_id: str = ""  # the `Pools` that published it: what its models answer holds for that run only
+    run_id: str = ""  # the `Pools` that made it: what its models answer holds for that run only
 
 
 @dataclass
-class _InFlight:
-    kind: str
-    name: str
-    seconds: float  # expected seconds of work
+class Probes:
+    """Dispatch messages sent, for the messages-per-call figures (`cosed plan`, tests)."""
+
+    calls: int = 0
+    probes: int = 0
+    claims: int = 0
+    releases: int = 0
+
+    @property
+    def per_call(self) -> float:
+        return (self.probes + self.claims + self.releases) / self.calls if self.calls else 0.0
 
 
 class Dispatcher:
-    """Least-outstanding-work dispatch over pools of model actors, with timeouts and retries."""
+    """Power-of-two-choices dispatch over pools of model actors, with timeouts and retries."""
 
-    def __init__(self, membership: Membership, policy: CallPolicy, directory=None, seed: int = 0):
+    def __init__(self, membership: Membership, policy: CallPolicy, seed: int = 0):
         self.policy = policy
-        self.directory = directory
         self.membership = membership
         self.expected: dict[str, float] = {**policy.expected, **membership.expected}
-        self.in_flight: dict[Any, _InFlight] = {}
         self.suspect: dict[str, float] = {}  # actor name -> until when it is avoided
-        self.seen_queue: dict[str, int] = {}  # actor name -> its queue when last asked (every caller's calls)
-        self.turn = seed
-        self.refreshed = time.monotonic()
+        self.rng = random.Random(seed)
+        self.updated = threading.Condition()
+        self.probes = Probes()
 
     # -- membership -------------------------------------------------------------------------------
-    def refresh(self, force: bool = False) -> None:
-        """Newer members from the directory; on any trouble keep the ones we have."""
-        if self.directory is None or (not force and time.monotonic() - self.refreshed < self.policy.refresh_s):
-            return
-        self.refreshed = time.monotonic()
-        try:
-            latest = ray.get(self.directory.get.remote(), timeout=10)
-        except Exception as exc:  # a restarting directory must not stop the calls
-            log.info("directory unavailable (%s); keeping %d known actors", type(exc).__name__, self._count())
-            return
-        if latest is not None and latest.version >= self.membership.version:
-            self.membership = latest
-            self.expected.update(latest.expected)
+    def update(self, membership: Membership) -> None:
+        """Newer members, pushed by the job (from another thread of the driver)."""
+        with self.updated:
+            if membership.version >= self.membership.version:
+                self.membership = membership
+                self.expected.update(membership.expected)
+            self.updated.notify_all()
 
-    def _count(self) -> int:
-        return sum(len(m) for m in self.membership.members.values())
+    def forget(self, name: str, seconds: float = 4.0) -> None:
+        """Avoid an actor that failed or did not answer (it may be restarting) for a while."""
+        self.suspect[name] = time.monotonic() + seconds
 
-    def forget(self, name: str, seconds: float | None = None) -> None:
-        """Avoid an actor that failed or timed out (it may be restarting) for a while."""
-        self.suspect[name] = time.monotonic() + (seconds if seconds is not None else self.policy.refresh_s * 2)
+    def _members(self, kind: str) -> dict[str, Any]:
+        """The pool's members; waits for the job to publish some when it has none (all being replaced)."""
+        deadline = time.monotonic() + self.policy.restart_wait_s
+        with self.updated:
+            while not self.membership.members.get(kind):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise CallFailed(f"no {kind} actor in the pool for {self.policy.restart_wait_s:.0f} s")
+                self.updated.wait(min(left, 1.0))
+            return self.membership.members[kind]
 
     # -- choosing ---------------------------------------------------------------------------------
-    def _reap(self) -> None:
-        """Drop calls that have finished from the outstanding work (no data is fetched)."""
-        if not self.in_flight:
-            return
-        refs = list(self.in_flight)
-        done, _ = ray.wait(refs, num_returns=len(refs), timeout=0, fetch_local=False)
-        for ref in done:
-            self.in_flight.pop(ref, None)
-        self._report()
-
-    def _report(self) -> None:
-        for kind in self.membership.members:
-            telemetry.record("cosed_pool_calls_in_flight", sum(1 for c in self.in_flight.values() if c.kind == kind), pool=kind)
-
-    def load(self, kind: str) -> dict[str, float]:
-        """Outstanding expected seconds per member of ``kind`` (from this process's calls)."""
-        loads = {name: 0.0 for name in self.membership.members.get(kind, {})}
-        for call in self.in_flight.values():
-            if call.kind == kind and call.name in loads:
-                loads[call.name] += call.seconds
-        return loads
-
-    def queues(self, kind: str, names: list[str]) -> dict[str, int]:
-        """Calls queued or running at each named actor, from every caller. One that does not answer
-        within ``QUEUE_TIMEOUT_S`` (dead, restarting) is left out and avoided for a while, so later
-        calls do not each wait for it."""
-        members = self.membership.members[kind]
-        refs = {members[name].queued.remote(): name for name in names}
+    def pick(self, kind: str, avoid: set[str] = frozenset()) -> tuple[str, Any, int]:
+        """(name, handle, calls queued there): of two members drawn at random (suspects and ``avoid`` only
+        when nothing else is left), the one with the fewer calls queued, as the actors count them."""
+        members = self._members(kind)
+        names = list(members)
+        now = time.monotonic()
+        candidates = sample_candidates(names, lambda n: n in avoid or self.suspect.get(n, 0) > now, self.rng)
+        if len(candidates) == 1:
+            return candidates[0], members[candidates[0]], 0
+        refs = {members[name].queued.remote(): name for name in candidates}
+        self.probes.probes += len(refs)
         ready, _ = ray.wait(list(refs), num_returns=len(refs), timeout=QUEUE_TIMEOUT_S)
-        answers = {}
+        queued = {}
         for ref in ready:
             try:
-                answers[refs[ref]] = int(ray.get(ref))
+                queued[refs[ref]] = int(ray.get(ref))
             except ray.exceptions.RayError:
                 pass
-        for name in set(names) - set(answers):
+        for name in set(candidates) - set(queued):
             self.forget(name)
-        self.seen_queue.update(answers)
-        return answers
-
-    def pick(self, kind: str, avoid: set[str] = frozenset()) -> str:
-        """The member with the least outstanding work; suspects and ``avoid`` only when nothing else is left."""
-        self.refresh()
-        self._reap()
-        loads = self.load(kind)
-        waited = 0.0
-        while not loads:  # a pool whose actors are all being replaced: wait for the job to publish new ones
-            if waited >= self.policy.timeout_floor_s:
-                raise CallFailed(f"no {kind} actor in the pool for {waited:.0f} s")
-            time.sleep(self.policy.refresh_s)
-            waited += self.policy.refresh_s
-            self.refresh(force=True)
-            loads = self.load(kind)
-        now = time.monotonic()
-        healthy = [n for n in loads if n not in avoid and self.suspect.get(n, 0) <= now]
-        candidates = healthy or [n for n in loads if n not in avoid] or list(loads)
-        if len(candidates) > 1:
-            queued = self.queues(kind, candidates)
-            if queued:  # every caller's work; an actor that did not answer only when none of the others can
-                loads = {n: queued[n] * self.expected_s(kind) if n in queued else math.inf for n in candidates}
-        self.turn += 1
-        # Ties go round-robin from a per-process offset, so drivers do not all start on the same actor.
-        order = {name: (i - self.turn) % len(candidates) for i, name in enumerate(sorted(candidates))}
-        return min(candidates, key=lambda n: (loads[n], order[n]))
+        name = choose_actor(candidates, queued)
+        return name, members[name], queued.get(name, 0)
 
     def expected_s(self, kind: str) -> float:
         return self.expected.get(kind, 1.0)
 
     # -- calling ----------------------------------------------------------------------------------
-    def submit(self, kind: str, method: str, *args, avoid: set[str] = frozenset()):
-        """(ref, actor name): one call on the least-loaded member, not waited for."""
-        name = self.pick(kind, avoid)
-        handle = self.membership.members[kind][name]
-        handle.claim.remote()  # the control thread counts it before the call queues behind others
-        ref = getattr(handle, method).remote(*args)
-        self.in_flight[ref] = _InFlight(kind, name, self.expected_s(kind))
-        return ref, name
+    def submit(self, kind: str, method: str, request, num_returns: int = 1, avoid: set[str] = frozenset()):
+        """(refs, actor name, handle, call id, calls queued ahead): one call on the chosen member, not waited for."""
+        name, handle, queued = self.pick(kind, avoid)
+        call_id = uuid.uuid4().hex
+        handle.claim.remote(call_id)  # counted on the control thread before the call queues behind others
+        self.probes.claims += 1
+        self.probes.calls += 1
+        refs = handle.run.options(num_returns=num_returns).remote(call_id, method, request)
+        return (refs if num_returns > 1 else [refs]), name, handle, call_id, queued
 
-    def _queued(self, name: str) -> int:
-        """Calls ahead of our latest one on ``name``: ours, or every caller's when the actor told us more."""
-        ours = sum(1 for call in self.in_flight.values() if call.name == name) - 1
-        return max(ours, self.seen_queue.get(name, 0))
+    def call(self, kind: str, method: str, request, num_returns: int = 1):
+        return self.call_many(kind, method, [request], lambda _: num_returns)[0]
 
-    def call(self, kind: str, method: str, *args):
-        return self.call_many(kind, method, [args])[0]
-
-    def call_many(self, kind: str, method: str, arg_lists: list[tuple], submitted: list | None = None) -> list:
-        """Results of ``method(*args)`` for each entry, each retried on another actor on failure
-        (for at least ``attempts`` tries and ``timeout_floor_s`` seconds).
-
-        ``submitted`` may hold refs already sent (by this or another process) for some entries;
-        a failed one is sent again here. A wait ends after the policy's timeout: the call is then
-        cancelled (if still queued) and sent elsewhere.
+    def call_many(self, kind: str, method: str, requests: list, num_returns: Callable[[Any], int] = lambda _: 1,
+                  ) -> list:
+        """The results of ``method`` for each request (a list of refs where a request has several returns),
+        each retried on another actor on failure (for at least ``attempts`` tries and the timeout floor).
+        A wait ends after the policy's timeout: the call is then cancelled (if still queued) and sent elsewhere.
         """
-        results: list = [None] * len(arg_lists)
-        failures: list[list[str]] = [[] for _ in arg_lists]
-        pending: dict = {}  # ref -> (index, actor name or None, deadline)
+        results: list = [None] * len(requests)
+        failures: list[list[str]] = [[] for _ in requests]
         first_failure: dict[int, float] = {}
+        pending: dict = {}  # last ref of a call -> (index, refs, actor, call id, handle, sent, deadline)
 
         def send(index: int) -> None:
-            ref, name = self.submit(kind, method, *arg_lists[index], avoid=set(failures[index]))
-            pending[ref] = (index, name, time.monotonic() + self.policy.timeout(self.expected_s(kind),
-                                                                               self._queued(name)))
+            refs, name, handle, call_id, queued = self.submit(kind, method, requests[index],
+                                                              num_returns(requests[index]), avoid=set(failures[index]))
+            sent = time.monotonic()
+            deadline = sent + self.policy.timeout(self.expected_s(kind), queued)
+            pending[refs[-1]] = (index, refs, name, call_id, handle, sent, deadline)
+            telemetry.record("cosed_pool_calls_in_flight", len(pending), pool=kind)
 
-        for index in range(len(arg_lists)):
-            ref = (submitted or [None] * len(arg_lists))[index]
-            if ref is None:
-                send(index)
-            else:
-                pending[ref] = (index, None, time.monotonic() + self.policy.timeout(self.expected_s(kind),
-                                                                                   len(arg_lists)))
+        for index in range(len(requests)):
+            send(index)
         while pending:
-            next_deadline = min(deadline for _, _, deadline in pending.values())
+            next_deadline = min(entry[-1] for entry in pending.values())
             ready, _ = ray.wait(list(pending), num_returns=1, timeout=max(0.0, next_deadline - time.monotonic()))
-            expired = [ref for ref, (_, _, deadline) in pending.items() if deadline <= time.monotonic()
-                       and ref not in ready]
+            now = time.monotonic()
+            expired = [ref for ref, entry in pending.items() if entry[-1] <= now and ref not in ready]
             for ref in ready + expired:
-                index, name, _ = pending.pop(ref)
-                self.in_flight.pop(ref, None)
+                index, refs, name, call_id, handle, sent, _ = pending.pop(ref)
                 try:
                     if ref in expired:
                         _cancel(ref)
                         raise ray.exceptions.GetTimeoutError(f"{kind}.{method} did not answer in time")
-                    results[index] = ray.get(ref)
+                    value = ray.get(ref)
+                    results[index] = value if len(refs) == 1 else (refs[:-1], value)
+                    telemetry.record("cosed_pool_call_seconds", time.monotonic() - sent, pool=kind)
                 except RETRYABLE as exc:
-                    failures[index].append(name or "?")
+                    if not isinstance(exc, ray.exceptions.RayActorError):
+                        handle.release.remote(call_id)  # it never ran there (cancelled or never delivered)
+                        self.probes.releases += 1
+                    failures[index].append(name)
                     first_failure.setdefault(index, time.monotonic())
-                    if name:
-                        self.forget(name)
+                    self.forget(name)
                     # Give up after ``attempts`` failures, but never before the floor has passed, nor while
                     # the actor is only restarting (reloading models can take minutes): a pool of one actor
                     # that is restarting must not fail the task.
@@ -274,9 +257,10 @@ class Dispatcher:
                                          f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from exc
                     log.warning("%s.%s on %s failed (%s); retrying on another actor", kind, method, name,
                                 type(exc).__name__)
+                    telemetry.record("cosed_call_retries", 1, pool=kind)
                     time.sleep(min(0.2 * 2 ** len(failures[index]), 5.0))
-                    self.refresh(force=True)
                     send(index)
+        telemetry.record("cosed_pool_calls_in_flight", 0, pool=kind)
         return results
 
 

@@ -1,34 +1,47 @@
-"""Run a batch of tasks on a Ray cluster: drivers, writers, retries, deadlines, progress, summary.
+"""Run a batch of tasks on a Ray cluster: the thin shell around `JobCore`.
 
-A task goes: queue -> a driver (sequencing; the slot is held only while it
-chooses scenes) -> rendering (its clips are made; only the job watches them, no
-process is held) -> a writer task (writes, manifest last) -> done. A task is
-retried from the start only when its driver or writer process died or its
-deadline passed; a failed model call is retried on another actor inside the
-driver/writer (`dispatch.Dispatcher`).
+The shell turns Ray into events for the core (a driver's scenes, a clip call's
+answer, a writer's end, a tick) and the core's actions into Ray calls. Every
+remote answer arrives through a callback on its object reference, so the loop
+handles one event at a time and never scans what is in flight; it never waits
+on one slow thing either (pool checks do not block, failure records are written
+by a thread of their own). Storage gone past its budget, or the output lease
+lost, stops the run: no task starts after that, and the run ends with the
+documented error (exit 1) once its drivers are stopped.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import queue
 import time
-from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from cosed import storage
 from cosed.config import RunConfig
 from cosed.distributed import telemetry
-from cosed.distributed.actors import RayBackend, TaskDriver, warm_writer_process, write_task
-from cosed.distributed.dispatch import CallFailed, CallPolicy, Dispatcher
-from cosed.distributed.pools import Pools, pool_totals
-from cosed.distributed.costs import CostModel, TaskWork, batch_work, flow_order
-from cosed.models.profiles import ModelUnavailable, Profile
-from cosed.rewrite import Rewriter, make_rewriter
-from cosed.runner import RunSummary, failure, finish_run, prepare_run, profile_cache, record_failure
-from cosed.tasks import Task, TaskError
+from cosed.distributed.actors import DriverTask, RayBackend, TaskDriver, node_gpu_memory, write_task
+from cosed.distributed.core import (CancelClip, CancelWriter, CorePolicy, DriverFailed, JobCore,
+                                    RecordFailure, ReplaceDriver, Retrying, SendCaptions, SendClip, Sequenced,
+                                    StartTask, StartWriter, Stop)
+from cosed.distributed.costs import CostModel, batch_work, flow_order
+from cosed.distributed.dispatch import RETRYABLE, CallPolicy, Dispatcher
+from cosed.distributed.policies import admission, writer_node
+from cosed.distributed.pools import AutoscaleRequest, Pools, busy_fractions, head_node_id, nodes_now
+from cosed.distributed.sizing import expected_gpus, wait_for_gpus, wanted_gpus
+from cosed.lease import LeaseLost, OutputLease
+from cosed.models.profiles import KINDS, ModelUnavailable
+from cosed.rewrite import make_rewriter
+from cosed.runner import (RunSummary, finish_run, prepare_run, profile_cache, resolve_run, with_memory_plan,
+                          write_failure)
+from cosed.storage import StorageUnavailable
+from cosed.tasks import TaskError
 
 log = logging.getLogger("cosed")
 PROGRESS_SECONDS = 1.0
@@ -42,16 +55,19 @@ def connect(address: str | None = None) -> None:
     ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True)
 
 
-def start_pools(cfg: RunConfig, costs: CostModel | None = None, expected: TaskWork | None = None) -> Pools:
-    pools = Pools(cfg, costs, expected)
+def start_pools(cfg: RunConfig, costs: CostModel | None = None, expected=None, nodes=None) -> Pools:
+    try:
+        pools = Pools(cfg, costs, expected, nodes)
+    except ValueError as exc:
+        raise ModelUnavailable(f"no pool plan for this cluster: {exc}") from exc
     try:
         pools.start()
     except (ray.exceptions.RayError, TimeoutError) as exc:
         pools.shutdown()
-        cause = exc
-        while getattr(cause, "cause", None) is not None and cause.cause is not cause:
-            cause = cause.cause
-        raise ModelUnavailable(f"model actors could not start: {cause}") from exc
+        raise ModelUnavailable(f"model actors could not start: {exc}") from exc
+    except BaseException:
+        pools.shutdown()
+        raise
     return pools
 
 
@@ -61,284 +77,399 @@ def pooled_backend(cfg: RunConfig, address: str | None = None):
     connect(address)
     pools = start_pools(cfg)
     try:
-        yield RayBackend(Dispatcher(pools.membership(), CallPolicy.from_config(cfg.ray), pools.directory))
+        yield RayBackend(Dispatcher(pools.membership(), CallPolicy.from_config(cfg.ray)))
     finally:
         pools.shutdown()
 
 
-def busy_fractions(stats: list[dict]) -> dict[str, float]:
-    """Per pool: busy seconds over alive seconds, summed over its actors."""
-    return {kind: round(busy / alive, 3) if alive else 0.0
-            for kind, (busy, alive) in pool_totals(stats, "busy", "alive").items()}
+def smallest_gpu_gib(cfg: RunConfig) -> float | None:
+    """The smallest GPU the pools may run on: ``ray.gpu_memory_gib``, else the smallest now in the cluster
+    (nvidia-smi on each GPU node; None where no GPU answers, as on logical GPUs)."""
+    if cfg.ray.gpu_memory_gib != "auto":
+        return float(cfg.ray.gpu_memory_gib)
+    probes = [node_gpu_memory.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n.node_id, soft=False))
+              .remote() for n in nodes_now() if n.gpus > 0]
+    if not probes:
+        return None
+    ready, _ = ray.wait(probes, num_returns=len(probes), timeout=60)
+    sizes = [size for ref in ready for size in _quiet_get(ref, [])]
+    return min(sizes) if sizes else None
 
 
-@dataclass
-class Job:
-    """What every driver of one run shares."""
-
-    out: str
-    profile: Profile
-    cfg: RunConfig
-    pools: Pools
-    rewriter: Rewriter
-    summary: RunSummary
-    progress: bool
-    total_scenes: int = 0
-    writes: list[dict] = field(default_factory=list)
+def memory_shares(gpus: float, costs: CostModel) -> dict[str, tuple[str, ...]]:
+    """The models that may share each pool's GPUs: a guest (CLIP) with any host; everything when there are
+    fewer GPUs than whole-GPU pools."""
+    whole = [k for k in KINDS if costs.whole_gpu.get(k, True)]
+    if gpus < len(whole):
+        return dict.fromkeys(KINDS, tuple(KINDS))
+    guests = tuple(k for k in KINDS if k not in whole)
+    return {kind: (kind, *guests) if kind in whole else (kind,) for kind in KINDS}
 
 
-@dataclass
-class Attempt:
-    task: Task
-    number: int
-    started: float  # monotonic
-    started_wall: float
-    driver: object = None
-
-
-@dataclass(eq=False)
-class Rendering:
-    """A sequenced task whose clips are still being made; its writer starts when they are done.
-
-    A writer started earlier would hold a worker process (and its memory) while it
-    waits: with many tasks in flight, those idle processes were most of a node's RAM.
-    Past ``overdue`` the writer starts anyway and its dispatcher retries what is late.
-    """
-
-    attempt: Attempt
-    payload: object
-    pending: list
-    overdue: float  # monotonic
+def _quiet_get(ref, default):
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayError:
+        return default
 
 
 def run_on_ray(tasks_uri: str, out: str, cfg: RunConfig, *, overwrite: bool = False, progress: bool = True,
-               address: str | None = None) -> RunSummary:
+               address: str | None = None, lease: OutputLease | None = None) -> RunSummary:
     start = time.perf_counter()
-    profile, cfg, summary, todo = prepare_run(tasks_uri, out, cfg, overwrite)
+    profile, cfg = resolve_run(cfg)
+    summary = None
+    stopped: BaseException | None = None
+    autoscale = AutoscaleRequest()
     try:
+        connect(address)
+        costs = CostModel.from_dict(profile.costs, cfg.ray.costs)
+        cfg = with_memory_plan(cfg, profile, smallest_gpu_gib(cfg),
+                               memory_shares(sum(n.gpus for n in nodes_now()), costs))
+        profile, cfg, summary, todo = prepare_run(tasks_uri, out, cfg, overwrite, profile)
         if todo:
-            connect(address)
-            costs = CostModel.from_dict(profile.costs, cfg.ray.costs)
-            pools = start_pools(cfg, costs, batch_work((len(t.steps) for t in todo), cfg, costs))
+            work = batch_work((len(t.steps) for t in todo), cfg, costs)
+            max_gpus = float(cfg.ray.autoscale_max_gpus)
+            wanted = wanted_gpus(max_gpus, work.total, work.critical_path / work.tasks, len(todo))
+            autoscale.ask(wanted)
+            nodes = wait_for_gpus(nodes_now, max(expected_gpus(cfg.ray, costs), wanted), cfg.ray.gpu_wait_s,
+                                  strict=cfg.ray.min_gpus > 0, log=lambda line: print(f"[cosed] {line}", flush=True))
+            pools = start_pools(cfg, costs, work, nodes)
             try:
-                plan = pools.cluster_plan
                 rewriter = make_rewriter(cfg.rewriter, model=cfg.rewriter_model, cache_dir=profile_cache(cfg))
-                job = Job(out, profile, cfg, pools, rewriter, summary, progress,
-                          total_scenes=sum(len(t.steps) for t in todo))
                 if progress:
-                    print(f"[cosed] {plan.describe()}", flush=True)
-                drive(job, todo, plan.drivers)
+                    print(f"[cosed] {pools.cluster_plan.describe()}", flush=True)
+                job = RayJob(out, profile, cfg, pools, summary, todo, rewriter, lease, progress, autoscale, work)
+                try:
+                    job.run()
+                finally:
+                    stopped = job.stopped
+                    job.shutdown()
                 summary.actors = pools.stats()
                 busy = busy_fractions(summary.actors)
-                summary.extra = {"plan": plan.to_dict(), "pools": pools.describe(), "busy_fraction": busy,
-                                 "bottleneck": max(busy, key=busy.get) if busy else None,
-                                 "moves": pools.moves, "hung_calls_restarted": pools.hung_kills,
-                                 "writer_peak_bytes": max((w["peak_bytes"] for w in job.writes), default=0)}
+                summary.extra = {"plan": pools.cluster_plan.to_dict(), "pools": pools.describe(),
+                                 "busy_fraction": busy, "bottleneck": max(busy, key=busy.get) if busy else None,
+                                 "moves": pools.moves, "hung_calls_restarted": pools.hung_kills, **job.report()}
             finally:
                 pools.shutdown()
     finally:
-        summary.seconds = time.perf_counter() - start
-        finish_run(out, summary)
+        autoscale.clear()
+        if summary is not None:
+            summary.seconds = time.perf_counter() - start
+            # With the storage gone, the records cannot wait for it as long as a task's writes would.
+            with storage.budget(10.0 if isinstance(stopped, StorageUnavailable) else cfg.storage.retry_seconds):
+                finish_run(out, summary)
+    if stopped is not None:
+        stopped.summary = summary  # for callers and tests: what the run did before it stopped
+        raise stopped
     return summary
 
 
-AFTER_SEQUENCING = 2  # tasks past their driver (clips rendering, writing) may number this many times the drivers
+@dataclass
+class Trace:
+    """When tasks started and when the run stopped (monotonic), for the summary and the tests."""
+
+    started: list[tuple[float, str]] = field(default_factory=list)
+    stopped_at: float | None = None
 
 
-def drive(job: Job, todo: list[Task], limit: int) -> None:
-    """Keep at most ``limit`` tasks sequencing and ``AFTER_SEQUENCING * limit`` waiting for their clips or
-    writing (a bound on what a run holds; room to spare, so that a burst of clips does not stop the
-    drivers); retry, time out, report."""
-    cfg = job.cfg
-    order = flow_order(todo, cfg, job.pools.costs, job.pools.cluster_plan.capacity())
-    queue = deque(Attempt(task, 0, 0.0, 0.0) for task in order)
-    idle = start_drivers(min(limit, len(todo)), job.cfg.ray.start_timeout_s)
-    job.pools.begin()
-    sequencing: dict = {}  # status ref -> (Attempt, payload ref)
-    rendering: list[Rendering] = []
-    writing: dict = {}  # write ref -> Attempt
-    last_tick = last_progress = time.monotonic()
-    shown = -1
-    try:
-        while queue or sequencing or rendering or writing:
-            while queue and idle and len(rendering) + len(writing) < AFTER_SEQUENCING * limit:
-                attempt = queue.popleft()
-                attempt.driver, attempt.started, attempt.started_wall = idle.pop(), time.monotonic(), time.time()
-                status, payload = attempt.driver.run.options(num_returns=2).remote(
-                    attempt.task, job.rewriter.captions(attempt.task), cfg, job.pools.membership(),
-                    job.pools.directory, policy(job))
-                sequencing[status] = (attempt, payload)
-            telemetry.record("cosed_tasks", len(queue), state="queued")
-            clips = [ref for item in rendering for ref in item.pending]
-            ready, _ = ray.wait(list(sequencing) + list(writing) + clips, num_returns=1, timeout=PROGRESS_SECONDS,
-                                fetch_local=False)
-            for ref in ready:
-                if ref in sequencing:
-                    attempt, payload = sequencing.pop(ref)
-                    settle_sequencing(job, ref, payload, attempt, queue, idle, rendering)
-                elif ref in writing:
-                    settle_writing(job, ref, writing.pop(ref), queue)
-            start_writers(job, rendering, writing)
-            enforce_deadlines(job, queue, idle, sequencing, rendering, writing)
+class RayJob:
+    """One run's drivers, clip calls, writers and events around a `JobCore`."""
+
+    def __init__(self, out, profile, cfg: RunConfig, pools: Pools, summary: RunSummary, todo, rewriter,
+                 lease: OutputLease | None, progress: bool, autoscale: AutoscaleRequest, work):
+        self.out, self.profile, self.cfg, self.pools, self.summary = out, profile, cfg, pools, summary
+        self.lease, self.progress, self.autoscale, self.work = lease, progress, autoscale, work
+        plan = pools.cluster_plan
+        drivers = max(1, min(plan.drivers, len(todo)))
+        order = flow_order(todo, cfg, pools.costs, plan.capacity())
+        tasks = [(t, summary.fingerprints[t.id], None if cfg.rewriter == "lm" else rewriter.captions(t)) for t in order]
+        self.nodes = [n.node_id for n in nodes_now()]
+        self.head = head_node_id()
+        writers = None if cfg.ray.writers == "auto" else int(cfg.ray.writers)
+        expected = pools.call_seconds()
+        self.core = JobCore(tasks, drivers, admission(drivers, writers, max(1, len(self.nodes) - 1)), CorePolicy(
+            task_retries=cfg.ray.task_retries, task_deadline_s=cfg.ray.task_deadline_s,
+            call_attempts=cfg.ray.call_attempts, call_patience_s=cfg.ray.call_timeout_floor_s,
+            timeout_floor_s=cfg.ray.call_timeout_floor_s, timeout_factor=cfg.ray.call_timeout_factor,
+            clip_seconds=expected.get("video", 1.0)), seed=hash(out) % 997)
+        self.events: queue.SimpleQueue = queue.SimpleQueue()
+        self.drivers: dict[int, object] = {}
+        self.driver_nodes: dict[int, str | None] = {}
+        self.clip_refs: dict[int, object] = {}
+        self.writer_refs: dict[tuple, tuple[object, str | None]] = {}
+        self.writes: list[dict] = []
+        self.recorder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cosed-errors")
+        self.trace = Trace()
+        self.stopped: BaseException | None = None
+        self.membership_ref = None
+        self.total_scenes = sum(len(t.steps) for t in todo)
+        self.probes = [0, 0, 0, 0]
+        self.started = time.monotonic()
+        self.latency: dict[str, float] = {}
+        for driver in range(drivers):
+            self._new_driver(driver)
+
+    # -- the loop ----------------------------------------------------------------------------------------
+    def run(self) -> None:
+        now = time.monotonic()
+        self._push_membership(now)
+        self._execute(self.core.start(now))
+        last_tick = last_progress = now
+        shown = None
+        while not self.core.finished and self.stopped is None:
             now = time.monotonic()
-            if now - last_tick >= cfg.ray.rescale_seconds:
-                job.pools.tick()
+            wake = min(last_tick + self.cfg.ray.rescale_seconds, last_progress + PROGRESS_SECONDS,
+                       self.core.next_timer() or now + PROGRESS_SECONDS)
+            try:
+                event = self.events.get(timeout=max(0.0, wake - now))
+            except queue.Empty:
+                event = None
+            while event is not None and self.stopped is None:
+                self._execute(self._handle(event, time.monotonic()))
+                try:
+                    event = self.events.get_nowait()
+                except queue.Empty:
+                    event = None
+            now = time.monotonic()
+            self._execute(self.core.on_tick(now))
+            if self.lease is not None and self.stopped is None:
+                try:
+                    self.lease.check()
+                except LeaseLost as exc:
+                    self._execute([Stop(exc)])
+            if now - last_tick >= self.cfg.ray.rescale_seconds:
+                if self.pools.tick():
+                    self._push_membership(now)
+                self._autoscale()
                 last_tick = now
-            if job.progress and now - last_progress >= PROGRESS_SECONDS:
-                shown = report(job, sequencing, rendering, writing, shown)
+            if now - last_progress >= PROGRESS_SECONDS:
+                shown = self._report(shown)
                 last_progress = now
-        if job.progress:
-            report(job, sequencing, rendering, writing, shown)
-    finally:
-        for driver in idle + [attempt.driver for attempt, _ in sequencing.values()]:
-            ray.kill(driver)
-        for ref in writing:
-            ray.cancel(ref, force=True)
+        if self.progress:
+            self._report(shown)
+
+    def _handle(self, event, now: float) -> list:
+        kind, key, future = event
+        if kind == "driver":
+            driver, task_key = key
+            try:
+                events = future.result()
+            except ray.exceptions.RayError as exc:
+                return self.core.on_driver_lost(driver, task_key, f"driver lost ({type(exc).__name__})", now)
+            for item in events:
+                if isinstance(item, Sequenced):
+                    self.probes = [a + b for a, b in zip(self.probes, item.probes)]
+            if not any(isinstance(e, (Sequenced, DriverFailed)) for e in events):
+                self._poll(driver, task_key)
+            return self.core.on_driver_events(driver, task_key, events, now)
+        if kind == "clip":
+            self.clip_refs.pop(key, None)
+            try:
+                return self.core.on_clip_result(key, future.result(), None, "", now)
+            except BaseException as exc:  # noqa: BLE001  (classified below)
+                error, message = _classify(exc)
+                if error == "retry":
+                    telemetry.record("cosed_call_retries", 1, pool="video")
+                return self.core.on_clip_result(key, None, error, message, now)
+        if kind == "writer":
+            _, node = self.writer_refs.pop(key, (None, None))
+            try:
+                written = future.result()
+            except BaseException as exc:  # noqa: BLE001
+                error, message = _classify(exc, writer=True)
+                return self.core.on_writer_result(key, error, message, now)
+            self.writes.append(written)
+            actions = self.core.on_writer_result(key, None, "", now)
+            run = self.core.tasks[key[0]]
+            self.summary.done.append(key[0])
+            self.summary.scenes += len(run.task.steps)
+            telemetry.record("cosed_tasks_finished", 1, outcome="done")
+            telemetry.record("cosed_task_latency_s", now - run.started)
+            return actions
+        if kind == "captions":
+            try:
+                result = future.result()
+            except BaseException as exc:  # noqa: BLE001
+                error, message = _classify(exc)
+                return self.core.on_captions(key, None, error, message, now)
+            return self.core.on_captions(key, list(result.captions), None, "", now)
+        raise ValueError(f"unknown event {kind!r}")
+
+    # -- actions -----------------------------------------------------------------------------------------
+    def _execute(self, actions: list) -> None:
+        for action in actions:
+            if isinstance(action, StartTask):
+                self.trace.started.append((time.monotonic(), action.task.id))
+                policy = CallPolicy.from_config(self.cfg.ray, self.pools.expected())
+                job = DriverTask(action.key, action.task, action.captions, action.fingerprint, self.out, self.cfg,
+                                 policy)
+                self.drivers[action.driver].start.remote(job)
+                self._poll(action.driver, action.key)
+            elif isinstance(action, SendClip):
+                handle = self.pools.handle(action.actor)
+                if handle is None:  # it left the pool a moment ago: answer for it
+                    self.events.put(("clip", action.call, _failed(ray.exceptions.ActorDiedError())))
+                    continue
+                ref = handle.run.remote(f"clip-{action.call}", "animate", action.request)
+                self.clip_refs[action.call] = ref
+                self._watch("clip", action.call, ref)
+            elif isinstance(action, CancelClip):
+                ref = self.clip_refs.pop(action.call, None)
+                if ref is not None:
+                    _cancel(ref)
+            elif isinstance(action, StartWriter):
+                self._start_writer(action)
+            elif isinstance(action, CancelWriter):
+                ref, _ = self.writer_refs.pop(action.key, (None, None))
+                if ref is not None:
+                    _cancel(ref, force=True)
+            elif isinstance(action, ReplaceDriver):
+                try:
+                    ray.kill(self.drivers[action.driver])
+                except Exception:
+                    pass
+                self._new_driver(action.driver)
+            elif isinstance(action, SendCaptions):
+                handle = self.pools.handle(action.actor)
+                if handle is None:
+                    self.events.put(("captions", action.batch, _failed(ray.exceptions.ActorDiedError())))
+                    continue
+                self._watch("captions", action.batch, handle.run.remote(f"caption-{action.batch}", "caption",
+                                                                         _caption_request(action.pairs)))
+            elif isinstance(action, RecordFailure):
+                error = TaskError(source="generation", task_id=action.task_id, reason=action.reason)
+                self.summary.failed.append(error)
+                telemetry.record("cosed_tasks_finished", 1, outcome="failed")
+                self.recorder.submit(write_failure, self.out, self.summary.run_id, error)
+            elif isinstance(action, Retrying):
+                log.warning("task %s: %s; retrying (attempt %d)", action.task_id, action.reason, action.attempt)
+                telemetry.record("cosed_task_retries", 1)
+            elif isinstance(action, Stop):
+                if self.stopped is None:
+                    self.stopped = action.reason
+                    self.trace.stopped_at = time.monotonic()
+                    log.error("stopping the run: %s", action.reason)
+
+    def _watch(self, kind: str, key, ref) -> None:
+        ref.future().add_done_callback(lambda future: self.events.put((kind, key, future)))
+
+    def _poll(self, driver: int, key) -> None:
+        self._watch("driver", (driver, key), self.drivers[driver].next_events.remote())
+
+    def _spread(self, counts: dict[str, int]) -> str | None:
+        return writer_node(self.nodes, self.head, counts, self.cfg.ray.writer_nodes)
+
+    def _new_driver(self, driver: int) -> None:
+        counts: dict[str, int] = {}
+        for node in self.driver_nodes.values():
+            counts[node] = counts.get(node, 0) + 1
+        node = self._spread(counts)
+        options = {"scheduling_strategy": NodeAffinitySchedulingStrategy(node, soft=True)} if node else {}
+        self.drivers[driver] = TaskDriver.options(**options).remote()
+        self.driver_nodes[driver] = node
+        if self.membership_ref is not None:
+            self.drivers[driver].update.remote(self.membership_ref)
+
+    def _start_writer(self, action: StartWriter) -> None:
+        counts: dict[str, int] = {}
+        for _, node in self.writer_refs.values():
+            counts[node] = counts.get(node, 0) + 1
+        node = self._spread(counts)
+        options = {"scheduling_strategy": NodeAffinitySchedulingStrategy(node, soft=True)} if node else {}
+        started_wall = time.time() - (time.monotonic() - action.started)
+        ref = write_task.options(max_retries=self.cfg.ray.task_retries + 1, retry_exceptions=False, **options).remote(
+            self.out, action.task, action.fingerprint, self.profile, self.cfg,
+            self.lease.fence if self.lease else None, started_wall)
+        self.writer_refs[action.key] = (ref, node)
+        self._watch("writer", action.key, ref)
+
+    def _push_membership(self, now: float) -> None:
+        """New members to every driver (one object, put once) and to the core (the pools the job calls)."""
+        membership = self.pools.membership()
+        self.membership_ref = ray.put(membership)
+        for handle in self.drivers.values():
+            handle.update.remote(self.membership_ref)
+        for kind in ("video", "caption"):
+            if kind in self.pools.plan:
+                self._execute(self.core.on_members(kind, list(membership.members.get(kind, {})), now))
+
+    def _autoscale(self) -> None:
+        left = len(self.core.tasks) - self.core.counts["done"] - self.core.counts["failed"]
+        if self.autoscale.gpus and left:
+            share = left / max(1, len(self.core.tasks))
+            self.autoscale.ask(wanted_gpus(float(self.cfg.ray.autoscale_max_gpus), self.work.total * share,
+                                           self.work.critical_path / self.work.tasks, left))
+
+    # -- the end -----------------------------------------------------------------------------------------
+    def shutdown(self) -> None:
+        """Stop drivers, clip calls and writers still running (a stopped run); wait for failure records."""
+        for handle in self.drivers.values():
+            try:
+                ray.kill(handle)
+            except Exception:
+                pass
+        for ref in self.clip_refs.values():
+            _cancel(ref)
+        for ref, _ in self.writer_refs.values():
+            _cancel(ref, force=True)
+        self.recorder.shutdown(wait=True)
+
+    def report(self) -> dict:
+        calls, probes, claims, releases = self.probes
+        nodes = {w.get("node_id") for w in self.writes}
+        return {"writer_peak_bytes": max((w["peak_bytes"] for w in self.writes), default=0),
+                "writer_nodes": sorted(n for n in nodes if n),
+                "dispatch_messages_per_call": round((probes + claims + releases) / calls, 3) if calls else 0.0,
+                "job_events": self.core.events,
+                "trace": {"started": [(round(t - self.started, 3), task) for t, task in self.trace.started],
+                          "stopped_at": None if self.trace.stopped_at is None
+                          else round(self.trace.stopped_at - self.started, 3)}}
+
+    def _report(self, shown):
+        core = self.core
+        for state, count in core.counts.items():
+            telemetry.record("cosed_tasks", count, state=state)
+        key = (core.scenes_chosen, core.counts["done"], core.counts["failed"])
+        if self.progress and key != shown:
+            after = core.past_sequencing
+            print(f"[cosed] {core.scenes_chosen}/{self.total_scenes} scenes chosen, "
+                  f"{core.scenes_written} written; tasks: {core.counts['done']} done, {core.counts['failed']} failed, "
+                  f"{after} rendering or writing", flush=True)
+        return key
 
 
-WARM_WRITERS = 4  # writers mostly wait briefly for their last clip: a few processes cover the usual overlap
+def _classify(exc: BaseException, writer: bool = False) -> tuple[str, str]:
+    """(kind, message) of a remote failure: retry (the actor, its node or the call's delivery failed), lost
+    (a writer's process kept dying), storage, lease, or fatal (the call itself failed)."""
+    cause = exc.cause if isinstance(exc, ray.exceptions.RayTaskError) and exc.cause is not None else exc
+    message = f"{type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}"
+    if isinstance(cause, StorageUnavailable):
+        return "storage", str(cause)
+    if isinstance(cause, LeaseLost):
+        return "lease", str(cause)
+    if isinstance(exc, RETRYABLE) or isinstance(exc, ray.exceptions.RayError) and \
+            not isinstance(exc, ray.exceptions.RayTaskError):
+        return ("lost" if writer else "retry"), message
+    return "fatal", message
 
 
-def start_drivers(count: int, timeout_s: float) -> list:
-    """``count`` drivers and a few warm writer processes, up before the first task starts: a process
-    start (imports, codecs) takes seconds, which no task should wait for in the middle of the run."""
-    drivers = [TaskDriver.remote() for _ in range(count)]
-    warm = [warm_writer_process.remote() for _ in range(min(count, WARM_WRITERS))]
-    ready = [driver.progress.remote() for driver in drivers] + warm
-    ray.wait(ready, num_returns=len(ready), timeout=timeout_s)
-    return drivers
+def _failed(exc: BaseException):
+    from concurrent.futures import Future
+
+    future: Future = Future()
+    future.set_exception(exc)
+    return future
 
 
-def policy(job: Job) -> CallPolicy:
-    return CallPolicy.from_config(job.cfg.ray, job.pools.expected())
-
-
-def retry_or_fail(job: Job, attempt: Attempt, queue: deque, reason: str) -> None:
-    if attempt.number < job.cfg.ray.task_retries:
-        log.warning("task %s: %s; retrying (attempt %d)", attempt.task.id, reason, attempt.number + 2)
-        queue.append(Attempt(attempt.task, attempt.number + 1, 0.0, 0.0))
-    else:
-        fail(job, attempt.task, f"{reason} ({attempt.number + 1} attempts)")
-
-
-def fail(job: Job, task: Task, reason: str) -> None:
-    record_failure(job.out, job.summary, TaskError(source="generation", task_id=task.id, reason=reason))
-
-
-def settle_sequencing(job: Job, ref, payload, attempt: Attempt, queue: deque, idle: list,
-                      rendering: list[Rendering]) -> None:
-    """A driver finished choosing scenes: free its slot; the task waits for its clips."""
+def _cancel(ref, force: bool = False) -> None:
     try:
-        status = ray.get(ref)
-    except ray.exceptions.RayError as exc:
-        _consume(payload)  # the same error; read so Ray does not log it as unhandled
-        settle_failed_driver(job, exc, attempt, queue, idle)
-        return
-    idle.append(attempt.driver)
-    calls = policy(job)
-    overdue = time.monotonic() + calls.timeout(calls.expected.get("video", 1.0), len(status["clips"]))
-    rendering.append(Rendering(attempt, payload, list(status["clips"]), overdue))
-
-
-def start_writers(job: Job, rendering: list[Rendering], writing: dict) -> None:
-    """A writer task for each task whose clips are all made (or failed, or overdue)."""
-    now = time.monotonic()
-    pending = [ref for item in rendering for ref in item.pending]
-    if pending:  # one wait for every task's clips, not one per task on each pass of the loop
-        done = set(ray.wait(pending, num_returns=len(pending), timeout=0, fetch_local=False)[0])
-        for item in rendering:
-            item.pending = [ref for ref in item.pending if ref not in done]
-    for item in list(rendering):
-        if item.pending and now < item.overdue:
-            continue
-        rendering.remove(item)
-        write = write_task.options(max_retries=job.cfg.ray.task_retries + 1, retry_exceptions=False).remote(
-            job.out, item.payload, job.profile, job.cfg, job.pools.membership(), job.pools.directory, policy(job),
-            item.attempt.started_wall)
-        writing[write] = item.attempt
-
-
-def _consume(ref) -> None:
-    try:
-        ray.get(ref, timeout=1)
+        ray.cancel(ref, force=force)
     except Exception:
         pass
 
 
-def settle_failed_driver(job: Job, exc: Exception, attempt: Attempt, queue: deque, idle: list) -> None:
-    """Only the driver's own death is "driver died": failed model calls arrive as `CallFailed` from inside it."""
-    if isinstance(exc, ray.exceptions.RayTaskError):
-        idle.append(attempt.driver)
-        cause = exc.cause or exc
-        if isinstance(cause, CallFailed):
-            fail(job, attempt.task, f"model calls kept failing: {cause}")
-        else:
-            record_failure(job.out, job.summary, failure(attempt.task, cause))
-        return
-    idle.append(TaskDriver.remote())
-    what = "driver died" if isinstance(exc, ray.exceptions.RayActorError) else "driver lost"  # e.g. its node left
-    retry_or_fail(job, attempt, queue, f"{what} ({type(exc).__name__})")
+def _caption_request(pairs):
+    from cosed.calls import CaptionRequest
 
+    return CaptionRequest(tuple(pairs))
 
-def settle_writing(job: Job, ref, attempt: Attempt, queue: deque) -> None:
-    summary = job.summary
-    try:
-        written = ray.get(ref)
-    except ray.exceptions.RayTaskError as exc:
-        cause = exc.cause or exc
-        if isinstance(cause, CallFailed):
-            fail(job, attempt.task, f"video calls kept failing: {cause}")
-        else:
-            record_failure(job.out, summary, failure(attempt.task, cause))
-        return
-    except ray.exceptions.RayError as exc:  # the writer's process or node, after Ray's own retries
-        retry_or_fail(job, attempt, queue, f"writer failed ({type(exc).__name__})")
-        return
-    job.writes.append(written)
-    summary.done.append(attempt.task.id)
-    summary.scenes += len(attempt.task.steps)
-    telemetry.record("cosed_task_latency_s", time.monotonic() - attempt.started)
-
-
-def enforce_deadlines(job: Job, queue: deque, idle: list, sequencing: dict, rendering: list[Rendering],
-                      writing: dict) -> None:
-    """A task attempt older than ``task_deadline_s`` is stopped and retried (or failed)."""
-    limit = job.cfg.ray.task_deadline_s
-    now = time.monotonic()
-    for ref, (attempt, _) in list(sequencing.items()):
-        if now - attempt.started > limit:
-            del sequencing[ref]
-            ray.kill(attempt.driver)
-            idle.append(TaskDriver.remote())
-            retry_or_fail(job, attempt, queue, f"deadline of {limit:g} s passed while sequencing")
-    for item in list(rendering):
-        if now - item.attempt.started > limit:
-            rendering.remove(item)
-            retry_or_fail(job, item.attempt, queue, f"deadline of {limit:g} s passed while rendering clips")
-    for ref, attempt in list(writing.items()):
-        if now - attempt.started > limit:
-            del writing[ref]
-            ray.cancel(ref, force=True)
-            retry_or_fail(job, attempt, queue, f"deadline of {limit:g} s passed while writing")
-
-
-def report(job: Job, sequencing: dict, rendering: list[Rendering], writing: dict, shown: int) -> int:
-    """``[cosed] N/M scenes`` whenever a scene is chosen or a task finishes."""
-    running = [attempt.driver for attempt, _ in sequencing.values()]
-    after = [item.attempt for item in rendering] + list(writing.values())
-    chosen = sum(len(attempt.task.steps) for attempt in after) + job.summary.scenes
-    if running:
-        refs = [driver.progress.remote() for driver in running]
-        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=2.0)
-        for ref in ready:
-            try:
-                chosen += ray.get(ref)
-            except ray.exceptions.RayError:
-                pass
-    summary = job.summary
-    key = chosen * 100003 + len(summary.done) * 101 + len(summary.failed)
-    if key != shown:
-        print(f"[cosed] {chosen}/{job.total_scenes} scenes chosen, {summary.scenes} written; "
-              f"tasks: {len(summary.done)} done, {len(summary.failed)} failed, {len(after)} rendering or writing",
-              flush=True)
-    return key

@@ -1,12 +1,14 @@
-"""The model actors of one run, owned by the job process: start, watch, rebalance, publish.
+"""The model actors of one run, owned by the job process: start, watch, replace, grow, rebalance.
 
 The job process creates every model worker, so no actor's death takes the
-workers with it. Workers restart on failure (``max_restarts=-1``); the job
-polls each one's `info` every ``rescale_seconds`` (in a thread of its own, so
-it answers while a call runs), kills one whose call hangs (it restarts and the
-caller retries elsewhere), drops one that stays unreachable, moves capacity
-from an idle pool to the bottleneck and publishes the members to the
-`Directory`, where drivers and writers refresh their view.
+others with it. Each actor has the exact shape the plan gave it (a whole GPU,
+or a host's or a guest's share): what the run counts as used is what its actors
+occupy. Workers restart on failure (``max_restarts=-1``). `tick` never waits:
+it reads whatever `info` answers came back, asks again, replaces an actor that
+stays unreachable or fails to start (with backoff, elsewhere when possible),
+restarts one whose call hangs, adds actors that place when the cluster grows,
+and moves an actor from an idle pool to the bottleneck. The decisions are the
+pure functions of `sizing` and `policies`, which the simulator runs too.
 """
 
 from __future__ import annotations
@@ -17,19 +19,25 @@ import logging
 import math
 import time
 import uuid
+from dataclasses import dataclass, field
+from typing import Any
 
 import ray
+from ray.util.scheduling_strategies import NodeLabelSchedulingStrategy, NotIn
 
 from cosed.config import RunConfig
-from cosed.distributed.actors import Directory, RemoteModelWorker
+from cosed.distributed import telemetry
+from cosed.distributed.actors import remote_worker
+from cosed.distributed.costs import KINDS, CostModel, TaskWork, measured_factors
 from cosed.distributed.dispatch import Membership
-from cosed.distributed.costs import CostModel, TaskWork, measured_factors
-from cosed.distributed.sizing import KINDS, ClusterPlan, PoolPlan, grow_pools, nodes_from_ray, plan_for_cluster, \
-    rebalance_move, rebalance_window_s
+from cosed.distributed.policies import Sample, window_busy
+from cosed.distributed.sizing import (ClusterPlan, Node, PoolPlan, free_room, grow_pools, plan_cluster,
+                                      rebalance_move, rebalance_window_s)
+from cosed.models.profiles import ModelUnavailable
 
 log = logging.getLogger("cosed")
-INFO_TIMEOUT_S = 5.0
 START_GRACE_S = 10.0  # the least time late actors get to join the first of their pools at start
+BACKOFF_S = (1.0, 2.0, 5.0, 10.0, 30.0)  # before starting again an actor that failed to start
 
 
 def pool_totals(stats, *fields: str) -> dict[str, tuple[float, ...]]:
@@ -42,131 +50,227 @@ def pool_totals(stats, *fields: str) -> dict[str, tuple[float, ...]]:
     return {kind: tuple(sums) for kind, sums in totals.items()}
 
 
+def busy_fractions(stats: list[dict]) -> dict[str, float]:
+    """Per pool: busy seconds over alive seconds, summed over its actors' lives."""
+    return {kind: round(busy / alive, 3) if alive else 0.0
+            for kind, (busy, alive) in pool_totals(stats, "busy", "alive").items()}
+
+
+def nodes_now() -> list[Node]:
+    """The alive nodes with what they offer (the head too; the plan decides what goes where)."""
+    return [Node(cpus=n["Resources"].get("CPU", 0.0), gpus=n["Resources"].get("GPU", 0.0),
+                 memory=n["Resources"].get("memory", 0.0), node_id=n["NodeID"])
+            for n in ray.nodes() if n.get("Alive", True)]
+
+
+def head_node_id() -> str | None:
+    return next((n["NodeID"] for n in ray.nodes() if n.get("Alive", True)
+                 and "node:__internal_head__" in n.get("Resources", {})), None)
+
+
+@dataclass
+class Actor:
+    """One model actor of the run, with the shape it was created with."""
+
+    name: str
+    kind: str
+    num_gpus: float
+    num_cpus: float
+    shares: tuple[str, ...]  # the models on its GPU (its memory check)
+    handle: Any
+    created: float
+    state: str = "starting"  # starting | member | draining
+    ready: Any = None  # its first `info` while starting: done once its model has loaded
+    probe: Any = None  # the `info` call outstanding
+    probe_sent: float = 0.0
+    unreachable_since: float | None = None
+    info: dict | None = None
+    drain: Any = None
+    drain_since: float = 0.0
+    restarting: bool = False  # its last probe found it restarting (reloading its model)
+    target: str | None = None  # draining for this pool (a rebalance)
+
+
+@dataclass
+class Pending:
+    """An actor to start again after a failed start, not before ``at``, away from ``avoid`` if possible."""
+
+    kind: str
+    num_gpus: float
+    shares: tuple[str, ...]
+    at: float
+    avoid: str | None
+    failures: int
+
+
+@dataclass
+class StartFailures:
+    count: int = 0
+    last: str = ""
+
+
 class Pools:
-    def __init__(self, cfg: RunConfig, costs: CostModel | None = None, expected: TaskWork | None = None):
+    def __init__(self, cfg: RunConfig, costs: CostModel | None = None, expected: TaskWork | None = None,
+                 nodes: list[Node] | None = None):
         self.cfg = cfg
         self.costs = costs or CostModel.from_dict({})
         self.expected_work = expected
         self.work = dict(expected.seconds) if expected else {}
         self.drivers_hint = expected.critical_path / expected.total if expected and expected.total else None
-        self.sized_for: tuple[float, float] = (0.0, 0.0)  # cluster (GPUs, CPUs) the pools were last sized for
-        self.cluster_plan: ClusterPlan | None = None
         self.run_id = uuid.uuid4().hex[:8]
-        self.members: dict[str, dict[str, ray.actor.ActorHandle]] = {kind: {} for kind in KINDS}
-        # name -> (kind, handle, since, its first `info` call: done once the models have loaded)
-        self.starting: dict[str, tuple[str, ray.actor.ActorHandle, float, ray.ObjectRef]] = {}
-        self.draining: dict[str, tuple[str, ray.actor.ActorHandle, object, float]] = {}
-        self.plan: dict[str, PoolPlan] = {}
-        self.version = 0
         self.names = itertools.count()
-        self.directory = Directory.remote()
-        self.info: dict[str, dict] = {}  # last info per actor name (kept for retired actors too)
-        self.unreachable_since: dict[str, float] = {}
-        self.window: dict[str, tuple[float, float]] = {}  # kind -> (busy, alive) at the last rebalance
+        self.actors: dict[str, Actor] = {}
+        self.pending: list[Pending] = []
+        self.failures: dict[str, StartFailures] = {kind: StartFailures() for kind in KINDS}
+        self.cluster_plan: ClusterPlan = plan_cluster(cfg.ray, nodes if nodes is not None else nodes_now(),
+                                                      self.work, self.costs, self.drivers_hint)
+        self.plan: dict[str, PoolPlan] = self.cluster_plan.pools
+        self.sized_for: tuple[str, ...] = ()
+        self.version = 0
+        self.latest: dict[str, Sample] = {}  # actor life -> its latest sample (`policies.window_busy`)
+        self.lives: dict[str, dict] = {}  # actor life -> its latest info, for the summary
+        self.window: dict[str, Sample] = {}
+        self.window_at = time.monotonic()
         self.moves: list[dict] = []
         self.hung_kills = 0
-        self.window_at = time.monotonic()  # when the busy window began (after start, each move, each decision)
 
-    # -- the plan (pure planning lives in sizing.py) -----------------------------------------------
-    def _cluster(self) -> tuple[float, float]:
-        resources = ray.cluster_resources()
-        return resources.get("GPU", 0.0), resources.get("CPU", 0.0)
-
-    def _plan(self) -> dict[str, PoolPlan]:
-        """The plan (sizing.plan_cluster) on the nodes there once the GPUs the run expects have joined.
-        ``ray.policy: legacy`` keeps the even split to compare against."""
-        self.cluster_plan = plan_for_cluster(self.cfg.ray, lambda: nodes_from_ray(ray.nodes()), self.work, self.costs,
-                                             self.drivers_hint)
-        self.sized_for = self._cluster()
-        return self.cluster_plan.pools
-
-    # -- actors --------------------------------------------------------------------------------------
-    def _add(self, kind: str) -> str:
+    # -- actors ----------------------------------------------------------------------------------------
+    def _add(self, kind: str, num_gpus: float | None = None, shares: tuple[str, ...] | None = None,
+             avoid: str | None = None) -> str:
         plan = self.plan[kind]
+        num_gpus = plan.num_gpus if num_gpus is None else num_gpus
+        if shares is None:
+            shares = self._shares(kind, num_gpus)
         name = f"cosed-{self.run_id}-{kind}-{next(self.names)}"
-        handle = RemoteModelWorker.options(
-            name=name, num_gpus=plan.num_gpus, num_cpus=plan.num_cpus, max_restarts=-1, max_task_retries=0,
-        ).remote(kind, self.cfg)
-        self.starting[name] = (kind, handle, time.monotonic(), handle.info.remote())
+        options = dict(name=name, num_gpus=num_gpus, num_cpus=plan.num_cpus, max_restarts=-1, max_task_retries=0)
+        if avoid:  # a start failed there (a bad GPU, a full disk): elsewhere when the cluster allows
+            options["scheduling_strategy"] = NodeLabelSchedulingStrategy({}, soft={"ray.io/node-id": NotIn(avoid)})
+        handle = remote_worker(kind).options(**options).remote(kind, self.cfg, shares)
+        self.actors[name] = Actor(name, kind, num_gpus, plan.num_cpus, shares, handle, time.monotonic(),
+                                  ready=handle.info.remote())
         return name
 
-    def start(self) -> dict[str, dict]:
-        """Create every pool and wait until each has a loaded model (so a bad model fails here).
+    def _shares(self, kind: str, num_gpus: float) -> tuple[str, ...]:
+        """The models that may be on an actor's GPU: its own, its partner's when it hosts or is a guest, all
+        of them on a plan that shares every GPU."""
+        plan = self.plan[kind]
+        if num_gpus <= 0:
+            return (kind,)
+        if plan.partner and (num_gpus < 1 - 1e-6):
+            return (kind, plan.partner)
+        if all(p.num_gpus < 1 - 1e-6 for p in self.plan.values() if p.replicas):
+            return tuple(KINDS)
+        return (kind,)
 
-        Actors the cluster cannot place yet (another job holds the room, a node is still joining)
-        do not hold the run back: once every pool has a member and the rest have had as long again
-        as the first took, the run starts and they join when placed (see `_watch`).
+    def _retire(self, actor: Actor) -> None:
+        self.actors.pop(actor.name, None)
+        try:
+            ray.kill(actor.handle, no_restart=True)
+        except Exception:
+            pass
+
+    def members(self, kind: str) -> list[Actor]:
+        return [a for a in self.actors.values() if a.kind == kind and a.state == "member"]
+
+    def start(self) -> dict[str, dict]:
+        """Create every pool and wait until each has a loaded model.
+
+        An actor that fails to start is started again with backoff, elsewhere when
+        possible; a pool fails the run only when it gets no member within the start
+        timeout, or when every one of ``ray.start_attempts`` starts in a row failed
+        (a model that cannot load fails in seconds, not after the timeout). Actors
+        the cluster cannot place yet do not hold the run back: once every pool has
+        a member and the rest have had as long again as the first took, the run
+        starts and they join when placed.
         """
-        self.plan = self._plan()
         for kind, plan in self.plan.items():
-            for _ in range(plan.replicas):
-                self._add(kind)
-        refs = {ref: name for name, (_, _, _, ref) in self.starting.items()}
+            for ask in plan.asks():
+                self._add(kind, ask)
         began = time.monotonic()
         deadline = began + self.cfg.ray.start_timeout_s
         every_pool_at = None
-        while refs:
+        while True:
             now = time.monotonic()
-            if every_pool_at is not None:
-                until = min(deadline, every_pool_at + max(START_GRACE_S, every_pool_at - began))
-            else:
-                until = deadline
-            ready, _ = ray.wait(list(refs), num_returns=1, timeout=max(0.0, until - now))
-            if not ready:
+            self._start_pending(now)
+            starting = {a.ready: a for a in self.actors.values() if a.state == "starting"}
+            if every_pool_at is None and all(self.members(k) for k, p in self.plan.items() if p.replicas):
+                every_pool_at = now
+            until = deadline if every_pool_at is None else min(
+                deadline, every_pool_at + max(START_GRACE_S, every_pool_at - began))
+            if (not starting and not self.pending) or now >= until:
                 break
+            wake = min([until] + [p.at for p in self.pending])
+            ready, _ = ray.wait(list(starting), num_returns=1, timeout=max(0.05, wake - now)) if starting \
+                else (time.sleep(max(0.0, min(1.0, wake - now))) or ([], []))
             for ref in ready:
-                name = refs.pop(ref)
-                self.info[name] = ray.get(ref)
-                kind, handle, _, _ = self.starting.pop(name)
-                self.members[kind][name] = handle
-            if every_pool_at is None and all(self.members[kind] for kind in self.plan):
-                every_pool_at = time.monotonic()
-        missing = [kind for kind in self.plan if not self.members[kind]]
+                self._started(starting[ref], ref, time.monotonic())
+            self._give_up_if_hopeless()
+        missing = [kind for kind, plan in self.plan.items() if plan.replicas and not self.members(kind)]
         if missing:
-            gpus, cpus = self._cluster()
+            gpus = sum(n.gpus for n in nodes_now())
+            details = "; ".join(f"{k}: {self.failures[k].last}" for k in missing if self.failures[k].last)
             raise TimeoutError(
-                f"no {' or '.join(missing)} model actor was placed within {self.cfg.ray.start_timeout_s:.0f} s "
-                f"on a cluster of {cpus:g} CPUs and {gpus:g} GPUs; pools asked for "
-                + ", ".join(f"{k}: {p.replicas} x ({p.num_cpus:g} CPU, {p.num_gpus:g} GPU)" for k, p in self.plan.items()))
-        if refs:
-            log.warning("%d of %d model actors are not placed yet (the cluster is busy or still growing); "
-                        "the run starts without them and they join when placed",
-                        len(refs), sum(p.replicas for p in self.plan.values()))
-        self._request_gpus()
-        self.publish()
-        self.busy()  # the first rebalancing window starts with the run, not with model loading
+                f"no {' or '.join(missing)} model actor started within {self.cfg.ray.start_timeout_s:.0f} s "
+                f"on a cluster of {gpus:g} GPUs; pools asked for "
+                + ", ".join(f"{k}: {p.replicas} x ({p.num_cpus:g} CPU, {p.num_gpus:g} GPU)" for k, p in self.plan.items())
+                + (f"; last start errors: {details}" if details else ""))
+        late = sum(1 for a in self.actors.values() if a.state == "starting") + len(self.pending)
+        if late:
+            log.warning("%d of %d model actors are not up yet (the cluster is busy or still growing, or a start "
+                        "failed and is tried again); the run starts without them and they join when up",
+                        late, sum(p.replicas for p in self.plan.values()))
+        self.sized_for = self._cluster_key(nodes_now())
+        self.version += 1
+        self.begin()
         return self.describe()
 
-    def begin(self) -> None:
-        """The first task starts now: rebalancing windows count from here, not from the drivers' start-up
-        (a window that began while no task ran reads as an idle pool, and would move an actor it needs)."""
-        if self._watch():
-            self.publish()
-        self.busy()
-
-    def _request_gpus(self) -> None:
-        """Ask an autoscaling cluster for up to ``autoscale_max_gpus`` GPUs (a no-op elsewhere)."""
-        wanted = self.cfg.ray.autoscale_max_gpus
-        if wanted <= 0:
-            return
+    def _started(self, actor: Actor, ref, now: float) -> bool:
+        """Settle an actor's first `info`: a member, or a failed start (tried again with backoff)."""
         try:
-            from ray.autoscaler.sdk import request_resources
+            info = ray.get(ref)
+        except ray.exceptions.RayError as exc:
+            reason = _reason(exc)
+            failures = self.failures[actor.kind]
+            failures.count += 1
+            failures.last = reason
+            previous = next((p.failures for p in self.pending if p.kind == actor.kind), 0)
+            node = getattr(exc, "node_id", None) or (actor.info or {}).get("node_id")
+            log.warning("model actor %s failed to start (%s); starting it again", actor.name, reason)
+            self._retire(actor)
+            self.pending.append(Pending(actor.kind, actor.num_gpus, actor.shares,
+                                        now + BACKOFF_S[min(previous, len(BACKOFF_S) - 1)], node, previous + 1))
+            return False
+        actor.state, actor.ready, actor.info = "member", None, info
+        self.failures[actor.kind].count = 0
+        self._sampled(info)
+        return True
 
-            request_resources(bundles=[{"GPU": 1.0}] * int(wanted))
-        except Exception as exc:  # a cluster without an autoscaler
-            log.info("autoscaler request skipped: %s", exc)
+    def _start_pending(self, now: float) -> None:
+        for item in [p for p in self.pending if p.at <= now]:
+            self.pending.remove(item)
+            self._add(item.kind, item.num_gpus, item.shares, avoid=item.avoid)
 
+    def _give_up_if_hopeless(self) -> None:
+        attempts = self.cfg.ray.start_attempts
+        for kind, plan in self.plan.items():
+            failures = self.failures[kind]
+            if plan.replicas and not self.members(kind) and failures.count >= max(attempts, plan.replicas):
+                raise ModelUnavailable(f"model actors could not start: {failures.last} "
+                                       f"({failures.count} {kind} starts in a row failed)")
+
+    # -- membership ----------------------------------------------------------------------------------
     def membership(self) -> Membership:
-        return Membership(self.version, {kind: dict(m) for kind, m in self.members.items()}, self.expected(),
-                          self.run_id)
+        members = {kind: {a.name: a.handle for a in self.members(kind)} for kind in self.plan}
+        return Membership(self.version, members, self.expected(), self.run_id)
 
-    def publish(self) -> None:
-        self.version += 1
-        self.directory.publish.remote(self.membership())
+    def handle(self, name: str):
+        """The actor called ``name`` while it serves (None once it left or before it loaded)."""
+        actor = self.actors.get(name)
+        return actor.handle if actor is not None and actor.state != "starting" else None
 
     def expected(self) -> dict[str, float]:
         """Mean seconds per call in each pool so far (seeds every dispatcher's timeouts)."""
-        return {kind: busy / calls for kind, (busy, calls) in pool_totals(self.info.values(), "busy", "calls").items()
+        return {kind: busy / calls for kind, (busy, calls) in pool_totals(self.lives.values(), "busy", "calls").items()
                 if calls}
 
     def call_seconds(self) -> dict[str, float]:
@@ -175,199 +279,257 @@ class Pools:
         modeled = self.expected_work.seconds_per_call() if self.expected_work else {}
         return {**modeled, **self.expected()}
 
-    def _retire(self, name: str, handle) -> None:
-        for kind in KINDS:
-            self.members[kind].pop(name, None)
-        try:
-            ray.kill(handle, no_restart=True)
-        except Exception:
-            pass
-
-    # -- the periodic check ----------------------------------------------------------------------
-    def tick(self) -> None:
-        """Watch every actor, finish drains, grow with the cluster, rebalance, publish."""
-        changed = self._watch()
-        changed |= self._finish_drains()
-        changed |= self.rescale()
-        if self.cfg.ray.rebalance and not self.draining and time.monotonic() - self.window_at >= \
-                rebalance_window_s(self.cfg.ray.rescale_seconds, self.call_seconds(), self.cfg.ray.rebalance_window_calls):
-            changed |= self._rebalance()
+    # -- the periodic check: never waits -------------------------------------------------------------
+    def tick(self) -> bool:
+        """Read the answers that came, replace what is lost, grow, rebalance. True when the members changed."""
+        now = time.monotonic()
+        before = self._member_names()
+        self._start_pending(now)
+        self._collect(now)
+        self._probe(now)
+        self._finish_drains(now)
+        self.rescale()
+        if self.cfg.ray.rebalance and not any(a.state == "draining" for a in self.actors.values()) and \
+                now - self.window_at >= rebalance_window_s(self.cfg.ray.rescale_seconds, self.call_seconds(),
+                                                           self.cfg.ray.rebalance_window_calls):
+            self._rebalance(now)
+        changed = self._member_names() != before
         if changed:
-            self.publish()
-        else:  # cheap, and repopulates a directory that restarted
-            self.directory.publish.remote(self.membership())
+            self.version += 1
+        for kind in self.plan:
+            telemetry.record("cosed_pool_actors", len(self.members(kind)), pool=kind)
+        return changed
 
-    def _watch(self) -> bool:
-        changed = self._promote_started()
+    def _member_names(self) -> frozenset:
+        return frozenset(a.name for a in self.actors.values() if a.state == "member")
+
+    def _collect(self, now: float) -> None:
+        starting = {a.ready: a for a in self.actors.values() if a.state == "starting"}
+        if starting:
+            done, _ = ray.wait(list(starting), num_returns=len(starting), timeout=0)
+            for ref in done:
+                self._started(starting[ref], ref, now)
+        probes = {a.probe: a for a in self.actors.values() if a.probe is not None}
+        done = ray.wait(list(probes), num_returns=len(probes), timeout=0)[0] if probes else []
+        for ref in done:
+            actor = probes[ref]
+            actor.probe = None
+            try:
+                info = ray.get(ref)
+            except ray.exceptions.RayError as exc:
+                actor.restarting = isinstance(exc, ray.exceptions.ActorUnavailableError)
+                actor.unreachable_since = actor.unreachable_since or now
+                continue
+            actor.unreachable_since = None
+            actor.restarting = False
+            actor.info = info
+            self._sampled(info)
+            self._check_hung(actor, info)
         ray_cfg = self.cfg.ray
-        everyone = {name: (kind, h) for kind, m in self.members.items() for name, h in m.items()}
-        refs = {handle.info.remote(): name for name, (_, handle) in everyone.items()}
-        ready, _ = ray.wait(list(refs), num_returns=len(refs), timeout=INFO_TIMEOUT_S) if refs else ([], [])
-        now = time.monotonic()
-        expected = self.expected()
-        for ref, name in refs.items():
-            kind, handle = everyone[name]
-            info, restarting = None, False
-            if ref in ready:
-                try:
-                    info = ray.get(ref)
-                except ray.exceptions.ActorUnavailableError:
-                    restarting = True  # Ray is bringing it back (reloading models can take minutes)
-                except ray.exceptions.RayError:
-                    pass
-            if info is None:
-                since = self.unreachable_since.setdefault(name, now)
-                others = len(self.members[kind]) > 1
-                # A restarting actor gets time to reload, unless its pool can serve without it (its node
-                # may be gone for good): then it is replaced and the replacement joins when placed.
-                limit = ray_cfg.start_timeout_s if restarting and not others else ray_cfg.call_timeout_floor_s
-                if now - since > limit:
-                    log.warning("model actor %s unreachable for %.0f s; replacing it in the %s pool",
-                                name, now - since, kind)
-                    self.unreachable_since.pop(name, None)
-                    self._retire(name, handle)
-                    self._add(kind)  # placed wherever (and whenever) the cluster has room
-                    changed = True
+        for actor in [a for a in self.actors.values() if a.state == "member"]:
+            if actor.probe is not None and now - actor.probe_sent > ray_cfg.call_timeout_floor_s / 4:
+                actor.unreachable_since = actor.unreachable_since or actor.probe_sent
+            if actor.unreachable_since is None:
                 continue
-            self.unreachable_since.pop(name, None)
-            self.info[name] = info
-            stall = max(ray_cfg.call_timeout_floor_s, ray_cfg.call_timeout_factor * expected.get(kind, 0.0))
-            if info["running_for"] > stall:
-                log.warning("model actor %s has run one call for %.0f s (limit %.0f s); restarting it",
-                            name, info["running_for"], stall)
-                self.hung_kills += 1
-                ray.kill(handle, no_restart=False)
-        return changed
+            others = len(self.members(actor.kind)) > 1
+            # A restarting actor gets time to reload, unless its pool can serve without it (its node may be
+            # gone for good): then it is replaced and the replacement joins when placed.
+            limit = ray_cfg.start_timeout_s if actor.restarting and not others \
+                else ray_cfg.call_timeout_floor_s
+            if now - actor.unreachable_since > limit:
+                log.warning("model actor %s unreachable for %.0f s; replacing it in the %s pool",
+                            actor.name, now - actor.unreachable_since, actor.kind)
+                self._retire(actor)
+                self._add(actor.kind, actor.num_gpus, actor.shares)
+        for actor in [a for a in self.actors.values() if a.state == "starting"]:
+            if now - actor.created > ray_cfg.start_timeout_s:  # never placed, or stuck loading: a fresh try
+                self._retire(actor)
+                self._add(actor.kind, actor.num_gpus, actor.shares)
 
-    def _promote_started(self) -> bool:
-        """Members for actors whose models have loaded; a fresh try for one not up within the start timeout."""
-        changed = False
-        now = time.monotonic()
-        for name, (kind, handle, since, ref) in list(self.starting.items()):
-            done, _ = ray.wait([ref], timeout=0)
-            if done:
-                try:
-                    self.info[name] = ray.get(ref)
-                except ray.exceptions.RayError as exc:
-                    log.warning("model actor %s failed to start (%s); trying again", name, type(exc).__name__)
-                else:
-                    del self.starting[name]
-                    self.members[kind][name] = handle
-                    changed = True
-                    continue
-            elif now - since <= self.cfg.ray.start_timeout_s:
-                continue
-            del self.starting[name]
-            self._retire(name, handle)
-            self._add(kind)
-        return changed
+    def _probe(self, now: float) -> None:
+        for actor in self.actors.values():
+            if actor.state != "starting" and actor.probe is None:
+                actor.probe = actor.handle.info.remote()
+                actor.probe_sent = now
+
+    def _sampled(self, info: dict) -> None:
+        life = f"{info['name']}#{info['life']}"
+        self.latest[life] = Sample(info["kind"], info["busy"], info["alive"])
+        self.lives[life] = info
+
+    def _check_hung(self, actor: Actor, info: dict) -> None:
+        ray_cfg = self.cfg.ray
+        stall = max(ray_cfg.call_timeout_floor_s, ray_cfg.call_timeout_factor * self.expected().get(actor.kind, 0.0))
+        if info["running_for"] > stall:
+            log.warning("model actor %s has run one call for %.0f s (limit %.0f s); restarting it",
+                        actor.name, info["running_for"], stall)
+            self.hung_kills += 1
+            ray.kill(actor.handle, no_restart=False)
+
+    # -- growth ----------------------------------------------------------------------------------------
+    @staticmethod
+    def _cluster_key(nodes: list[Node]) -> tuple:
+        return tuple(sorted((n.node_id, n.gpus, n.cpus) for n in nodes))
+
+    def current_pools(self) -> dict[str, PoolPlan]:
+        """The pools as they are (every actor that is not leaving, with its shape)."""
+        pools = {}
+        for kind, plan in self.plan.items():
+            mine = [a for a in self.actors.values() if a.kind == kind and a.state != "draining"]
+            mine += [Actor("", kind, p.num_gpus, plan.num_cpus, p.shares, None, 0.0) for p in self.pending
+                     if p.kind == kind]
+            hosts = [a for a in mine if plan.partner and 0 < a.num_gpus < plan.num_gpus - 1e-6]
+            pools[kind] = dataclasses.replace(plan, replicas=len(mine), hosts=len(hosts),
+                                              host_gpus=hosts[0].num_gpus if hosts else plan.host_gpus)
+        return pools
+
+    def rescale(self) -> bool:
+        """When nodes join, the actors that place on the room they bring, for the pools that need them most."""
+        nodes = nodes_now()
+        key = self._cluster_key(nodes)
+        if key == self.sized_for:
+            return False
+        self.sized_for = key
+        pools = self.current_pools()
+        room = free_room(pools, nodes)
+        available = ray.available_resources()  # other jobs may hold some of it
+        spare = math.floor(available.get("GPU", 0.0) + 1e-6)
+        if sum(n.gpus for n in room) > spare:
+            room = _trim(room, spare)
+        fixed = {kind for kind in KINDS if getattr(self.cfg.ray, kind).replicas != "auto"}
+        added = grow_pools(pools, room, self.measured_work(), fixed)
+        if not any(added.values()):
+            return False
+        guests = {kind: plan.partner for kind, plan in self.plan.items() if plan.partner and plan.num_gpus < 0.5}
+        hosts = {host: added.get(guest, 0) for guest, host in guests.items()}
+        for kind, count in added.items():
+            if kind in guests:  # a guest comes with a new host of its partner pool, on one new GPU
+                for _ in range(count):
+                    self._add(guests[kind], self.plan[guests[kind]].host_gpus, (guests[kind], kind))
+                    self._add(kind)
+            else:
+                for _ in range(count - hosts.get(kind, 0)):
+                    self._add(kind)
+        log.warning("the cluster grew to %g GPUs: adding %s", sum(n.gpus for n in nodes),
+                    ", ".join(f"{n} {kind}" for kind, n in added.items() if n))
+        return True
 
     def measured_work(self) -> dict[str, float]:
         """Expected GPU-seconds per pool, each scaled by measured over modeled seconds per call."""
         if self.expected_work is None:
             return dict(self.work)
-        factors = measured_factors(self.expected_work, pool_totals(self.info.values(), "busy", "calls"))
+        factors = measured_factors(self.expected_work, pool_totals(self.lives.values(), "busy", "calls"))
         return {kind: seconds * factors.get(kind, 1.0) for kind, seconds in self.work.items()}
 
-    def rescale(self) -> bool:
-        """When the cluster has grown, new actors for the pools that need them most; never removes any."""
-        gpus, cpus = self._cluster()
-        if (gpus, cpus) == self.sized_for:
-            return False
-        grew = gpus > self.sized_for[0] + 1e-6
-        self.sized_for = (gpus, cpus)
-        if not grew:
-            return False
-        now = {kind: dataclasses.replace(plan, replicas=len(self.members[kind]) + sum(
-                   1 for k, _, _, _ in self.starting.values() if k == kind)) for kind, plan in self.plan.items()}
-        used = sum(p.replicas * min(1.0, p.num_gpus) for p in now.values())
-        fixed = {kind for kind in KINDS if getattr(self.cfg.ray, kind).replicas != "auto"}
-        added = grow_pools(now, gpus - math.ceil(used - 1e-6), self.measured_work(), fixed)
-        for kind, count in added.items():
-            for _ in range(count):
-                self._add(kind)
-        if any(added.values()):
-            log.warning("the cluster grew to %g GPUs: adding %s", gpus,
-                        ", ".join(f"{n} {kind}" for kind, n in added.items() if n))
-        return any(added.values())
+    # -- rebalancing -------------------------------------------------------------------------------------
+    def begin(self) -> None:
+        """The first task starts now: rebalancing windows count from here, not from the actors' start-up
+        (a window that began while no task ran reads as an idle pool, and would move an actor it needs)."""
+        self.busy()
 
     def busy(self) -> dict[str, float]:
-        """Busy fraction per pool since the last call (all of the run on the first); starts a new window."""
-        totals = pool_totals((info for name, info in self.info.items() if name in self.members[info["kind"]]),
-                             "busy", "alive")
-        out = {}
-        for kind in KINDS:
-            busy, alive = totals.get(kind, (0.0, 0.0))
-            last_busy, last_alive = self.window.get(kind, (0.0, 0.0))
-            span = alive - last_alive
-            out[kind] = (busy - last_busy) / span if span > 0 else 0.0
-            self.window[kind] = (busy, alive)
+        """Busy fraction per pool since the window began (every actor life counted for its time in the
+        window, `policies.window_busy`); starts a new window."""
+        out = window_busy(self.window, self.latest)
+        self.window = dict(self.latest)
         self.window_at = time.monotonic()
-        return out
+        return {kind: out.get(kind, 0.0) for kind in self.plan}
 
-    def _rebalance(self) -> bool:
+    def _rebalance(self, now: float) -> None:
         busy = self.busy()
         movable = {kind: value for kind, value in busy.items() if getattr(self.cfg.ray, kind).replicas == "auto"}
-        now = ClusterPlan(pools={k: dataclasses.replace(p, replicas=len(self.members[k])) for k, p in self.plan.items()},
-                          drivers=0, reason="")
-        move = rebalance_move(movable, now, high=self.cfg.ray.busy_above, low=self.cfg.ray.idle_below,
+        move = rebalance_move(movable, ClusterPlan(pools=self.current_pools(), drivers=0, reason=""),
+                              high=self.cfg.ray.busy_above, low=self.cfg.ray.idle_below,
                               margin=self.cfg.ray.rebalance_margin)
         if move is None:
-            return False
+            return
         donor, target = move
-        roomy = [n for n in self.members[donor] if self._room_without(n) >= self.plan[target].num_gpus - 1e-6]
-        if not roomy:  # every donor shares its GPU: the replacement would not fit where it leaves
-            return False
-        name = min(roomy, key=lambda n: self.info.get(n, {}).get("busy", 0.0))
-        handle = self.members[donor].pop(name)
-        self.draining[name] = (target, handle, handle.drain.remote(), time.monotonic())
-        self.moves.append({"from": donor, "to": target, "actor": name,
+        whole = [a for a in self.members(donor) if a.num_gpus >= 1 - 1e-6]
+        if not whole:
+            return
+        actor = min(whole, key=lambda a: (a.info or {}).get("busy", 0.0))
+        actor.state, actor.target, actor.drain, actor.drain_since = "draining", target, actor.handle.drain.remote(), now
+        self.moves.append({"from": donor, "to": target, "actor": actor.name,
                            "busy": {k: round(v, 3) for k, v in busy.items()}})
         log.warning("rebalancing: draining %s (%s busy %.0f%%) for the %s pool (busy %.0f%%)",
-                    name, donor, 100 * busy[donor], target, 100 * busy[target])
-        return True
+                    actor.name, donor, 100 * busy[donor], target, 100 * busy[target])
 
-    def _room_without(self, name: str) -> float:
-        """GPU share free on ``name``'s GPU once it has gone (0 when unknown)."""
-        mine = self.info.get(name)
-        if not mine or not mine["gpu_ids"]:
-            return 0.0
-        gpus = set(mine["gpu_ids"])
-        used = sum(min(1.0, self.plan[kind].num_gpus) for kind, members in self.members.items() for other in members
-                   if other != name and other in self.info and self.info[other]["node_id"] == mine["node_id"]
-                   and gpus & set(self.info[other]["gpu_ids"]))
-        return max(0.0, 1.0 - used)
-
-    def _finish_drains(self) -> bool:
+    def _finish_drains(self, now: float) -> None:
         """Kill drained actors once drivers have seen them leave; start their replacements."""
-        changed = False
-        grace = 4.0  # > two dispatcher refresh periods: no stale caller picks the actor any more
-        for name, (target, handle, ref, since) in list(self.draining.items()):
-            done, _ = ray.wait([ref], timeout=0)
-            if done and time.monotonic() - since >= grace:
-                del self.draining[name]
-                self._retire(name, handle)
-                replacement = self._add(target)
-                next(m for m in reversed(self.moves) if m["actor"] == name)["replacement"] = replacement
-                self.busy()  # restart the busy window
-                changed = True
-        return changed
+        grace = 4.0  # membership is pushed to drivers at once; their calls in flight end first
+        for actor in [a for a in self.actors.values() if a.state == "draining"]:
+            done, _ = ray.wait([actor.drain], timeout=0)
+            if not done or now - actor.drain_since < grace:
+                continue
+            self._retire(actor)
+            target = self.plan[actor.target]
+            if target.partner and target.num_gpus < 0.5:  # a guest: the donor pool keeps a host actor
+                self._add(actor.kind, self.plan[actor.kind].host_gpus or actor.num_gpus - target.num_gpus,
+                          (actor.kind, actor.target))
+            replacement = self._add(actor.target)
+            next(m for m in reversed(self.moves) if m["actor"] == actor.name)["replacement"] = replacement
+            self.busy()  # restart the busy window
 
-    # -- reporting -----------------------------------------------------------------------------------
+    # -- reporting -----------------------------------------------------------------------------------------
     def describe(self) -> dict[str, dict]:
-        return {kind: {"replicas": len(self.members[kind]), "num_gpus": plan.num_gpus}
+        return {kind: {"replicas": len(self.members(kind)), "num_gpus": plan.num_gpus}
                 for kind, plan in self.plan.items()}
 
     def stats(self) -> list[dict]:
-        """Last known info of every actor that served in this run (including retired ones)."""
-        self._watch()
-        return list(self.info.values())
+        """Last known info of every actor life that served in this run (retired and restarted ones too)."""
+        return list(self.lives.values())
 
     def shutdown(self) -> None:
-        handles = [h for m in self.members.values() for h in m.values()]
-        handles += [h for _, h, _, _ in self.starting.values()] + [h for _, h, _, _ in self.draining.values()]
-        for handle in handles + [self.directory]:
-            try:
-                ray.kill(handle, no_restart=True)
-            except Exception:
-                pass
+        for actor in list(self.actors.values()):
+            self._retire(actor)
+
+
+def _trim(room: list[Node], whole: int) -> list[Node]:
+    """At most ``whole`` free GPUs in all (Ray reports less free than our actors leave: other jobs hold some)."""
+    out = []
+    for node in room:
+        take = min(node.gpus, whole)
+        whole -= take
+        out.append(dataclasses.replace(node, gpus=take))
+    return out
+
+
+def _reason(exc: BaseException) -> str:
+    """The root cause of a failed actor start, in one line."""
+    cause = exc
+    while getattr(cause, "cause", None) is not None and cause.cause is not cause:
+        cause = cause.cause
+    text = str(cause)
+    for marker in ("ModelUnavailable: ", "InsufficientGPUMemory: ", "RuntimeError: "):
+        if marker in text:
+            text = text.split(marker, 1)[1]
+            break
+    return " ".join(text.split())[:500] or type(cause).__name__
+
+
+@dataclass
+class AutoscaleRequest:
+    """What this job asks an autoscaling cluster for; cleared when the job ends, however it ends."""
+
+    gpus: int = 0
+    asked: list[int] = field(default_factory=list)
+
+    def ask(self, gpus: int) -> None:
+        if gpus == self.gpus:
+            return
+        self.gpus = gpus
+        self._send([{"GPU": 1.0}] * gpus)
+
+    def clear(self) -> None:
+        if self.gpus:
+            self.gpus = 0
+            self._send([])
+
+    def _send(self, bundles: list[dict]) -> None:
+        try:
+            from ray.autoscaler.sdk import request_resources
+
+            request_resources(bundles=bundles)
+            self.asked.append(len(bundles))
+        except Exception as exc:  # a cluster without an autoscaler
+            log.info("autoscaler request skipped: %s", exc)

@@ -9,20 +9,45 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 from cosed.config import PoolResources, RayConfig
 from cosed.distributed.costs import KINDS, CostModel
 
 _EPS = 1e-6
+_SHARE_DECIMALS = 4  # Ray keeps resource amounts to 1e-4
 
 
 @dataclass(frozen=True)
 class PoolPlan:
+    """A pool's actors and what each asks of Ray.
+
+    ``hosts`` of the ``replicas`` share their GPU with one actor of the ``partner``
+    pool and ask ``host_gpus``; the others ask ``num_gpus``. A guest pool (CLIP and
+    the selector, captions) names its host pool as ``partner``. What the plan counts
+    is what the actors occupy: the GPUs in use are the sum of the asks.
+    """
+
     replicas: int
     num_gpus: float
     num_cpus: float
+    hosts: int = 0
+    host_gpus: float = 0.0
+    partner: str | None = None
+
+    def asks(self) -> list[float]:
+        """The GPU ask of each actor, hosts first."""
+        return [self.host_gpus] * self.hosts + [self.num_gpus] * (self.replicas - self.hosts)
+
+    @property
+    def gpus(self) -> float:
+        return round(sum(self.asks()), _SHARE_DECIMALS)
+
+    @property
+    def capacity(self) -> float:
+        """GPU-seconds served per second (a pool planned without GPUs: one per actor)."""
+        return self.gpus if self.gpus > 0 else float(self.replicas)
 
 
 def plan_pools(ray_cfg: RayConfig, cluster_gpus: float, cluster_cpus: float,
@@ -74,7 +99,6 @@ def _share(total: float) -> float:
 
 # --- Cost-aware planning -------------------------------------------------------------------------
 
-_SHARE_DECIMALS = 4  # Ray keeps resource amounts to 1e-4
 _MAX_FRACTION = 0.5  # a model that would need more than half a GPU gets whole GPUs instead
 
 
@@ -111,23 +135,28 @@ class ClusterPlan:
 
     @property
     def gpus(self) -> float:
-        return round(sum(p.replicas * p.num_gpus for p in self.pools.values()), _SHARE_DECIMALS)
+        return round(sum(p.gpus for p in self.pools.values()), _SHARE_DECIMALS)
 
     def capacity(self) -> dict[str, float]:
         """Per pool, the GPU-seconds it serves per second (a pool planned without GPUs: one per actor)."""
-        return {kind: p.replicas * (p.num_gpus if p.num_gpus > 0 else 1.0) for kind, p in self.pools.items()}
+        return {kind: p.capacity for kind, p in self.pools.items()}
 
     def layout(self) -> dict[str, dict]:
         return {kind: {"replicas": p.replicas, "num_gpus": p.num_gpus} for kind, p in self.pools.items()}
 
     def describe(self) -> str:
-        pools = ", ".join(f"{kind} {p.replicas} x ({p.num_gpus:g} GPU, {p.num_cpus:g} CPU)"
-                          for kind, p in self.pools.items())
+        def pool(kind: str, p: PoolPlan) -> str:
+            whole = f"{kind} {p.replicas - p.hosts} x ({p.num_gpus:g} GPU, {p.num_cpus:g} CPU)"
+            return whole + (f" + {p.hosts} x ({p.host_gpus:g} GPU, hosting {p.partner})" if p.hosts else "")
+
+        pools = ", ".join(pool(kind, p) for kind, p in self.pools.items())
         return f"pool plan ({self.policy}): {pools}; {self.drivers} concurrent tasks. {self.reason}"
 
     def to_dict(self) -> dict:
-        return {"policy": self.policy, "reason": self.reason, "drivers": self.drivers,
-                "pools": {kind: {"replicas": p.replicas, "num_gpus": p.num_gpus, "num_cpus": p.num_cpus}
+        return {"policy": self.policy, "reason": self.reason, "drivers": self.drivers, "gpus": self.gpus,
+                "pools": {kind: {"replicas": p.replicas, "num_gpus": p.num_gpus, "num_cpus": p.num_cpus,
+                                 **({"hosts": p.hosts, "host_gpus": p.host_gpus} if p.hosts else {}),
+                                 **({"partner": p.partner} if p.partner else {})}
                           for kind, p in self.pools.items()},
                 "expected_gpu_seconds": {k: round(v, 3) for k, v in self.work.items()}}
 
@@ -154,13 +183,14 @@ def plan_cluster(ray_cfg: RayConfig, nodes: list[Node], work: dict[str, float], 
     whole_slots = sum(math.floor(n.gpus + _EPS) for n in nodes)
     whole = [k for k in KINDS if costs.whole_gpu.get(k, True)
              or (specs[k].num_gpus != "auto" and float(specs[k].num_gpus) >= 1)]
+    guests: dict[str, tuple[str, int]] = {}
     if sum(n.gpus for n in nodes) <= 0:
         replicas, gpus, reason = _cpu_split(specs, weights, nodes)
     elif whole_slots >= len(whole):
-        replicas, gpus, reason = _gpu_split(specs, weights, whole_slots, whole)
+        replicas, gpus, reason, guests = _gpu_split(specs, weights, whole_slots, whole)
     else:
         replicas, gpus, reason = _shared_gpu(specs, weights, nodes)
-    pools, note = _fit(specs, weights, replicas, gpus, nodes)
+    pools, note = _fit(specs, weights, replicas, gpus, nodes, guests)
     share = {k: round(weights[k] / sum(weights.values()), 3) for k in KINDS}
     reason = f"expected GPU-second shares {share}; {reason}{note}"
     plan = ClusterPlan(pools=pools, drivers=0, reason=reason, work=dict(work))
@@ -209,6 +239,7 @@ def _gpu_split(specs, weights, whole_slots, whole):
         used += math.ceil(gpus[kind] - _EPS)
     reason = f"{whole_slots} whole GPUs split by work among {', '.join(whole)}"
     hosts = [k for k in hosts if replicas[k] > 0]
+    guests: dict[str, tuple[str, int]] = {}
     for kind in (k for k in KINDS if k not in whole):
         spec = specs[kind]
         load = weights[kind] / total * whole_slots  # GPUs this pool would keep busy
@@ -217,13 +248,15 @@ def _gpu_split(specs, weights, whole_slots, whole):
             reason += f"; {kind} on CPUs (no GPU left to share)"
             continue
         host = max(hosts, key=lambda k: weights[k])
+        taken = sum(n for h, n in guests.values() if h == host)
         count = int(spec.replicas) if spec.replicas != "auto" else max(1, math.ceil(load / _MAX_FRACTION))
-        count = min(count, replicas[host])
+        count = max(1, min(count, replicas[host] - taken))
         share = float(spec.num_gpus) if spec.num_gpus != "auto" else _ceil_share(min(_MAX_FRACTION, max(0.01, load / count)))
         replicas[kind], gpus[kind] = count, share
-        gpus[host] = _floor_share(gpus[host] - count * share)
-        reason += f"; {kind} shares a {host} GPU ({share:g} each, {host} actors ask {gpus[host]:g})"
-    return replicas, gpus, reason
+        guests[kind] = (host, count)
+        reason += (f"; {kind} shares {count} {host} GPU{'s' if count > 1 else ''} ({share:g} each, "
+                   f"those {host} actors ask {_floor_share(gpus[host] - share):g})")
+    return replicas, gpus, reason, guests
 
 
 def _shared_gpu(specs, weights, nodes):
@@ -253,12 +286,24 @@ def _cpu_split(specs, weights, nodes):
     return replicas, gpus, "no GPUs: model actors on CPUs"
 
 
-def _fit(specs, weights, replicas, gpus, nodes):
+def _pool_plans(replicas: dict, gpus: dict, cpus: dict, guests: dict[str, tuple[str, int]]) -> dict[str, PoolPlan]:
+    """PoolPlans where each guest actor sits on a host actor's GPU (the hosts ask what the guests leave)."""
+    plans = {k: PoolPlan(replicas=replicas[k], num_gpus=gpus[k], num_cpus=cpus[k]) for k in KINDS}
+    for guest, (host, count) in guests.items():
+        count = min(replicas[guest], replicas[host])
+        plans[guest] = replace(plans[guest], replicas=count, partner=host)
+        plans[host] = replace(plans[host], hosts=count, host_gpus=_floor_share(gpus[host] - gpus[guest]),
+                              partner=guest)
+    return plans
+
+
+def _fit(specs, weights, replicas, gpus, nodes, guests=None):
     """PoolPlans with CPUs the nodes can give; drops actors (least work per actor first) until all place."""
     note = ""
+    guests = dict(guests or {})
     replicas = dict(replicas)
     while True:
-        trial = {k: PoolPlan(replicas=replicas[k], num_gpus=gpus[k], num_cpus=0.0) for k in KINDS}
+        trial = _pool_plans(replicas, gpus, dict.fromkeys(KINDS, 0.0), guests)
         placed = place(trial, nodes)
         if placed is not None:
             counts: dict[int, int] = {}
@@ -266,9 +311,8 @@ def _fit(specs, weights, replicas, gpus, nodes):
                 for index in where:
                     counts[index] = counts.get(index, 0) + 1
             auto_cpus = min(1.0, min((_floor_share(nodes[i].cpus / c) for i, c in counts.items()), default=1.0))
-            plan = {k: PoolPlan(replicas=replicas[k], num_gpus=gpus[k],
-                                num_cpus=auto_cpus if specs[k].num_cpus == "auto" else float(specs[k].num_cpus))
-                    for k in KINDS}
+            plan = _pool_plans(replicas, gpus, {k: auto_cpus if specs[k].num_cpus == "auto" else float(specs[k].num_cpus)
+                                                for k in KINDS}, guests)
             if place(plan, nodes) is not None:
                 if auto_cpus < 1.0:
                     note += f"; {auto_cpus:g} CPU per model actor (the busiest node has fewer CPUs than actors)"
@@ -286,36 +330,59 @@ def _fit(specs, weights, replicas, gpus, nodes):
 
 def place(pools: dict[str, PoolPlan], nodes: list[Node]) -> dict[str, list[int]] | None:
     """Node index of every actor, as Ray could place them (largest GPU asks first), or None."""
+    return _place(pools, nodes)[0]
+
+
+def _place(pools: dict[str, PoolPlan], nodes: list[Node]) -> tuple[dict[str, list[int]] | None, list, list]:
+    """(where, CPUs left per node, free share of each GPU per node) after placing every actor (None: some
+    actor does not place)."""
     cpus = [n.cpus for n in nodes]
     gpu_free = [[1.0] * math.floor(n.gpus + _EPS) + ([n.gpus % 1] if n.gpus % 1 > _EPS else []) for n in nodes]
-    actors = sorted(((k, p) for k, p in pools.items() for _ in range(p.replicas)), key=lambda a: -a[1].num_gpus)
+    actors = sorted(((k, ask, p.num_cpus) for k, p in pools.items() for ask in p.asks()), key=lambda a: -a[1])
     where: dict[str, list[int]] = {k: [] for k in pools}
-    for kind, plan in actors:
+    for kind, ask, num_cpus in actors:
         options = []
         for i, free in enumerate(gpu_free):
-            if cpus[i] + _EPS < plan.num_cpus:
+            if cpus[i] + _EPS < num_cpus:
                 continue
-            if plan.num_gpus >= 1 - _EPS:
-                need = math.ceil(plan.num_gpus - _EPS)
+            if ask >= 1 - _EPS:
+                need = math.ceil(ask - _EPS)
                 whole = [g for g, f in enumerate(free) if f >= 1 - _EPS]
                 if len(whole) >= need:
                     options.append((0.0, i, whole[:need]))
-            elif plan.num_gpus > 0:
-                options += [(f, i, [g]) for g, f in enumerate(free) if f + _EPS >= plan.num_gpus]
+            elif ask > 0:
+                options += [(f, i, [g]) for g, f in enumerate(free) if f + _EPS >= ask]
             else:
                 options.append((-cpus[i], i, []))
         if not options:
-            return None
+            return None, cpus, gpu_free
         _, i, taken = min(options, key=lambda o: (o[0], o[1]))
-        cpus[i] -= plan.num_cpus
+        cpus[i] -= num_cpus
         for g in taken:
             free = gpu_free[i]
-            free[g] = round(free[g] - min(plan.num_gpus, 1.0), _SHARE_DECIMALS)
+            free[g] = round(free[g] - min(ask, 1.0), _SHARE_DECIMALS)
         where[kind].append(i)
-    return where
+    return where, cpus, gpu_free
+
+
+def free_room(pools: dict[str, PoolPlan], nodes: list[Node]) -> list[Node]:
+    """What each node has left once the pools' actors are placed: whole GPUs and CPUs (a GPU part-used by an
+    actor, or a host's left-over share, is not room for a new actor). Actors that do not place take nothing."""
+    placed = dict(pools)
+    while _place(placed, nodes)[0] is None:  # the cluster shrank: count only the actors that still place
+        kind = max((k for k, p in placed.items() if p.replicas - p.hosts > 0), key=lambda k: placed[k].replicas,
+                   default=None)
+        if kind is None:
+            return [replace(n, gpus=0.0) for n in nodes]
+        placed[kind] = replace(placed[kind], replicas=placed[kind].replicas - 1)
+    _, cpus, gpu_free = _place(placed, nodes)
+    return [replace(n, cpus=max(0.0, c), gpus=float(sum(1 for f in free if f >= 1 - _EPS)))
+            for n, c, free in zip(nodes, cpus, gpu_free)]
 
 
 def _legacy_plan(ray_cfg: RayConfig, nodes: list[Node], work: dict[str, float]) -> ClusterPlan:
+    if ray_cfg.clip.replicas == "auto":  # the earlier runtime always had one CLIP actor
+        ray_cfg = replace(ray_cfg, clip=replace(ray_cfg.clip, replicas=1))
     pools = plan_pools(ray_cfg, sum(n.gpus for n in nodes), sum(n.cpus for n in nodes))
     limit = ray_cfg.max_concurrent_tasks
     drivers = max(2, 2 * pools["sd"].replicas) if limit == "auto" else int(limit)
@@ -397,20 +464,24 @@ def rebalance_move(busy: dict[str, float], plan: ClusterPlan, *, high: float = 0
     next one. The donor's actor must free at least what the bottleneck's asks for;
     the runtime drains one whose GPU holds no other pool's actor.
     """
-    gpu_pools = {k: p for k, p in plan.pools.items() if k in busy and p.replicas > 0 and p.num_gpus > 0}
+    gpu_pools = {k: p for k, p in plan.pools.items() if k in busy and p.replicas > 0 and p.gpus > 0}
     if len(gpu_pools) < 2:
         return None
     to = max(gpu_pools, key=lambda k: busy[k])
     if busy[to] < high:
         return None
+    # A donor gives up one actor that has a GPU of its own (never a host: its GPU holds a guest too).
     donors = [k for k, p in gpu_pools.items()
-              if k != to and p.replicas > 1 and busy[k] <= low
-              and math.ceil(p.num_gpus - _EPS) >= gpu_pools[to].num_gpus - _EPS]
+              if k != to and p.replicas - p.hosts > 0 and p.replicas > 1 and busy[k] <= low
+              and p.num_gpus >= 1 - _EPS and k != gpu_pools[to].partner]
     if not donors:
         return None
     frm = min(donors, key=lambda k: busy[k])
-    donor_after = busy[frm] * gpu_pools[frm].replicas / (gpu_pools[frm].replicas - 1)
-    bottleneck_after = busy[to] * gpu_pools[to].replicas / (gpu_pools[to].replicas + 1)
+    target, donor = gpu_pools[to], gpu_pools[frm]
+    # A guest pool gains the share its new actor takes; the donor keeps a host actor for what is left.
+    gain = target.num_gpus if target.num_gpus < 0.5 else 1.0
+    donor_after = busy[frm] * donor.capacity / max(donor.capacity - gain, _EPS)
+    bottleneck_after = busy[to] * target.capacity / (target.capacity + gain)
     if donor_after > bottleneck_after - margin:
         return None
     return frm, to
@@ -423,24 +494,53 @@ def rebalance_window_s(rescale_seconds: float, call_seconds: dict[str, float], c
     return max(3 * rescale_seconds, calls * max(call_seconds.values(), default=0.0))
 
 
-def grow_pools(pools: dict[str, PoolPlan], free_gpus: float, work: dict[str, float],
+def grow_pools(pools: dict[str, PoolPlan], room: list[Node], work: dict[str, float],
                fixed: set[str] = frozenset()) -> dict[str, int]:
-    """Actors to add per pool when ``free_gpus`` GPUs join a running job: each whole GPU goes to the pool
-    with the most expected work per GPU it holds (the one that needs it most).
+    """Actors to add per pool when GPUs join a running job: each whole free GPU (``room``: `free_room`) goes to
+    the pool with the most expected work per GPU it holds, as long as an actor of that pool places there.
 
-    Existing actors keep their place and share; only pools sized in (near) whole GPUs grow, and
-    pools in ``fixed`` (replicas set in the config) never do.
+    Existing actors keep their place and shape. Whole-GPU pools grow by whole actors;
+    a guest pool (CLIP) grows by a pair on one new GPU: its actor and a host actor of
+    its partner pool asking what the guest leaves. Pools in ``fixed`` (replicas set in
+    the config) never grow. Every actor added places on ``room`` (nothing is asked
+    for that would wait forever, nor grow an autoscaling cluster for nothing).
     """
-    counts = {kind: plan.replicas for kind, plan in pools.items()}
+    capacity = {kind: plan.capacity for kind, plan in pools.items()}
     added = dict.fromkeys(pools, 0)
-    growable = [k for k, p in pools.items() if k not in fixed and p.num_gpus >= 0.5 and p.replicas > 0]
-    for _ in range(int(math.floor(free_gpus + _EPS))):
-        if not growable:
-            break
-        kind = max(growable, key=lambda k: (work.get(k, 0.0) / (counts[k] * pools[k].num_gpus), -KINDS.index(k)))
-        counts[kind] += 1
+    slots = [[n.gpus, n.cpus] for n in room]
+    growable = [k for k, p in pools.items() if k not in fixed and p.replicas > 0
+                and (p.num_gpus >= 0.5 or (p.partner and p.num_gpus > 0 and p.hosts == 0 and p.partner not in fixed))]
+
+    def need(kind: str) -> float:  # CPUs an addition of this pool takes on its one GPU
+        plan = pools[kind]
+        return plan.num_cpus + (pools[plan.partner].num_cpus if plan.num_gpus < 0.5 else 0.0)
+
+    while growable:
+        kind = max(growable, key=lambda k: (work.get(k, 0.0) / max(capacity[k], _EPS), -KINDS.index(k)))
+        slot = next((s for s in slots if s[0] >= 1 - _EPS and s[1] + _EPS >= need(kind)), None)
+        if slot is None:
+            growable.remove(kind)
+            continue
+        slot[0] -= 1
+        slot[1] -= need(kind)
+        plan = pools[kind]
         added[kind] += 1
+        if plan.num_gpus < 0.5:  # a guest with a new host of its partner pool
+            added[plan.partner] += 1
+            capacity[kind] += plan.num_gpus
+            capacity[plan.partner] += 1 - plan.num_gpus
+        else:
+            capacity[kind] += plan.num_gpus
     return added
+
+
+def with_added(pools: dict[str, PoolPlan], added: dict[str, int]) -> dict[str, PoolPlan]:
+    """The pools after `grow_pools`: a guest pool's new actors came with as many new hosts of its partner."""
+    out = {kind: replace(plan, replicas=plan.replicas + added.get(kind, 0)) for kind, plan in pools.items()}
+    for kind, plan in pools.items():
+        if plan.partner and plan.num_gpus < 0.5 and added.get(kind):
+            out[plan.partner] = replace(out[plan.partner], hosts=out[plan.partner].hosts + added[kind])
+    return out
 
 
 def wanted_gpus(max_gpus: float, remaining_seconds: float, mean_critical_path: float, tasks_left: int,

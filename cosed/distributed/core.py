@@ -1,0 +1,571 @@
+"""The job's coordination as a pure state machine: events in, actions out, no Ray, no clock.
+
+A task's life (one attempt at a time)::
+
+    QUEUED ─► CAPTIONING ─► READY ─► SEQUENCING ─► RENDERING ─► WRITE_READY ─► WRITING ─► DONE
+       ▲           (lm only)              │             │              │            │
+       └──────── retry (driver or writer lost, deadline) ─┴──────────────┴────────────┘   ─► FAILED
+
+A driver chooses the task's scenes and reports each one as a `ClipRequest`; the
+job (this core) sends every clip call itself, so a clip never depends on the
+driver that asked for it (a driver's death costs only the task it sequences).
+Clip calls are keyed by the clip's URI (its task fingerprint and step): a later
+attempt of the same task joins the call already running instead of rendering
+again. Once a task is sequenced and all its clips are stored, a writer
+assembles it from storage. Storage gone past its budget, or the output lease
+lost, stops all admission; the runtime then ends the run.
+
+Every operation on an event is O(1) amortised (dicts, a deque, a heap with lazy
+deletion), so the job's work per event does not grow with the tasks in flight.
+`cosed.distributed.job` drives this with Ray events; `cosed.distributed.simulator`
+drives the same class in virtual time.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import random
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from cosed.calls import ClipDone, ClipRequest
+from cosed.distributed.policies import Admission, choose_actor, sample_candidates
+from cosed.lease import LeaseLost
+from cosed.storage import StorageUnavailable
+from cosed.tasks import Task
+
+log = logging.getLogger("cosed")
+
+QUEUED, CAPTIONING, READY, SEQUENCING, RENDERING, WRITE_READY, WRITING, DONE, FAILED = (
+    "queued", "captioning", "ready", "sequencing", "rendering", "write_ready", "writing", "done", "failed")
+STATES = (QUEUED, CAPTIONING, READY, SEQUENCING, RENDERING, WRITE_READY, WRITING, DONE, FAILED)
+PAST_SEQUENCING = (RENDERING, WRITE_READY, WRITING)
+
+
+# -- what the runtime tells the core -------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Sequenced:
+    """A driver's last event for a task: every scene is chosen and the sequence record is stored.
+    ``probes``: the task's model calls and the dispatch messages they took (calls, probes, claims, releases)."""
+
+    steps: int
+    probes: tuple[int, int, int, int] = (0, 0, 0, 0)
+
+
+@dataclass(frozen=True)
+class ClipFound:
+    """A driver found the scene's clip already stored (a retry or a resume)."""
+
+    request: ClipRequest
+
+
+@dataclass(frozen=True)
+class DriverFailed:
+    """The task failed inside its driver: ``kind`` is ``storage``, ``calls`` (model calls kept failing) or
+    ``error`` (anything else, a bad input say)."""
+
+    kind: str
+    message: str
+
+
+# -- what the core asks the runtime to do ---------------------------------------------------------------
+
+@dataclass(frozen=True)
+class StartTask:
+    driver: int
+    key: tuple[str, int]  # (task id, attempt)
+    task: Task
+    captions: list[str]
+    fingerprint: str
+
+
+@dataclass(frozen=True)
+class SendClip:
+    call: int
+    actor: str
+    request: ClipRequest
+    timeout_s: float
+
+
+@dataclass(frozen=True)
+class CancelClip:
+    call: int
+
+
+@dataclass(frozen=True)
+class StartWriter:
+    key: tuple[str, int]
+    task: Task
+    fingerprint: str
+    started: float
+
+
+@dataclass(frozen=True)
+class CancelWriter:
+    key: tuple[str, int]
+
+
+@dataclass(frozen=True)
+class ReplaceDriver:
+    """Kill the driver (if it lives) and start a fresh one in its slot."""
+
+    driver: int
+
+
+@dataclass(frozen=True)
+class SendCaptions:
+    batch: int
+    actor: str
+    pairs: tuple[tuple[str, str], ...]
+
+
+@dataclass(frozen=True)
+class RecordFailure:
+    task_id: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Stop:
+    """End the run now (storage gone, lease lost): ``reason`` is raised once the run has wound down."""
+
+    reason: BaseException
+
+
+@dataclass(frozen=True)
+class Retrying:
+    task_id: str
+    reason: str
+    attempt: int
+
+
+# -- state -----------------------------------------------------------------------------------------
+
+@dataclass
+class TaskRun:
+    task: Task
+    fingerprint: str
+    captions: list[str] | None
+    attempt: int = 0
+    state: str = QUEUED
+    started: float = 0.0
+    driver: int | None = None
+    sequenced: bool = False
+    pending: set[str] = field(default_factory=set)  # clip URIs this attempt still waits for
+    clips: set[str] = field(default_factory=set)  # every clip URI of this attempt
+    scenes: int = 0  # scenes chosen in this attempt
+    caption_failures: int = 0
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return (self.task.id, self.attempt)
+
+
+@dataclass
+class ClipCall:
+    request: ClipRequest
+    waiting: set[str]  # task ids
+    call: int = 0
+    actor: str | None = None
+    tried: list[str] = field(default_factory=list)
+    first_failure: float | None = None
+
+
+@dataclass(frozen=True)
+class CorePolicy:
+    """The numbers the core decides with (`CallPolicy` and `RayConfig` give them)."""
+
+    task_retries: int = 2
+    task_deadline_s: float = 3600.0
+    call_attempts: int = 4
+    call_patience_s: float = 120.0  # a clip call is failed only after this long and ``call_attempts`` tries
+    timeout_floor_s: float = 120.0
+    timeout_factor: float = 10.0
+    clip_seconds: float = 1.0  # expected seconds of one clip call (measured ones replace it)
+    caption_batch: int = 32
+
+    def clip_timeout(self, queued_ahead: int) -> float:
+        return max(self.timeout_floor_s, self.timeout_factor * self.clip_seconds * (1 + queued_ahead))
+
+
+class JobCore:
+    """Tasks, drivers, clip calls, captions and writers of one run (see the module docstring)."""
+
+    def __init__(self, tasks: list[tuple[Task, str, list[str] | None]], drivers: int, admission: Admission,
+                 policy: CorePolicy, seed: int = 0):
+        self.policy = policy
+        self.admission = admission
+        self.tasks: dict[str, TaskRun] = {t.id: TaskRun(t, fp, captions) for t, fp, captions in tasks}
+        self.queue: deque[str] = deque(t.id for t, _, captions in tasks if captions is not None)
+        self.to_caption: deque[str] = deque(t.id for t, _, captions in tasks if captions is None)
+        self.idle: list[int] = list(range(drivers))
+        self.counts = dict.fromkeys(STATES, 0)
+        self.counts[QUEUED] = len(self.tasks)
+        self.clips: dict[str, ClipCall] = {}  # clip URI -> the call that makes it
+        self.calls: dict[int, str] = {}  # call id -> clip URI (the current submission only)
+        self.done_clips: set[str] = set()
+        self.members: dict[str, list[str]] = {"video": [], "caption": []}
+        self.load: dict[str, int] = {}  # actor -> calls this core has outstanding on it
+        self.ids = itertools.count(1)
+        self.rng = random.Random(seed)
+        self.timers: list[tuple[float, int, str, Any]] = []
+        self.resend: deque[str] = deque()  # clip URIs waiting for a video actor
+        self.captioning: dict[int, list[tuple[str, int]]] = {}  # caption batch -> (task id, step index)
+        self.caption_waiting: deque[tuple[str, int]] = deque()
+        self.writing: dict[tuple[str, int], str] = {}  # writer key -> task id
+        self.write_ready: deque[str] = deque()
+        self.stopped: BaseException | None = None
+        self.done: list[str] = []
+        self.failed: list[tuple[str, str]] = []
+        self.scenes_chosen = 0
+        self.scenes_written = 0
+        self.events = 0  # handled (for the work-per-event figures)
+
+    # -- bookkeeping ---------------------------------------------------------------------------------
+    @property
+    def finished(self) -> bool:
+        return self.counts[DONE] + self.counts[FAILED] == len(self.tasks) or (
+            self.stopped is not None and not self.writing)
+
+    def _move(self, run: TaskRun, state: str) -> None:
+        self.counts[run.state] -= 1
+        self.counts[state] += 1
+        run.state = state
+
+    def _timer(self, at: float, kind: str, key: Any) -> None:
+        heapq.heappush(self.timers, (at, next(self.ids), kind, key))
+
+    def next_timer(self) -> float | None:
+        return self.timers[0][0] if self.timers else None
+
+    @property
+    def past_sequencing(self) -> int:
+        return sum(self.counts[s] for s in PAST_SEQUENCING)
+
+    # -- entry points ----------------------------------------------------------------------------------
+    def start(self, now: float) -> list:
+        return self._admit(now)
+
+    def on_members(self, kind: str, names: list[str], now: float) -> list:
+        """The live members of a pool the job itself sends calls to (video, caption)."""
+        self.members[kind] = list(names)
+        for name in names:
+            self.load.setdefault(name, 0)
+        return self._admit(now)
+
+    def on_driver_events(self, driver: int, key: tuple[str, int], events: list, now: float) -> list:
+        self.events += 1
+        run = self.tasks.get(key[0])
+        if run is None or run.key != key or run.state != SEQUENCING or run.driver != driver:
+            return []  # an attempt that was already given up (deadline, retry)
+        actions: list = []
+        for event in events:
+            if isinstance(event, ClipRequest):
+                run.scenes += 1
+                self.scenes_chosen += 1
+                actions += self._need_clip(run, event, now)
+            elif isinstance(event, ClipFound):
+                run.scenes += 1
+                self.scenes_chosen += 1
+                run.clips.add(event.request.clip)
+                self.done_clips.add(event.request.clip)
+            elif isinstance(event, Sequenced):
+                run.sequenced = True
+                run.driver = None
+                self.idle.append(driver)
+                self._move(run, RENDERING)
+                self._maybe_ready_to_write(run)
+            elif isinstance(event, DriverFailed):
+                run.driver = None
+                self.idle.append(driver)
+                if event.kind == "storage":
+                    actions += self._stop(StorageUnavailable(event.message))
+                    self._fail(run, event.message, actions)
+                else:
+                    reason = f"model calls kept failing: {event.message}" if event.kind == "calls" else event.message
+                    self._fail(run, reason, actions)
+        return actions + self._admit(now)
+
+    def on_driver_lost(self, driver: int, key: tuple[str, int], reason: str, now: float) -> list:
+        """The driver's process or node is gone (not a failure inside the task)."""
+        self.events += 1
+        run = self.tasks.get(key[0])
+        if run is None or run.key != key or run.state != SEQUENCING or run.driver != driver:
+            return []
+        run.driver = None
+        self.idle.append(driver)
+        actions: list = [ReplaceDriver(driver)]
+        self._retry_or_fail(run, reason, actions)
+        return actions + self._admit(now)
+
+    def on_clip_result(self, call: int, done: ClipDone | None, error: str | None, message: str, now: float) -> list:
+        """A clip call answered: ``done``, or ``error`` = ``retry`` (actor lost, timed out, cancelled),
+        ``storage`` or ``fatal`` (the call itself failed)."""
+        self.events += 1
+        uri = self.calls.pop(call, None)
+        if uri is None:
+            return []
+        clip = self.clips[uri]
+        if clip.actor is not None:
+            self.load[clip.actor] = max(0, self.load.get(clip.actor, 1) - 1)
+        actions: list = []
+        if done is not None:
+            self._clip_done(uri, actions)
+        elif error == "retry":
+            clip.tried.append(clip.actor or "?")
+            clip.first_failure = clip.first_failure if clip.first_failure is not None else now
+            if len(clip.tried) >= self.policy.call_attempts and now - clip.first_failure >= self.policy.call_patience_s:
+                self._clip_failed(uri, f"video calls kept failing: {len(clip.tried)} attempts "
+                                       f"(actors {', '.join(clip.tried)}); last error: {message}", actions)
+            else:
+                log.warning("clip %s (task %s, step %d) failed on %s (%s); sending it to another actor",
+                            uri, clip.request.task_id, clip.request.step, clip.actor, message)
+                clip.actor = None
+                self._timer(now + min(0.2 * 2 ** len(clip.tried), 5.0), "resend", uri)
+        elif error == "storage":
+            actions += self._stop(StorageUnavailable(message))
+            self._clip_failed(uri, message, actions)
+        else:
+            self._clip_failed(uri, message, actions)
+        return actions + self._admit(now)
+
+    def on_writer_result(self, key: tuple[str, int], error: str | None, message: str, now: float) -> list:
+        """A writer ended: ``error`` None (written), ``lost`` (its process kept dying), ``storage``,
+        ``lease`` or ``fatal``."""
+        self.events += 1
+        task_id = self.writing.pop(key, None)
+        if task_id is None:
+            return []
+        run = self.tasks[task_id]
+        actions: list = []
+        if error is None:
+            self._move(run, DONE)
+            self.done.append(task_id)
+            self.scenes_written += len(run.task.steps)
+            self.done_clips -= run.clips  # written: nothing asks for these clips again
+        elif error == "lost":
+            self._retry_or_fail(run, f"writer failed ({message})", actions)
+        elif error == "storage":
+            actions += self._stop(StorageUnavailable(message))
+            self._fail(run, message, actions)
+        elif error == "lease":
+            actions += self._stop(LeaseLost(message))
+            self._fail(run, message, actions)
+        else:
+            self._fail(run, message, actions)
+        return actions + self._admit(now)
+
+    def on_captions(self, batch: int, captions: list[str] | None, error: str | None, message: str,
+                    now: float) -> list:
+        self.events += 1
+        items = self.captioning.pop(batch, None)
+        if items is None:
+            return []
+        actions: list = []
+        for (task_id, step), caption in zip(items, captions or [None] * len(items)):
+            run = self.tasks[task_id]
+            if run.state != CAPTIONING:
+                continue
+            if caption is None:
+                run.caption_failures += 1
+                if error == "retry" and run.caption_failures < self.policy.call_attempts:
+                    self.caption_waiting.appendleft((task_id, step))
+                    continue
+                if error == "storage":
+                    actions += self._stop(StorageUnavailable(message))
+                self._fail(run, f"captioning failed: {message}", actions)
+                continue
+            run.captions.append(caption)
+            if len(run.captions) < len(run.task.steps):
+                self.caption_waiting.append((task_id, len(run.captions)))
+            else:
+                self._move(run, READY)
+                self.queue.append(task_id)
+        return actions + self._admit(now)
+
+    def on_tick(self, now: float) -> list:
+        actions: list = []
+        while self.timers and self.timers[0][0] <= now:
+            _, _, kind, key = heapq.heappop(self.timers)
+            if kind == "deadline":
+                run = self.tasks[key[0]]
+                if run.key == key and run.state not in (DONE, FAILED, QUEUED, READY, CAPTIONING):
+                    self._deadline(run, actions)
+            elif kind == "clip-timeout":
+                call, uri = key
+                if self.calls.get(call) == uri:
+                    actions.append(CancelClip(call))
+                    actions += self.on_clip_result(call, None, "retry", "did not answer in time", now)
+            elif kind == "resend":
+                if key in self.clips and self.clips[key].actor is None and key not in self.done_clips:
+                    self.resend.append(key)
+        return actions + self._admit(now)
+
+    # -- internals ---------------------------------------------------------------------------------------
+    def _need_clip(self, run: TaskRun, request: ClipRequest, now: float) -> list:
+        uri = request.clip
+        run.clips.add(uri)
+        if uri in self.done_clips:
+            return []
+        run.pending.add(uri)
+        clip = self.clips.get(uri)
+        if clip is not None:  # an earlier attempt of this task already asked for it: join that call
+            clip.waiting.add(run.task.id)
+            return []
+        self.clips[uri] = ClipCall(request, {run.task.id})
+        return self._send(uri, now)
+
+    def _send(self, uri: str, now: float) -> list:
+        members = self.members["video"]
+        clip = self.clips[uri]
+        if not members:
+            self.resend.append(uri)
+            return []
+        tried = set(clip.tried[-len(members) + 1:]) if len(members) > 1 else set()
+        candidates = sample_candidates(members, lambda name: name in tried, self.rng)
+        actor = choose_actor(candidates, self.load)
+        queued = self.load.get(actor, 0)
+        clip.actor = actor
+        clip.call = next(self.ids)
+        self.calls[clip.call] = uri
+        self.load[actor] = queued + 1
+        timeout = self.policy.clip_timeout(queued)
+        self._timer(now + timeout, "clip-timeout", (clip.call, uri))
+        return [SendClip(clip.call, actor, clip.request, timeout)]
+
+    def _clip_done(self, uri: str, actions: list) -> None:
+        clip = self.clips.pop(uri)
+        self.done_clips.add(uri)
+        for task_id in clip.waiting:
+            run = self.tasks[task_id]
+            run.pending.discard(uri)
+            self._maybe_ready_to_write(run)
+
+    def _clip_failed(self, uri: str, reason: str, actions: list) -> None:
+        clip = self.clips.pop(uri)
+        for task_id in clip.waiting:
+            run = self.tasks[task_id]
+            if uri in run.pending and run.state not in (DONE, FAILED):
+                self._fail(run, reason, actions)
+
+    def _maybe_ready_to_write(self, run: TaskRun) -> None:
+        if run.state == RENDERING and run.sequenced and not run.pending:
+            self._move(run, WRITE_READY)
+            self.write_ready.append(run.task.id)
+
+    def _deadline(self, run: TaskRun, actions: list) -> None:
+        limit = self.policy.task_deadline_s
+        if run.state == SEQUENCING and run.driver is not None:
+            actions.append(ReplaceDriver(run.driver))
+            self.idle.append(run.driver)
+            run.driver = None
+        elif run.state == WRITING:
+            self.writing.pop(run.key, None)
+            actions.append(CancelWriter(run.key))
+        self._retry_or_fail(run, f"deadline of {limit:g} s passed while {run.state.replace('_', ' ')}", actions)
+
+    def _retry_or_fail(self, run: TaskRun, reason: str, actions: list) -> None:
+        if run.state == WRITE_READY:
+            self._remove_write_ready(run.task.id)
+        if run.attempt < self.policy.task_retries and self.stopped is None:
+            run.attempt += 1
+            run.sequenced, run.scenes, run.driver = False, 0, None
+            self._drop_pending(run)
+            self._move(run, QUEUED)
+            self.queue.append(run.task.id)
+            actions.append(Retrying(run.task.id, reason, run.attempt + 1))
+        else:
+            self._fail(run, f"{reason} ({run.attempt + 1} attempts)", actions)
+
+    def _drop_pending(self, run: TaskRun) -> None:
+        """This attempt waits for nothing more (a clip call it started goes on, and a later attempt joins it)."""
+        run.pending.clear()
+
+    def _remove_write_ready(self, task_id: str) -> None:
+        try:
+            self.write_ready.remove(task_id)  # rare (a deadline while waiting for a writer slot)
+        except ValueError:
+            pass
+
+    def _fail(self, run: TaskRun, reason: str, actions: list) -> None:
+        if run.state in (DONE, FAILED):
+            return
+        if run.state == WRITE_READY:
+            self._remove_write_ready(run.task.id)
+        if run.state == SEQUENCING and run.driver is not None:
+            actions.append(ReplaceDriver(run.driver))  # stop its work: the task will not be written
+            self.idle.append(run.driver)
+            run.driver = None
+        self._drop_pending(run)
+        self._move(run, FAILED)
+        self.failed.append((run.task.id, reason))
+        actions.append(RecordFailure(run.task.id, reason))
+
+    def _stop(self, reason: BaseException) -> list:
+        if self.stopped is not None:
+            return []
+        self.stopped = reason
+        for task_id in list(self.queue) + list(self.to_caption):
+            run = self.tasks[task_id]
+            if run.state in (QUEUED, READY, CAPTIONING):
+                self._move(run, FAILED)
+                self.failed.append((task_id, "not started: the run stopped"))
+        self.queue.clear()
+        self.to_caption.clear()
+        return [Stop(reason)]
+
+    def _admit(self, now: float) -> list:
+        """Start what the bounds allow: resent clips, captions, tasks on idle drivers, writers (nothing once
+        the run stopped)."""
+        if self.stopped is not None:
+            return []
+        actions: list = []
+        while self.resend and self.members["video"]:
+            uri = self.resend.popleft()
+            if uri in self.clips and self.clips[uri].actor is None and uri not in self.done_clips:
+                actions += self._send(uri, now)
+        actions += self._admit_captions()
+        while self.queue and self.admission.may_sequence(len(self.idle), self.past_sequencing):
+            run = self.tasks[self.queue.popleft()]
+            if run.state not in (QUEUED, READY) or run.captions is None or len(run.captions) < len(run.task.steps):
+                continue
+            driver = self.idle.pop()
+            run.driver = driver
+            run.started = now
+            self._move(run, SEQUENCING)
+            self._timer(now + self.policy.task_deadline_s, "deadline", run.key)
+            actions.append(StartTask(driver, run.key, run.task, list(run.captions), run.fingerprint))
+        while self.write_ready and self.admission.may_write(len(self.writing)):
+            run = self.tasks[self.write_ready.popleft()]
+            if run.state != WRITE_READY:
+                continue
+            self._move(run, WRITING)
+            self.writing[run.key] = run.task.id
+            actions.append(StartWriter(run.key, run.task, run.fingerprint, run.started))
+        return actions
+
+    def _admit_captions(self) -> list:
+        actions: list = []
+        while self.to_caption and self.admission.may_caption(self.counts[CAPTIONING] + self.counts[READY]):
+            run = self.tasks[self.to_caption.popleft()]
+            run.captions = []
+            self._move(run, CAPTIONING)
+            self.caption_waiting.append((run.task.id, 0))
+        members = self.members["caption"]
+        while self.caption_waiting and members:
+            items = [self.caption_waiting.popleft()
+                     for _ in range(min(self.policy.caption_batch, len(self.caption_waiting)))]
+            pairs = []
+            for task_id, step in items:
+                run = self.tasks[task_id]
+                pairs.append((run.captions[step - 1] if step else "", run.task.steps[step]))
+            actor = choose_actor(sample_candidates(members, lambda _: False, self.rng), self.load)
+            batch = next(self.ids)
+            self.captioning[batch] = items
+            actions.append(SendCaptions(batch, actor, tuple(pairs)))
+        return actions
+

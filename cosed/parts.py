@@ -1,0 +1,49 @@
+"""A task's parts: what sequencing and clip calls store before the writer assembles the task.
+
+No result lives only in a process: the driver stores each chosen scene (and the
+candidates' thumbnails, when kept) as it goes and the sequence record when it is
+done; each clip call stores its clip. All of it sits under the task's fingerprint,
+
+    OUT/.cosed-parts/<task folder>/<fingerprint>/scene_NN.png, clip_NN.mp4, cand_NN_KK.png, sequence.json
+
+so a retry or a resume with the same inputs and config reuses what is there (the
+content is deterministic: a repeated write stores the same bytes), and parts of
+other inputs or config are never read. The writer copies the parts to the task's
+folder, writes the manifest last and removes the parts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from cosed import storage
+
+PARTS = ".cosed-parts"
+
+
+@dataclass(frozen=True)
+class TaskParts:
+    root: str
+
+    @classmethod
+    def of(cls, out: str, folder: str, fingerprint: str) -> "TaskParts":
+        return cls(storage.join(out, PARTS, folder, fingerprint))
+
+    def scene(self, step: int) -> str:
+        return storage.join(self.root, f"scene_{step:02d}.png")
+
+    def clip(self, step: int) -> str:
+        return storage.join(self.root, f"clip_{step:02d}.mp4")
+
+    def candidate(self, step: int, index: int) -> str:
+        return storage.join(self.root, f"cand_{step:02d}_{index:02d}.png")
+
+    @property
+    def sequence(self) -> str:
+        return storage.join(self.root, "sequence.json")
+
+
+def stale_parts(out: str, folder: str, fingerprint: str) -> list[str]:
+    """Parts a task left under other fingerprints (its inputs or config changed): safe to remove."""
+    keep = TaskParts.of(out, folder, fingerprint).root
+    return [uri for uri in storage.list_keys(storage.join(out, PARTS, folder)) if not uri.startswith(keep + "/")]
