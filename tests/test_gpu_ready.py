@@ -45,11 +45,33 @@ def test_backend_refuses_to_load_models_on_a_too_small_gpu(tiny_cache, monkeypat
         backend.sd  # noqa: B018  (the plan is checked before any download)
 
 
-def test_a_model_alone_on_its_gpu_is_planned_alone(tiny_cache, monkeypatch):
+def test_the_memory_plan_is_chosen_once_per_pool_and_is_part_of_the_fingerprint(tiny_cache, monkeypatch):
+    """Savers change output bytes, so no model process picks its own plan: the run resolves one level per
+    pool from the smallest GPU, and the level (and the smaller decode chunk it brings) is in the fingerprint."""
+    from cosed.distributed.costs import CostModel
+    from cosed.distributed.job import memory_shares
+    from cosed.engine import task_fingerprint
+    from cosed.models.profiles import KINDS
+    from cosed.runner import resolve_run, with_memory_plan
+    from cosed.tasks import Task
+
+    profile, cfg = resolve_run(RunConfig(profile="sd21-svd", cache_dir=str(tiny_cache)))
+    task = Task(id="t", title="T", steps=("Cut.", "Glue."))
+    # In process the three models share one 24 GiB GPU: savers for every pool, video decodes two frames at once.
+    shared = with_memory_plan(cfg, profile, 24.0, dict.fromkeys(KINDS, KINDS))
+    assert shared.memory_plan == {"clip": "savers", "sd": "savers", "video": "savers"}
+    assert shared.video.decode_chunk_size == 2 and cfg.video.decode_chunk_size == 8
+    # On a cluster each pool has GPUs of its own (CLIP may share any of them): plain, nothing changes.
+    alone = with_memory_plan(cfg, profile, 24.0, memory_shares(8, CostModel.from_dict(profile.costs)))
+    assert alone.memory_plan == {} and alone.video == cfg.video
+    assert task_fingerprint(task, profile, alone) == task_fingerprint(task, profile, cfg)
+    assert task_fingerprint(task, profile, shared) != task_fingerprint(task, profile, alone)
+    # A model process checks the level it was given against its own GPU; it never picks another.
     monkeypatch.setattr("cosed.backend.gpu_memory_gib", lambda device: 24.0)
-    profile, cfg = resolve_profile("sd21-svd", tiny_cache), RunConfig(profile="sd21-svd")
-    assert LocalBackend(profile, cfg).memory_plan.level == "savers"  # sd + video + clip share the GPU
-    assert LocalBackend(profile, cfg, gpu_shared_by=("sd",)).memory_plan.level == "plain"
+    assert LocalBackend(profile, alone, gpu_shared_by=("sd", "clip")).memory_plan("sd").level == "plain"
+    assert LocalBackend(profile, shared).memory_plan("video").level == "savers"
+    with pytest.raises(InsufficientGPUMemory):
+        LocalBackend(profile, alone).memory_plan("video")  # all three on this GPU would need savers
 
 
 def test_gpu_check_names_what_is_missing():
