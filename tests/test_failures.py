@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import os
+import re
 import socket
 import stat
 import subprocess
@@ -118,9 +119,18 @@ def test_a_relative_out_under_ray_job_submit_is_refused(tmp_path, capsys, monkey
     assert "ray job submit" in capsys.readouterr().err
 
 
+# Setting RAY_AUTH_MODE in any way, or naming it next to "disabled" (reading it, as `cosed doctor` does, is fine).
+TURNS_AUTH_OFF = re.compile(r"""environ\[\s*["']RAY_AUTH_MODE["']\s*\]\s*=|(setdefault|putenv|setenv|update)\(\s*"""
+                            r"""\{?\s*["']RAY_AUTH_MODE|RAY_AUTH_MODE\W{0,8}disabled""")
+
+
 def test_product_code_never_turns_ray_auth_off():
     sources = [p for p in (REPO / "cosed").rglob("*.py")] + list((REPO / "ray_jobs").glob("*.py"))
-    assert not [p for p in sources if "RAY_AUTH_MODE" in p.read_text()]
+    assert not [p for p in sources if TURNS_AUTH_OFF.search(p.read_text())]
+    for turns_off in ('os.environ["RAY_AUTH_MODE"] = "x"', "os.environ.setdefault('RAY_AUTH_MODE', m)",
+                      'env.update({"RAY_AUTH_MODE": m})', "RAY_AUTH_MODE=disabled"):
+        assert TURNS_AUTH_OFF.search(turns_off), turns_off
+    assert not TURNS_AUTH_OFF.search('environ.get("RAY_AUTH_MODE", "")')
 
 
 # --- storage ------------------------------------------------------------------------------------
