@@ -9,6 +9,7 @@ import stat
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import boto3
 import pytest
@@ -149,9 +150,12 @@ def _umask() -> int:
 
 
 def test_every_s3_object_gets_a_content_type(s3_mock):
-    for name, kind in [("video.mp4", "video/mp4"), ("s.png", "image/png"), ("m.json", "application/json"),
-                       ("errors.jsonl", "application/x-ndjson"), ("report.html", "text/html; charset=utf-8"),
-                       ("metrics.csv", "text/csv; charset=utf-8"), ("w.safetensors", "application/octet-stream")]:
+    expected = [("video.mp4", "video/mp4"), ("s.png", "image/png"), ("m.json", "application/json"),
+                ("errors.jsonl", "application/x-ndjson"), ("report.html", "text/html; charset=utf-8"),
+                ("metrics.csv", "text/csv; charset=utf-8"), ("notes.txt", "text/plain; charset=utf-8"),
+                ("w.safetensors", "application/octet-stream"), ("odd.bin", "application/octet-stream")]
+    assert {Path(name).suffix for name, _ in expected} >= set(storage.CONTENT_TYPES)   # every type is tested
+    for name, kind in expected:
         storage.write_bytes(f"s3://videos/run/{name}", b"x")
         assert s3_mock.head_object(Bucket="videos", Key=f"run/{name}")["ContentType"] == kind
 

@@ -41,3 +41,27 @@ def test_encoded_clips_join_without_re_encoding_into_the_same_frames():
     joined = concat_mp4([c.data for c in clips], metadata={"title": "t"})
     assert [c.frames for c in clips] == [6, 6, 5]
     assert np.array_equal(decode_mp4(joined), np.concatenate([decode_mp4(c.data) for c in clips]))
+
+
+def top_level_boxes(data: bytes) -> list[str]:
+    """The mp4's top-level box types in file order (size-prefixed ISO BMFF boxes)."""
+    boxes, offset = [], 0
+    while offset + 8 <= len(data):
+        size, kind = int.from_bytes(data[offset:offset + 4], "big"), data[offset + 4:offset + 8].decode("latin-1")
+        if size == 1:    # a 64-bit size follows the type
+            size = int.from_bytes(data[offset + 8:offset + 16], "big")
+        assert size >= 8, f"bad box size at {offset}"
+        boxes.append(kind)
+        offset += size
+    assert offset == len(data)
+    return boxes
+
+
+def test_clips_and_task_videos_have_their_index_first_so_a_browser_streams_them_from_a_bucket():
+    from cosed.video import concat_mp4, encode_clip
+
+    clips = [encode_clip(clip(value, 5), fps=7) for value in (30, 220)]
+    for data in [c.data for c in clips] + [concat_mp4([c.data for c in clips], metadata={"title": "t"})]:
+        boxes = top_level_boxes(data)
+        assert boxes[0] == "ftyp" and "mdat" in boxes
+        assert boxes.index("moov") < boxes.index("mdat"), boxes   # faststart: no seek to the end first
