@@ -61,6 +61,7 @@ def test_cluster_launcher_has_an_autoscaling_gpu_worker_type():
     assert config["head_node_type"] in types
     gpu = [t for t in types.values() if t["resources"].get("GPU", 0) >= 1]
     assert gpu and all(t["min_workers"] <= t["max_workers"] and t["max_workers"] >= 2 for t in gpu)
+    assert all(t["resources"]["CPU"] >= 3 for t in gpu)   # the sd, video and clip actors of one GPU (1 CPU each)
     assert config["idle_timeout_minutes"] > 0
 
 
