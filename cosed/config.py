@@ -6,8 +6,11 @@ Precedence: dataclass defaults < the profile's ``defaults`` < ``--config`` file 
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -104,7 +107,10 @@ class RayConfig:
     idle_below: float = 0.35
     rebalance_margin: float = 0.15   # after a move the donor must stay this much less busy (no ping-pong)
     rebalance_window_calls: int = 10
-    autoscale_max_gpus: float = 0.0
+    # GPUs to ask an autoscaling cluster for, at most (0: never ask). "auto": the cluster's own maximum,
+    # read from COSED_AUTOSCALE_MAX_GPUS (set by the shipped cluster files), else 0
+    # (resolve_autoscale_max_gpus).
+    autoscale_max_gpus: float | str = "auto"
     # Test-only fault injection: the first call of this pool ("sd", "video", "clip") that
     # creates the file ``chaos_stall_marker`` sleeps forever (tests of stuck-call handling).
     chaos_stall_kind: str | None = None
@@ -201,6 +207,9 @@ class RunConfig:
             raise ConfigError("sd.batch_size and max_steps must be positive")
         if self.memory not in ("auto", "off", "savers", "offload"):
             raise ConfigError(f"memory must be auto, off, savers or offload, got {self.memory!r}")
+        gpus = self.ray.autoscale_max_gpus
+        if gpus != "auto" and (gpus < 0 or not math.isfinite(gpus)):
+            raise ConfigError(f"ray.autoscale_max_gpus must be 'auto' or a number >= 0, got {gpus!r}")
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -216,6 +225,29 @@ class RunConfig:
                 if merged[section].get(key) is None:
                     merged[section][key] = value
         return from_dict(merged)
+
+
+AUTOSCALE_ENV = "COSED_AUTOSCALE_MAX_GPUS"
+
+
+def resolve_autoscale_max_gpus(value: float | str, environ: Mapping[str, str] | None = None) -> float:
+    """``ray.autoscale_max_gpus`` as a number: ``"auto"`` reads COSED_AUTOSCALE_MAX_GPUS, which the
+    shipped cluster files set to their maximum GPUs (workers' max x GPUs per worker), else 0 (never ask).
+
+    Read where the job runs (the head), so one config serves every cluster and a laptop alike.
+    """
+    if value != "auto":
+        return float(value)
+    raw = (os.environ if environ is None else environ).get(AUTOSCALE_ENV, "").strip()
+    if not raw:
+        return 0.0
+    try:
+        gpus = float(raw)
+    except ValueError:
+        gpus = -1.0
+    if gpus < 0 or not math.isfinite(gpus):
+        raise ConfigError(f"{AUTOSCALE_ENV} must be a number of GPUs >= 0, got {raw!r}")
+    return gpus
 
 
 def _build(cls, data: dict[str, Any], where: str):

@@ -8,16 +8,17 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from cosed.cuda_compat import FAIL, OK, WARN, driver_verdict
 from cosed.memory import LEVELS, InsufficientGPUMemory, plan_memory
 from cosed.models.profiles import KINDS, Profile
-
-OK, WARN, FAIL = "ok", "warn", "FAIL"
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,49 @@ def local_gpus() -> list[float]:
     if not torch.cuda.is_available():
         return []
     return [torch.cuda.get_device_properties(i).total_memory / 2**30 for i in range(torch.cuda.device_count())]
+
+
+def driver_check(driver: str | None, torch_cuda: str | None, torch_version: str, name: str = "driver") -> Check:
+    """The host's NVIDIA driver against torch's CUDA build (pure: cosed.cuda_compat decides)."""
+    verdict = driver_verdict(driver, torch_cuda, torch_version)
+    return Check(name, verdict.status, verdict.detail, verdict.fix)
+
+
+def local_driver() -> str | None:
+    """The NVIDIA driver version nvidia-smi reports, or None when there is no nvidia-smi or it fails."""
+    if shutil.which("nvidia-smi") is None:
+        return None
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20).stdout.split()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out[0] if out else None
+
+
+def local_torch_build() -> tuple[str | None, str]:
+    """(``torch.version.cuda``, torch's version): which CUDA this torch was built for (None: CPU only)."""
+    import torch
+
+    return torch.version.cuda, torch.__version__
+
+
+def ray_auth_check(address: str | None, environ: Mapping[str, str]) -> Check | None:
+    """A client of a remote cluster sends Ray's token only when RAY_AUTH_MODE=token is set here too
+    (Ray 2.60 never turns it on by itself for an explicit address); pure, so tested without a cluster."""
+    if not address:
+        return None
+    mode = environ.get("RAY_AUTH_MODE", "").lower()
+    has_token = bool(environ.get("RAY_AUTH_TOKEN") or environ.get("RAY_AUTH_TOKEN_PATH")
+                     or (Path(environ.get("HOME", str(Path.home()))) / ".ray" / "auth_token").is_file())
+    if mode == "token" and has_token:
+        return Check("Ray auth", OK, "RAY_AUTH_MODE=token and a token (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or "
+                                     "~/.ray/auth_token): this client authenticates")
+    missing = [] if mode == "token" else ["RAY_AUTH_MODE=token"]
+    missing += [] if has_token else ["a token (RAY_AUTH_TOKEN or ~/.ray/auth_token)"]
+    return Check("Ray auth", WARN, f"no {' and no '.join(missing)}: a cluster with token auth (every cluster file "
+                                   "in cluster/) refuses this client",
+                 "export RAY_AUTH_MODE=token and RAY_AUTH_TOKEN=<the cluster's token> (cluster/README.md: Token)")
 
 
 def weights_checks(profile: Profile) -> list[Check]:
@@ -129,17 +173,26 @@ ray.init(address=ADDRESS, logging_level="ERROR", log_to_driver=False)
 @ray.remote(num_cpus=0)
 def gpu_memory():
     try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits"],
+        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.total,driver_version", "--format=csv,noheader,nounits"],
                              capture_output=True, text=True, timeout=20).stdout
-        return [int(v) / 1024 for v in out.split()] or None
+        rows = [line.split(",") for line in out.strip().splitlines() if line.strip()]
+        memory, driver = [int(r[0]) / 1024 for r in rows] or None, rows[0][1].strip() if rows else None
     except Exception:
-        return None
+        memory, driver = None, None
+    try:
+        import torch
+        build = [torch.version.cuda, torch.__version__]
+    except Exception:
+        build = [None, "not installed"]
+    return memory, driver, build
 
 nodes = [n for n in ray.nodes() if n["Alive"] and n["Resources"].get("GPU", 0)]
 refs = [gpu_memory.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote()
         for n in nodes]
+answers = ray.get(refs, timeout=60)
 print(json.dumps({"nodes": len(ray.nodes()), "gpus": [n["Resources"]["GPU"] for n in nodes],
-                  "memory": ray.get(refs, timeout=60)}))
+                  "memory": [a[0] for a in answers], "drivers": [a[1] for a in answers],
+                  "torch": [a[2] for a in answers]}))
 """
 
 
@@ -156,7 +209,8 @@ def cluster_checks(address: str | None, profile: Profile, memory: str, timeout: 
                       "check the address (HEAD:6379 for ray.init, http://HEAD:8265 for ray job submit) and firewalls")]
     if done.returncode != 0:
         error = (done.stderr.strip().splitlines() or ["unknown error"])[-1][:200]
-        fix = ("the cluster uses token auth: set RAY_AUTH_TOKEN to its token (see cluster/README.md)"
+        fix = ("the cluster uses token auth: export RAY_AUTH_MODE=token and RAY_AUTH_TOKEN=<its token> "
+               "(cluster/README.md: Token)"
                if "auth" in error.lower() or "token" in error.lower() else "check the address and that the cluster is up")
         return [Check("Ray", FAIL, f"cannot connect to {address}: {error}", fix)]
     return probe_checks(address, json.loads(done.stdout.strip().splitlines()[-1]), profile, memory)
@@ -175,16 +229,29 @@ def probe_checks(address: str, probe: dict, profile: Profile, memory: str) -> li
                             "check the nodes' memory against README: Running on GPUs"))
         return checks
     line = gpu_check(profile, memory, known)
-    return checks + [Check("cluster GPU", line.status, line.detail, line.fix)]
+    checks.append(Check("cluster GPU", line.status, line.detail, line.fix))
+    return checks + cluster_driver_checks(probe)
+
+
+def cluster_driver_checks(probe: dict) -> list[Check]:
+    """One line per distinct (driver, torch build) among the GPU nodes; none for an older probe answer."""
+    seen = []
+    for driver, build in zip(probe.get("drivers") or [], probe.get("torch") or []):
+        if (driver, tuple(build)) not in seen:
+            seen.append((driver, tuple(build)))
+    return [driver_check(driver, cuda, version, "cluster driver") for driver, (cuda, version) in seen]
 
 
 def run_checks(profile: Profile, memory: str = "auto", address: str | None = None, out: str | None = None) -> list[Check]:
     checks = [Check("profile", OK, f"{profile.name}: " + ", ".join(
         f"{k} {profile.spec(k).source if not profile.random_weights else profile.model_names()[k]}" for k in KINDS))]
     checks.append(gpu_check(profile, memory, local_gpus()))
+    checks.append(driver_check(local_driver(), *local_torch_build()))
     checks += weights_checks(profile)
     checks.append(out_check(out) if out else Check("output", OK, "no --out given: not probed"))
     checks.append(encoder_check())
+    auth = ray_auth_check(address or os.environ.get("RAY_ADDRESS"), os.environ)
+    checks += [auth] if auth else []
     checks += cluster_checks(address, profile, memory)
     return checks
 

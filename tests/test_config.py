@@ -50,3 +50,23 @@ def test_every_default_survives_a_round_trip_through_the_type_checks():
     cfg = RunConfig()
     assert from_dict(cfg.to_dict()) == cfg
     assert load_config(None, {"ray.costs": {"sd": {"fixed_s": 1.0}}}).ray.costs == {"sd": {"fixed_s": 1.0}}
+
+
+def test_autoscale_max_gpus_auto_reads_the_cluster_files_variable():
+    from cosed.config import AUTOSCALE_ENV, ConfigError, resolve_autoscale_max_gpus
+
+    assert load_config(None, {"ray.autoscale_max_gpus": "auto"}).ray.autoscale_max_gpus == "auto"
+    assert resolve_autoscale_max_gpus("auto", {AUTOSCALE_ENV: "8"}) == 8.0
+    assert resolve_autoscale_max_gpus("auto", {AUTOSCALE_ENV: " 2.5 "}) == 2.5
+    assert resolve_autoscale_max_gpus("auto", {}) == 0.0            # not on an autoscaling cluster: never ask
+    assert resolve_autoscale_max_gpus("auto", {AUTOSCALE_ENV: ""}) == 0.0
+    assert resolve_autoscale_max_gpus(4, {AUTOSCALE_ENV: "8"}) == 4.0   # a number in the config wins
+    for bad in ("eight", "-1", "nan", "inf"):
+        with pytest.raises(ConfigError, match=AUTOSCALE_ENV):
+            resolve_autoscale_max_gpus("auto", {AUTOSCALE_ENV: bad})
+
+
+@pytest.mark.parametrize("value, words", [("some", "number or 'auto'"), (-2, ">= 0")])
+def test_autoscale_max_gpus_rejects_other_strings_and_negatives(value, words):
+    with pytest.raises(ValueError, match=words):
+        load_config(None, {"ray.autoscale_max_gpus": value})

@@ -3,11 +3,13 @@
 import dataclasses
 import json
 import os
+import re
 import socket
 import stat
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import boto3
 import pytest
@@ -118,9 +120,18 @@ def test_a_relative_out_under_ray_job_submit_is_refused(tmp_path, capsys, monkey
     assert "ray job submit" in capsys.readouterr().err
 
 
+# Setting RAY_AUTH_MODE in any way, or naming it next to "disabled" (reading it, as `cosed doctor` does, is fine).
+TURNS_AUTH_OFF = re.compile(r"""environ\[\s*["']RAY_AUTH_MODE["']\s*\]\s*=|(setdefault|putenv|setenv|update)\(\s*"""
+                            r"""\{?\s*["']RAY_AUTH_MODE|RAY_AUTH_MODE\W{0,8}disabled""")
+
+
 def test_product_code_never_turns_ray_auth_off():
     sources = [p for p in (REPO / "cosed").rglob("*.py")] + list((REPO / "ray_jobs").glob("*.py"))
-    assert not [p for p in sources if "RAY_AUTH_MODE" in p.read_text()]
+    assert not [p for p in sources if TURNS_AUTH_OFF.search(p.read_text())]
+    for turns_off in ('os.environ["RAY_AUTH_MODE"] = "x"', "os.environ.setdefault('RAY_AUTH_MODE', m)",
+                      'env.update({"RAY_AUTH_MODE": m})', "RAY_AUTH_MODE=disabled"):
+        assert TURNS_AUTH_OFF.search(turns_off), turns_off
+    assert not TURNS_AUTH_OFF.search('environ.get("RAY_AUTH_MODE", "")')
 
 
 # --- storage ------------------------------------------------------------------------------------
@@ -139,9 +150,12 @@ def _umask() -> int:
 
 
 def test_every_s3_object_gets_a_content_type(s3_mock):
-    for name, kind in [("video.mp4", "video/mp4"), ("s.png", "image/png"), ("m.json", "application/json"),
-                       ("errors.jsonl", "application/x-ndjson"), ("report.html", "text/html; charset=utf-8"),
-                       ("metrics.csv", "text/csv; charset=utf-8"), ("w.safetensors", "application/octet-stream")]:
+    expected = [("video.mp4", "video/mp4"), ("s.png", "image/png"), ("m.json", "application/json"),
+                ("errors.jsonl", "application/x-ndjson"), ("report.html", "text/html; charset=utf-8"),
+                ("metrics.csv", "text/csv; charset=utf-8"), ("notes.txt", "text/plain; charset=utf-8"),
+                ("w.safetensors", "application/octet-stream"), ("odd.bin", "application/octet-stream")]
+    assert {Path(name).suffix for name, _ in expected} >= set(storage.CONTENT_TYPES)   # every type is tested
+    for name, kind in expected:
         storage.write_bytes(f"s3://videos/run/{name}", b"x")
         assert s3_mock.head_object(Bucket="videos", Key=f"run/{name}")["ContentType"] == kind
 

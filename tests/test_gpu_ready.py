@@ -9,7 +9,7 @@ from cosed import runner
 from cosed.backend import LocalBackend
 from cosed.cli import main
 from cosed.config import RunConfig
-from cosed.doctor import FAIL, OK, WARN, cluster_checks, gpu_check, out_check, probe_checks
+from cosed.doctor import FAIL, OK, WARN, cluster_checks, driver_check, gpu_check, out_check, probe_checks
 from cosed.generate import render_batch
 from cosed.memory import InsufficientGPUMemory, plan_memory
 from cosed.models.profiles import resolve_profile
@@ -214,3 +214,80 @@ def test_every_memory_saver_runs_on_each_pipeline_family(name, tiny_cache):
     video = load_pipeline(profile.spec("video"), "video", cpu, savers)
     clip = animate(video, plain[0], 1, dataclasses.replace(cfg.video, decode_chunk_size=2), "onion")
     assert clip.shape == (cfg.video.num_frames, cfg.video.height, cfg.video.width, 3)
+
+
+# --- driver and CUDA (cosed.cuda_compat) ---------------------------------------------------------
+
+@pytest.mark.parametrize("driver, cuda, status, words", [
+    (None, None, OK, ["no NVIDIA driver", "CPU only"]),
+    (None, "13.0", OK, ["no NVIDIA driver", "CUDA 13.0", ">= 580"]),
+    ("535.104.05", "13.0", FAIL, ["535.104.05", "too old", "CUDA 13.0", ">= 580"]),
+    ("580.65.06", "13.0", OK, ["580.65.06", "CUDA 13.0"]),
+    ("595.91.07", "13.2", OK, ["595.91.07"]),
+    ("570.124.06", "12.8", OK, ["CUDA 12.8"]),        # any 12.x runs on >= 525 (minor-version compatibility)
+    ("520.61.05", "12.8", FAIL, ["too old", ">= 525"]),
+    ("580.65.06", None, WARN, ["CPU only"]),
+    ("580.65.06", "14.0", WARN, ["no known minimum"]),
+])
+def test_driver_verdict_says_when_driver_and_torch_cuda_do_not_match(driver, cuda, status, words):
+    check = driver_check(driver, cuda, "2.14.1")
+    assert check.status == status and check.name == "driver"
+    assert all(w in check.detail for w in words), check.detail
+    assert bool(check.fix) == (status != OK)
+
+
+def test_driver_versions_compare_as_numbers_and_the_table_follows_nvidia():
+    from cosed.cuda_compat import driver_at_least, min_driver
+
+    assert (min_driver("13.0"), min_driver("13.2"), min_driver("12.8"), min_driver("11.8")) == (
+        "580", "580", "525", "450.80.02")
+    assert min_driver("9.2") is None
+    assert driver_at_least("580.95.05", "580") and driver_at_least("1000.1", "580")
+    assert not driver_at_least("579.99.01", "580") and not driver_at_least("450.80.01", "450.80.02")
+
+
+def test_local_driver_reads_nvidia_smi_when_present(tmp_path, monkeypatch):
+    from cosed.doctor import local_driver
+
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert local_driver() is None                      # no nvidia-smi at all
+    fake = tmp_path / "nvidia-smi"
+    fake.write_text("#!/bin/sh\necho 580.95.05\necho 580.95.05\n")
+    fake.chmod(0o755)
+    assert local_driver() == "580.95.05"
+
+
+def test_doctor_on_this_machine_names_the_driver_and_torchs_cuda(tiny_cache, capsys, monkeypatch):
+    import torch
+
+    monkeypatch.setattr("cosed.doctor.local_gpus", lambda: [])
+    assert main(["doctor", "--cache-dir", str(tiny_cache)]) == 0
+    (line,) = [ln for ln in capsys.readouterr().out.splitlines() if ln.split()[1:2] == ["driver"]]
+    assert f"torch {torch.__version__} built for " in line
+    assert (f"CUDA {torch.version.cuda}" if torch.version.cuda else "CPU only") in line
+    assert "NVIDIA driver" in line
+
+
+def test_ray_auth_line_says_what_a_remote_client_lacks(tmp_path):
+    from cosed.doctor import ray_auth_check
+
+    home = {"HOME": str(tmp_path)}
+    assert ray_auth_check(None, home) is None          # a local cluster: Ray handles its own token
+    bare = ray_auth_check("HEAD:6379", home)
+    assert bare.status == WARN and "RAY_AUTH_MODE=token" in bare.detail and "RAY_AUTH_TOKEN" in bare.fix
+    assert ray_auth_check("HEAD:6379", {**home, "RAY_AUTH_MODE": "token"}).status == WARN   # mode, no token
+    assert ray_auth_check("HEAD:6379", {**home, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "t"}).status == OK
+    (tmp_path / ".ray").mkdir()
+    (tmp_path / ".ray" / "auth_token").write_text("t")
+    assert ray_auth_check("HEAD:6379", {**home, "RAY_AUTH_MODE": "token"}).status == OK
+
+
+def test_doctor_reports_each_gpu_nodes_driver_against_its_torch():
+    paper = resolve_profile("sd21-svd")
+    probe = {"nodes": 3, "gpus": [1, 1], "memory": [[80.0], [80.0]], "drivers": ["580.95.05", "535.104.05"],
+             "torch": [["13.0", "2.14.1"], ["13.0", "2.14.1"]]}
+    lines = probe_checks("HEAD:6379", probe, paper, "auto")
+    drivers = [c for c in lines if c.name == "cluster driver"]
+    assert [c.status for c in drivers] == [OK, FAIL] and "535.104.05" in drivers[1].detail
+    older = {k: v for k, v in probe.items() if k not in ("drivers", "torch")}
+    assert not [c for c in probe_checks("HEAD:6379", older, paper, "auto") if c.name == "cluster driver"]

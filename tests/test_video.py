@@ -50,11 +50,28 @@ def moving(frames=6, size=64, seed=0):
     return np.clip(base + rng.integers(-8, 9, (frames, 1, 1, 3)).cumsum(axis=0), 0, 255).astype(np.uint8)
 
 
-def test_clips_and_videos_put_their_index_first_so_browsers_stream_them():
+def top_level_boxes(data: bytes) -> list[str]:
+    """The mp4's top-level box types in file order (size-prefixed ISO BMFF boxes)."""
+    boxes, offset = [], 0
+    while offset + 8 <= len(data):
+        size, kind = int.from_bytes(data[offset:offset + 4], "big"), data[offset + 4:offset + 8].decode("latin-1")
+        if size == 1:    # a 64-bit size follows the type
+            size = int.from_bytes(data[offset + 8:offset + 16], "big")
+        assert size >= 8, f"bad box size at {offset}"
+        boxes.append(kind)
+        offset += size
+    assert offset == len(data)
+    return boxes
+
+
+def test_clips_and_task_videos_have_their_index_first_so_a_browser_streams_them_from_a_bucket():
     from cosed.video import concat_mp4
 
-    for data in (encode_mp4(moving(), fps=7), concat_mp4([encode_mp4(moving(), fps=7)] * 2)):
-        assert data[4:8] == b"ftyp" and 0 < data.index(b"moov") < data.index(b"mdat")
+    clips = [encode_mp4(moving(seed=seed), fps=7) for seed in (1, 2)]
+    for data in clips + [concat_mp4(clips, metadata={"title": "t"})]:
+        boxes = top_level_boxes(data)
+        assert boxes[0] == "ftyp" and "mdat" in boxes
+        assert boxes.index("moov") < boxes.index("mdat"), boxes   # faststart: no seek to the end first
 
 
 def test_the_same_frames_encode_to_the_same_bytes_in_other_processes_and_under_load():

@@ -24,7 +24,7 @@ import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from cosed import storage
-from cosed.config import RunConfig
+from cosed.config import RunConfig, resolve_autoscale_max_gpus
 from cosed.distributed import telemetry
 from cosed.distributed.actors import DriverTask, RayBackend, TaskDriver, node_gpu_memory, write_task
 from cosed.distributed.core import (CancelClip, CancelWriter, CorePolicy, DriverFailed, JobCore,
@@ -128,7 +128,7 @@ def run_on_ray(tasks_uri: str, out: str, cfg: RunConfig, *, overwrite: bool = Fa
         profile, cfg, summary, todo = prepare_run(tasks_uri, out, cfg, overwrite, profile)
         if todo:
             work = batch_work((len(t.steps) for t in todo), cfg, costs)
-            max_gpus = float(cfg.ray.autoscale_max_gpus)
+            max_gpus = resolve_autoscale_max_gpus(cfg.ray.autoscale_max_gpus)
             wanted = wanted_gpus(max_gpus, work.total, work.critical_path / work.tasks, len(todo))
             autoscale.ask(wanted)
             nodes = wait_for_gpus(nodes_now, max(expected_gpus(cfg.ray, costs), wanted), cfg.ray.gpu_wait_s,
@@ -397,7 +397,8 @@ class RayJob:
         left = len(self.core.tasks) - self.core.counts["done"] - self.core.counts["failed"]
         if self.autoscale.gpus and left:
             share = left / max(1, len(self.core.tasks))
-            self.autoscale.ask(wanted_gpus(float(self.cfg.ray.autoscale_max_gpus), self.work.total * share,
+            self.autoscale.ask(wanted_gpus(resolve_autoscale_max_gpus(self.cfg.ray.autoscale_max_gpus),
+                                           self.work.total * share,
                                            self.work.critical_path / self.work.tasks, left))
 
     # -- the end -----------------------------------------------------------------------------------------

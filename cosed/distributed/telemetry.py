@@ -3,7 +3,8 @@
 Every metric cosed exports is declared once in `METRICS` (name -> kind, description,
 tag keys); `cluster/grafana/cosed.json` charts them and a test checks that each
 metric it uses is declared here. Ray exports user metrics to Prometheus with the
-prefix ``ray_`` (``cosed_scenes_done`` is scraped as ``ray_cosed_scenes_done``).
+prefix ``ray_``, counters also with the suffix ``_total`` (``cosed_scenes_done`` is
+scraped as ``ray_cosed_scenes_done_total``), histograms as ``_bucket``/``_sum``/``_count``.
 
 Metrics are best effort: a process without a metrics agent records nothing.
 """
