@@ -50,6 +50,33 @@ def tiny_run(tiny_config):
     return profile, cfg, LocalBackend(profile, cfg)
 
 
+RUN_LEVEL = {"summary.json", "errors.jsonl", "errors"}
+
+
+def outputs(out: Path, tasks: list | None = None) -> dict[str, object]:
+    """Every output file of the run's tasks (of ``tasks`` only, when given): manifests without their
+    timings, the bytes of everything else (scene PNGs, clips, videos, storyboards, candidates)."""
+    from cosed.engine import manifest_without_timings
+
+    folders = None if tasks is None else {t["id"] for t in tasks}
+    files: dict[str, object] = {}
+    for path in sorted(Path(out).rglob("*")):
+        rel = path.relative_to(out)
+        if path.is_dir() or rel.parts[0] in RUN_LEVEL or rel.parts[0].startswith("."):
+            continue
+        if folders is not None and rel.parts[0] not in folders:
+            continue
+        files[str(rel)] = (manifest_without_timings(json.loads(path.read_text())) if path.name == "manifest.json"
+                           else path.read_bytes())
+    return files
+
+
+def task_files(files: dict[str, object], tasks: list) -> dict[str, object]:
+    """The entries of `outputs` that belong to ``tasks``."""
+    folders = {t["id"] for t in tasks}
+    return {k: v for k, v in files.items() if k.split("/")[0] in folders}
+
+
 def write_jsonl(path: Path, records: list) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
     return path

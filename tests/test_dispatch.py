@@ -1,12 +1,14 @@
-"""The dispatcher: least outstanding work, retries on another actor, timeouts (trivial actors, no models)."""
+"""The dispatcher: two choices per call, counts that cannot drift, retries, timeouts (trivial actors, no models)."""
 
 import os
+import random
 import time
 
 import pytest
 import ray
 
 from cosed.distributed.dispatch import CallFailed, CallPolicy, Dispatcher, Membership, QueueCounter
+from cosed.distributed.policies import PROBES, choose_actor, sample_candidates
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -19,78 +21,126 @@ def cluster():
 
 @ray.remote(num_cpus=0, max_restarts=-1, concurrency_groups={"control": 1})
 class Echo:
-    """A model actor's calling protocol (`ModelWorker`) around a sleep."""
+    """A model actor's calling protocol (`ModelWorker`) around a sleep; counts the probes it answers."""
 
     def __init__(self, name):
         self.name = name
         self.queue = QueueCounter()
+        self.probed = 0
 
-    def work(self, seconds, value):
+    def run(self, call_id, method, request):
+        self.queue.start(call_id)
         try:
+            seconds, value = request
             time.sleep(seconds)
             return self.name, value
         finally:
             self.queue.finish()
 
     @ray.method(concurrency_group="control")
-    def claim(self):
-        self.queue.claim()
+    def claim(self, call_id):
+        self.queue.claim(call_id)
+
+    @ray.method(concurrency_group="control")
+    def release(self, call_id):
+        self.queue.release(call_id)
 
     @ray.method(concurrency_group="control")
     def queued(self):
+        self.probed += 1
         return self.queue.queued
+
+    @ray.method(concurrency_group="control")
+    def probes(self):
+        return self.probed
 
     def die(self):
         os._exit(1)
 
 
-def dispatcher(names, members=None, **policy):
+def dispatcher(names, members=None, seed=0, **policy):
     members = members or {"sd": {name: Echo.remote(name) for name in names}}
-    return Dispatcher(Membership(1, members), CallPolicy(**{"timeout_floor_s": 30.0, **policy}))
+    return Dispatcher(Membership(1, members), CallPolicy(**{"timeout_floor_s": 30.0, **policy}), seed=seed)
 
 
-def test_each_call_goes_to_the_actor_with_the_least_outstanding_work():
-    pool = dispatcher(["a", "b", "c"])
-    first, _ = pool.submit("sd", "work", 3.0, 0)
-    second, _ = pool.submit("sd", "work", 3.0, 1)
-    assert pool.pick("sd") not in {pool.in_flight[first].name, pool.in_flight[second].name}
-    third, name = pool.submit("sd", "work", 0.0, 2)
-    assert {pool.in_flight[first].name, pool.in_flight[second].name, name} == {"a", "b", "c"}
-    assert ray.get(third) == (name, 2)
-    # Once "c" answered, it is again the least loaded while "a" and "b" still work.
-    assert pool.pick("sd") == name
+def test_two_choices_draw_two_distinct_members_and_take_the_less_loaded():
+    rng = random.Random(1)
+    names = [f"a{i}" for i in range(8)]
+    for _ in range(50):
+        pair = sample_candidates(names, lambda _: False, rng)
+        assert len(pair) == PROBES == len(set(pair))
+    assert choose_actor(["x", "y"], {"x": 3, "y": 1}) == "y"
+    assert choose_actor(["x", "y"], {"y": 0}) == "y"  # an unanswered probe counts as busy
+    suspects = set(names[:7])
+    assert sample_candidates(names, suspects.__contains__, rng) == ["a7"]  # a healthy one is found
+    assert sample_candidates(["a", "b"], lambda n: n == "a", rng) == ["b"]
 
 
-def test_the_least_loaded_actor_counts_every_callers_work():
-    """Two drivers share a pool: the second sees the first one's calls and picks the idle actor."""
-    first = dispatcher(["a", "b", "c"])
-    second = dispatcher([], members=first.membership.members)
-    busy = {first.submit("sd", "work", 3.0, i)[1] for i in range(2)}
-    assert not second.in_flight
-    picks = {second.pick("sd") for _ in range(6)}
-    assert picks == {"a", "b", "c"} - busy
-    ref, name = second.submit("sd", "work", 0.0, "x")
-    assert ray.get(ref) == (name, "x") and name not in busy
-    # Finished calls leave the count: once the first driver's calls are done, every actor is a choice again.
-    ray.get(list(first.in_flight))
-    assert {second.pick("sd") for _ in range(9)} == {"a", "b", "c"}
+def test_a_call_probes_at_most_two_actors_of_a_pool_of_eight():
+    pool = dispatcher([f"a{i}" for i in range(8)])
+    results = pool.call_many("sd", "run", [(0.0, i) for i in range(24)])
+    assert [value for _, value in results] == list(range(24))
+    handles = pool.membership.members["sd"].values()
+    probed = sum(ray.get([h.probes.remote() for h in handles]))
+    assert probed == pool.probes.probes <= PROBES * 24
+    assert pool.probes.claims == 24 and pool.probes.per_call <= 3
+
+
+def test_a_caller_sees_every_callers_work():
+    """Two drivers share a pool of two: the second sees the first one's calls and picks the idle actor."""
+    first = dispatcher(["a", "b"])
+    second = dispatcher([], members=first.membership.members, seed=7)
+    refs, busy, *_ = first.submit("sd", "run", (3.0, "x"))
+    assert {second.pick("sd")[0] for _ in range(6)} == {"a", "b"} - {busy}
+    ray.get(refs)
+    assert {second.pick("sd")[0] for _ in range(12)} == {"a", "b"}
+
+
+def test_counts_cannot_drift_a_claim_ends_when_its_call_runs_is_released_or_expires():
+    clock = {"t": 0.0}
+    queue = QueueCounter(ttl_s=60.0, clock=lambda: clock["t"])
+    for call in ("a", "b", "c"):
+        queue.claim(call)
+    queue.start("a")  # ran
+    queue.release("b")  # cancelled while queued: its caller released it
+    assert queue.queued == 2  # "a" running, "c" claimed
+    queue.finish()
+    clock["t"] = 61.0  # "c"'s caller died before sending it
+    assert queue.queued == 0
+    # A claim may arrive on the control thread after its call started (or was released): not counted.
+    queue.start("d")
+    queue.claim("d")
+    queue.release("e")
+    queue.claim("e")
+    assert queue.queued == 1  # only "d", running
+    queue.finish()
+    assert queue.queued == 0
+
+
+def test_a_call_cancelled_while_queued_leaves_no_claim_behind():
+    pool = dispatcher(["only"], timeout_floor_s=0.5, timeout_factor=1.0, attempts=2)
+    handle = pool.membership.members["sd"]["only"]
+    busy = handle.run.remote("busy", "run", (6.0, "ahead"))  # the actor is busy: the next calls queue behind it
+    with pytest.raises(CallFailed):
+        pool.call("sd", "run", (0.0, "late"))  # times out while queued, is cancelled and released, twice
+    ray.get(busy)
+    assert ray.get(handle.queued.remote()) == 0
 
 
 def test_a_call_whose_actor_dies_is_answered_by_another():
     pool = dispatcher(["a", "b"])
-    ray.get(pool.membership.members["sd"]["a"].work.remote(0, 0))
+    ray.get(pool.membership.members["sd"]["a"].run.remote("warm", "run", (0, 0)))
     pool.membership.members["sd"]["a"].die.remote()
     time.sleep(0.5)
-    results = pool.call_many("sd", "work", [(0.2, i) for i in range(4)])
+    results = pool.call_many("sd", "run", [(0.2, i) for i in range(4)])
     assert [value for _, value in results] == [0, 1, 2, 3]
 
 
 def test_a_call_that_hangs_times_out_and_is_retried_elsewhere():
     pool = dispatcher(["a", "b"], timeout_floor_s=1.0, timeout_factor=1.0)
-    pool.membership.members["sd"]["a"].work.remote(60.0, "stuck")  # "a" hangs, unknown to the dispatcher
-    answers = [pool.call("sd", "work", 0.0, i) for i in range(4)]
+    pool.membership.members["sd"]["a"].run.remote("stuck", "run", (60.0, "stuck"))  # "a" hangs, unknown to us
+    answers = [pool.call("sd", "run", (0.0, i)) for i in range(4)]
     assert answers == [("b", i) for i in range(4)]
-    assert "a" in pool.suspect  # tried, timed out, avoided since
     failing = dispatcher(["x"], timeout_floor_s=0.5, timeout_factor=1.0, attempts=2)
     with pytest.raises(CallFailed, match="2 attempts"):
-        failing.call("sd", "work", 5.0, "slow")
+        failing.call("sd", "run", (5.0, "slow"))

@@ -12,12 +12,11 @@ import ray
 from ray.util.state import list_actors
 
 from cosed import runner
-from cosed.config import RunConfig
+from cosed.config import PoolResources, RunConfig
 from cosed.distributed.job import run_on_ray, start_pools
 from cosed.distributed.sizing import plan_pools
-from cosed.engine import manifest_without_timings
 
-from conftest import SMALL_TASKS, local_ray, write_jsonl
+from conftest import SMALL_TASKS, local_ray, outputs, write_jsonl
 
 pytestmark = pytest.mark.slow
 
@@ -32,32 +31,42 @@ def cluster():
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, tiny_run):
-    """The in-process result the Ray path must reproduce."""
+    """The in-process result the Ray path must reproduce, every file of it."""
     _, cfg, backend = tiny_run
     folder = tmp_path_factory.mktemp("ref")
     runner.run_in_process(str(write_jsonl(folder / "t.jsonl", TASKS)), str(folder / "out"), cfg,
                           progress=False, backend=backend)
-    return {p.parent.name: manifest_without_timings(json.loads(p.read_text()))
-            for p in (folder / "out").glob("*/manifest.json")}
+    return outputs(folder / "out")
 
 
 def ray_config(tiny_config, **ray_fields) -> RunConfig:
     return dataclasses.replace(tiny_config, ray=dataclasses.replace(tiny_config.ray, **ray_fields))
 
 
-def outputs(out) -> dict:
-    return {p.parent.name: manifest_without_timings(json.loads(p.read_text())) for p in out.glob("*/manifest.json")}
+def test_sd_video_and_clip_actors_are_pinned_to_gpus_as_the_plan_says(tiny_config):
+    """Whole-GPU actors each have a GPU of their own; the CLIP actor shares the GPU of the one actor that hosts
+    it; the GPUs the actors ask for add up to the cluster's, exactly."""
+    from cosed.distributed.costs import CostModel, batch_work
+    from cosed.runner import resolve_run
 
-
-def test_sd_video_and_clip_actors_are_pinned_to_distinct_gpus(tiny_config):
-    pools = start_pools(tiny_config)
-    assert pools.describe()["sd"] == {"replicas": 2, "num_gpus": 1.0}
-    stats = pools.stats()
-    assert sorted(s["kind"] for s in stats) == ["clip", "sd", "sd", "video"]
-    gpu_ids = [tuple(s["gpu_ids"]) for s in stats]
-    assert all(len(ids) == 1 for ids in gpu_ids) and len(set(gpu_ids)) == 4
-    assert {s["cuda_visible_devices"] for s in stats} == {ids[0] for ids in gpu_ids}
-    pools.shutdown()
+    profile, cfg = resolve_run(tiny_config)
+    costs = CostModel.from_dict(profile.costs)
+    pools = start_pools(cfg, costs, batch_work([3, 3, 2], cfg, costs))
+    try:
+        plan = pools.cluster_plan
+        stats = {s["name"]: s for s in pools.stats()}
+        shapes = {a.name: a.num_gpus for a in pools.actors.values()}
+        assert sum(shapes.values()) == pytest.approx(4.0) and plan.gpus == pytest.approx(4.0)
+        gpu_of = {name: tuple(s["gpu_ids"]) for name, s in stats.items()}
+        assert all(len(ids) == 1 for ids in gpu_of.values())
+        assert {s["cuda_visible_devices"] for s in stats.values()} == {ids[0] for ids in gpu_of.values()}
+        whole = [n for n, g in shapes.items() if g == 1.0]
+        assert len({gpu_of[n] for n in whole}) == len(whole)
+        (guest,) = [n for n, g in shapes.items() if g < 0.5]
+        (host,) = [n for n, g in shapes.items() if 0.5 <= g < 1.0]
+        assert gpu_of[guest] == gpu_of[host] and stats[guest]["kind"] == "clip"
+    finally:
+        pools.shutdown()
 
 
 @pytest.mark.parametrize("drivers", [1, 3])
@@ -66,7 +75,7 @@ def test_ray_path_equals_in_process(tmp_path, tiny_config, reference, drivers):
     summary = run_on_ray(str(tasks), str(tmp_path / "out"), ray_config(tiny_config, max_concurrent_tasks=drivers),
                          progress=False)
     assert sorted(summary.done) == ["sauce", "shelf", "tea"] and not summary.failed
-    assert outputs(tmp_path / "out") == reference
+    assert outputs(tmp_path / "out") == reference  # manifests, scenes, clips, videos, storyboards: every byte
     assert set(summary.extra["busy_fraction"]) == {"sd", "video", "clip"}
     assert json.loads((tmp_path / "out" / "summary.json").read_text())["done"] == 3
 
@@ -114,10 +123,11 @@ def test_a_rejected_task_is_reported_and_the_others_finish(tmp_path, tiny_config
 
 
 def test_pool_plan_for_single_gpu_and_cpu_only_nodes(tiny_config):
-    one_gpu = plan_pools(tiny_config.ray, cluster_gpus=1, cluster_cpus=8)
+    legacy = dataclasses.replace(tiny_config.ray, clip=PoolResources(replicas=1))
+    one_gpu = plan_pools(legacy, cluster_gpus=1, cluster_cpus=8)
     assert {k: (p.replicas, p.num_gpus) for k, p in one_gpu.items()} == {
         "sd": (1, 0.3333), "video": (1, 0.3333), "clip": (1, 0.3333)}
-    cpu = plan_pools(tiny_config.ray, cluster_gpus=0, cluster_cpus=2)
+    cpu = plan_pools(legacy, cluster_gpus=0, cluster_cpus=2)
     assert all(p.num_gpus == 0 and p.replicas == 1 for p in cpu.values())
-    grown = plan_pools(tiny_config.ray, cluster_gpus=8, cluster_cpus=32, fixed_gpus={"sd": 1, "video": 1, "clip": 1})
+    grown = plan_pools(legacy, cluster_gpus=8, cluster_cpus=32, fixed_gpus={"sd": 1, "video": 1, "clip": 1})
     assert (grown["sd"].replicas, grown["video"].replicas, grown["clip"].replicas) == (4, 3, 1)

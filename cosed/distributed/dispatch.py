@@ -67,10 +67,13 @@ class QueueCounter:
     A claim ends when its call starts, when its caller releases it (the call was
     cancelled, its arguments could not be resolved, it timed out while queued), or
     after ``ttl_s`` (its caller died before either): the count never drifts upward.
+    The claim and the call run on different threads, so a claim may arrive after its
+    call started, or after its release: such late claims are not counted.
     """
 
     def __init__(self, ttl_s: float = 3600.0, clock: Callable[[], float] = time.monotonic):
         self.claims: dict[str, float] = {}
+        self.settled: dict[str, float] = {}  # calls started or released before their claim arrived
         self.running = 0
         self.ttl_s = ttl_s
         self.clock = clock
@@ -78,15 +81,20 @@ class QueueCounter:
 
     def claim(self, call_id: str) -> None:
         with self.lock:
-            self.claims[call_id] = self.clock()
+            if self.settled.pop(call_id, None) is None:
+                self.claims[call_id] = self.clock()
+
+    def _settle(self, call_id: str) -> None:
+        if self.claims.pop(call_id, None) is None:
+            self.settled[call_id] = self.clock()
 
     def release(self, call_id: str) -> None:
         with self.lock:
-            self.claims.pop(call_id, None)
+            self._settle(call_id)
 
     def start(self, call_id: str) -> None:
         with self.lock:
-            self.claims.pop(call_id, None)
+            self._settle(call_id)
             self.running += 1
 
     def finish(self) -> None:
@@ -97,8 +105,9 @@ class QueueCounter:
     def queued(self) -> int:
         with self.lock:
             now = self.clock()
-            for call_id in [c for c, at in self.claims.items() if now - at > self.ttl_s]:
-                del self.claims[call_id]
+            for table in (self.claims, self.settled):
+                for call_id in [c for c, at in table.items() if now - at > self.ttl_s]:
+                    del table[call_id]
             return len(self.claims) + self.running
 
 

@@ -20,29 +20,24 @@ PROBES = 2  # queue probes per dispatched call: the power of two choices
 
 def sample_candidates(members: Sequence[str], avoid: Callable[[str], bool], rng: random.Random,
                       k: int = PROBES) -> list[str]:
-    """Up to ``k`` distinct members, drawn uniformly; members ``avoid`` flags only when no other is left.
+    """Up to ``k`` distinct members in random order; members ``avoid`` flags only when no other is left.
 
-    Constant work per call: a few draws, never a pass over the pool (a pool of a
-    thousand actors costs what a pool of three does).
+    Constant work per call: a few draws, not a pass over the pool (a pool of a
+    thousand actors costs what a pool of three does), except when the draws found
+    only flagged members, which happens while most of a pool is being replaced.
     """
-    if len(members) <= k:
-        chosen = list(members)
-    else:
-        chosen = []
-        for _ in range(4 * k):  # rejection sampling: bounded, falls back to what it found
-            name = members[rng.randrange(len(members))]
-            if name not in chosen:
-                chosen.append(name)
-            if len(chosen) == k:
-                break
-    healthy = [name for name in chosen if not avoid(name)]
-    if healthy or len(members) <= k:
-        return healthy or chosen
-    for _ in range(4 * k):  # every draw was a suspect: try a few more for a healthy one
+    chosen = rng.sample(list(members), len(members)) if len(members) <= k else []
+    draws = 0
+    while len(chosen) < k and draws < 4 * k:
+        draws += 1
         name = members[rng.randrange(len(members))]
-        if not avoid(name):
-            return [name]
-    return chosen
+        if name not in chosen:
+            chosen.append(name)
+    healthy = [name for name in chosen if not avoid(name)]
+    if healthy:
+        return healthy
+    others = [name for name in members if not avoid(name)]
+    return [rng.choice(others)] if others else chosen
 
 
 def choose_actor(candidates: Sequence[str], queued: dict[str, int]) -> str:
