@@ -162,13 +162,28 @@ def selector_checksum(uri: str | None) -> str | None:
     return hashlib.sha256(storage.read_bytes(uri)).hexdigest() if uri else None
 
 
+@functools.lru_cache(maxsize=8)
+def _captioner_checksum(source: str, cache_dir: str | None) -> str:
+    from cosed.captioner import weights_checksum
+
+    return weights_checksum(source, cache_dir)
+
+
+def captioner_checksum(cfg: RunConfig) -> str | None:
+    """The lm rewriter's captioner weights; None under any other rewriter, where no model decides the captions."""
+    return _captioner_checksum(cfg.rewriter_model, cfg.cache_dir) if cfg.rewriter == "lm" and cfg.rewriter_model else None
+
+
 def task_fingerprint(task: Task, profile: Profile, cfg: RunConfig) -> str:
-    """What decides a task's outputs: its content, the decisive config, the models and the selector weights.
+    """What decides a task's outputs: its content, the decisive config, the models, the selector weights and,
+    under the lm rewriter, the captioner's weights.
 
     Resume skips a task only when its manifest carries this same fingerprint.
     """
     payload = {"task": dataclasses.asdict(task), "config": manifest_config(cfg), "models": profile.model_names(),
                "selector": selector_checksum(cfg.selector)}
+    if cfg.rewriter == "lm":
+        payload["captioner"] = captioner_checksum(cfg)
     return hashlib.sha256(json.dumps(payload, sort_keys=True, ensure_ascii=False).encode("utf-8")).hexdigest()[:32]
 
 
@@ -214,6 +229,7 @@ def write_task_outputs(out: str, result: SequenceResult, clips: list[EncodedClip
         "task_id": task.id, "fingerprint": task_fingerprint(task, profile, cfg), "title": task.title,
         "seed": cfg.seed, "profile": profile.name,
         "random_weights": profile.random_weights, "models": profile.model_names(),
+        **({"captioner": captioner_checksum(cfg)} if cfg.rewriter == "lm" else {}),
         "config": manifest_config(cfg), "steps": steps_meta, "metrics": result.metrics,
         "video": "video.mp4", "video_frames": sum(clip.frames for clip in clips), "fps": cfg.video.fps, "storyboard": "storyboard.png",
         "timings": {**timer.to_dict(), **(extra_timings or {})},
