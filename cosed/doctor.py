@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cosed.memory import LEVELS, InsufficientGPUMemory, plan_memory
-from cosed.models.profiles import KINDS, Profile
+from cosed.models.profiles import CAPTION, KINDS, Profile
 
 OK, WARN, FAIL = "ok", "warn", "FAIL"
 
@@ -74,8 +74,11 @@ def weights_checks(profile: Profile) -> list[Check]:
         fix = f"cosed models fetch --profile {profile.name}"
         if spec.gated:
             fix = f"accept the licence at https://huggingface.co/{item.repo}, set HF_TOKEN, then {fix}"
-        checks.append(Check(f"weights {item.kind}", WARN if reachable else FAIL,
-                            f"{item.repo} not cached; {why}", fix if reachable else
+        # Only `--rewriter lm` loads the captioner: without it the other rewriters still run.
+        optional = item.kind == CAPTION
+        checks.append(Check(f"weights {item.kind}", WARN if reachable or optional else FAIL,
+                            f"{item.repo} not cached; {why}" + ("; only --rewriter lm needs it" if optional else ""),
+                            fix if reachable else
                             f"{fix} on a connected machine and copy HF_HOME here, or use --profile tiny"))
     return checks
 
@@ -179,8 +182,10 @@ def probe_checks(address: str, probe: dict, profile: Profile, memory: str) -> li
 
 
 def run_checks(profile: Profile, memory: str = "auto", address: str | None = None, out: str | None = None) -> list[Check]:
-    checks = [Check("profile", OK, f"{profile.name}: " + ", ".join(
-        f"{k} {profile.spec(k).source if not profile.random_weights else profile.model_names()[k]}" for k in KINDS))]
+    models = [f"{k} {profile.spec(k).source if not profile.random_weights else profile.model_names()[k]}" for k in KINDS]
+    if profile.caption_model:
+        models.append(f"{CAPTION} {profile.caption_model}")
+    checks = [Check("profile", OK, f"{profile.name}: " + ", ".join(models))]
     checks.append(gpu_check(profile, memory, local_gpus()))
     checks += weights_checks(profile)
     checks.append(out_check(out) if out else Check("output", OK, "no --out given: not probed"))
