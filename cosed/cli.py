@@ -36,7 +36,8 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rewriter", choices=["identity", "template", "given", "lm"],
                         help="caption rewriter (default template; train-selector and evaluate default to given "
                              "when every task carries captions)")
-    parser.add_argument("--rewriter-model", help="hub id or folder of the lm rewriter's model")
+    parser.add_argument("--rewriter-model", help="the lm rewriter's captioner: hub id, folder (e.g. trained by "
+                                                 "train-captioner) or tiny:captioner; default: the profile's")
     parser.add_argument("--selector", help="trained selector checkpoint (.safetensors); default: untrained")
     parser.add_argument("--device", help="auto | cpu | cuda | cuda:N")
     parser.add_argument("--cache-dir", help="where tiny models and caption caches live (default ~/.cache/cosed)")
@@ -93,8 +94,30 @@ def build_parser() -> argparse.ArgumentParser:
     captions.add_argument("--limit", type=int, help="only the first N pairs")
     captions.add_argument("--out", help="write the scores as JSON here")
     add_run_options(captions)
+    add_train_captioner(verbs)
     add_setup_verbs(verbs)
     return parser
+
+
+def add_train_captioner(verbs) -> None:
+    """``cosed train-captioner``: fine-tune the lm rewriter's captioner on Alpaca-format caption pairs."""
+    train = verbs.add_parser("train-captioner", help="fine-tune a caption LM on Alpaca-format pairs (method.md §1)")
+    train.add_argument("--pairs", required=True, help="Alpaca-format pairs (captions_train.json layout), path or s3://")
+    train.add_argument("--out", required=True, help="folder (or s3:// prefix) for the safetensors checkpoint, "
+                                                    "tokenizer and captioner.json")
+    train.add_argument("--base", help="hub id, folder or tiny:captioner to start from (default: the profile's captioner)")
+    train.add_argument("--epochs", type=float, help="default: the profile's captioner train settings, else 3")
+    train.add_argument("--lr", type=float, help="default: the profile's captioner train settings, else 2e-5")
+    train.add_argument("--batch-size", type=int, help="default: the profile's captioner train settings, else 8")
+    train.add_argument("--holdout", type=float, default=0.1,
+                       help="fraction of pairs held out (whole caption chains) and scored (default 0.1)")
+    train.add_argument("--limit", type=int, help="only the first N usable pairs")
+    train.add_argument("--profile", help=f"{' | '.join(available_profiles())} | FOLDER (default: tiny)")
+    train.add_argument("--seed", type=int, help="training seed (default 0)")
+    train.add_argument("--device", help="auto | cpu | cuda | cuda:N")
+    train.add_argument("--cache-dir", help="where tiny models, caption and embedding caches live")
+    train.add_argument("--quiet", action="store_true", help="no progress bar")
+    train.set_defaults(config=None, rewriter=None, rewriter_model=None, selector=None)
 
 
 def add_setup_verbs(verbs) -> None:
@@ -333,7 +356,7 @@ def eval_captions_command(args: argparse.Namespace, cfg: RunConfig) -> int:
 
     from cosed import storage
     from cosed.backend import LocalBackend
-    from cosed.caption_eval import parse_pairs, rewrite_pair, score_captions
+    from cosed.caption_eval import parse_pairs, rewrite_pairs, score_captions
     from cosed.embed import EmbeddingCache
     from cosed.rewrite import make_rewriter
     from cosed.runner import profile_cache, resolve_run
@@ -345,15 +368,67 @@ def eval_captions_command(args: argparse.Namespace, cfg: RunConfig) -> int:
     references = [reference for _, _, reference in pairs]
     scores = {}
     for name in [r.strip() for r in args.rewriters.split(",") if r.strip()]:
-        rewriter = make_rewriter(name, model=cfg.rewriter_model, cache_dir=profile_cache(cfg), device=backend.device)
-        outputs = [rewrite_pair(rewriter, previous, current) for previous, current, _ in pairs]
+        rewriter = make_rewriter(name, model=cfg.rewriter_model or profile.caption_model,
+                                 cache_dir=profile_cache(cfg), device=backend.device)
+        start = time.perf_counter()
+        outputs = rewrite_pairs(rewriter, [(previous, current) for previous, current, _ in pairs])
+        seconds = time.perf_counter() - start
         scores[name] = score_captions(outputs, references, cache.texts)
         print(f"{name:<10} BLEU {scores[name]['bleu']:6.2f}  chrF {scores[name]['chrf']:6.2f}  "
               f"CLIP text sim {scores[name]['clip_text_similarity']:6.2f}  ({len(pairs)} pairs)")
+        captioner = getattr(rewriter, "captioner", None)
+        if captioner is not None:
+            scores[name]["captioner"] = {"source": captioner.source, "checksum": captioner.checksum,
+                                         "generated": captioner.generated, "generate_calls": captioner.generate_calls,
+                                         "seconds": round(seconds, 3)}
+            print(f"{'':<10} {captioner.source} ({captioner.checksum[:12]}): {captioner.generated} of {len(pairs)} "
+                  f"captions generated in {captioner.generate_calls} generate calls, {seconds:.1f} s")
     if profile.random_weights:
         print("note: CLIP text similarity comes from random-weight tiny CLIP; BLEU and chrF do not depend on it")
     if args.out:
         storage.write_text(args.out, json.dumps({"profile": profile.name, "scores": scores}, indent=2) + "\n")
+    return 0
+
+
+def train_captioner_command(args: argparse.Namespace, cfg: RunConfig) -> int:
+    import dataclasses
+
+    from cosed.backend import LocalBackend
+    from cosed.embed import EmbeddingCache
+    from cosed.models.profiles import CAPTION
+    from cosed.runner import profile_cache, resolve_run
+    from cosed.train_captioner import CaptionerTrainConfig, train_captioner
+
+    profile, cfg = resolve_run(cfg)
+    base = args.base or profile.caption_model
+    if not base:
+        raise UserError(f"profile {profile.name} names no captioner: pass --base ID|FOLDER")
+    spec = profile.specs.get(CAPTION)
+    defaults = {**dataclasses.asdict(CaptionerTrainConfig()), **(spec.train if spec and base == profile.caption_model else {})}
+    chosen = {"epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size}
+    tc = CaptionerTrainConfig(**{**defaults, **{k: v for k, v in chosen.items() if v is not None},
+                                 "holdout": args.holdout, "limit": args.limit, "seed": cfg.seed})
+    backend = LocalBackend(profile, cfg)
+    embeddings = EmbeddingCache(backend, profile.model_names()["clip"], profile_cache(cfg) / "embeddings")
+    report = train_captioner(args.pairs, args.out, base, tc, device=backend.device, cache_dir=profile_cache(cfg),
+                             embed_texts=embeddings.texts, progress=not args.quiet,
+                             random_weights=profile.random_weights and base == profile.caption_model)
+    data, losses = report["data"], [entry["loss"] for entry in report["loss"]]
+    print(f"captioner: {base} fine-tuned on {data['train']} pairs ({data['held_out']} held out as whole caption "
+          f"chains, {len(data['skipped_malformed'])} malformed skipped), {tc.epochs:g} epoch(s), "
+          f"{report['train_seconds']:.1f} s")
+    if losses:
+        head, tail = losses[:5], losses[-5:]
+        print(f"loss (mean of the first / last {len(head)} steps): {sum(head) / len(head):.4f} -> "
+              f"{sum(tail) / len(tail):.4f} over {len(losses)} steps")
+    for name, scores in report.get("held_out", {}).items():
+        print(f"held-out {name:<9} BLEU {scores['bleu']:6.2f}  chrF {scores['chrf']:6.2f}  "
+              f"CLIP text sim {scores['clip_text_similarity']:6.2f}  ({scores['pairs']} pairs)")
+    if report["random_weights"] or profile.random_weights:
+        print("note: the tiny twin started from random weights and CLIP text similarity uses random-weight tiny "
+              "CLIP: these numbers check the pipeline, not caption quality")
+    print(f"checkpoint: {args.out} (use with --rewriter lm --rewriter-model {args.out}), checksum "
+          f"{report['checksum'][:16]}, report: {args.out}/captioner.json")
     return 0
 
 
@@ -404,6 +479,7 @@ def doctor_command(args: argparse.Namespace, cfg: RunConfig) -> int:
 
 
 COMMANDS = {"train-selector": train_command, "evaluate": evaluate_command, "eval-captions": eval_captions_command,
+            "train-captioner": train_captioner_command,
             "profiles": profiles_command, "models": models_command, "doctor": doctor_command}
 
 

@@ -216,9 +216,18 @@ class RunConfig:
         return dataclasses.asdict(self)
 
     def with_defaults(self, defaults: dict[str, Any]) -> "RunConfig":
-        """Fill the fields left as None from a profile's defaults."""
+        """Fill the fields left as None from a profile's defaults.
+
+        ``rewriter_model`` (the profile's captioner) fills in only under ``rewriter: lm``: under any
+        other rewriter no model decides the captions, and the config (part of every task's
+        fingerprint) stays as it was.
+        """
         merged = self.to_dict()
         for section, values in defaults.items():
+            if section == "rewriter_model":
+                if merged["rewriter"] == "lm" and merged["rewriter_model"] is None:
+                    merged["rewriter_model"] = values
+                continue
             for key, value in values.items():
                 if key not in merged[section]:
                     raise ConfigError(f"profile default {section}.{key} is not a config key")

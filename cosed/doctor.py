@@ -18,7 +18,7 @@ from pathlib import Path
 
 from cosed.cuda_compat import FAIL, OK, WARN, driver_verdict
 from cosed.memory import LEVELS, InsufficientGPUMemory, plan_memory
-from cosed.models.profiles import KINDS, Profile
+from cosed.models.profiles import CAPTION, KINDS, Profile
 
 
 @dataclass(frozen=True)
@@ -118,8 +118,11 @@ def weights_checks(profile: Profile) -> list[Check]:
         fix = f"cosed models fetch --profile {profile.name}"
         if spec.gated:
             fix = f"accept the licence at https://huggingface.co/{item.repo}, set HF_TOKEN, then {fix}"
-        checks.append(Check(f"weights {item.kind}", WARN if reachable else FAIL,
-                            f"{item.repo} not cached; {why}", fix if reachable else
+        # Only `--rewriter lm` loads the captioner: without it the other rewriters still run.
+        optional = item.kind == CAPTION
+        checks.append(Check(f"weights {item.kind}", WARN if reachable or optional else FAIL,
+                            f"{item.repo} not cached; {why}" + ("; only --rewriter lm needs it" if optional else ""),
+                            fix if reachable else
                             f"{fix} on a connected machine and copy HF_HOME here, or use --profile tiny"))
     return checks
 
@@ -243,8 +246,10 @@ def cluster_driver_checks(probe: dict) -> list[Check]:
 
 
 def run_checks(profile: Profile, memory: str = "auto", address: str | None = None, out: str | None = None) -> list[Check]:
-    checks = [Check("profile", OK, f"{profile.name}: " + ", ".join(
-        f"{k} {profile.spec(k).source if not profile.random_weights else profile.model_names()[k]}" for k in KINDS))]
+    models = [f"{k} {profile.spec(k).source if not profile.random_weights else profile.model_names()[k]}" for k in KINDS]
+    if profile.caption_model:
+        models.append(f"{CAPTION} {profile.caption_model}")
+    checks = [Check("profile", OK, f"{profile.name}: " + ", ".join(models))]
     checks.append(gpu_check(profile, memory, local_gpus()))
     checks.append(driver_check(local_driver(), *local_torch_build()))
     checks += weights_checks(profile)

@@ -205,13 +205,28 @@ def selector_checksum(uri: str | None) -> str | None:
     return hashlib.sha256(storage.read_bytes(uri)).hexdigest() if uri else None
 
 
+@functools.lru_cache(maxsize=8)
+def _captioner_checksum(source: str, cache_dir: str | None) -> str:
+    from cosed.captioner import weights_checksum
+
+    return weights_checksum(source, cache_dir)
+
+
+def captioner_checksum(cfg: RunConfig) -> str | None:
+    """The lm rewriter's captioner weights; None under any other rewriter, where no model decides the captions."""
+    return _captioner_checksum(cfg.rewriter_model, cfg.cache_dir) if cfg.rewriter == "lm" and cfg.rewriter_model else None
+
+
 def task_fingerprint(task: Task, profile: Profile, cfg: RunConfig) -> str:
-    """What decides a task's outputs: its content, the decisive config, the models and the selector weights.
+    """What decides a task's outputs: its content, the decisive config, the models, the selector weights and,
+    under the lm rewriter, the captioner's weights.
 
     Resume skips a task only when its manifest carries this same fingerprint.
     """
     payload = {"task": dataclasses.asdict(task), "config": manifest_config(cfg), "models": profile.model_names(),
                "selector": selector_checksum(cfg.selector)}
+    if cfg.rewriter == "lm":
+        payload["captioner"] = captioner_checksum(cfg)
     return hashlib.sha256(json.dumps(payload, sort_keys=True, ensure_ascii=False).encode("utf-8")).hexdigest()[:32]
 
 
@@ -224,9 +239,9 @@ def assemble_task(out: str, task: Task, fingerprint: str, profile: Profile, cfg:
     """The task's folder from its parts: scenes, clips, video, storyboard, then the manifest (last).
 
     ``fence`` (the run's output lease) raises `LeaseLost` when this job may no longer
-    write; it is checked just before the manifest, whose write it bounds in time. Holds the task's encoded clips twice (clips + joined
-    video) and its scene PNGs: never raw frames. Removes the parts once the
-    manifest is written.
+    write; it is checked just before the manifest, whose write it bounds in time.
+    Holds the task's encoded clips twice (clips + joined video) and its scene PNGs:
+    never raw frames. Removes the parts once the manifest is written.
     """
     storage.configure(cfg.storage.retry_seconds)
     parts = TaskParts.of(out, task.folder, fingerprint)
@@ -259,6 +274,7 @@ def assemble_task(out: str, task: Task, fingerprint: str, profile: Profile, cfg:
         "task_id": task.id, "fingerprint": fingerprint, "title": task.title,
         "seed": cfg.seed, "profile": profile.name,
         "random_weights": profile.random_weights, "models": profile.model_names(),
+        **({"captioner": captioner_checksum(cfg)} if cfg.rewriter == "lm" else {}),
         "config": manifest_config(cfg), "steps": steps_meta, "metrics": record["metrics"],
         "video": "video.mp4", "video_frames": sum(s["frames"] for s in steps_meta), "fps": cfg.video.fps,
         "storyboard": "storyboard.png",

@@ -2,31 +2,26 @@
 
 ``identity`` and ``template`` are deterministic and need no model; ``given``
 uses the task's own captions (``captions`` in JSONL, the authors'
-``steps_generated`` in the recipes layout); ``lm`` prompts
-any transformers causal or seq2seq model with the reference window of two
-(previous caption, current step), greedily, and caches captions on disk by
-(model, prompt) hash so a re-run never re-generates them.
+``steps_generated`` in the recipes layout); ``lm`` asks a caption LM
+(`cosed.captioner.Captioner`: the profile's, or a trained one) with the
+reference window of two (previous caption, current step), step by step,
+through its shared caption cache, so a re-run never generates a caption twice.
 """
 
 from __future__ import annotations
 
-import hashlib
 from functools import lru_cache
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
 from cosed.tasks import Task
 
+if TYPE_CHECKING:
+    from cosed.captioner import Captioner
+
 CLIP_CONTEXT_TOKENS = 77
-LM_PROMPT = "### Instruction:\nGive me the image caption for this recipe.\n\n### Input:\n{steps}\n\n### Response:\n"
-
-
-def lm_prompt(previous: str, current: str) -> str:
-    """The reference prompt: a window of two (previous caption, current step), or the first step alone."""
-    steps = f"Step 1: {previous}\nStep 2: {current}" if previous else f"Step 1: {current}"
-    return LM_PROMPT.format(steps=steps)
 
 
 @lru_cache(maxsize=1)
@@ -92,46 +87,29 @@ def default_rewriter(tasks: list[Task]) -> str:
 
 
 class LMRewriter:
-    def __init__(self, source: str, cache_dir: Path, device: torch.device, max_new_tokens: int = 77):
-        from cosed.models.loaders import load_lm
+    """Captions from a caption LM, step by step: each step's window holds the caption just made for the previous one."""
 
-        self.name = f"lm:{source}"
-        self.source = source
-        self.model, self.tokenizer = load_lm(source, device)
-        self.device = device
-        self.max_new_tokens = max_new_tokens
-        self.cache_dir = Path(cache_dir) / "captions"
+    def __init__(self, captioner: "Captioner"):
+        self.captioner = captioner
+        self.name = f"lm:{captioner.source}"
 
     def captions(self, task: Task) -> list[str]:
         captions: list[str] = []
         previous = ""
         for step in task.steps:
-            caption = self.caption(lm_prompt(previous, step)) or truncate_to_clip(step)
-            captions.append(caption)
-            previous = caption
+            previous = self.captioner.caption_pairs([(previous, step)])[0]
+            captions.append(previous)
         return captions
-
-    def caption(self, prompt: str) -> str:
-        key = hashlib.sha256(f"{self.source}\x1f{self.max_new_tokens}\x1f{prompt}".encode()).hexdigest()
-        cached = self.cache_dir / f"{key}.txt"
-        if cached.is_file():
-            return cached.read_text(encoding="utf-8")
-        inputs = self.tokenizer(prompt, return_tensors="pt").to(self.device)
-        with torch.no_grad():
-            output = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False,
-                                         pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id)
-        if not self.model.config.is_encoder_decoder:
-            output = output[:, inputs["input_ids"].shape[1]:]
-        text = truncate_to_clip(self.tokenizer.decode(output[0], skip_special_tokens=True).strip())
-        self.cache_dir.mkdir(parents=True, exist_ok=True)
-        cached.write_text(text, encoding="utf-8")
-        return text
 
 
 def make_rewriter(name: str, *, model: str | None = None, cache_dir: Path | None = None,
-                  device: torch.device | None = None) -> Rewriter:
+                  device: torch.device | None = None, cache_root: str | None = None) -> Rewriter:
     """The named rewriter, ready: what it loads (a model, or the CLIP tokenizer that truncates
-    captions, seconds on first use) loads here, not inside the first task's time."""
+    captions, seconds on first use) loads here, not inside the first task's time.
+
+    ``lm`` needs ``model`` (a hub id, a folder or ``tiny:captioner``; `resolve_run` fills in the
+    profile's captioner); its captions are cached under ``cache_root`` (default ``<cache_dir>/captions``).
+    """
     simple = {"identity": IdentityRewriter, "template": TemplateRewriter, "given": GivenRewriter}
     if name in simple:
         _bpe()
@@ -139,7 +117,9 @@ def make_rewriter(name: str, *, model: str | None = None, cache_dir: Path | None
     if name == "lm":
         if not model:
             raise ValueError("the lm rewriter needs rewriter_model (a hub id or a local folder)")
-        from cosed.models.profiles import default_cache_dir
+        from cosed.captioner import Captioner
 
-        return LMRewriter(model, cache_dir or default_cache_dir(), device or torch.device("cpu"))
+        _bpe()
+        captioner = Captioner(model, device=device or torch.device("cpu"), cache_dir=cache_dir, cache_root=cache_root)
+        return LMRewriter(captioner.load())
     raise ValueError(f"unknown rewriter {name!r}: use identity, template, given or lm")

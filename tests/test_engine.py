@@ -144,12 +144,13 @@ def test_a_task_that_fails_at_run_time_is_reported_and_the_rest_finish(tmp_path,
 def test_lm_rewriter_runs_a_local_model_and_caches(tiny_cache, tmp_path):
     from cosed.tasks import Task
 
-    rewriter = make_rewriter("lm", model=str(tiny_cache / "tiny-v1" / "lm"), cache_dir=tmp_path)
+    rewriter = make_rewriter("lm", model="tiny:captioner", cache_dir=tiny_cache, cache_root=str(tmp_path / "captions"))
     task = Task(id="t", title="Tea", steps=("Boil water.", "Steep the leaves."))
     captions = rewriter.captions(task)
     assert len(captions) == 2 and all(isinstance(c, str) and c for c in captions)
     assert len(list((tmp_path / "captions").glob("*.txt"))) == 2
-    assert make_rewriter("lm", model=str(tiny_cache / "tiny-v1" / "lm"), cache_dir=tmp_path).captions(task) == captions
+    again = make_rewriter("lm", model="tiny:captioner", cache_dir=tiny_cache, cache_root=str(tmp_path / "captions"))
+    assert again.captions(task) == captions and again.captioner.generate_calls == 0
 
 
 def test_cli_reports_missing_tasks_file_and_offline_hub_clearly(tmp_path, capsys, monkeypatch, tiny_cache):

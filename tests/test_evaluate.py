@@ -149,9 +149,9 @@ def test_eval_captions_scores_each_rewriter(tmp_path, tiny_cache, capsys):
               "input": "Step 1: Pasta in a pot.\nStep 2: Drain it.", "output": "Pasta drained in a colander."}]
     path = tmp_path / "pairs.json"
     path.write_text(json.dumps(pairs))
-    lm = str(tiny_cache / "tiny-v1" / "lm")
-    assert main(["eval-captions", "--pairs", str(path), "--rewriters", "identity,template,lm", "--rewriter-model", lm,
-                 "--out", str(tmp_path / "scores.json"), "--cache-dir", str(tiny_cache)]) == 0
+    assert main(["eval-captions", "--pairs", str(path), "--rewriters", "identity,template,lm",
+                 "--rewriter-model", "tiny:captioner", "--out", str(tmp_path / "scores.json"),
+                 "--cache-dir", str(tiny_cache)]) == 0
     scores = json.loads((tmp_path / "scores.json").read_text())["scores"]
     assert set(scores) == {"identity", "template", "lm"}
     assert all(0 <= s["bleu"] <= 100 and s["pairs"] == 2 for s in scores.values())

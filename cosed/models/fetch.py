@@ -1,4 +1,4 @@
-"""Download exactly the weight files a profile's pipelines load, into the standard hub cache.
+"""Download exactly the weight files a profile's pipelines (and its captioner) load, into the standard hub cache.
 
 Only safetensors (the fp16 variant where the profile names one and the repo
 has it), configs and tokenizer files; never pickled ``.bin`` files, never the
@@ -11,9 +11,10 @@ import os
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 
-from cosed.models.profiles import ROLES, ModelSpec, ModelUnavailable, Profile, hub_error
+from cosed.models.profiles import CAPTION, ROLES, ModelSpec, ModelUnavailable, Profile, hub_error
 
 CONFIG_SUFFIXES = (".json", ".txt", ".model")
+LM_SUFFIXES = CONFIG_SUFFIXES + (".jinja", ".safetensors")
 CLIP_WEIGHTS = "open_clip_model.safetensors"
 
 
@@ -42,6 +43,12 @@ def weight_files(repo_files: list[str], variant: str | None) -> list[str]:
         marked = [n for n in tensors if variant and f".{variant}." in PurePosixPath(n).name.replace("-", ".")]
         chosen += marked or [n for n in tensors if not _has_variant_mark(n)]
     return sorted(set(chosen))
+
+
+def lm_weight_files(repo_files: list[str]) -> list[str]:
+    """The files a transformers ``from_pretrained(..., use_safetensors=True)`` of a model and its tokenizer
+    reads: the top-level configs, tokenizer files, chat template and safetensors (no pickles, no sub-folders)."""
+    return sorted(f for f in repo_files if "/" not in f and f.endswith(LM_SUFFIXES))
 
 
 def _has_variant_mark(name: str) -> bool:
@@ -76,6 +83,9 @@ def hub_files(profile: Profile) -> list[HubFiles]:
                 wanted.append(HubFiles(kind, hub[0], (hub[1],)))
         elif spec.is_hub:
             wanted.append(HubFiles(kind, spec.source, None))
+    caption = profile.specs.get(CAPTION)
+    if caption and caption.is_hub:
+        wanted.append(HubFiles(CAPTION, caption.source, None))
     return wanted
 
 
@@ -102,7 +112,8 @@ def fetch_profile(profile: Profile, progress: bool = True) -> list[str]:
         spec: ModelSpec = profile.spec(item.kind)
         try:
             if item.files is None:
-                files = weight_files(HfApi().list_repo_files(item.repo), spec.variant)
+                listing = HfApi().list_repo_files(item.repo)
+                files = lm_weight_files(listing) if item.kind == CAPTION else weight_files(listing, spec.variant)
                 folders.append(snapshot_download(item.repo, allow_patterns=files))
             else:
                 folders += [os.path.dirname(hf_hub_download(item.repo, f)) for f in item.files]
@@ -115,7 +126,7 @@ def cached(profile: Profile) -> dict[str, bool | None]:
     """Per model kind: True when its files are in the local hub cache, None when nothing needs downloading."""
     from huggingface_hub import snapshot_download, try_to_load_from_cache
 
-    status: dict[str, bool | None] = {"sd": None, "video": None, "clip": None}
+    status: dict[str, bool | None] = {"sd": None, "video": None, "clip": None, CAPTION: None}
     for item in hub_files(profile):
         if item.files is not None:
             status[item.kind] = all(isinstance(try_to_load_from_cache(item.repo, f), str) for f in item.files)
@@ -126,5 +137,6 @@ def cached(profile: Profile) -> dict[str, bool | None]:
             status[item.kind] = False
             continue
         files = [os.path.relpath(os.path.join(root, f), folder) for root, _, names in os.walk(folder) for f in names]
-        status[item.kind] = any(f.endswith(".safetensors") for f in files) and "model_index.json" in files
+        index = "config.json" if item.kind == CAPTION else "model_index.json"
+        status[item.kind] = any(f.endswith(".safetensors") for f in files) and index in files
     return status

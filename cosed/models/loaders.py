@@ -100,17 +100,28 @@ def _clip_safetensors(source: str) -> str | None:
     return hf_hub_download(*hub) if hub else None
 
 
-def load_lm(source: str, device: torch.device):
-    """A transformers causal or seq2seq LM with its tokenizer, for caption rewriting."""
+def load_lm(source: str, device: torch.device | str, dtype: str = "bfloat16"):
+    """A transformers causal (or seq2seq) LM with its tokenizer, for captions: safetensors only.
+
+    ``source`` is a hub id or a local folder (a trained captioner is one). ``dtype`` applies on a
+    GPU; the CPU gets float32. The tokenizer pads on the left, as batched generation needs.
+    """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
     quiet_libraries()
-
+    device = torch.device(device)
     try:
         config = AutoConfig.from_pretrained(source)
         model_cls = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
-        model = model_cls.from_pretrained(source, use_safetensors=True).to(device).eval()
-        tokenizer = AutoTokenizer.from_pretrained(source)
+        model = model_cls.from_pretrained(source, use_safetensors=True, dtype=default_dtype(device, dtype))
+        tokenizer = AutoTokenizer.from_pretrained(source, padding_side="left")
     except (OSError, ValueError) as exc:
         raise hub_error("caption LM", source, exc) from exc
-    return model, tokenizer
+    return model.to(device).eval(), tokenizer
+
+
+def save_lm(model, tokenizer, folder: str | Path) -> None:
+    """Write an LM as `load_lm` reads it back: safetensors weights, config, generation config, tokenizer."""
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)

@@ -5,6 +5,11 @@ image-to-video, ``clip``) it names the source, the diffusers pipeline class
 (which picks the adapter in `cosed.models.adapters`), the weight variant and
 dtype, the licence and whether the hub gates the download, and the expected
 peak GPU memory at the profile's settings for each memory plan level.
+
+A profile may also name a ``caption`` model: the `lm` rewriter's captioner
+(`cosed.captioner`), its default model. It is not one of `KINDS`: it decides
+outputs only under ``rewriter: lm``, so it enters neither `Profile.model_names`
+(every task's fingerprint) nor the memory of the image and video models.
 """
 
 from __future__ import annotations
@@ -18,8 +23,10 @@ from typing import Any
 _PROFILE_DIR = Path(__file__).resolve().parent.parent / "profiles"
 _TINY_PREFIX = "tiny:"
 KINDS = ("sd", "video", "clip")
-ROLES = {"sd": "text-to-image", "video": "image-to-video", "clip": "CLIP"}
-DEFAULT_PIPELINES = {"sd": "StableDiffusionPipeline", "video": "StableVideoDiffusionPipeline", "clip": None}
+CAPTION = "caption"
+ROLES = {"sd": "text-to-image", "video": "image-to-video", "clip": "CLIP", CAPTION: "caption LM"}
+DEFAULT_PIPELINES = {"sd": "StableDiffusionPipeline", "video": "StableVideoDiffusionPipeline", "clip": None,
+                     CAPTION: "AutoModelForCausalLM"}
 
 
 class ModelUnavailable(RuntimeError):
@@ -37,6 +44,7 @@ class ModelSpec:
     licence: str = ""
     gated: bool = False
     memory_gib: dict[str, float] = field(default_factory=dict)
+    train: dict[str, Any] = field(default_factory=dict)   # captioner only: `cosed train-captioner` defaults
 
     @property
     def is_hub(self) -> bool:
@@ -50,7 +58,7 @@ class ModelSpec:
     @classmethod
     def from_data(cls, kind: str, data: str | dict[str, Any], cache: Path) -> "ModelSpec":
         data = {"source": data} if isinstance(data, str) else dict(data)
-        data["source"] = _resolve_source(data["source"], cache)
+        data["source"] = resolve_source(data["source"], cache)
         data.setdefault("pipeline", _folder_pipeline(data["source"]) or DEFAULT_PIPELINES[kind])
         return cls(**data)
 
@@ -68,6 +76,9 @@ class Profile:
     tiny_twin: str | None = None
     costs: dict[str, Any] = field(default_factory=dict)
     backend: str = "local"
+    caption: str | None = None          # the captioner's resolved source (a folder or a hub id)
+    caption_model: str | None = None    # as the profile names it (``tiny:captioner``): the lm rewriter's default
+    caption_cost: dict[str, float] = field(default_factory=dict)  # seconds per caption generate call
 
     def spec(self, kind: str) -> ModelSpec:
         return self.specs.get(kind) or ModelSpec(source=getattr(self, kind), pipeline=DEFAULT_PIPELINES[kind])
@@ -105,10 +116,16 @@ def resolve_profile(name_or_folder: str, cache_dir: str | os.PathLike | None = N
     if named.is_file():
         data = json.loads(named.read_text(encoding="utf-8"))
         specs = {kind: ModelSpec.from_data(kind, src, cache) for kind, src in data["models"].items()}
-        return Profile(name=data["name"], defaults=data.get("defaults", {}),
+        caption_model = _raw_source(data["models"].get(CAPTION))
+        costs = dict(data.get("costs", {}))
+        # The Ray cost model sizes the sd / video / clip pools; the caption pool's entry is kept apart
+        # until that model has a caption pool (the Ray half of issue 17) and reads it from here.
+        caption_cost = costs.pop(CAPTION, {})
+        return Profile(name=data["name"], defaults=_with_caption_default(data.get("defaults", {}), caption_model),
                        random_weights=data.get("random_weights", False), description=data.get("description", ""),
-                       specs=specs, tiny_twin=data.get("tiny_twin"),
-                       costs=data.get("costs", {}), backend=data.get("backend", "local"), **{k: s.source for k, s in specs.items()})
+                       specs=specs, tiny_twin=data.get("tiny_twin"), costs=costs, caption_cost=caption_cost,
+                       caption_model=caption_model, backend=data.get("backend", "local"),
+                       **{k: s.source for k, s in specs.items()})
     folder = Path(name_or_folder)
     if folder.is_dir():
         missing = [kind for kind in KINDS if not (folder / kind).is_dir()]
@@ -117,16 +134,31 @@ def resolve_profile(name_or_folder: str, cache_dir: str | os.PathLike | None = N
                                    "(a profile folder holds sd/, video/ and clip/ in the standard formats)")
         meta_path = folder / "profile.json"
         meta = json.loads(meta_path.read_text(encoding="utf-8")) if meta_path.is_file() else {}
-        specs = {kind: ModelSpec.from_data(kind, str(folder / kind), cache) for kind in KINDS}
+        kinds = KINDS + ((CAPTION,) if (folder / CAPTION).is_dir() else ())
+        specs = {kind: ModelSpec.from_data(kind, str(folder / kind), cache) for kind in kinds}
+        caption_model = str(folder / CAPTION) if CAPTION in specs else None
+        costs = dict(meta.get("costs", {}))
+        caption_cost = costs.pop(CAPTION, {})
         return Profile(name=meta.get("name", str(folder)), sd=str(folder / "sd"), video=str(folder / "video"),
-                       clip=str(folder / "clip"), defaults=meta.get("defaults", {}),
+                       clip=str(folder / "clip"), caption=caption_model, caption_model=caption_model,
+                       defaults=_with_caption_default(meta.get("defaults", {}), caption_model),
                        random_weights=meta.get("random_weights", False), description=meta.get("description", ""),
-                       specs=specs, costs=meta.get("costs", {}))
+                       specs=specs, costs=costs, caption_cost=caption_cost)
     raise ModelUnavailable(f"unknown profile {name_or_folder!r}: use one of {', '.join(available_profiles())} "
                            "or a folder holding sd/, video/ and clip/")
 
 
-def _resolve_source(source: str, cache: Path) -> str:
+def _raw_source(data: str | dict[str, Any] | None) -> str | None:
+    return data if isinstance(data, str) or data is None else data["source"]
+
+
+def _with_caption_default(defaults: dict[str, Any], caption_model: str | None) -> dict[str, Any]:
+    """The profile's captioner becomes the default ``rewriter_model`` (used only under ``rewriter: lm``)."""
+    return {**defaults, "rewriter_model": caption_model} if caption_model else dict(defaults)
+
+
+def resolve_source(source: str, cache: Path) -> str:
+    """A model source as loaders take it: ``tiny:NAME`` becomes its folder in the tiny zoo (built once)."""
     if source.startswith(_TINY_PREFIX):
         from cosed.models.tiny import ensure_tiny_models, zoo_of
 

@@ -22,12 +22,14 @@ from cosed.models.loaders import quiet_libraries
 
 TINY_VERSION = "tiny-v1"
 MODERN_VERSION = "tiny-modern-v1"  # twins of the modern pipelines, a zoo of their own so tiny-v1 caches stay valid
+CAPTION_VERSION = "tiny-captioner-v1"  # the captioner's twin, apart too: adding it to tiny-v1 would rebuild no cache
 _SEED = 0
+_ZOOS = {"flux": MODERN_VERSION, "ltx": MODERN_VERSION, "t5-tokenizer": MODERN_VERSION, "captioner": CAPTION_VERSION}
 
 
 def zoo_of(model: str) -> str:
-    """Which zoo builds a tiny model: the modern pipelines' twins live apart from the original zoo."""
-    return MODERN_VERSION if model in ("flux", "ltx", "t5-tokenizer") else TINY_VERSION
+    """Which zoo builds a tiny model: later twins live apart from the original zoo, so its caches stay valid."""
+    return _ZOOS.get(model, TINY_VERSION)
 
 
 def ensure_tiny_models(cache_dir: Path, version: str = TINY_VERSION) -> Path:
@@ -44,7 +46,9 @@ def ensure_tiny_models(cache_dir: Path, version: str = TINY_VERSION) -> Path:
         staging = cache_dir / f"{version}.staging"
         shutil.rmtree(staging, ignore_errors=True)
         quiet_libraries()
-        (build_modern_models if version == MODERN_VERSION else build_tiny_models)(staging)
+        builders = {TINY_VERSION: build_tiny_models, MODERN_VERSION: build_modern_models,
+                    CAPTION_VERSION: build_caption_models}
+        builders[version](staging)
         (staging / ".complete").write_text("ok\n")
         shutil.rmtree(root, ignore_errors=True)
         staging.rename(root)
@@ -67,6 +71,14 @@ def build_modern_models(root: Path) -> None:
     write_t5_tokenizer(root / "t5-tokenizer", root / "tokenizer")
     build_flux(root / "flux", root / "tokenizer", root / "t5-tokenizer")
     build_ltx(root / "ltx", root / "t5-tokenizer")
+
+
+def build_caption_models(root: Path) -> None:
+    """A twin of the captioner (Qwen2.5-0.5B-Instruct's classes) with a ChatML chat template."""
+    root.mkdir(parents=True, exist_ok=True)
+    write_clip_tokenizer(root / "clip-tokenizer")
+    build_captioner(root / "captioner", root / "clip-tokenizer")
+    shutil.rmtree(root / "clip-tokenizer")
 
 
 def write_clip_tokenizer(folder: Path) -> None:
@@ -248,3 +260,77 @@ def build_ltx(folder: Path, t5_dir: Path) -> None:
                                    text_encoder=_tiny_t5(len(t5_tokenizer)), tokenizer=t5_tokenizer,
                                    transformer=transformer)
     pipe.save_pretrained(folder, safe_serialization=True)
+
+
+# Qwen2.5-Instruct's chat template without its tool-calling branches: the same text for
+# system, user and assistant turns, and its default system prompt when none is given.
+CHATML_TEMPLATE = (
+    "{%- if messages[0]['role'] == 'system' %}"
+    "{{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}"
+    "{%- else %}"
+    "{{- '<|im_start|>system\\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\\n' }}"
+    "{%- endif %}"
+    "{%- for message in messages %}"
+    "{%- if not (message['role'] == 'system' and loop.first) %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}"
+    "{{- '<|im_start|>assistant\\n' }}"
+    "{%- endif %}"
+)
+CHATML_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+
+def write_chatml_tokenizer(folder: Path, clip_tokenizer_dir: Path, vocab_size: int = 2048):
+    """A Qwen2 tokenizer (byte-level BPE with Qwen's pre-tokenizer) trained here, with ChatML special tokens.
+
+    The real vocabulary has 151k entries; a small one keeps the twin's embedding and
+    output layer small. The training text is the CLIP BPE vocabulary, so the result
+    is the same on every machine.
+    """
+    from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, trainers
+    from transformers import Qwen2Tokenizer
+    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
+
+    words = [w.replace("</w>", "") for w in json.loads((clip_tokenizer_dir / "vocab.json").read_text(encoding="utf-8"))]
+    words = [w for w in words if w.isascii() and w.isalnum()]  # CLIP's byte symbols would be learnt as text
+    corpus = [" ".join(words[i:i + 64]) for i in range(256, 16000, 64)]
+    bpe = Tokenizer(models.BPE())
+    bpe.normalizer = normalizers.NFC()
+    bpe.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=CHATML_SPECIAL_TOKENS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    bpe.train_from_iterator(corpus, trainer)
+    trained = json.loads(bpe.to_str())["model"]
+    tokenizer = Qwen2Tokenizer(vocab=trained["vocab"], merges=[tuple(m) if isinstance(m, list) else tuple(m.split(" "))
+                                                                for m in trained["merges"]],
+                               eos_token="<|im_end|>", pad_token="<|endoftext|>", unk_token=None,
+                               model_max_length=32768, chat_template=CHATML_TEMPLATE)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tokenizer.save_pretrained(folder)
+    return tokenizer
+
+
+def build_captioner(folder: Path, clip_tokenizer_dir: Path) -> None:
+    """Qwen2ForCausalLM as Qwen2.5-0.5B-Instruct (GQA, RoPE, SwiGLU, RMSNorm, QKV bias, tied embeddings), tiny.
+
+    Initialised wider than transformers' default (0.2, not 0.02): at 0.02 a two-layer model with
+    tied embeddings only repeats its last input token, and the captions tests need varied text.
+    """
+    from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
+
+    tokenizer = write_chatml_tokenizer(folder, clip_tokenizer_dir)
+    torch.manual_seed(_SEED)
+    end_of_turn, end_of_text = tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])
+    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                         rope_theta=1000000.0, tie_word_embeddings=True, initializer_range=0.2,
+                         bos_token_id=end_of_text,
+                         eos_token_id=end_of_turn, pad_token_id=end_of_text)
+    model = Qwen2ForCausalLM(config)
+    model.generation_config = GenerationConfig(bos_token_id=end_of_text, eos_token_id=[end_of_turn, end_of_text],
+                                               pad_token_id=end_of_text)
+    model.save_pretrained(folder)

@@ -1,0 +1,78 @@
+"""Benchmark of in-process captioning: `Captioner.caption_pairs` at caption batch sizes 1 and 8.
+
+Every run captions the same pairs into a fresh cache root, so every caption is generated. Prints
+captions per second and seconds per generate call for each batch size, and the fit of seconds
+per call as ``fixed + per_item x captions`` (the layout of a profile's ``costs.caption``).
+Ratios are measured within one run; a machine shared with other work makes them noisy.
+
+    python ray_jobs/bench_captions.py [--pairs captions_eval.json] [--limit 64] \
+        [--rewriter-model tiny:captioner|FOLDER|ID] [--profile tiny] [--device cpu]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from cosed import storage
+from cosed.captioner import Captioner, CaptionerConfig
+from cosed.caption_eval import parse_pairs
+from cosed.cli import add_run_options, config_from_args, example_tasks_path
+from cosed.models.loaders import resolve_device
+from cosed.runner import profile_cache, resolve_run
+
+
+def example_pairs() -> list[tuple[str, str]]:
+    """(previous step, step) windows from the bundled example tasks, when no pairs file is given."""
+    pairs = []
+    for line in Path(example_tasks_path()).read_text(encoding="utf-8").splitlines():
+        steps = json.loads(line)["steps"]
+        pairs += list(zip([""] + steps[:-1], steps))
+    return pairs
+
+
+def run(source: str, pairs: list[tuple[str, str]], batch_size: int, device, cache_dir: Path) -> dict:
+    with tempfile.TemporaryDirectory() as root:
+        captioner = Captioner(source, device=device, cache_dir=cache_dir, cache_root=root,
+                              config=CaptionerConfig(batch_size=batch_size)).load()
+        captioner._generate(pairs[:1])  # warm-up: the first call pays one-off costs
+        captioner.generate_calls = captioner.generated = 0
+        start = time.perf_counter()
+        captioner.caption_pairs(pairs)
+        seconds = time.perf_counter() - start
+    return {"batch_size": batch_size, "captions": captioner.generated, "calls": captioner.generate_calls,
+            "seconds": seconds, "per_second": captioner.generated / seconds,
+            "per_call": seconds / captioner.generate_calls}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--pairs", help="Alpaca-format pairs (default: windows of the bundled example tasks)")
+    parser.add_argument("--limit", type=int, default=64)
+    add_run_options(parser)
+    args = parser.parse_args()
+    profile, cfg = resolve_run(config_from_args(args))
+    source = cfg.rewriter_model or profile.caption_model
+    device = resolve_device(cfg.device)
+    if device.type == "cpu":
+        torch.set_num_threads(cfg.cpu_threads)  # as every in-process run and actor does
+    pairs = ([(p, c) for p, c, _ in parse_pairs(storage.read_bytes(args.pairs))] if args.pairs else example_pairs())
+    pairs = list(dict.fromkeys(pairs))[: args.limit]
+    results = [run(source, pairs, size, device, profile_cache(cfg)) for size in (1, 8)]
+    print(f"captioner {source} on {device} ({torch.get_num_threads()} CPU threads), {len(pairs)} pairs")
+    print(f"{'batch':>5}{'captions/s':>12}{'s per call':>12}{'calls':>7}")
+    for r in results:
+        print(f"{r['batch_size']:>5}{r['per_second']:>12.2f}{r['per_call']:>12.3f}{r['calls']:>7}")
+    one, eight = results
+    per_item = max(0.0, (eight["per_call"] - one["per_call"]) / 7)
+    print(f"cost entry: {{\"fixed\": {one['per_call'] - per_item:.3f}, \"per_item\": {per_item:.4f}}} "
+          f"(seconds per generate call; batch 8 is {eight['per_second'] / one['per_second']:.2f}x batch 1)")
+
+
+if __name__ == "__main__":
+    main()
