@@ -119,6 +119,9 @@ class RayConfig:
     chaos_writer_exit_marker: str | None = None
     # Test-only: the first model actor that creates this file fails its start (as a bad GPU or a download would).
     chaos_start_failure_marker: str | None = None
+    # Test-only: the first driver that creates this file exits its process after the first scene of its second
+    # task (its first task's clips are still rendering then).
+    chaos_driver_exit_marker: str | None = None
     # A pool whose starts failed this many times in a row, with no member yet, fails the run at once.
     start_attempts: int = 3
     # Writers: how many at once ("auto": two per node) and where ("workers": off the head node when there are

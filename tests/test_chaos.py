@@ -1,11 +1,13 @@
-"""Chaos on a local Ray cluster (4 logical GPUs): killed actors, a killed writer and directory, a hung call.
+"""Chaos on a local Ray cluster (4 logical GPUs): killed actors and drivers, a writer that dies, a hung call,
+an actor that fails to start, a rebalance, another job holding a GPU.
 
-Each run must finish every task with manifests (minus timings) and scene PNGs
-identical to a clean in-process run.
+Every run must finish every task with every output file identical to a clean in-process run: manifests
+(without timings), scene PNGs, clips, videos, storyboards. The faults that touch clips run on both twins:
+`tiny` (SVD, image only) and `tiny-flux-ltx` (LTX-Video, conditioned on the scene's caption, so a clip
+re-rendered without it would differ).
 """
 
 import dataclasses
-import json
 import os
 import random
 import signal
@@ -16,17 +18,19 @@ import ray
 from ray.util.state import list_actors
 
 from cosed import runner
+from cosed.config import RunConfig
 from cosed.distributed.job import run_on_ray
-from cosed.engine import manifest_without_timings
+from cosed.runner import resolve_run
 
-from conftest import local_ray, write_jsonl
+from conftest import local_ray, outputs, task_files, write_jsonl
 
 pytestmark = pytest.mark.slow
 
-# Ten small tasks; every third one reaches step 3, where the pool feeds on earlier steps.
+# Small tasks; every third one reaches step 3, where the pool feeds on earlier steps.
 TASKS = [{"id": f"c{i}", "title": f"Chaos {i}",
           "steps": ["Cut the board.", "Sand the edges."] + (["Paint it."] if i % 3 == 0 else [])}
          for i in range(10)]
+TWINS = ["tiny", "tiny-flux-ltx"]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -35,26 +39,28 @@ def cluster():
         yield
 
 
-def snapshot(out) -> dict:
-    """Manifests without timings and every scene PNG, by task."""
-    return {p.parent.name: (manifest_without_timings(json.loads(p.read_text())),
-                            {png.name: png.read_bytes() for png in sorted((p.parent / "scenes").glob("*.png"))})
-            for p in out.glob("*/manifest.json")}
-
-
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, tiny_run):
-    _, cfg, backend = tiny_run
-    folder = tmp_path_factory.mktemp("ref")
-    runner.run_in_process(str(write_jsonl(folder / "t.jsonl", TASKS)), str(folder / "out"), cfg,
-                          progress=False, backend=backend)
-    return snapshot(folder / "out")
+def references(tmp_path_factory, tiny_cache):
+    """Every output file of a clean in-process run of all tasks, per twin (made once, when first asked)."""
+    made = {}
+
+    def reference(profile: str) -> dict:
+        if profile not in made:
+            _, cfg = resolve_run(RunConfig(profile=profile, cache_dir=str(tiny_cache)))
+            folder = tmp_path_factory.mktemp(f"ref-{profile}")
+            runner.run_in_process(str(write_jsonl(folder / "t.jsonl", TASKS)), str(folder / "out"), cfg,
+                                  progress=False)
+            made[profile] = outputs(folder / "out")
+        return made[profile]
+
+    return reference
 
 
-def chaos_config(tiny_config, **fields):
+def chaos_config(tiny_cache, profile="tiny", **fields):
+    cfg = RunConfig(profile=profile, cache_dir=str(tiny_cache))
     ray_fields = {"max_concurrent_tasks": 4, "rescale_seconds": 1.0, "call_timeout_floor_s": 60.0,
                   "rebalance": False, **fields}
-    return dataclasses.replace(tiny_config, ray=dataclasses.replace(tiny_config.ray, **ray_fields))
+    return dataclasses.replace(cfg, ray=dataclasses.replace(cfg.ray, **ray_fields))
 
 
 def run(tmp_path, cfg, during=None, tasks=TASKS):
@@ -74,10 +80,13 @@ def run(tmp_path, cfg, during=None, tasks=TASKS):
     return summary, record.get("chaos")
 
 
-def expect_all_done(summary, out, reference, tasks=TASKS):
+def expect_identical(summary, out, reference, tasks=TASKS):
     ids = sorted(t["id"] for t in tasks)
     assert sorted(summary.done) == ids and not summary.failed
-    assert snapshot(out) == {i: reference[i] for i in ids}
+    produced = outputs(out)
+    assert set(produced) == set(task_files(reference, tasks))
+    assert produced == task_files(reference, tasks)  # every byte of every file
+    assert not list(out.glob(".cosed-parts/*/*/*"))  # no part left behind once a task is written
 
 
 def kill_pid(pid) -> bool:
@@ -88,89 +97,111 @@ def kill_pid(pid) -> bool:
         return False
 
 
-def state_address() -> str:
-    """This cluster's address for the state API (other local clusters must not confuse it)."""
-    return ray.get_runtime_context().gcs_address
-
-
 def alive_actors(class_name: str):
-    return [a for a in list_actors(address=state_address(), detail=True,
+    address = ray.get_runtime_context().gcs_address  # this cluster's (other local clusters must not confuse it)
+    return [a for a in list_actors(address=address, detail=True,
                                    filters=[("state", "=", "ALIVE"), ("class_name", "=", class_name)]) if a.pid]
 
 
 def model_workers():
-    return alive_actors("ModelWorker")
+    return alive_actors("ModelWorker") + alive_actors("BatchingWorker")
 
 
-def test_ten_concurrent_tasks_keep_each_writer_within_the_per_task_bound(tmp_path, tiny_config, reference):
-    summary, _ = run(tmp_path, chaos_config(tiny_config, max_concurrent_tasks=len(TASKS)))
-    expect_all_done(summary, tmp_path / "out", reference)
-    out = tmp_path / "out"
-    # README bound: a task's writer holds its encoded clips twice (clips + joined video) and its
-    # chosen images; 256 KiB covers the manifest, PNG encoding and interpreter noise.
-    bound = max(2 * sum(f.stat().st_size for f in (out / t["id"] / "clips").glob("*.mp4"))
-                + len(t["steps"]) * 64 * 64 * 3 for t in TASKS) + 256 * 1024
-    raw_frames_in_flight = sum(len(t["steps"]) for t in TASKS) * 6 * 64 * 64 * 3  # what one stitcher held
-    assert 0 < summary.extra["writer_peak_bytes"] <= bound < raw_frames_in_flight
+def video_calls(summary) -> int:
+    return sum(a["calls"] for a in summary.actors if a["kind"] == "video")
 
 
-def test_a_rebalance_moves_an_actor_from_an_idle_pool_to_a_busy_one(tmp_path, tiny_config, reference):
-    cfg = chaos_config(tiny_config, rebalance=True, busy_above=0.0, idle_below=1.0, rebalance_margin=-1.0,
-                       rebalance_window_calls=1, max_concurrent_tasks=1)
-    summary, _ = run(tmp_path, cfg)  # all ten tasks, one at a time: long enough for a replacement to load and serve
-    expect_all_done(summary, tmp_path / "out", reference)
-    moves = summary.extra["moves"]
-    assert moves and all(m["busy"][m["to"]] >= m["busy"][m["from"]] for m in moves)
-    planned = sum(pool["replicas"] for pool in summary.extra["plan"]["pools"].values())
-    assert sum(pool["replicas"] for pool in summary.extra["pools"].values()) <= planned  # never more than planned
-    replaced = [m for m in moves if "replacement" in m]
-    assert replaced and all(f"-{m['to']}-" in m["replacement"] for m in replaced)
-    served = {a["name"]: a for a in summary.actors}
-    assert any(served.get(m["replacement"], {}).get("kind") == m["to"] for m in replaced)
+@pytest.mark.parametrize("profile", TWINS)
+def test_model_actors_killed_every_few_seconds(tmp_path, tiny_cache, references, profile):
+    tasks = TASKS[:6]
 
-
-def test_model_actors_killed_every_few_seconds(tmp_path, tiny_config, reference):
     def killer(stop):
         rng, kills, full = random.Random(0), 0, 0
-        while not stop.wait(5.0):
+        while not stop.wait(4.0):
             alive = model_workers()
             full = max(full, len(alive))
             if alive and len(alive) == full and kill_pid(rng.choice(alive).pid):  # each kill once the last one recovered
                 kills += 1
         return kills
 
-    summary, kills = run(tmp_path, chaos_config(tiny_config), killer)
+    summary, kills = run(tmp_path, chaos_config(tiny_cache, profile), killer, tasks)
     assert kills >= 2
-    expect_all_done(summary, tmp_path / "out", reference)
+    expect_identical(summary, tmp_path / "out", references(profile), tasks)
 
 
-def test_the_writer_and_the_directory_each_killed_once(tmp_path, tiny_config, reference):
-    # A writer runs for a moment once its task's clips are done: too short to catch from outside, so the
-    # first one exits its own process (chaos_writer_exit_marker); the directory is killed from outside.
+@pytest.mark.parametrize("profile", TWINS)
+def test_a_driver_killed_while_its_earlier_tasks_render_costs_only_its_current_task(tmp_path, tiny_cache,
+                                                                                 references, profile):
+    """One driver: it hands its first task's clips to the job and starts the second; after the second task's
+    first scene it dies. The first task finishes from the job's own clip calls, the second is sequenced again
+    and joins the clip calls already sent: every clip is rendered exactly once."""
+    marker = tmp_path / "driver-exited"
+    tasks = TASKS[:3]
+    cfg = chaos_config(tiny_cache, profile, max_concurrent_tasks=1, chaos_driver_exit_marker=str(marker))
+    summary, _ = run(tmp_path, cfg, tasks=tasks)
+    assert marker.exists()
+    expect_identical(summary, tmp_path / "out", references(profile), tasks)
+    assert video_calls(summary) == sum(len(t["steps"]) for t in tasks)  # no clip rendered twice
+
+
+@pytest.mark.parametrize("profile", TWINS)
+def test_a_writer_that_dies_is_run_again_by_ray(tmp_path, tiny_cache, references, profile):
+    # A writer runs for a moment once its task's clips are stored: too short to catch from outside, so the
+    # first one exits its own process; with no task retries, only Ray's own re-run of the writer can finish it.
     exited = tmp_path / "writer-exited"
-
-    def killer(stop):
-        killed = set()
-        while not stop.wait(0.3) and not killed:
-            if (tmp_path / "out").exists() and any((tmp_path / "out").glob("*/manifest.json")):
-                directory = alive_actors("Directory")
-                if directory and kill_pid(directory[0].pid):
-                    killed.add("directory")
-        return killed
-
-    cfg = chaos_config(tiny_config, chaos_writer_exit_marker=str(exited), task_retries=0)  # only Ray re-runs it
-    summary, killed = run(tmp_path, cfg, killer, tasks=TASKS[:5])
-    assert exited.exists() and killed == {"directory"}
-    expect_all_done(summary, tmp_path / "out", reference, TASKS[:5])
+    tasks = TASKS[:3]
+    cfg = chaos_config(tiny_cache, profile, chaos_writer_exit_marker=str(exited), task_retries=0)
+    summary, _ = run(tmp_path, cfg, tasks=tasks)
+    assert exited.exists()
+    expect_identical(summary, tmp_path / "out", references(profile), tasks)
 
 
-def test_a_hung_call_times_out_and_is_retried_elsewhere(tmp_path, tiny_config, reference):
+@pytest.mark.parametrize("profile, kind", [("tiny", "sd"), ("tiny-flux-ltx", "video")])
+def test_a_hung_call_times_out_and_is_retried_elsewhere(tmp_path, tiny_cache, references, profile, kind):
+    """On LTX-Video the hung call is a clip: the one sent again must carry the scene's caption."""
     marker = tmp_path / "stalled"
-    cfg = chaos_config(tiny_config, call_timeout_floor_s=4.0, chaos_stall_kind="sd", chaos_stall_marker=str(marker))
-    summary, _ = run(tmp_path, cfg, tasks=TASKS[:4])
-    assert marker.exists()  # one SD call did hang
+    tasks = TASKS[:4]
+    cfg = chaos_config(tiny_cache, profile, call_timeout_floor_s=4.0, chaos_stall_kind=kind,
+                       chaos_stall_marker=str(marker))
+    summary, _ = run(tmp_path, cfg, tasks=tasks)
+    assert marker.exists()  # one call did hang
     assert summary.extra["hung_calls_restarted"] >= 1
-    expect_all_done(summary, tmp_path / "out", reference, TASKS[:4])
+    expect_identical(summary, tmp_path / "out", references(profile), tasks)
+
+
+def test_an_actor_that_fails_to_start_is_started_again_and_the_run_completes(tmp_path, tiny_cache, references):
+    marker = tmp_path / "start-failed"
+    tasks = TASKS[:2]
+    summary, _ = run(tmp_path, chaos_config(tiny_cache, chaos_start_failure_marker=str(marker)), tasks=tasks)
+    assert marker.exists()
+    expect_identical(summary, tmp_path / "out", references("tiny"), tasks)
+
+
+def test_ten_concurrent_tasks_keep_each_writer_within_the_per_task_bound(tmp_path, tiny_cache, references):
+    summary, _ = run(tmp_path, chaos_config(tiny_cache, max_concurrent_tasks=len(TASKS)))
+    expect_identical(summary, tmp_path / "out", references("tiny"))
+    out = tmp_path / "out"
+    # README bound: a task's writer holds its encoded clips twice (clips + joined video) and its scene
+    # PNGs; 256 KiB covers the manifest, the storyboard and interpreter noise.
+    bound = max(2 * sum(f.stat().st_size for f in (out / t["id"] / "clips").glob("*.mp4"))
+                + sum(f.stat().st_size for f in (out / t["id"] / "scenes").glob("*.png")) for t in TASKS) + 256 * 1024
+    raw_frames_in_flight = sum(len(t["steps"]) for t in TASKS) * 6 * 64 * 64 * 3  # what one stitcher held
+    assert 0 < summary.extra["writer_peak_bytes"] <= bound < raw_frames_in_flight
+
+
+def test_a_rebalance_moves_an_actor_from_an_idle_pool_to_a_busy_one(tmp_path, tiny_cache, references):
+    cfg = chaos_config(tiny_cache, rebalance=True, busy_above=0.0, idle_below=1.0, rebalance_margin=-1.0,
+                       rebalance_window_calls=1, max_concurrent_tasks=1)
+    summary, _ = run(tmp_path, cfg)  # all ten tasks, one at a time: long enough for a replacement to load and serve
+    expect_identical(summary, tmp_path / "out", references("tiny"))
+    moves = summary.extra["moves"]
+    assert moves and all(m["busy"][m["to"]] >= m["busy"][m["from"]] for m in moves)
+    in_use = sum(pool["gpus"] for pool in summary.extra["pools"].values())
+    assert in_use <= summary.extra["plan"]["gpus"] + 1e-6  # a move never asks for more than the plan holds
+    replaced = [m for m in moves if "replacement" in m]
+    assert replaced and all(f"-{m['to']}-" in m["replacement"] for m in replaced)
+    served = {a["name"]: a for a in summary.actors}
+    assert any(served.get(m["replacement"], {}).get("kind") == m["to"] for m in replaced)
 
 
 @ray.remote(num_gpus=1, num_cpus=0)
@@ -181,13 +212,14 @@ class OtherJob:
         return True
 
 
-def test_a_run_starts_when_another_job_holds_part_of_the_cluster(tmp_path, tiny_config, reference):
+def test_a_run_starts_when_another_job_holds_part_of_the_cluster(tmp_path, tiny_cache, references):
     other = OtherJob.remote()
     ray.get(other.ready.remote())
+    tasks = TASKS[:3]
     try:
-        summary, _ = run(tmp_path, chaos_config(tiny_config), tasks=TASKS[:3])
+        summary, _ = run(tmp_path, chaos_config(tiny_cache), tasks=tasks)
     finally:
         ray.kill(other)
-    expect_all_done(summary, tmp_path / "out", reference, TASKS[:3])
+    expect_identical(summary, tmp_path / "out", references("tiny"), tasks)
     planned = sum(pool["replicas"] for pool in summary.extra["plan"]["pools"].values())
     assert sum(pool["replicas"] for pool in summary.extra["pools"].values()) < planned  # ran without the unplaced one

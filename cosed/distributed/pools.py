@@ -472,11 +472,21 @@ class Pools:
 
     # -- reporting -----------------------------------------------------------------------------------------
     def describe(self) -> dict[str, dict]:
-        return {kind: {"replicas": len(self.members(kind)), "num_gpus": plan.num_gpus}
+        return {kind: {"replicas": len(self.members(kind)), "num_gpus": plan.num_gpus,
+                       "gpus": round(sum(a.num_gpus for a in self.members(kind)), 4)}
                 for kind, plan in self.plan.items()}
 
-    def stats(self) -> list[dict]:
-        """Last known info of every actor life that served in this run (retired and restarted ones too)."""
+    def stats(self, refresh_s: float = 5.0) -> list[dict]:
+        """Latest info of every actor life that served in this run (retired and restarted ones too); the
+        serving ones are asked once more (at the end of a run, waiting up to ``refresh_s``)."""
+        serving = [a for a in self.actors.values() if a.state != "starting"]
+        refs = [a.handle.info.remote() for a in serving]
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=refresh_s) if refs else ([], [])
+        for ref in ready:
+            try:
+                self._sampled(ray.get(ref))
+            except ray.exceptions.RayError:
+                pass
         return list(self.lives.values())
 
     def shutdown(self) -> None:
