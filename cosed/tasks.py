@@ -102,19 +102,32 @@ def task_folder_name(task_id: str) -> str:
     return f"{readable}-{hashlib.sha256(task_id.encode('utf-8')).hexdigest()[:10]}"
 
 
+def _text(value: str, field: str) -> str:
+    """``value`` when it is text that can be written out (JSON's ``\\ud800`` escapes decode to lone surrogates,
+    which no UTF-8 file, folder name or S3 key can hold)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidTask(field, f"not valid Unicode text ({exc.reason} at character {exc.start})") from None
+    return value
+
+
 def parse_task(record: Any, *, max_steps: int, default_id: str | None = None) -> Task:
     """Validate one decoded record; raises InvalidTask naming the field at fault."""
     if not isinstance(record, dict):
         raise InvalidTask(None, f"a task must be a JSON object, got {type(record).__name__}")
+    for key in record:
+        _text(key, None)  # a key that cannot be written out is named by the reason, not as the field
     task_id = record.get("id", default_id)
     if isinstance(task_id, int) and not isinstance(task_id, bool):
         task_id = str(task_id)
     if not isinstance(task_id, str):
         raise InvalidTask("id", "missing or not a string")
-    task_folder_name(task_id)
+    task_folder_name(_text(task_id, "id"))
     title = record.get("title", "")
     if not isinstance(title, str):
         raise InvalidTask("title", "must be a string")
+    _text(title, "title")
     if len(title) > MAX_TITLE_CHARS:
         raise InvalidTask("title", f"{len(title)} characters, more than {MAX_TITLE_CHARS}")
     if "steps" not in record:
@@ -125,6 +138,7 @@ def parse_task(record: Any, *, max_steps: int, default_id: str | None = None) ->
     for number, text in enumerate(steps, start=1):
         if not isinstance(text, str):
             raise InvalidTask(f"steps[{number}]", f"step {number} is {type(text).__name__}, not a string")
+        _text(text, f"steps[{number}]")
         if not text.strip():
             raise InvalidTask(f"steps[{number}]", f"step {number} is empty")
         if len(text) > MAX_STEP_CHARS:
@@ -135,6 +149,7 @@ def parse_task(record: Any, *, max_steps: int, default_id: str | None = None) ->
     description = record.get("description", "")
     if not isinstance(description, str):
         raise InvalidTask("description", "must be a string")
+    _text(description, "description")
     if len(description) > MAX_DESCRIPTION_CHARS:
         raise InvalidTask("description", f"{len(description)} characters, more than {MAX_DESCRIPTION_CHARS}")
     extra: dict[str, tuple[str, ...]] = {}
@@ -142,7 +157,7 @@ def parse_task(record: Any, *, max_steps: int, default_id: str | None = None) ->
         value = record.get(name, [])
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise InvalidTask(name, "must be a list of strings")
-        extra[name] = tuple(value)
+        extra[name] = tuple(_text(v, name) for v in value)
     if extra["step_images"] and len(extra["step_images"]) != len(steps):
         raise InvalidTask("step_images", f"{len(extra['step_images'])} images for {len(steps)} steps")
     return Task(id=task_id, title=title.strip(), steps=tuple(s.strip() for s in steps),
@@ -158,6 +173,7 @@ def parse_captions(captions: Any, n_steps: int) -> tuple[str, ...]:
     for number, text in enumerate(captions, start=1):
         if not isinstance(text, str):
             raise InvalidTask(f"captions[{number}]", f"caption {number} is {type(text).__name__}, not a string")
+        _text(text, f"captions[{number}]")
         if not text.strip():
             raise InvalidTask(f"captions[{number}]", f"caption {number} is empty")
     if len(captions) != n_steps:
@@ -183,9 +199,7 @@ def _collect(records: Iterable[tuple[int | None, str | None, Any]], source: str,
     seen: set[str] = set()
     folders: set[str] = set()
     for line, default_id, record in records:
-        task_id = default_id
-        if isinstance(record, dict) and isinstance(record.get("id"), (str, int)):
-            task_id = str(record["id"])
+        task_id = _reported_id(record, default_id)
         try:
             if isinstance(record, _Unreadable):
                 raise InvalidTask(None, str(record))
@@ -195,10 +209,44 @@ def _collect(records: Iterable[tuple[int | None, str | None, Any]], source: str,
         except InvalidTask as exc:
             out.errors.append(TaskError(source=source, task_id=task_id, line=line, field=exc.field, reason=exc.reason))
             continue
+        except Exception as exc:  # noqa: BLE001  whatever one record does to validation is that record's error
+            out.errors.append(TaskError(source=source, task_id=task_id, line=line, field=None,
+                                        reason=f"unreadable task ({type(exc).__name__})"))
+            continue
         seen.add(task.id)
         folders.add(task.folder.lower())
         out.tasks.append(task)
     return out
+
+
+def _reported_id(record: Any, default_id: str | None) -> str | None:
+    """The id an error names: the record's own when it is printable text, else the default."""
+    value = record.get("id") if isinstance(record, dict) else None
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        return default_id
+    try:
+        text = str(value)
+        text.encode("utf-8")
+    except (ValueError, UnicodeEncodeError):
+        return default_id
+    return text[:MAX_ID_CHARS + 1]
+
+
+# What the JSON decoder can raise on hostile input besides JSONDecodeError: RecursionError (deep nesting),
+# ValueError (an integer past Python's digit limit), MemoryError (a number or string too large to hold).
+_DECODE_ERRORS = (ValueError, RecursionError, MemoryError)
+
+
+def _decode(text: str) -> Any:
+    """One JSON value, or `_Unreadable` saying why not (never an exception)."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        return _Unreadable(f"invalid JSON: {exc.msg} at column {exc.colno}")
+    except RecursionError:
+        return _Unreadable("invalid JSON: nested too deeply")
+    except _DECODE_ERRORS as exc:
+        return _Unreadable(f"invalid JSON: {str(exc).splitlines()[0][:200] or type(exc).__name__}")
 
 
 def parse_tasks(data: bytes, *, source: str, max_steps: int) -> TaskSet:
@@ -219,6 +267,8 @@ def parse_tasks(data: bytes, *, source: str, max_steps: int) -> TaskSet:
             if not any(_is_object(raw) for raw in data.split(b"\n")):
                 return TaskSet(errors=[TaskError(source=source, line=exc.lineno,
                                                  reason=f"invalid JSON document: {exc.msg} at column {exc.colno}")])
+        except _DECODE_ERRORS:
+            document = None  # read it line by line: each line's trouble is that line's error
         if isinstance(document, list):
             return _collect(((None, None, r) for r in document), source, max_steps)
         if isinstance(document, dict) and "steps" not in document:
@@ -230,8 +280,8 @@ def parse_tasks(data: bytes, *, source: str, max_steps: int) -> TaskSet:
 
 def _is_object(raw: bytes) -> bool:
     try:
-        return isinstance(json.loads(raw), dict)
-    except (UnicodeDecodeError, json.JSONDecodeError):
+        return isinstance(_decode(raw.decode("utf-8")), dict)
+    except UnicodeDecodeError:
         return False
 
 
@@ -244,10 +294,7 @@ def _jsonl_records(data: bytes) -> Iterable[tuple[int | None, str | None, Any]]:
         except UnicodeDecodeError as exc:
             yield number, None, _Unreadable(f"line is not valid UTF-8 ({exc.reason} at byte {exc.start})")
             continue
-        try:
-            yield number, None, json.loads(text)
-        except json.JSONDecodeError as exc:
-            yield number, None, _Unreadable(f"invalid JSON: {exc.msg} at column {exc.colno}")
+        yield number, None, _decode(text)
 
 
 class _Unreadable(str):

@@ -10,9 +10,11 @@ import ray
 from ray.cluster_utils import Cluster
 
 from cosed import runner
+from cosed.config import RunConfig
 from cosed.distributed.job import run_on_ray
+from cosed.runner import resolve_run
 
-from conftest import write_jsonl
+from conftest import outputs, write_jsonl
 
 pytestmark = pytest.mark.slow
 
@@ -64,25 +66,26 @@ def test_a_gpu_node_added_mid_run_gets_model_actors_and_work(cluster, tmp_path, 
     assert len(summary.done) == 12
     pools = summary.extra["pools"]
     assert pools["sd"]["replicas"] >= 2 and pools["video"]["replicas"] >= 2
-    assert pools["sd"]["replicas"] + pools["video"]["replicas"] == 5  # every whole GPU of both nodes
+    assert sum(pool["gpus"] for pool in pools.values()) == pytest.approx(5)  # every GPU of both nodes, no more
     on_new_node = [a for a in summary.actors if a["node_id"] == node.node_id]
-    assert {a["kind"] for a in on_new_node} == {"sd", "video"}
+    assert {"sd", "video"} <= {a["kind"] for a in on_new_node}
     assert any(a["calls"] > 0 for a in on_new_node if a["kind"] == "sd")
 
 
-def test_a_node_removed_mid_run_loses_no_task(cluster, tmp_path, tiny_config, tiny_run):
-    from test_chaos import TASKS, snapshot
+@pytest.mark.parametrize("profile", ["tiny", "tiny-flux-ltx"])
+def test_a_node_removed_mid_run_loses_no_task(cluster, tmp_path, tiny_cache, profile):
+    from test_chaos import TASKS
 
     tasks = TASKS[:5]
-    _, resolved, backend = tiny_run
+    _, resolved = resolve_run(RunConfig(profile=profile, cache_dir=str(tiny_cache)))
     runner.run_in_process(str(write_jsonl(tmp_path / "ref.jsonl", tasks)), str(tmp_path / "ref"), resolved,
-                          progress=False, backend=backend)
+                          progress=False)
     node = cluster.add_node(num_cpus=4, num_gpus=2)
     cluster.wait_for_nodes()
-    cfg = dataclasses.replace(tiny_config, ray=dataclasses.replace(
-        tiny_config.ray, rescale_seconds=1.0, max_concurrent_tasks=3, rebalance=False, call_timeout_floor_s=15.0))
+    cfg = dataclasses.replace(resolved, ray=dataclasses.replace(
+        resolved.ray, rescale_seconds=1.0, max_concurrent_tasks=3, rebalance=False, call_timeout_floor_s=15.0))
     out = tmp_path / "out"
     summary, _ = run_and_change_the_cluster(tmp_path, tasks, cfg, lambda: cluster.remove_node(node))
     assert any(a["node_id"] == node.node_id for a in summary.actors), "no model actor ran on the removed node"
     assert sorted(summary.done) == sorted(t["id"] for t in tasks) and not summary.failed
-    assert snapshot(out) == snapshot(tmp_path / "ref")
+    assert outputs(out) == outputs(tmp_path / "ref")  # every byte of every file

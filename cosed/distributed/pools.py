@@ -122,10 +122,10 @@ class Pools:
         self.actors: dict[str, Actor] = {}
         self.pending: list[Pending] = []
         self.failures: dict[str, StartFailures] = {kind: StartFailures() for kind in KINDS}
-        self.cluster_plan: ClusterPlan = plan_cluster(cfg.ray, nodes if nodes is not None else nodes_now(),
-                                                      self.work, self.costs, self.drivers_hint)
+        nodes = nodes if nodes is not None else nodes_now()
+        self.cluster_plan: ClusterPlan = plan_cluster(cfg.ray, nodes, self.work, self.costs, self.drivers_hint)
         self.plan: dict[str, PoolPlan] = self.cluster_plan.pools
-        self.sized_for: tuple[str, ...] = ()
+        self.sized_for = self._cluster_key(nodes)  # nodes that join later, even during start, bring growth
         self.version = 0
         self.latest: dict[str, Sample] = {}  # actor life -> its latest sample (`policies.window_busy`)
         self.lives: dict[str, dict] = {}  # actor life -> its latest info, for the summary
@@ -219,7 +219,6 @@ class Pools:
             log.warning("%d of %d model actors are not up yet (the cluster is busy or still growing, or a start "
                         "failed and is tried again); the run starts without them and they join when up",
                         late, sum(p.replicas for p in self.plan.values()))
-        self.sized_for = self._cluster_key(nodes_now())
         self.version += 1
         self.begin()
         return self.describe()
@@ -284,11 +283,13 @@ class Pools:
         """Read the answers that came, replace what is lost, grow, rebalance. True when the members changed."""
         now = time.monotonic()
         before = self._member_names()
+        nodes = nodes_now()
         self._start_pending(now)
-        self._collect(now)
+        self._collect(now, {n.node_id for n in nodes})
         self._probe(now)
         self._finish_drains(now)
-        self.rescale()
+        self._rescue(now)
+        self.rescale(nodes)
         if self.cfg.ray.rebalance and not any(a.state == "draining" for a in self.actors.values()) and \
                 now - self.window_at >= rebalance_window_s(self.cfg.ray.rescale_seconds, self.call_seconds(),
                                                            self.cfg.ray.rebalance_window_calls):
@@ -303,7 +304,7 @@ class Pools:
     def _member_names(self) -> frozenset:
         return frozenset(a.name for a in self.actors.values() if a.state == "member")
 
-    def _collect(self, now: float) -> None:
+    def _collect(self, now: float, alive_nodes: set[str]) -> None:
         starting = {a.ready: a for a in self.actors.values() if a.state == "starting"}
         if starting:
             done, _ = ray.wait(list(starting), num_returns=len(starting), timeout=0)
@@ -332,9 +333,10 @@ class Pools:
             if actor.unreachable_since is None:
                 continue
             others = len(self.members(actor.kind)) > 1
-            # A restarting actor gets time to reload, unless its pool can serve without it (its node may be
-            # gone for good): then it is replaced and the replacement joins when placed.
-            limit = ray_cfg.start_timeout_s if actor.restarting and not others \
+            node_gone = (actor.info or {}).get("node_id") not in alive_nodes
+            # A restarting actor gets time to reload, unless its pool can serve without it or its node is gone
+            # (it would only wait to be placed): then it is replaced and the replacement joins when placed.
+            limit = ray_cfg.start_timeout_s if actor.restarting and not others and not node_gone \
                 else ray_cfg.call_timeout_floor_s
             if now - actor.unreachable_since > limit:
                 log.warning("model actor %s unreachable for %.0f s; replacing it in the %s pool",
@@ -383,9 +385,34 @@ class Pools:
                                               host_gpus=hosts[0].num_gpus if hosts else plan.host_gpus)
         return pools
 
-    def rescale(self) -> bool:
+    def _rescue(self, now: float) -> None:
+        """A pool with no member whose new actor has not come up in a call timeout (its node left and the
+        cluster has no room for it) takes a GPU from the pool with the most actors, so the run can go on."""
+        for kind, plan in self.plan.items():
+            if not plan.replicas or self.members(kind) or any(a.state == "draining" for a in self.actors.values()):
+                continue
+            waiting = [a for a in self.actors.values() if a.kind == kind and a.state == "starting"]
+            if not waiting or now - min(a.created for a in waiting) < self.cfg.ray.call_timeout_floor_s:
+                continue
+            donors = [k for k in self.plan if k != kind and len([a for a in self.members(k) if a.num_gpus >= 1]) > 1]
+            if not donors:
+                continue
+            donor = max(donors, key=lambda k: len(self.members(k)))
+            actor = min((a for a in self.members(donor) if a.num_gpus >= 1),
+                        key=lambda a: (a.info or {}).get("busy", 0.0))
+            log.warning("the %s pool has had no member for %.0f s and the cluster has no room for one: giving it "
+                        "the GPU of %s (%s pool)", kind, now - min(a.created for a in waiting), actor.name, donor)
+            for late in waiting:  # started again below, where the donor's GPU is now free
+                self._retire(late)
+            self._retire(actor)
+            if plan.partner and plan.num_gpus < 0.5:  # a guest: the donor pool keeps a host actor on that GPU
+                self._add(donor, self.plan[donor].host_gpus or actor.num_gpus - plan.num_gpus, (donor, kind))
+            self._add(kind, waiting[0].num_gpus, waiting[0].shares)
+            self.moves.append({"from": donor, "to": kind, "actor": actor.name, "reason": "no member"})
+
+    def rescale(self, nodes: list[Node] | None = None) -> bool:
         """When nodes join, the actors that place on the room they bring, for the pools that need them most."""
-        nodes = nodes_now()
+        nodes = nodes if nodes is not None else nodes_now()
         key = self._cluster_key(nodes)
         if key == self.sized_for:
             return False
