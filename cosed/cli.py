@@ -6,12 +6,10 @@ import argparse
 import logging
 import os
 import sys
-import tempfile
 import time
 import traceback
 from contextlib import nullcontext
 from importlib import resources
-from pathlib import Path
 
 from cosed.config import RunConfig, load_config
 from cosed.errors import UserError
@@ -170,19 +168,11 @@ def _one_line(exc: BaseException) -> str:
 
 
 def write_crash_log(argv: list[str] | None, exc: BaseException) -> str:
-    from cosed.models.profiles import default_cache_dir
+    from cosed.runner import keep_locally
 
     text = (f"cosed {' '.join(sys.argv[:1] + list(argv if argv is not None else sys.argv[1:]))}\n"
             + "".join(traceback.format_exception(exc)))
-    name = f"crash-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}.log"
-    for folder in (default_cache_dir() / "logs", Path(tempfile.gettempdir())):
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-            (folder / name).write_text(text, encoding="utf-8")
-            return str(folder / name)
-        except OSError:
-            continue
-    return "(could not write a log file)"
+    return keep_locally(f"crash-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}.log", text)
 
 
 def output_lease(out: str, cfg: RunConfig):

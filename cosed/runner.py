@@ -149,13 +149,32 @@ def write_failure(out: str, run_id: str, error: TaskError) -> None:
 
 
 def finish_run(out: str, summary: RunSummary) -> None:
-    """errors.jsonl then summary.json, each best-effort: a run always tries to leave both."""
+    """errors.jsonl then summary.json, each best-effort: a run always tries to leave both. A summary the output
+    cannot take (its storage is gone) is kept in the local log folder instead, and the warning says where."""
     write_errors(out, summary.rejected + summary.failed)
     uri = storage.join(out, SUMMARY)
+    text = json.dumps(summary.to_record(), indent=2, ensure_ascii=False) + "\n"
     try:
-        storage.write_text(uri, json.dumps(summary.to_record(), indent=2, ensure_ascii=False) + "\n")
+        storage.write_text(uri, text)
     except Exception as exc:
-        log.warning("could not write %s: %s", uri, exc)
+        kept = keep_locally(f"summary-{summary.run_id}.json", text)
+        log.warning("could not write %s (%s); the summary is kept at %s", uri, exc, kept)
+
+
+def keep_locally(name: str, text: str) -> str:
+    """Write a file to cosed's local log folder (or the temp folder); returns its path."""
+    import tempfile
+
+    from cosed.models.profiles import default_cache_dir
+
+    for folder in (default_cache_dir() / "logs", Path(tempfile.gettempdir())):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / name).write_text(text, encoding="utf-8")
+            return str(folder / name)
+        except OSError:
+            continue
+    return "(nowhere: no writable folder)"
 
 
 def _resume_state(out: str, task: Task, overwrite: bool, fingerprint: str) -> str:

@@ -1,7 +1,10 @@
-"""Chaos (d): the S3 endpoint goes away for 20 s in the middle of a run.
+"""Chaos (d): the S3 endpoint goes away in the middle of a run, in process and on Ray.
 
 The run goes through a TCP proxy in front of a local S3 server; cutting the
-proxy refuses and drops every connection, as a restarting server would.
+proxy refuses and drops every connection, as a restarting server would. An
+outage shorter than the retry budget is ridden out; a longer one stops the run
+(exit 1, the endpoint named) without starting any task after it was detected,
+and running the same command again completes it with the same bytes.
 """
 
 import json
@@ -12,8 +15,10 @@ import threading
 
 import pytest
 
+import re
+
 from chaos import CREDENTIALS, Proxy, keys, manifests, s3_with_tasks, wait_for
-from conftest import REPO, SMALL_TASKS
+from conftest import REPO, SMALL_TASKS, outputs, write_jsonl
 
 pytestmark = pytest.mark.slow
 
@@ -34,10 +39,11 @@ def proxy(s3):
     proxy.cut()
 
 
-def generate(proxy: Proxy, out: str, tiny_cache, tmp_path, *extra: str) -> subprocess.Popen:
+def generate(proxy: Proxy, out: str, tiny_cache, tmp_path, *extra: str, ray: bool = False) -> subprocess.Popen:
+    """`cosed generate` in a process of its own (``ray``: on a local Ray cluster it starts, else --no-ray)."""
     env = {**os.environ, **CREDENTIALS, "AWS_ENDPOINT_URL": proxy.url, "PYTHONPATH": str(REPO),
-           "COSED_CACHE": str(tmp_path / "cache")}
-    return subprocess.Popen([sys.executable, "-m", "cosed.cli", "generate", "--no-ray", "--quiet",
+           "COSED_CACHE": str(tmp_path / "cache"), "RAY_AUTH_MODE": "disabled"}
+    return subprocess.Popen([sys.executable, "-m", "cosed.cli", "generate", *([] if ray else ["--no-ray"]), "--quiet",
                              "--tasks", "s3://tasks/t.jsonl", "--out", out, "--cache-dir", str(tiny_cache), *extra],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -89,3 +95,52 @@ def test_a_short_retry_budget_fails_naming_the_endpoint_and_a_resubmit_completes
     assert set(summary["skipped_ids"]) == finished
     assert set(summary["done_ids"]) == {t["id"] for t in TASKS} - finished
     assert not [k for k in keys(client, "videos", "d2/") if k.endswith(".part")]
+
+
+def objects(client, prefix: str) -> dict[str, object]:
+    """The tasks' files under ``prefix`` as `conftest.outputs` reads a local run (manifests without timings)."""
+    from cosed.engine import manifest_without_timings
+
+    files = {}
+    for key in keys(client, "videos", prefix + "/"):
+        rel = key[len(prefix) + 1:]
+        if rel.split("/")[0] in {t["id"] for t in TASKS}:
+            body = client.get_object(Bucket="videos", Key=key)["Body"].read()
+            files[rel] = manifest_without_timings(json.loads(body)) if rel.endswith("manifest.json") else body
+    return files
+
+
+def test_on_ray_storage_gone_past_its_budget_stops_the_run_and_a_resubmit_completes(s3, proxy, tiny_cache, tmp_path,
+                                                                                    tiny_run):
+    _, client = s3
+    _, cfg, backend = tiny_run
+    from cosed import runner
+
+    runner.run_in_process(str(write_jsonl(tmp_path / "t.jsonl", TASKS)), str(tmp_path / "ref"), cfg, progress=False,
+                          backend=backend)
+    (tmp_path / "short.yaml").write_text("storage:\n  retry_seconds: 3\nray:\n  max_concurrent_tasks: 1\n")
+    gave_up = threading.Event()
+    outage = outage_after_first_manifest(proxy, client, "d3", 600, gave_up)  # down until the run has given up
+    process = generate(proxy, "s3://videos/d3", tiny_cache, tmp_path, "--config", str(tmp_path / "short.yaml"),
+                       ray=True)
+    _, stderr = process.communicate(timeout=400)
+    gave_up.set()
+    outage.join(60)
+    assert process.returncode == 1, stderr[-3000:]
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith("cosed: error: storage endpoint") and proxy.url in last, last
+    assert "run the same command again" in last
+    # The summary could not reach the bucket: the run kept it locally and said where.
+    kept = re.search(r"the summary is kept at (\S+\.json)", stderr).group(1)
+    trace = json.loads(open(kept).read())["trace"]
+    assert trace["stopped_at"] is not None and trace["started"]
+    assert all(started <= trace["stopped_at"] for started, _ in trace["started"])  # nothing started after
+    finished = manifests(client, "videos", "d3")
+    assert 0 < len(finished) < len(TASKS)
+    process = generate(proxy, "s3://videos/d3", tiny_cache, tmp_path, ray=True)
+    stdout, stderr = process.communicate(timeout=400)
+    assert process.returncode == 0, stdout[-2000:] + stderr[-3000:]
+    summary = json.loads(client.get_object(Bucket="videos", Key="d3/summary.json")["Body"].read())
+    assert set(summary["skipped_ids"]) == finished
+    assert objects(client, "d3") == outputs(tmp_path / "ref")  # every byte, as a clean run
+    assert not [k for k in keys(client, "videos", "d3/") if "/.cosed-parts/" in k]
