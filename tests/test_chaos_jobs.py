@@ -15,9 +15,11 @@ import time
 import pytest
 
 from chaos import BIN, CREDENTIALS, free_port, keys, manifests, port_open, s3_with_tasks, wait_for
-from conftest import REPO, SMALL_TASKS
+from conftest import REPO, SMALL_TASKS, outputs, write_jsonl
+from cosed import runner
 from cosed.tasks import LEASE
 from cosed.video import decode_mp4
+from test_chaos_storage import objects
 
 pytestmark = pytest.mark.slow
 
@@ -112,18 +114,21 @@ def finished_at(client) -> dict[str, str]:
 
 
 def partial_task(client) -> bool:
-    """Some task has written a scene but not yet its manifest."""
+    """Some task has stored a scene or a clip (its parts) but not yet its manifest."""
     done = manifests(client, "videos", PREFIX)
-    return any(k.split("/")[1] not in done for k in keys(client, "videos", PREFIX + "/") if "/scenes/" in k)
+    return any(k.split("/")[2] not in done for k in keys(client, "videos", f"{PREFIX}/.cosed-parts/"))
 
 
-def test_ray_job_stop_at_three_points_then_resubmit_does_each_task_once(s3, head, tiny_cache):
+def test_ray_job_stop_at_three_points_then_resubmit_does_each_task_once(s3, head, tiny_cache, tiny_run, tmp_path):
     _, client = s3
+    _, cfg, backend = tiny_run
+    runner.run_in_process(str(write_jsonl(tmp_path / "t.jsonl", TASKS)), str(tmp_path / "ref"), cfg, progress=False,
+                          backend=backend)
     points = [
         ("with the lease taken, before any task finished",
          lambda before: any(k.endswith("/" + LEASE) for k in keys(client, "videos", PREFIX + "/"))),
         ("right after a task finished", lambda before: len(manifests(client, "videos", PREFIX)) > len(before)),
-        ("in the middle of writing a task", lambda before: partial_task(client)),
+        ("in the middle of a task", lambda before: partial_task(client)),
     ]
     seen: dict[str, str] = {}
     for number, (where, reached) in enumerate(points, start=1):
@@ -152,5 +157,6 @@ def test_ray_job_stop_at_three_points_then_resubmit_does_each_task_once(s3, head
         assert set(keys(client, "videos", f"{PREFIX}/{task['id']}/")) == expected
     assert set(keys(client, "videos", PREFIX + "/")) - {k for k in keys(client, "videos", PREFIX + "/")
                                                         if k.split("/")[1] in {t["id"] for t in TASKS}} == {
-        f"{PREFIX}/summary.json"}
+        f"{PREFIX}/summary.json"}  # no part, no lease, nothing else left behind
+    assert objects(client, PREFIX) == outputs(tmp_path / "ref")  # every byte as in a clean run
     print(f"stops left {len(seen)} of {len(TASKS)} tasks finished; the resubmit did {len(summary['done_ids'])}")
