@@ -16,7 +16,8 @@ import numpy as np
 import torch
 
 from cosed import storage
-from cosed.calls import ClipDone, ClipRequest, EmbedImages, EmbedTexts, Rendered, RenderRequest, Score
+from cosed.calls import (CaptionRequest, Captioned, ClipDone, ClipRequest, EmbedImages, EmbedTexts, Rendered,
+                         RenderRequest, Score)
 from cosed.config import RunConfig, SDConfig
 from cosed.embed import ClipEmbedder
 from cosed.generate import latent_shape, render_batch
@@ -81,6 +82,13 @@ class LocalBackend:
     def selector(self) -> ContrastiveSelector:
         return ContrastiveSelector.from_path(self.cfg.selector)
 
+    @cached_property
+    def captioner(self):
+        """The lm rewriter's caption model (`cosed.captioner`), loaded on first use."""
+        from cosed.captioner import Captioner
+
+        return Captioner(self.cfg.rewriter_model, device=self.device, cache_dir=self.cfg.cache_dir).load()
+
     def for_run(self, cfg: RunConfig) -> "LocalBackend":
         """A backend for another run config (another selector or mode) sharing the models loaded here."""
         other = LocalBackend(self.profile, cfg)
@@ -122,6 +130,15 @@ class LocalBackend:
 
     def frames(self, image: np.ndarray, request: ClipRequest) -> np.ndarray:
         return animate(self.video, image, request.seed, request.video, request.caption)
+
+    def caption(self, request: CaptionRequest) -> Captioned:
+        """Captions for a batch of pairs through the caption cache at ``request.cache``; ``generated`` counts
+        the pairs the model made (the rest were in the cache)."""
+        captioner = self.captioner
+        captioner.use_cache(request.cache)
+        before = captioner.generated
+        captions = captioner.caption_pairs(list(request.pairs))
+        return Captioned(tuple(captions), captioner.generated - before)
 
     def fetch(self, handle: Any) -> np.ndarray:
         return handle

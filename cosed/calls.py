@@ -92,9 +92,11 @@ class ClipDone:
 
 @dataclass(frozen=True)
 class CaptionRequest:
-    """Visual captions for (previous caption, current step) pairs, any tasks mixed (method.md §1)."""
+    """Visual captions for (previous caption, current step) pairs, any tasks mixed (method.md §1).
+    ``cache`` is where captions are kept (the run's output prefix): every node reads the same answers."""
 
     pairs: tuple[tuple[str, str], ...]
+    cache: str
 
 
 @dataclass(frozen=True)

@@ -201,6 +201,11 @@ class Captioner:
         self.tokenizer = None
         self._format: PromptFormat | None = None
 
+    def use_cache(self, root: str) -> None:
+        """Keep captions under ``root`` from now on (a Ray caption actor serves runs of any output prefix)."""
+        if self.cache.root != root:
+            self.cache = CaptionCache(root, self.checksum, self.config)
+
     def load(self) -> "Captioner":
         """Load the model and tokenizer (once) through the one LM loader."""
         if self.model is None:

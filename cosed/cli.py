@@ -93,6 +93,18 @@ def build_parser() -> argparse.ArgumentParser:
     captions.add_argument("--out", help="write the scores as JSON here")
     add_run_options(captions)
     add_train_captioner(verbs)
+    plan = verbs.add_parser("plan", help="capacity planning: the runtime's own policies in virtual time, per "
+                                         "cluster size (pool plan, makespan, GPU-hours, efficiency, bottleneck)")
+    plan.add_argument("--tasks", required=True, help="tasks file (JSONL or recipes JSON, local or s3://): its step counts")
+    plan.add_argument("--gpus", default="16,64,256", help="comma list of cluster sizes (default 16,64,256)")
+    plan.add_argument("--deadline", help="e.g. 8h: also print the fewest GPUs that finish in time")
+    plan.add_argument("--json", help="write one record per size here (local path or s3://)")
+    plan.add_argument("--tasks-total", type=int, help="plan for this many tasks with the file's mix of step counts")
+    plan.add_argument("--costs-from", help="a previous Ray run's summary.json: scale the costs by its measured calls")
+    plan.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node (default 8)")
+    plan.add_argument("--join", action="append", default=[], metavar="GPUS@WHEN",
+                      help="GPUs that join during the run, e.g. --join 8@10m (repeatable)")
+    add_run_options(plan)
     add_setup_verbs(verbs)
     return parser
 
@@ -468,7 +480,48 @@ def doctor_command(args: argparse.Namespace, cfg: RunConfig) -> int:
     return 1 if failed else 0
 
 
-COMMANDS = {"train-selector": train_command, "evaluate": evaluate_command, "eval-captions": eval_captions_command,
+def plan_command(args: argparse.Namespace, cfg: RunConfig) -> int:
+    import json
+
+    from cosed import storage
+    from cosed.distributed.costs import CostModel
+    from cosed.plan import PlanRequest, describe, fewest_gpus, measured_costs, parse_duration, parse_join, record
+    from cosed.runner import read_tasks, resolve_run
+
+    profile, cfg = resolve_run(cfg)
+    counts = [len(task.steps) for task in read_tasks(args.tasks, cfg).tasks]
+    if not counts:
+        raise ValueError(f"{args.tasks} holds no valid task")
+    if args.tasks_total:
+        counts = (counts * (args.tasks_total // len(counts) + 1))[:args.tasks_total]
+    costs = CostModel.from_dict(profile.costs, cfg.ray.costs)
+    if args.costs_from:
+        costs = measured_costs(costs, args.costs_from, counts, cfg)
+    try:
+        sizes = [int(g) for g in args.gpus.split(",") if g.strip()]
+    except ValueError as exc:
+        raise ValueError(f"--gpus takes a comma list of GPU counts, got {args.gpus!r}") from exc
+    request = PlanRequest(counts, cfg, costs, gpus_per_node=args.gpus_per_node,
+                          joins=tuple(parse_join(j) for j in args.join))
+    print(f"{len(counts)} tasks, {sum(counts)} scenes, profile {profile.name} (costs: {costs.source or 'profile'})")
+    results = []
+    for gpus in sizes:
+        results.append(request.run(gpus))
+        for line in describe(results[-1]):
+            print(line, flush=True)
+    if args.deadline:
+        deadline = parse_duration(args.deadline)
+        best = fewest_gpus(request, deadline)
+        print(f"deadline {args.deadline}: " + (f"{best.gpus} GPUs finish in {best.makespan_s / 3600:.2f} h"
+                                               if best else "not met even by 8192 GPUs"))
+        if best:
+            results.append(best)
+    if args.json:
+        storage.write_text(args.json, json.dumps([record(r) for r in results], indent=2) + "\n")
+    return 0
+
+
+COMMANDS = {"plan": plan_command, "train-selector": train_command, "evaluate": evaluate_command, "eval-captions": eval_captions_command,
             "train-captioner": train_captioner_command,
             "profiles": profiles_command, "models": models_command, "doctor": doctor_command}
 

@@ -88,6 +88,7 @@ class RayConfig:
     sd: PoolResources = field(default_factory=PoolResources)
     video: PoolResources = field(default_factory=PoolResources)
     clip: PoolResources = field(default_factory=PoolResources)
+    caption: PoolResources = field(default_factory=PoolResources)  # the lm rewriter's captioner (only then)
     max_concurrent_tasks: int | str = "auto"
     task_retries: int = 2
     rescale_seconds: float = 5.0

@@ -30,7 +30,7 @@ from cosed.models.profiles import KINDS, Profile, resolve_profile
 from cosed.parts import stale_parts
 from cosed.rewrite import make_rewriter
 from cosed.storage import StorageUnavailable
-from cosed.tasks import ERRORS, ERRORS_DIR, SUMMARY, Task, TaskError, TaskSet, parse_tasks, task_folder_name
+from cosed.tasks import CAPTIONS, ERRORS, ERRORS_DIR, SUMMARY, Task, TaskError, TaskSet, parse_tasks, task_folder_name
 
 log = logging.getLogger("cosed")
 
@@ -253,7 +253,7 @@ def run_in_process(tasks_uri: str, out: str, cfg: RunConfig, *, overwrite: bool 
     if todo:
         backend.load_all()
     rewriter = make_rewriter(cfg.rewriter, model=cfg.rewriter_model, cache_dir=profile_cache(cfg),
-                             device=backend.device)
+                             device=backend.device, cache_root=storage.join(out, CAPTIONS))
     fence = lease.fence if lease else None
     try:
         with tqdm(total=sum(len(t.steps) for t in todo), unit="scene", disable=not progress, desc="cosed") as bar:

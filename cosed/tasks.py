@@ -22,7 +22,8 @@ SUMMARY = "summary.json"
 ERRORS = "errors.jsonl"
 ERRORS_DIR = "errors"
 LEASE = ".cosed-lease.json"
-RESERVED_NAMES = frozenset({SUMMARY, ERRORS, ERRORS_DIR, LEASE, "report.html", "metrics.csv", "plots", "logs",
+CAPTIONS = ".cosed-captions"  # the lm rewriter's caption cache, shared by every node and every run of this output
+RESERVED_NAMES = frozenset({SUMMARY, ERRORS, ERRORS_DIR, LEASE, CAPTIONS, ".cosed-parts", "report.html", "metrics.csv", "plots", "logs",
                             "selector.safetensors", "selector.json", "independent", "previous", "cosed"})
 
 MAX_ID_CHARS = 256

@@ -33,7 +33,8 @@ def test_candidate_counts_follow_the_engine_plan():
 
 def test_task_work_counts_calls_and_seconds():
     one = task_work(4, CFG, COSTS)  # candidates 4, 4, 7, 10 -> batches 1, 1, 1, 2
-    assert one.calls == {"render": 5, "animate": 4, "embed_texts": 2, "embed_images": 4, "selector_scores": 3}
+    assert one.calls == {"render": 5, "animate": 4, "embed_texts": 2, "embed_images": 4, "selector_scores": 3,
+                         "caption": 0}  # captions only under the lm rewriter
     assert one.images == 25
     assert one.seconds["sd"] == pytest.approx(5 * 2.5 + 25 * 2.1)
     assert one.seconds["video"] == pytest.approx(180.0)
@@ -54,11 +55,11 @@ def test_expected_work_is_per_pool_over_the_tasks():
 def test_costs_are_overridable_and_refined_from_measured_calls():
     costs = CostModel.from_dict(A100, overrides={"animate": {"fixed": 30.0}, "whole_gpu": {"clip": True}})
     assert costs.seconds("animate") == 30.0 and costs.seconds("render", 8) == pytest.approx(2.5 + 16.8)
-    assert costs.whole_gpu == {"sd": True, "video": True, "clip": True}
+    assert costs.whole_gpu == {"sd": True, "video": True, "clip": True, "caption": False}
     refined = costs.scaled({"video": 1.5})
     assert refined.seconds("animate") == pytest.approx(45.0) and refined.seconds("render", 8) == costs.seconds("render", 8)
     work = TaskWork(seconds={"sd": 40.0, "video": 90.0, "clip": 1.0},
-                    calls={"render": 4, "animate": 3, "embed_texts": 2, "embed_images": 3, "selector_scores": 2})
+                    calls={"render": 4, "animate": 3, "embed_texts": 2, "embed_images": 3, "selector_scores": 2, "caption": 0})
     # SD measured 2x its model (20 s per call instead of 10); video on model; CLIP has too few calls to say.
     factors = measured_factors(work, {"sd": (200.0, 10), "video": (300.0, 10), "clip": (5.0, 2)})
     assert factors == pytest.approx({"sd": 2.0, "video": 1.0})

@@ -52,6 +52,9 @@ def first_to_create(marker: str | None) -> bool:
     return True
 
 
+MODEL_OF = {"caption": "captioner"}  # the backend attribute that holds a pool's model, where it differs
+
+
 class Batcher:
     """Concurrent calls of many drivers run as one model call (CLIP embeddings).
 
@@ -120,7 +123,7 @@ class ModelWorker:
         self.cfg = cfg
         profile = resolve_profile(cfg.profile, cfg.cache_dir)
         self.backend = make_backend(profile, cfg, gpu_shared_by=gpu_shared_by)
-        getattr(self.backend, kind)  # load now: a model that cannot load fails this actor's start
+        getattr(self.backend, MODEL_OF.get(kind, kind))  # load now: a model that cannot load fails this start
         if kind == "clip":
             self.backend.selector  # noqa: B018
             self.embed_images = Batcher(lambda images: self.backend.embed_images(EmbedImages(tuple(images))))
@@ -208,8 +211,9 @@ class ModelWorker:
                 "gpu_ids": [str(g) for g in context.get_accelerator_ids().get("GPU", [])],
                 "node_id": context.get_node_id(), "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
                 "busy": self.busy, "calls": self.calls, "alive": time.time() - self.started,
-                "queued": self.queue.queued,
-                "running_for": self._running_for()}
+                "queued": self.queue.queued, "running_for": self._running_for(),
+                **({"generate_calls": self.backend.captioner.generate_calls,
+                    "generated": self.backend.captioner.generated} if self.kind == "caption" else {})}
 
     def _running_for(self) -> float:
         with self.counters:

@@ -186,7 +186,7 @@ class CorePolicy:
     timeout_floor_s: float = 120.0
     timeout_factor: float = 10.0
     clip_seconds: float = 1.0  # expected seconds of one clip call (measured ones replace it)
-    caption_batch: int = 32
+    caption_batch: int = 8  # pairs per caption call: one generate call of the captioner
 
     def clip_timeout(self, queued_ahead: int) -> float:
         return max(self.timeout_floor_s, self.timeout_factor * self.clip_seconds * (1 + queued_ahead))
@@ -214,7 +214,7 @@ class JobCore:
         self.rng = random.Random(seed)
         self.timers: list[tuple[float, int, str, Any]] = []
         self.resend: deque[str] = deque()  # clip URIs waiting for a video actor
-        self.captioning: dict[int, list[tuple[str, int]]] = {}  # caption batch -> (task id, step index)
+        self.captioning: dict[int, tuple[str, list[tuple[str, int]]]] = {}  # batch -> (actor, (task id, step))
         self.caption_waiting: deque[tuple[str, int]] = deque()
         self.writing: dict[tuple[str, int], str] = {}  # writer key -> task id
         self.write_ready: deque[str] = deque()
@@ -362,9 +362,11 @@ class JobCore:
     def on_captions(self, batch: int, captions: list[str] | None, error: str | None, message: str,
                     now: float) -> list:
         self.events += 1
-        items = self.captioning.pop(batch, None)
-        if items is None:
+        sent = self.captioning.pop(batch, None)
+        if sent is None:
             return []
+        actor, items = sent
+        self.load[actor] = max(0, self.load.get(actor, 1) - 1)
         actions: list = []
         for (task_id, step), caption in zip(items, captions or [None] * len(items)):
             run = self.tasks[task_id]
@@ -564,8 +566,9 @@ class JobCore:
                 run = self.tasks[task_id]
                 pairs.append((run.captions[step - 1] if step else "", run.task.steps[step]))
             actor = choose_actor(sample_candidates(members, lambda _: False, self.rng), self.load)
+            self.load[actor] = self.load.get(actor, 0) + 1
             batch = next(self.ids)
-            self.captioning[batch] = items
+            self.captioning[batch] = (actor, items)
             actions.append(SendCaptions(batch, actor, tuple(pairs)))
         return actions
 

@@ -10,6 +10,7 @@ step renders, `cosed.generate.batches` how many SD calls they take.
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass, field, replace
 from typing import Iterable
 
@@ -19,10 +20,13 @@ from cosed.config import PoolConfig, RunConfig
 from cosed.generate import batches
 from cosed.latents import LatentPool, plan_candidates
 
-KINDS = ("sd", "video", "clip")
+KINDS = ("sd", "video", "clip")  # the pools every run has
+CAPTION = "caption"  # the pool of the lm rewriter's captioner, when a run uses it
+POOLS = KINDS + (CAPTION,)
 # Each model call the engine makes, and the pool that serves it.
 OPERATIONS = {"render": "sd", "animate": "video", "embed_texts": "clip", "embed_images": "clip",
-              "selector_scores": "clip"}
+              "selector_scores": "clip", "caption": CAPTION}
+CAPTION_BATCH = 8  # captions per generate call (`cosed.captioner.CaptionerConfig.batch_size`)
 
 
 @dataclass(frozen=True)
@@ -46,7 +50,8 @@ class CostModel:
     """
 
     calls: dict[str, CallCost]
-    whole_gpu: dict[str, bool] = field(default_factory=lambda: {"sd": True, "video": True, "clip": False})
+    whole_gpu: dict[str, bool] = field(default_factory=lambda: {"sd": True, "video": True, "clip": False,
+                                                                 CAPTION: False})
     needs_gpu: bool = False
     source: str = ""
 
@@ -104,7 +109,7 @@ class TaskWork:
     tasks: int = 1
 
     def __add__(self, other: "TaskWork") -> "TaskWork":
-        return TaskWork(seconds={k: self.seconds.get(k, 0.0) + other.seconds.get(k, 0.0) for k in KINDS},
+        return TaskWork(seconds={k: self.seconds.get(k, 0.0) + other.seconds.get(k, 0.0) for k in POOLS},
                         calls={op: self.calls.get(op, 0) + other.calls.get(op, 0) for op in OPERATIONS},
                         images=self.images + other.images, critical_path=self.critical_path + other.critical_path,
                         tasks=self.tasks + other.tasks)
@@ -116,7 +121,7 @@ class TaskWork:
     def seconds_per_call(self) -> dict[str, float]:
         """Mean modeled seconds of one call, per pool."""
         out = {}
-        for kind in KINDS:
+        for kind in POOLS:
             count = sum(n for op, n in self.calls.items() if OPERATIONS[op] == kind)
             if count:
                 out[kind] = self.seconds[kind] / count
@@ -128,9 +133,11 @@ def task_work(num_steps: int, cfg: RunConfig, costs: CostModel) -> TaskWork:
 
     The critical path is the task alone with one actor per pool: SD, CLIP and the
     selector run step after step; each step's clip starts once its image is chosen
-    and clips queue on the single video actor.
+    and clips queue on the single video actor. Under the lm rewriter each step's
+    caption is made before (a stage of its own, batched across tasks): its share of
+    the generate calls is the task's caption work.
     """
-    seconds = dict.fromkeys(KINDS, 0.0)
+    seconds = dict.fromkeys(POOLS, 0.0)
     calls = dict.fromkeys(OPERATIONS, 0)
 
     def call(operation: str, items: int) -> float:
@@ -138,6 +145,11 @@ def task_work(num_steps: int, cfg: RunConfig, costs: CostModel) -> TaskWork:
         seconds[OPERATIONS[operation]] += cost
         calls[operation] += 1
         return cost
+
+    if cfg.rewriter == "lm":
+        caption = costs.calls["caption"]
+        seconds[CAPTION] += num_steps * (caption.per_item + caption.fixed / CAPTION_BATCH)
+        calls["caption"] += math.ceil(num_steps / CAPTION_BATCH)
 
     clock = call("embed_texts", num_steps)
     video_free = 0.0
@@ -179,7 +191,7 @@ def flow_order(tasks: list, cfg: RunConfig, costs: CostModel, capacity: dict[str
 def batch_work(step_counts: Iterable[int], cfg: RunConfig, costs: CostModel) -> TaskWork:
     """Summed `task_work` over tasks given by their step counts."""
     per_count: dict[int, TaskWork] = {}
-    total = TaskWork(seconds=dict.fromkeys(KINDS, 0.0), calls=dict.fromkeys(OPERATIONS, 0), tasks=0)
+    total = TaskWork(seconds=dict.fromkeys(POOLS, 0.0), calls=dict.fromkeys(OPERATIONS, 0), tasks=0)
     for n in step_counts:
         if n not in per_count:
             per_count[n] = task_work(n, cfg, costs)
@@ -210,3 +222,13 @@ def full_batch_seconds(work: TaskWork, cfg: RunConfig, costs: CostModel) -> floa
     render = costs.calls["render"]
     sd = work.images * render.per_item + work.images / cfg.sd.batch_size * render.fixed
     return sd + work.seconds["video"] + work.seconds["clip"]
+
+
+def pool_totals(stats, *fields: str) -> dict[str, tuple[float, ...]]:
+    """Per pool (each stat's ``kind``), the sums of ``fields`` over its actors' stats (`ModelWorker.info`)."""
+    totals: dict[str, list[float]] = {}
+    for item in stats:
+        sums = totals.setdefault(item["kind"], [0.0] * len(fields))
+        for i, name in enumerate(fields):
+            sums[i] += item[name]
+    return {kind: tuple(sums) for kind, sums in totals.items()}

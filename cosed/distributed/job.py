@@ -24,13 +24,14 @@ import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from cosed import storage
+from cosed.calls import CaptionRequest
 from cosed.config import RunConfig, resolve_autoscale_max_gpus
 from cosed.distributed import telemetry
 from cosed.distributed.actors import DriverTask, RayBackend, TaskDriver, node_gpu_memory, write_task
 from cosed.distributed.core import (CancelClip, CancelWriter, CorePolicy, DriverFailed, JobCore,
                                     RecordFailure, ReplaceDriver, Retrying, SendCaptions, SendClip, Sequenced,
                                     StartTask, StartWriter, Stop)
-from cosed.distributed.costs import CostModel, batch_work, flow_order
+from cosed.distributed.costs import CAPTION, CostModel, batch_work, flow_order
 from cosed.distributed.dispatch import RETRYABLE, CallPolicy, Dispatcher
 from cosed.distributed.policies import admission, writer_node
 from cosed.distributed.pools import AutoscaleRequest, Pools, busy_fractions, head_node_id, nodes_now
@@ -41,7 +42,7 @@ from cosed.rewrite import make_rewriter
 from cosed.runner import (RunSummary, finish_run, prepare_run, profile_cache, resolve_run, with_memory_plan,
                           write_failure)
 from cosed.storage import StorageUnavailable
-from cosed.tasks import TaskError
+from cosed.tasks import CAPTIONS, TaskError
 
 log = logging.getLogger("cosed")
 PROGRESS_SECONDS = 1.0
@@ -135,7 +136,9 @@ def run_on_ray(tasks_uri: str, out: str, cfg: RunConfig, *, overwrite: bool = Fa
                                   strict=cfg.ray.min_gpus > 0, log=lambda line: print(f"[cosed] {line}", flush=True))
             pools = start_pools(cfg, costs, work, nodes)
             try:
-                rewriter = make_rewriter(cfg.rewriter, model=cfg.rewriter_model, cache_dir=profile_cache(cfg))
+                # The lm rewriter's captions are made by the caption pool: its model never loads here.
+                rewriter = None if cfg.rewriter == "lm" else make_rewriter(cfg.rewriter, model=cfg.rewriter_model,
+                                                                            cache_dir=profile_cache(cfg))
                 if progress:
                     print(f"[cosed] {pools.cluster_plan.describe()}", flush=True)
                 job = RayJob(out, profile, cfg, pools, summary, todo, rewriter, lease, progress, autoscale, work)
@@ -334,8 +337,8 @@ class RayJob:
                 if handle is None:
                     self.events.put(("captions", action.batch, _failed(ray.exceptions.ActorDiedError())))
                     continue
-                self._watch("captions", action.batch, handle.run.remote(f"caption-{action.batch}", "caption",
-                                                                         _caption_request(action.pairs)))
+                request = CaptionRequest(action.pairs, storage.join(self.out, CAPTIONS))
+                self._watch("captions", action.batch, handle.run.remote(f"caption-{action.batch}", "caption", request))
             elif isinstance(action, RecordFailure):
                 error = TaskError(source="generation", task_id=action.task_id, reason=action.reason)
                 self.summary.failed.append(error)
@@ -389,7 +392,7 @@ class RayJob:
         self.membership_ref = ray.put(membership)
         for handle in self.drivers.values():
             handle.update.remote(self.membership_ref)
-        for kind in ("video", "caption"):
+        for kind in ("video", CAPTION):
             if kind in self.pools.plan:
                 self._execute(self.core.on_members(kind, list(membership.members.get(kind, {})), now))
 
@@ -468,9 +471,4 @@ def _cancel(ref, force: bool = False) -> None:
     except Exception:
         pass
 
-
-def _caption_request(pairs):
-    from cosed.calls import CaptionRequest
-
-    return CaptionRequest(tuple(pairs))
 

@@ -65,7 +65,8 @@ class Admission:
         return captioning < self.captions_ahead
 
 
-AFTER_SEQUENCING = 2  # tasks past their driver may number this many times the drivers
+AFTER_SEQUENCING = 8  # tasks past their driver may number this many times the drivers (each is a record in the job:
+# its scenes and clips are in storage), so text-to-image can run ahead while clips render
 
 
 def admission(drivers: int, writers: int | None = None, nodes: int = 1) -> Admission:

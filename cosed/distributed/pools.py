@@ -28,7 +28,7 @@ from ray.util.scheduling_strategies import NodeLabelSchedulingStrategy, NotIn
 from cosed.config import RunConfig
 from cosed.distributed import telemetry
 from cosed.distributed.actors import remote_worker
-from cosed.distributed.costs import KINDS, CostModel, TaskWork, measured_factors
+from cosed.distributed.costs import CostModel, TaskWork, measured_factors, pool_totals
 from cosed.distributed.dispatch import Membership
 from cosed.distributed.policies import Sample, window_busy
 from cosed.distributed.sizing import (ClusterPlan, Node, PoolPlan, free_room, grow_pools, plan_cluster,
@@ -38,16 +38,6 @@ from cosed.models.profiles import ModelUnavailable
 log = logging.getLogger("cosed")
 START_GRACE_S = 10.0  # the least time late actors get to join the first of their pools at start
 BACKOFF_S = (1.0, 2.0, 5.0, 10.0, 30.0)  # before starting again an actor that failed to start
-
-
-def pool_totals(stats, *fields: str) -> dict[str, tuple[float, ...]]:
-    """Per pool (each stat's ``kind``), the sums of ``fields`` over its actors' stats (`ModelWorker.info`)."""
-    totals: dict[str, list[float]] = {}
-    for item in stats:
-        sums = totals.setdefault(item["kind"], [0.0] * len(fields))
-        for i, name in enumerate(fields):
-            sums[i] += item[name]
-    return {kind: tuple(sums) for kind, sums in totals.items()}
 
 
 def busy_fractions(stats: list[dict]) -> dict[str, float]:
@@ -121,10 +111,10 @@ class Pools:
         self.names = itertools.count()
         self.actors: dict[str, Actor] = {}
         self.pending: list[Pending] = []
-        self.failures: dict[str, StartFailures] = {kind: StartFailures() for kind in KINDS}
         nodes = nodes if nodes is not None else nodes_now()
         self.cluster_plan: ClusterPlan = plan_cluster(cfg.ray, nodes, self.work, self.costs, self.drivers_hint)
         self.plan: dict[str, PoolPlan] = self.cluster_plan.pools
+        self.failures: dict[str, StartFailures] = {kind: StartFailures() for kind in self.plan}
         self.sized_for = self._cluster_key(nodes)  # nodes that join later, even during start, bring growth
         self.version = 0
         self.latest: dict[str, Sample] = {}  # actor life -> its latest sample (`policies.window_busy`)
@@ -159,7 +149,7 @@ class Pools:
         if plan.partner and (num_gpus < 1 - 1e-6):
             return (kind, plan.partner)
         if all(p.num_gpus < 1 - 1e-6 for p in self.plan.values() if p.replicas):
-            return tuple(KINDS)
+            return tuple(self.plan)
         return (kind,)
 
     def _retire(self, actor: Actor) -> None:
@@ -423,7 +413,7 @@ class Pools:
         spare = math.floor(available.get("GPU", 0.0) + 1e-6)
         if sum(n.gpus for n in room) > spare:
             room = _trim(room, spare)
-        fixed = {kind for kind in KINDS if getattr(self.cfg.ray, kind).replicas != "auto"}
+        fixed = {kind for kind in self.plan if getattr(self.cfg.ray, kind).replicas != "auto"}
         added = grow_pools(pools, room, self.measured_work(), fixed)
         if not any(added.values()):
             return False

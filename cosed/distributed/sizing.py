@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, replace
 from typing import Callable
 
 from cosed.config import PoolResources, RayConfig
-from cosed.distributed.costs import KINDS, CostModel
+from cosed.distributed.costs import CAPTION, KINDS, CostModel
 
 _EPS = 1e-6
 _SHARE_DECIMALS = 4  # Ray keeps resource amounts to 1e-4
@@ -99,6 +99,11 @@ def _share(total: float) -> float:
 
 # --- Cost-aware planning -------------------------------------------------------------------------
 
+def pool_kinds(work: dict[str, float]) -> tuple[str, ...]:
+    """The pools a run needs: text-to-image, video and CLIP always; captions when there is caption work."""
+    return KINDS + ((CAPTION,) if work.get(CAPTION, 0.0) > 0 else ())
+
+
 _MAX_FRACTION = 0.5  # a model that would need more than half a GPU gets whole GPUs instead
 
 
@@ -176,12 +181,13 @@ def plan_cluster(ray_cfg: RayConfig, nodes: list[Node], work: dict[str, float], 
         return _legacy_plan(ray_cfg, nodes, work)
     if ray_cfg.policy != "cost":
         raise ValueError(f"ray.policy must be cost or legacy, got {ray_cfg.policy!r}")
-    specs = {kind: getattr(ray_cfg, kind) for kind in KINDS}
-    weights = {k: max(work.get(k, 0.0), 0.0) for k in KINDS}
+    kinds = pool_kinds(work)
+    specs = {kind: getattr(ray_cfg, kind) for kind in kinds}
+    weights = {k: max(work.get(k, 0.0), 0.0) for k in kinds}
     if sum(weights.values()) <= 0:
-        weights = dict.fromkeys(KINDS, 1.0)
+        weights = dict.fromkeys(kinds, 1.0)
     whole_slots = sum(math.floor(n.gpus + _EPS) for n in nodes)
-    whole = [k for k in KINDS if costs.whole_gpu.get(k, True)
+    whole = [k for k in kinds if costs.whole_gpu.get(k, True)
              or (specs[k].num_gpus != "auto" and float(specs[k].num_gpus) >= 1)]
     guests: dict[str, tuple[str, int]] = {}
     if sum(n.gpus for n in nodes) <= 0:
@@ -191,7 +197,7 @@ def plan_cluster(ray_cfg: RayConfig, nodes: list[Node], work: dict[str, float], 
     else:
         replicas, gpus, reason = _shared_gpu(specs, weights, nodes)
     pools, note = _fit(specs, weights, replicas, gpus, nodes, guests)
-    share = {k: round(weights[k] / sum(weights.values()), 3) for k in KINDS}
+    share = {k: round(weights[k] / sum(weights.values()), 3) for k in kinds}
     reason = f"expected GPU-second shares {share}; {reason}{note}"
     plan = ClusterPlan(pools=pools, drivers=0, reason=reason, work=dict(work))
     return ClusterPlan(pools=pools, drivers=drivers_for(ray_cfg, plan, drivers_hint), reason=reason, work=dict(work))
@@ -215,7 +221,7 @@ def drivers_for(ray_cfg: RayConfig, plan: ClusterPlan, critical_over_work: float
 def _gpu_split(specs, weights, whole_slots, whole):
     total = sum(weights.values())
     hosts = [k for k in whole if specs[k].num_gpus == "auto"]
-    for kind in [k for k in KINDS if k not in whole]:
+    for kind in [k for k in specs if k not in whole]:
         if (not hosts or weights[kind] / total * whole_slots > _MAX_FRACTION) and whole_slots > len(whole):
             whole = whole + [kind]  # too much work (or no pool) to share a GPU with
     gpus: dict[str, float] = {}
@@ -240,7 +246,7 @@ def _gpu_split(specs, weights, whole_slots, whole):
     reason = f"{whole_slots} whole GPUs split by work among {', '.join(whole)}"
     hosts = [k for k in hosts if replicas[k] > 0]
     guests: dict[str, tuple[str, int]] = {}
-    for kind in (k for k in KINDS if k not in whole):
+    for kind in (k for k in specs if k not in whole):
         spec = specs[kind]
         load = weights[kind] / total * whole_slots  # GPUs this pool would keep busy
         if not hosts:
@@ -262,10 +268,10 @@ def _gpu_split(specs, weights, whole_slots, whole):
 def _shared_gpu(specs, weights, nodes):
     """Fewer GPUs than whole-GPU models: one actor per pool, GPU shares in proportion to work."""
     biggest = max(n.gpus for n in nodes)
-    total = sum(max(weights[k], 0.05 * sum(weights.values())) for k in KINDS)
-    replicas = {k: 1 if specs[k].replicas == "auto" else int(specs[k].replicas) for k in KINDS}
+    total = sum(max(weights[k], 0.05 * sum(weights.values())) for k in specs)
+    replicas = {k: 1 if specs[k].replicas == "auto" else int(specs[k].replicas) for k in specs}
     gpus = {}
-    for kind in KINDS:
+    for kind in specs:
         if specs[kind].num_gpus != "auto":
             gpus[kind] = float(specs[kind].num_gpus)
         else:
@@ -277,18 +283,18 @@ def _shared_gpu(specs, weights, nodes):
 def _cpu_split(specs, weights, nodes):
     """A CPU-only cluster: one actor per pool, more where CPUs allow, by work."""
     cpus = sum(n.cpus for n in nodes)
-    replicas = {k: 1 if specs[k].replicas == "auto" else int(specs[k].replicas) for k in KINDS}
-    auto = [k for k in KINDS if specs[k].replicas == "auto"]
+    replicas = {k: 1 if specs[k].replicas == "auto" else int(specs[k].replicas) for k in specs}
+    auto = [k for k in specs if specs[k].replicas == "auto"]
     while auto and sum(replicas.values()) + 1 <= cpus:
         kind = max(auto, key=lambda k: weights[k] / replicas[k])
         replicas[kind] += 1
-    gpus = {k: 0.0 if specs[k].num_gpus == "auto" else float(specs[k].num_gpus) for k in KINDS}
+    gpus = {k: 0.0 if specs[k].num_gpus == "auto" else float(specs[k].num_gpus) for k in specs}
     return replicas, gpus, "no GPUs: model actors on CPUs"
 
 
 def _pool_plans(replicas: dict, gpus: dict, cpus: dict, guests: dict[str, tuple[str, int]]) -> dict[str, PoolPlan]:
     """PoolPlans where each guest actor sits on a host actor's GPU (the hosts ask what the guests leave)."""
-    plans = {k: PoolPlan(replicas=replicas[k], num_gpus=gpus[k], num_cpus=cpus[k]) for k in KINDS}
+    plans = {k: PoolPlan(replicas=replicas[k], num_gpus=gpus[k], num_cpus=cpus[k]) for k in replicas}
     for guest, (host, count) in guests.items():
         count = min(replicas[guest], replicas[host])
         plans[guest] = replace(plans[guest], replicas=count, partner=host)
@@ -303,7 +309,7 @@ def _fit(specs, weights, replicas, gpus, nodes, guests=None):
     guests = dict(guests or {})
     replicas = dict(replicas)
     while True:
-        trial = _pool_plans(replicas, gpus, dict.fromkeys(KINDS, 0.0), guests)
+        trial = _pool_plans(replicas, gpus, dict.fromkeys(specs, 0.0), guests)
         placed = place(trial, nodes)
         if placed is not None:
             counts: dict[int, int] = {}
@@ -312,17 +318,17 @@ def _fit(specs, weights, replicas, gpus, nodes, guests=None):
                     counts[index] = counts.get(index, 0) + 1
             auto_cpus = min(1.0, min((_floor_share(nodes[i].cpus / c) for i, c in counts.items()), default=1.0))
             plan = _pool_plans(replicas, gpus, {k: auto_cpus if specs[k].num_cpus == "auto" else float(specs[k].num_cpus)
-                                                for k in KINDS}, guests)
+                                                for k in specs}, guests)
             if place(plan, nodes) is not None:
                 if auto_cpus < 1.0:
                     note += f"; {auto_cpus:g} CPU per model actor (the busiest node has fewer CPUs than actors)"
                 return plan, note
-        shrinkable = [k for k in KINDS if replicas[k] > 1]
+        shrinkable = [k for k in specs if replicas[k] > 1]
         if not shrinkable:
             raise PlanError(
                 "no placeable pool plan on nodes " + ", ".join(f"({n.cpus:g} CPU, {n.gpus:g} GPU)" for n in nodes)
                 + " for pools " + ", ".join(f"{k}: {replicas[k]} x ({gpus[k]:g} GPU, {specs[k].num_cpus} CPU)"
-                                            for k in KINDS))
+                                            for k in specs))
         kind = min(shrinkable, key=lambda k: weights[k] / replicas[k])
         replicas[kind] -= 1
         note += f"; one {kind} actor fewer so that every actor places"
@@ -516,7 +522,7 @@ def grow_pools(pools: dict[str, PoolPlan], room: list[Node], work: dict[str, flo
         return plan.num_cpus + (pools[plan.partner].num_cpus if plan.num_gpus < 0.5 else 0.0)
 
     while growable:
-        kind = max(growable, key=lambda k: (work.get(k, 0.0) / max(capacity[k], _EPS), -KINDS.index(k)))
+        kind = max(growable, key=lambda k: (work.get(k, 0.0) / max(capacity[k], _EPS), -list(pools).index(k)))
         slot = next((s for s in slots if s[0] >= 1 - _EPS and s[1] + _EPS >= need(kind)), None)
         if slot is None:
             growable.remove(kind)

@@ -78,7 +78,6 @@ class Profile:
     backend: str = "local"
     caption: str | None = None          # the captioner's resolved source (a folder or a hub id)
     caption_model: str | None = None    # as the profile names it (``tiny:captioner``): the lm rewriter's default
-    caption_cost: dict[str, float] = field(default_factory=dict)  # seconds per caption generate call
 
     def spec(self, kind: str) -> ModelSpec:
         return self.specs.get(kind) or ModelSpec(source=getattr(self, kind), pipeline=DEFAULT_PIPELINES[kind])
@@ -118,12 +117,9 @@ def resolve_profile(name_or_folder: str, cache_dir: str | os.PathLike | None = N
         specs = {kind: ModelSpec.from_data(kind, src, cache) for kind, src in data["models"].items()}
         caption_model = _raw_source(data["models"].get(CAPTION))
         costs = dict(data.get("costs", {}))
-        # The Ray cost model sizes the sd / video / clip pools; the caption pool's entry is kept apart
-        # until that model has a caption pool (the Ray half of issue 17) and reads it from here.
-        caption_cost = costs.pop(CAPTION, {})
         return Profile(name=data["name"], defaults=_with_caption_default(data.get("defaults", {}), caption_model),
                        random_weights=data.get("random_weights", False), description=data.get("description", ""),
-                       specs=specs, tiny_twin=data.get("tiny_twin"), costs=costs, caption_cost=caption_cost,
+                       specs=specs, tiny_twin=data.get("tiny_twin"), costs=costs,
                        caption_model=caption_model, backend=data.get("backend", "local"),
                        **{k: s.source for k, s in specs.items()})
     folder = Path(name_or_folder)
@@ -138,12 +134,11 @@ def resolve_profile(name_or_folder: str, cache_dir: str | os.PathLike | None = N
         specs = {kind: ModelSpec.from_data(kind, str(folder / kind), cache) for kind in kinds}
         caption_model = str(folder / CAPTION) if CAPTION in specs else None
         costs = dict(meta.get("costs", {}))
-        caption_cost = costs.pop(CAPTION, {})
         return Profile(name=meta.get("name", str(folder)), sd=str(folder / "sd"), video=str(folder / "video"),
                        clip=str(folder / "clip"), caption=caption_model, caption_model=caption_model,
                        defaults=_with_caption_default(meta.get("defaults", {}), caption_model),
                        random_weights=meta.get("random_weights", False), description=meta.get("description", ""),
-                       specs=specs, costs=costs, caption_cost=caption_cost)
+                       specs=specs, costs=costs)
     raise ModelUnavailable(f"unknown profile {name_or_folder!r}: use one of {', '.join(available_profiles())} "
                            "or a folder holding sd/, video/ and clip/")
 
