@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from cosed import storage
-from cosed.rewrite import truncate_to_clip
+from cosed.cliptext import truncate_to_clip
 
 INSTRUCTION = "Give me the image caption for this recipe."
 # The reference's plain-text prompt (method.md §1), for models whose tokenizer has no chat template.
@@ -111,7 +111,7 @@ def weights_checksum(source: str, cache_dir: str | os.PathLike | None = None) ->
     the hub's LFS metadata, which gives the same digests: a job process on a node without the
     weights computes the same checksum as the actor that loads them.
     """
-    from cosed.models.profiles import ModelUnavailable, hub_error
+    from cosed.models.hub import ModelUnavailable, hub_error
 
     resolved = resolve_source(source, cache_dir)
     folder = _local_folder(resolved)

@@ -10,41 +10,16 @@ through its shared caption cache, so a re-run never generates a caption twice.
 
 from __future__ import annotations
 
-from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 import torch
 
+from cosed.cliptext import clip_bpe, truncate_to_clip
 from cosed.tasks import Task
 
 if TYPE_CHECKING:
     from cosed.captioner import Captioner
-
-CLIP_CONTEXT_TOKENS = 77
-
-
-@lru_cache(maxsize=1)
-def _bpe():
-    from open_clip.tokenizer import SimpleTokenizer
-
-    return SimpleTokenizer()
-
-
-def truncate_to_clip(text: str, max_tokens: int = CLIP_CONTEXT_TOKENS - 2) -> str:
-    """Cut text to what a CLIP text encoder sees (77 tokens with start and end)."""
-    words = text.split()
-    if len(_bpe().encode(text)) <= max_tokens:
-        return " ".join(words)
-    lo, hi = 0, len(words)
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if len(_bpe().encode(" ".join(words[:mid]))) <= max_tokens:
-            lo = mid
-        else:
-            hi = mid - 1
-    return " ".join(words[:lo])
-
 
 class Rewriter(Protocol):
     name: str
@@ -112,14 +87,14 @@ def make_rewriter(name: str, *, model: str | None = None, cache_dir: Path | None
     """
     simple = {"identity": IdentityRewriter, "template": TemplateRewriter, "given": GivenRewriter}
     if name in simple:
-        _bpe()
+        clip_bpe()
         return simple[name]()
     if name == "lm":
         if not model:
             raise ValueError("the lm rewriter needs rewriter_model (a hub id or a local folder)")
         from cosed.captioner import Captioner
 
-        _bpe()
+        clip_bpe()
         captioner = Captioner(model, device=device or torch.device("cpu"), cache_dir=cache_dir, cache_root=cache_root)
         return LMRewriter(captioner.load())
     raise ValueError(f"unknown rewriter {name!r}: use identity, template, given or lm")

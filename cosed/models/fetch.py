@@ -11,11 +11,11 @@ import os
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 
-from cosed.models.profiles import CAPTION, ROLES, ModelSpec, ModelUnavailable, Profile, hub_error
+from cosed.models.hub import CAPTION, ROLES, ModelSpec, ModelUnavailable, clip_hub_file, hub_error
+from cosed.models.profiles import Profile
 
 CONFIG_SUFFIXES = (".json", ".txt", ".model")
 LM_SUFFIXES = CONFIG_SUFFIXES + (".jinja", ".safetensors")
-CLIP_WEIGHTS = "open_clip_model.safetensors"
 
 
 @dataclass(frozen=True)
@@ -54,22 +54,6 @@ def lm_weight_files(repo_files: list[str]) -> list[str]:
 def _has_variant_mark(name: str) -> bool:
     stem = PurePosixPath(name).name.split(".")
     return len(stem) > 2 and stem[-2].split("-")[0] in ("fp16", "bf16", "fp32")
-
-
-def clip_hub_file(source: str) -> tuple[str, str] | None:
-    """(repo, file) of an open_clip ``NAME/PRETRAINED`` pair's safetensors weights on the hub, or None."""
-    import open_clip
-
-    name, _, tag = source.partition("/")
-    if not tag:
-        return None
-    cfg = open_clip.get_pretrained_cfg(name, tag) or {}
-    if not cfg.get("hf_hub"):
-        return None
-    repo, filename = os.path.split(cfg["hf_hub"])
-    if filename.endswith((".bin", ".pth")):
-        return repo, filename[:-4] + ".safetensors"
-    return repo, filename if filename.endswith(".safetensors") else CLIP_WEIGHTS
 
 
 def hub_files(profile: Profile) -> list[HubFiles]:

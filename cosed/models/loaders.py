@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from cosed.memory import MemoryPlan, apply_memory_plan
-from cosed.models.profiles import ROLES, ModelSpec, hub_error
+from cosed.models.hub import ROLES, ModelSpec, clip_hub_file, hub_error
 
 
 @cache
@@ -93,8 +93,6 @@ def load_clip(source: str, device: torch.device):
 def _clip_safetensors(source: str) -> str | None:
     """The hub safetensors file of an open_clip pretrained tag, so open_clip never falls back to a pickle."""
     from huggingface_hub import hf_hub_download
-
-    from cosed.models.fetch import clip_hub_file
 
     hub = clip_hub_file(source)
     return hf_hub_download(*hub) if hub else None

@@ -20,47 +20,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cosed.models.hub import CAPTION, ModelSpec, ModelUnavailable
+
 _PROFILE_DIR = Path(__file__).resolve().parent.parent / "profiles"
 _TINY_PREFIX = "tiny:"
 KINDS = ("sd", "video", "clip")
-CAPTION = "caption"
-ROLES = {"sd": "text-to-image", "video": "image-to-video", "clip": "CLIP", CAPTION: "caption LM"}
 DEFAULT_PIPELINES = {"sd": "StableDiffusionPipeline", "video": "StableVideoDiffusionPipeline", "clip": None,
                      CAPTION: "AutoModelForCausalLM"}
 
 
-class ModelUnavailable(RuntimeError):
-    """A model could not be loaded (offline hub, gated repo, missing folder); the message says what to do."""
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """Where one model comes from and what it needs."""
-
-    source: str
-    pipeline: str | None = None
-    variant: str | None = None
-    dtype: str = "float16"
-    licence: str = ""
-    gated: bool = False
-    memory_gib: dict[str, float] = field(default_factory=dict)
-    train: dict[str, Any] = field(default_factory=dict)   # captioner only: `cosed train-captioner` defaults
-
-    @property
-    def is_hub(self) -> bool:
-        """A diffusers repo id (not a local folder, not an open_clip ``NAME/PRETRAINED`` pair)."""
-        return self.pipeline is not None and not Path(self.source).exists()
-
-    @property
-    def page(self) -> str:
-        return f"https://huggingface.co/{self.source}"
-
-    @classmethod
-    def from_data(cls, kind: str, data: str | dict[str, Any], cache: Path) -> "ModelSpec":
-        data = {"source": data} if isinstance(data, str) else dict(data)
-        data["source"] = resolve_source(data["source"], cache)
-        data.setdefault("pipeline", _folder_pipeline(data["source"]) or DEFAULT_PIPELINES[kind])
-        return cls(**data)
+def spec_from_data(kind: str, data: str | dict[str, Any], cache: Path) -> ModelSpec:
+    """A profile's model entry (a source, or a mapping with one) as a `ModelSpec`, its source resolved."""
+    data = {"source": data} if isinstance(data, str) else dict(data)
+    data["source"] = resolve_source(data["source"], cache)
+    data.setdefault("pipeline", _folder_pipeline(data["source"]) or DEFAULT_PIPELINES[kind])
+    return ModelSpec(**data)
 
 
 @dataclass(frozen=True)
@@ -114,7 +88,7 @@ def resolve_profile(name_or_folder: str, cache_dir: str | os.PathLike | None = N
     named = _PROFILE_DIR / f"{name_or_folder}.json"
     if named.is_file():
         data = json.loads(named.read_text(encoding="utf-8"))
-        specs = {kind: ModelSpec.from_data(kind, src, cache) for kind, src in data["models"].items()}
+        specs = {kind: spec_from_data(kind, src, cache) for kind, src in data["models"].items()}
         caption_model = _raw_source(data["models"].get(CAPTION))
         costs = dict(data.get("costs", {}))
         return Profile(name=data["name"], defaults=_with_caption_default(data.get("defaults", {}), caption_model),
@@ -131,7 +105,7 @@ def resolve_profile(name_or_folder: str, cache_dir: str | os.PathLike | None = N
         meta_path = folder / "profile.json"
         meta = json.loads(meta_path.read_text(encoding="utf-8")) if meta_path.is_file() else {}
         kinds = KINDS + ((CAPTION,) if (folder / CAPTION).is_dir() else ())
-        specs = {kind: ModelSpec.from_data(kind, str(folder / kind), cache) for kind in kinds}
+        specs = {kind: spec_from_data(kind, str(folder / kind), cache) for kind in kinds}
         caption_model = str(folder / CAPTION) if CAPTION in specs else None
         costs = dict(meta.get("costs", {}))
         return Profile(name=meta.get("name", str(folder)), sd=str(folder / "sd"), video=str(folder / "video"),
@@ -166,47 +140,3 @@ def _folder_pipeline(source: str) -> str | None:
     """A local diffusers folder names its pipeline class in model_index.json."""
     index = Path(source) / "model_index.json"
     return json.loads(index.read_text(encoding="utf-8"))["_class_name"] if index.is_file() else None
-
-
-def _is_gated_error(exc: BaseException) -> bool:
-    from huggingface_hub.errors import GatedRepoError
-
-    seen = exc
-    while seen is not None:
-        if isinstance(seen, GatedRepoError) or "gated" in str(seen).lower() or " 401 " in f" {seen} ":
-            return True
-        seen = seen.__cause__ or seen.__context__
-    return False
-
-
-def hub_error(kind: str, source: str, exc: Exception) -> ModelUnavailable:
-    """Turn a failed hub or folder load into one sentence that says what to do."""
-    if Path(source).exists():
-        return ModelUnavailable(f"could not load the {kind} model from folder {source}: {exc}")
-    if _is_gated_error(exc):
-        return ModelUnavailable(
-            f"could not load the {kind} model {source!r}, which is gated on the Hugging Face hub: accept its licence at "
-            f"https://huggingface.co/{source} with your account, then set HF_TOKEN (or run `hf auth login`) "
-            "and run `cosed models fetch`, or use --profile tiny for the offline random-weight models.")
-    if _is_offline_error(exc):
-        return ModelUnavailable(
-            f"could not load the {kind} model {source!r}: it is not in the local Hugging Face cache and the hub "
-            "cannot be reached (offline): run `cosed models fetch --profile PROFILE` on a connected machine (or point HF_HOME at a "
-            "warm cache), pass a local folder as --profile, or use --profile tiny for the offline random-weight models.")
-    return ModelUnavailable(
-        f"could not load the {kind} model {source!r} from the Hugging Face hub "
-        f"({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}): "
-        "check the id and your network, run `cosed models fetch --profile PROFILE`, "
-        "or use --profile tiny for the offline random-weight models.")
-
-
-def _is_offline_error(exc: BaseException) -> bool:
-    from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled
-
-    seen = exc
-    while seen is not None:
-        if isinstance(seen, (OfflineModeIsEnabled, LocalEntryNotFoundError, ConnectionError, TimeoutError)) or \
-                "connect" in type(seen).__name__.lower():
-            return True
-        seen = seen.__cause__ or seen.__context__
-    return False
