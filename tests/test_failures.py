@@ -17,7 +17,8 @@ from botocore.stub import Stubber
 
 from cosed import runner, storage
 from cosed.cli import main
-from cosed.lease import LeaseHeld, OutputLease
+from cosed.lease import LeaseHeld, LeaseLost, OutputLease
+from cosed.storage import StorageUnavailable
 from cosed.tasks import LEASE
 
 from conftest import REPO, SMALL_TASKS, write_jsonl
@@ -329,3 +330,54 @@ def test_a_second_cli_job_on_the_same_output_exits_2(tmp_path, capsys):
         assert main(["generate", "--tasks", str(tasks), "--out", str(tmp_path / "o"), "--no-ray"]) == 2
     err = capsys.readouterr().err
     assert "another job is writing this output" in err and f"pid {os.getpid()}" in err
+
+
+def test_the_lease_fences_a_job_that_lost_it_to_another(prefix):
+    """Taken over while this job still runs: the fence and the job's own check both refuse to go on."""
+    lease = OutputLease(prefix, 60).acquire()
+    try:
+        lease.fence()  # held: fine
+        other = {"host": "elsewhere", "pid": 1, "job": None, "token": "theirs", "expires": time.time() + 600}
+        storage.write_text(storage.join(prefix, LEASE), json.dumps(other))
+        with pytest.raises(LeaseLost, match="no longer this job's"):
+            lease.fence()
+    finally:
+        lease._stop.set()
+
+
+def test_a_job_that_cannot_renew_stops_before_another_could_take_over(prefix, monkeypatch):
+    lease = OutputLease(prefix, 10).acquire()  # renews every 1.25 s; counts as held for 5 s after a renewal
+    try:
+        lease.check()
+        monkeypatch.setattr("cosed.lease.storage.replace_if", lambda *a, **k: (_ for _ in ()).throw(
+            StorageUnavailable("storage endpoint gone")))
+        deadline = time.monotonic() + 8
+        while time.monotonic() < deadline:
+            try:
+                lease.check()
+            except LeaseLost as exc:
+                assert "could not renew" in str(exc)
+                break
+            time.sleep(0.2)
+        else:
+            pytest.fail("the job kept writing with a lease it could not renew")
+        # It stopped while the lease it last wrote had at least half its length to run: nobody could take it yet.
+        expires = json.loads(storage.read_bytes(storage.join(prefix, LEASE)))["expires"]
+        assert expires - time.time() >= 10 / 2 - 1.5
+    finally:
+        lease._stop.set()
+
+
+def test_no_manifest_is_written_past_a_lost_lease(tmp_path, tiny_run, monkeypatch):
+    _, cfg, backend = tiny_run
+    out = str(tmp_path / "o")
+    lease = OutputLease(out, 60).acquire()
+    try:
+        other = {"host": "elsewhere", "pid": 1, "job": None, "token": "theirs", "expires": time.time() + 600}
+        storage.write_text(storage.join(out, LEASE), json.dumps(other))
+        tasks = write_jsonl(tmp_path / "t.jsonl", [TEA])
+        with pytest.raises(LeaseLost):
+            runner.run_in_process(str(tasks), out, cfg, progress=False, backend=backend, lease=lease)
+        assert not (tmp_path / "o" / "tea" / "manifest.json").exists()
+    finally:
+        lease._stop.set()

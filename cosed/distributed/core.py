@@ -478,7 +478,7 @@ class JobCore:
             run.sequenced, run.scenes, run.driver = False, 0, None
             self._drop_pending(run)
             self._move(run, QUEUED)
-            self.queue.append(run.task.id)
+            self.queue.appendleft(run.task.id)  # next: its clips may be rendering, it should not wait for the end
             actions.append(Retrying(run.task.id, reason, run.attempt + 1))
         else:
             self._fail(run, f"{reason} ({run.attempt + 1} attempts)", actions)
