@@ -40,6 +40,16 @@ BAD_KINDS = {
     "not an object": (lambda n: [n, "steps"], None),
     "invalid json": (lambda n: b'{"id": "broken", "steps": [', None),
     "not utf-8": (lambda n: b'{"id": "\xff\xfe", "steps": ["s"]}', None),
+    # What the JSON decoder itself does to hostile lines: RecursionError, ValueError past Python's integer
+    # digit limit, text that decodes to lone surrogates (no UTF-8 file, folder or S3 key can hold them).
+    "deep nesting": (lambda n: b"[" * 100_000 + b"]" * 100_000, None),
+    "deep object": (lambda n: b'{"a":' * 50_000 + b"1" + b"}" * 50_000, None),
+    "huge number": (lambda n: b'{"id": "h%d", "steps": ["s"], "n": ' % n + b"9" * 5000 + b"}", None),
+    "huge id": (lambda n: b'{"id": ' + b"7" * 5000 + b', "steps": ["s"]}', None),
+    "surrogate id": (lambda n: b'{"id": "s\\ud800%d", "steps": ["s"]}' % n, "id"),
+    "surrogate title": (lambda n: b'{"id": "st%d", "title": "\\udfff", "steps": ["s"]}' % n, "title"),
+    "surrogate step": (lambda n: b'{"id": "ss%d", "steps": ["ok", "\\ud83d"]}' % n, "steps[2]"),
+    "surrogate key": (lambda n: b'{"id": "sk%d", "steps": ["s"], "\\udc00": 1}' % n, None),
 }
 
 
@@ -124,3 +134,31 @@ def test_generated_files_through_the_real_runner(case, tiny_run):
         for task in parse_tasks(data, source="x", max_steps=MAX_STEPS).tasks:
             manifest = json.loads(Path(runner.task_uri(str(out), task, "manifest.json")).read_text())
             assert manifest["task_id"] == task.id and manifest["title"] == good[task.id]["title"].strip()
+
+
+@pytest.mark.parametrize("data", [
+    b"[" * 200_000,                                                   # a document nested past any stack
+    '{"id": "u", "steps": ["s"]}\n{"id": "v", "steps": ["s"]}\n'.encode("utf-16"),  # another encoding
+    b'[{"id": "a", "steps": ["s"]}, ' + b"9" * 10_000 + b"]",        # a document with a number past the limit
+    b"\x00" * 1000,
+])
+def test_hostile_whole_files_become_errors_never_exceptions(data):
+    result = parse_tasks(data, source="tasks.jsonl", max_steps=MAX_STEPS)
+    assert result.errors and all(e.reason for e in result.errors)
+    json.dumps([e.to_dict() for e in result.errors], ensure_ascii=False).encode("utf-8")  # each can be written
+
+
+@pytest.mark.slow
+def test_hostile_lines_are_their_lines_errors_through_the_cli(tmp_path, tiny_cache, capsys):
+    """Exit 1 (tasks rejected), not 3 before any work: the good task is done, errors.jsonl names each bad line."""
+    from cosed.cli import main
+
+    lines = [b'{"id": "ok", "steps": ["Boil water."]}', b"[" * 100_000, b'{"id": "s\\ud800", "steps": ["s"]}',
+             b'{"id": "n", "steps": ["s"], "x": ' + b"9" * 5000 + b"}", b'{"id": "k", "steps": ["s"], "\\udc00": 1}']
+    (tmp_path / "t.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    code = main(["generate", "--no-ray", "--quiet", "--tasks", str(tmp_path / "t.jsonl"), "--out", str(tmp_path / "o"),
+                 "--cache-dir", str(tiny_cache)])
+    assert code == 1, capsys.readouterr().err
+    assert (tmp_path / "o" / "ok" / "manifest.json").is_file()
+    errors = [json.loads(line) for line in (tmp_path / "o" / "errors.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert [e["line"] for e in errors] == [2, 3, 4, 5] and all(e["reason"] for e in errors)
