@@ -10,7 +10,8 @@ counts come from the tasks file, by default the first N of ../shared/data/recipe
 
 For each run it prints the pool plan, the makespan, the GPU-seconds bound (all modeled GPU work
 with SD images in full batches, over G), efficiency = bound / makespan, mean task latency and
-each pool's busy fraction. Times are in modeled seconds (wall seconds / time scale); the time
+each pool's busy fraction, and beside the makespan the one `cosed plan` predicts for the same
+tasks, cluster and policy (the runtime's policies in virtual time, `cosed.distributed.simulator`). Times are in modeled seconds (wall seconds / time scale); the time
 scale is chosen per G so that the bound takes ``--target-seconds`` of wall time. The makespan
 runs from the first task's start to the last manifest, so pool start-up is not counted.
 ``--single-task-steps N`` also runs one task of N steps alone at time scale 1 with one actor
@@ -31,7 +32,12 @@ import ray
 from cosed.config import PoolResources, RayConfig, RunConfig
 from cosed.distributed.costs import CostModel, batch_work, full_batch_seconds, task_work
 from cosed.distributed.job import run_on_ray
+from cosed.distributed.simulator import Cluster, Overheads, simulate
 from cosed.runner import read_tasks, resolve_run
+
+# What the models leave out, in wall seconds on this machine (divided by the time scale for the prediction):
+# a model call's Ray round trips, a replacement actor's process start, a writer assembling a small task.
+CALL_WALL_S, START_WALL_S, WRITER_WALL_S = 0.003, 3.0, 0.3
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_throughput import SHARED_RECIPES, recipes_file  # noqa: E402
@@ -134,21 +140,31 @@ def main() -> None:
                 cfg = RunConfig(profile="latency", ray=dataclasses.replace(
                     RayConfig(), policy=policy, max_concurrent_tasks=args.drivers or "auto", rebalance=policy == "cost"))
                 record = run_once(tasks, folder / f"g{gpus}-{policy}", cfg, gpus, args.cpus, scale, bound)
+                _, resolved_cfg = resolve_run(cfg)
+                predicted = simulate([len(t.steps) for t in task_list], resolved_cfg, costs,
+                                     Cluster(gpus=gpus, gpus_per_node=gpus, cpus_per_node=args.cpus),
+                                     Overheads(call_s=CALL_WALL_S / scale, actor_start_s=START_WALL_S / scale,
+                                               writer_s=WRITER_WALL_S / scale))
+                record["predicted_makespan_s"] = predicted.makespan_s
+                record["predicted_efficiency"] = predicted.efficiency
+                record["prediction_error"] = round(predicted.makespan_s / record["makespan_s"] - 1, 4)
                 records.append(record)
                 print(f"G={gpus:>2} {policy:<6} plan {record['plan']} drivers {record['drivers']}: "
-                      f"makespan {record['makespan_s']:.0f} s, bound {record['bound_s']:.0f} s, "
+                      f"makespan {record['makespan_s']:.0f} s (predicted {record['predicted_makespan_s']:.0f} s, "
+                      f"{record['prediction_error']:+.1%}), bound {record['bound_s']:.0f} s, "
                       f"efficiency {record['efficiency']:.1%}, mean latency {record['mean_latency_s']:.0f} s, "
                       f"busy {record['busy']}, moves {record['moves'] or 'none'}, "
                       f"{record['tasks']} done {record['failed']} failed", flush=True)
         single = single_task(tasks, args.single_task_steps, args.cpus, folder) if args.single_task_steps else None
 
-    print("\n| G | policy | plan (replicas, GPUs each) | makespan s | bound s | efficiency | tasks/GPU-h "
+    print("\n| G | policy | plan (replicas, GPUs each) | makespan s | predicted s | bound s | efficiency | tasks/GPU-h "
           "| mean latency s | busy sd / video / clip |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in records:
         per_gpu_hour = r["tasks"] / (r["makespan_s"] * r["gpus"]) * 3600
         plan = ", ".join(f"{k} {n}x{g:g}" for k, (n, g) in r["plan"].items())
-        print(f"| {r['gpus']} | {r['policy']} | {plan} | {r['makespan_s']:.0f} | {r['bound_s']:.0f} | "
+        print(f"| {r['gpus']} | {r['policy']} | {plan} | {r['makespan_s']:.0f} | "
+              f"{r['predicted_makespan_s']:.0f} ({r['prediction_error']:+.1%}) | {r['bound_s']:.0f} | "
               f"{r['efficiency']:.1%} | {per_gpu_hour:.2f} | {r['mean_latency_s']:.0f} | "
               + " / ".join(f"{r['busy'][k]:.2f}" for k in KINDS) + " |")
     if single:

@@ -58,13 +58,14 @@ MODEL_OF = {"caption": "captioner"}  # the backend attribute that holds a pool's
 class Batcher:
     """Concurrent calls of many drivers run as one model call (CLIP embeddings).
 
-    The first caller leads: it waits a moment for others, runs everything pending
-    as one call of ``fn`` and hands each caller its rows, until nothing is pending.
+    The first caller leads: it runs everything pending as one call of ``fn`` and hands
+    each caller its rows, until nothing is pending; calls that arrive while a batch runs
+    make the next batch. So a lone call never waits, and under load calls merge.
     ``fn`` must give each row the same bytes whatever shares its call (the CLIP
     embedder's fixed-size chunks do).
     """
 
-    def __init__(self, fn, wait_s: float = 0.004):
+    def __init__(self, fn, wait_s: float = 0.0):
         self.fn = fn
         self.wait_s = wait_s
         self.lock = threading.Lock()
@@ -79,7 +80,8 @@ class Batcher:
             lead = not self.leading
             self.leading = self.leading or lead
         if lead:
-            time.sleep(self.wait_s)
+            if self.wait_s:
+                time.sleep(self.wait_s)
             while True:
                 with self.lock:
                     batch, self.pending = self.pending, []
@@ -178,7 +180,10 @@ class ModelWorker:
             rendered: Rendered = self.backend.render_one(request)
             return (*rendered.images, (rendered.captured, rendered.thumbnails))  # one object per image
         if method == "embed_images":
-            images = [ray.get(h) if isinstance(h, ray.ObjectRef) else h for h in request.images]
+            refs = [i for i, h in enumerate(request.images) if isinstance(h, ray.ObjectRef)]
+            images = list(request.images)
+            for i, image in zip(refs, ray.get([images[i] for i in refs])):  # one fetch for all of them
+                images[i] = image
             return self.embed_images(images) if self.kind == "clip" else self.backend.embed_images(
                 EmbedImages(tuple(images)))
         return getattr(self.backend, method)(request)
@@ -321,6 +326,10 @@ class TaskDriver:
             self.dispatcher = Dispatcher(self.membership, job.policy, seed=hash(job.task.id) % 997)
         threading.Thread(target=self._run, args=(job, self.dispatcher), daemon=True).start()
 
+    def ready(self) -> int:
+        """Answers once the process is up (the job waits for every driver before the first task)."""
+        return os.getpid()
+
     def next_events(self) -> list:
         events = [self.events.get()]
         while not self.events.empty():
@@ -370,6 +379,14 @@ def _warm_writer() -> None:
     png_bytes(still)
     storyboard_png("warm", [still], ["warm"], ["fresh"])
     concat_mp4([encode_mp4(np.zeros((2, 16, 16, 3), np.uint8), 7)])
+
+
+@ray.remote(num_cpus=0)
+def warm_writer() -> str:
+    """Start (and warm) a worker process for writers before the run, on the node given: no task waits
+    seconds for a process start at its end."""
+    _warm_writer()
+    return ray.get_runtime_context().get_node_id()
 
 
 @ray.remote(num_cpus=0)

@@ -27,7 +27,7 @@ from cosed import storage
 from cosed.calls import CaptionRequest
 from cosed.config import RunConfig, resolve_autoscale_max_gpus
 from cosed.distributed import telemetry
-from cosed.distributed.actors import DriverTask, RayBackend, TaskDriver, node_gpu_memory, write_task
+from cosed.distributed.actors import DriverTask, RayBackend, TaskDriver, node_gpu_memory, warm_writer, write_task
 from cosed.distributed.core import (CancelClip, CancelWriter, CorePolicy, DriverFailed, JobCore,
                                     RecordFailure, ReplaceDriver, Retrying, SendCaptions, SendClip, Sequenced,
                                     StartTask, StartWriter, Stop)
@@ -211,9 +211,24 @@ class RayJob:
         self.latency: dict[str, float] = {}
         for driver in range(drivers):
             self._new_driver(driver)
+        self._warm_up()
+
+    def _warm_up(self) -> None:
+        """Drivers, and a writer process on each node writers go to, up before the first task: a process start
+        (imports, codecs) takes seconds, which no task should wait for in the middle of the run."""
+        counts: dict[str, int] = {}
+        warm = []
+        for _ in range(self.core.admission.writers):
+            node = self._spread(counts)
+            counts[node] = counts.get(node, 0) + 1
+            options = {"scheduling_strategy": NodeAffinitySchedulingStrategy(node, soft=True)} if node else {}
+            warm.append(warm_writer.options(**options).remote())
+        ready = [handle.ready.remote() for handle in self.drivers.values()] + warm
+        ray.wait(ready, num_returns=len(ready), timeout=self.cfg.ray.start_timeout_s)
 
     # -- the loop ----------------------------------------------------------------------------------------
     def run(self) -> None:
+        self.pools.begin()  # rebalancing windows count from the first task, not from the start-up
         now = time.monotonic()
         self._push_membership(now)
         self._execute(self.core.start(now))
