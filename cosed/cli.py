@@ -146,7 +146,7 @@ def add_setup_verbs(verbs) -> None:
 
 def add_ray_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-ray", action="store_true", help="run in this process instead of on Ray")
-    parser.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else start a local cluster)")
+    parser.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else start a local cluster; auto: join the one `ray start` started here)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -154,6 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     2: a usage, config, model or storage-access problem found before any work; 3: an internal error."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from cosed.distributed.submission import JobStopped
     from cosed.lease import LeaseLost
     from cosed.storage import StorageUnavailable
 
@@ -162,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as exc:
         print(f"cosed: error: {_one_line(exc)}", file=sys.stderr)
         return 2
-    except (StorageUnavailable, LeaseLost) as exc:
+    except (StorageUnavailable, LeaseLost, JobStopped) as exc:
         print(f"cosed: error: {_one_line(exc)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
@@ -187,9 +188,16 @@ def write_crash_log(argv: list[str] | None, exc: BaseException) -> str:
     return keep_locally(f"crash-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}.log", text)
 
 
-def output_lease(out: str, cfg: RunConfig):
+def output_lease(out: str, cfg: RunConfig, args: argparse.Namespace):
+    """The output's lease. A Ray run joins its cluster first and takes no lease for a job already stopped."""
     from cosed.lease import OutputLease
 
+    if not getattr(args, "no_ray", True):
+        from cosed.distributed.job import connect
+        from cosed.distributed.submission import raise_if_stopped
+
+        connect(args.address)
+        raise_if_stopped()
     return OutputLease(out, cfg.storage.lease_seconds)
 
 
@@ -207,7 +215,7 @@ def run_command(args: argparse.Namespace) -> int:
         require_shared_output(args.out)
     if args.verb in COMMANDS:
         return COMMANDS[args.verb](args, cfg)
-    with output_lease(args.out, cfg) as lease:
+    with output_lease(args.out, cfg, args) as lease:
         if args.verb == "demo":
             summary = run_in_process(example_tasks_path(), args.out, cfg, overwrite=args.overwrite,
                                      progress=not args.quiet, lease=lease)
@@ -304,7 +312,7 @@ def evaluate_command(args: argparse.Namespace, cfg: RunConfig) -> int:
     cfg = dataclasses.replace(cfg, save_candidates=True)
     backend = LocalBackend(*resolve_run(cfg)) if args.no_ray else None
     failed = False
-    with output_lease(args.out, cfg):
+    with output_lease(args.out, cfg, args):
         for run in runs:
             print(f"== {run.name}", flush=True)
             if args.no_ray:

@@ -92,13 +92,24 @@ class Holder:
             return True
         if self.host != socket.gethostname():
             return False
-        try:
-            os.kill(self.pid, 0)
-        except ProcessLookupError:
-            return True
-        except PermissionError:
-            return False
+        return not _process_alive(self.pid)
+
+
+def _process_alive(pid: int) -> bool:
+    """Whether ``pid`` runs on this host. A killed process its parent has not reaped yet (a zombie: what
+    `ray job stop` leaves until the job supervisor exits) holds nothing and counts as gone."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
         return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            state = stat.read().rsplit(b")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return True  # no procfs: the signal check is all there is
+    return state not in (b"Z", b"X")
 
 
 def current_job_id() -> str | None:

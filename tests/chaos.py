@@ -65,6 +65,43 @@ class MotoServer:
         self.process.wait(10)
 
 
+@contextmanager
+def ray_head(env: dict, num_cpus: int):
+    """`ray start --head --block` in its own process group and temp dir: the test stops only what it started,
+    and no later `ray.init()` on this machine finds it. Yields the job API's address once it answers."""
+    import shutil
+
+    dashboard, port = free_port(), free_port()
+    # Every port of its own: other clusters may run on this machine at the same time.
+    ports = [f"--{name}={free_port()}" for name in (
+        "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port", "runtime-env-agent-port",
+        "node-manager-port", "object-manager-port", "ray-client-server-port")]
+    temp = f"/tmp/cosed-head-{port}"
+    process = subprocess.Popen([str(BIN / "ray"), "start", "--head", "--block", f"--port={port}", *ports,
+                                f"--temp-dir={temp}", f"--num-cpus={num_cpus}", "--num-gpus=0",
+                                "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
+                                "--disable-usage-stats"], env=env, start_new_session=True,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    address = f"http://127.0.0.1:{dashboard}"
+    try:
+        wait_for(lambda: port_open(dashboard), 120, "the Ray dashboard")
+        wait_for(lambda: subprocess.run([str(BIN / "ray"), "job", "list", f"--address={address}"], env=env,
+                                        capture_output=True).returncode == 0, 120, "the Ray job API")
+        yield address
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(5)
+        except subprocess.TimeoutExpired:
+            pass
+        try:  # what is left of the group (gcs_server, raylet); workers exit with their raylet
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        process.wait(10)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
 class Proxy:
     """Forwards 127.0.0.1:port to the S3 server; `cut()` refuses and drops every connection until `restore()`."""
 

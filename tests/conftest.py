@@ -86,7 +86,7 @@ def write_jsonl(path: Path, records: list) -> Path:
 def local_ray(num_cpus: int = 6, num_gpus: int = 4):
     """A local Ray cluster with logical GPUs for one test module (auth off: it is this test's own)."""
     os.environ["RAY_AUTH_MODE"] = "disabled"
-    ray.init(num_cpus=num_cpus, num_gpus=num_gpus, logging_level="ERROR", log_to_driver=False)
+    ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, logging_level="ERROR", log_to_driver=False)
     try:
         yield
     finally:

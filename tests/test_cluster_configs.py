@@ -626,7 +626,7 @@ def test_ray_exports_these_names(monkeypatch):
         port = s.getsockname()[1]
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")   # this test's own local cluster
     ray.shutdown()                                     # none other may be running in this process
-    ray.init(num_cpus=1, num_gpus=0, _metrics_export_port=port, include_dashboard=True,
+    ray.init(address="local", num_cpus=1, num_gpus=0, _metrics_export_port=port, include_dashboard=True,
              logging_level="ERROR", log_to_driver=False)
     try:
         @ray.remote(num_cpus=0)

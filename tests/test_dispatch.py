@@ -14,7 +14,7 @@ from cosed.distributed.policies import PROBES, choose_actor, sample_candidates
 @pytest.fixture(scope="module", autouse=True)
 def cluster():
     os.environ["RAY_AUTH_MODE"] = "disabled"
-    ray.init(num_cpus=2, logging_level="ERROR", log_to_driver=False)
+    ray.init(address="local", num_cpus=2, logging_level="ERROR", log_to_driver=False)
     yield
     ray.shutdown()
 

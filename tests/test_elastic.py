@@ -76,7 +76,7 @@ def test_a_gpu_node_added_mid_run_gets_model_actors_and_work(cluster, tmp_path, 
 def test_a_node_removed_mid_run_loses_no_task(cluster, tmp_path, tiny_cache, profile):
     from test_chaos import TASKS
 
-    tasks = TASKS[:5]
+    tasks = TASKS[:4]
     _, resolved = resolve_run(RunConfig(profile=profile, cache_dir=str(tiny_cache)))
     runner.run_in_process(str(write_jsonl(tmp_path / "ref.jsonl", tasks)), str(tmp_path / "ref"), resolved,
                           progress=False)

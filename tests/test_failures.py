@@ -322,6 +322,20 @@ def test_a_crashed_holder_blocks_only_until_its_lease_expires_or_its_process_is_
     storage.write_text(storage.join(prefix, LEASE), json.dumps(alive))
     with pytest.raises(LeaseHeld, match="host elsewhere"):
         OutputLease(prefix, 60).acquire()
+    # A holder on this host that runs blocks; once killed and left unreaped (a zombie, as `ray job stop`
+    # leaves its entrypoint until the job supervisor exits) it is gone.
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        storage.write_text(storage.join(prefix, LEASE), json.dumps({**holder, "pid": child.pid}))
+        with pytest.raises(LeaseHeld, match=f"pid {child.pid}"):
+            OutputLease(prefix, 60).acquire()
+        child.kill()
+        os.waitid(os.P_PID, child.pid, os.WEXITED | os.WNOWAIT)  # dead, still unreaped
+        with OutputLease(prefix, 60):
+            pass
+    finally:
+        child.kill()
+        child.wait()
 
 
 def test_a_second_cli_job_on_the_same_output_exits_2(tmp_path, capsys):

@@ -2,22 +2,18 @@
 
 import json
 import os
-import socket
 import subprocess
-import sys
-import time
-from pathlib import Path
 
 import boto3
 import pytest
 
 from cosed.video import decode_mp4
 
+from chaos import BIN, CREDENTIALS, MotoServer, ray_head
 from conftest import REPO
 
 pytestmark = pytest.mark.slow
 
-BIN = Path(sys.executable).parent
 TASKS = [
     {"id": "soup", "title": "Soup", "steps": ["Chop the leeks.", "Sweat them in butter.", "Add stock and simmer."]},
     {"id": "frame", "title": "Picture frame", "steps": ["Cut the mitres.", "Glue the corners."]},
@@ -26,54 +22,20 @@ TASKS = [
 ]
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_for(check, timeout: float, what: str):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        result = check()
-        if result:
-            return result
-        time.sleep(0.5)
-    raise TimeoutError(f"timed out waiting for {what}")
-
-
 @pytest.fixture(scope="module")
 def s3_env():
-    port = free_port()
-    server = subprocess.Popen([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
-           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
-
-    def up():
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return True
-        except OSError:
-            return False
-
-    wait_for(up, 30, "the S3 server")
-    yield env
-    server.terminate()
-    server.wait(10)
+    server = MotoServer()
+    yield {"AWS_ENDPOINT_URL": server.url, **CREDENTIALS}
+    server.stop()
 
 
 @pytest.fixture(scope="module")
 def head(s3_env, tiny_cache):
-    """A local single-node cluster started the way cluster/README.md says."""
-    dashboard = free_port()
+    """A local single-node cluster started the way cluster/README.md says (`ray start --head`)."""
     env = {**os.environ, **s3_env, "RAY_AUTH_MODE": "disabled", "PATH": f"{BIN}:{os.environ['PATH']}",
            "COSED_CACHE": str(tiny_cache)}
-    subprocess.run([str(BIN / "ray"), "start", "--head", f"--port={free_port()}", "--num-cpus=6", "--num-gpus=0",
-                    "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
-                    "--disable-usage-stats"], env=env, check=True, capture_output=True)
-    yield env, f"http://127.0.0.1:{dashboard}"
-    subprocess.run([str(BIN / "ray"), "stop", "--force"], env=env, capture_output=True)
+    with ray_head(env, num_cpus=6) as address:
+        yield env, address
 
 
 def s3(env):
@@ -130,24 +92,4 @@ def test_ray_job_submit_over_an_s3_bucket(head, buckets, tiny_cache):
         for t in TASKS)
 
 
-def test_a_stopped_job_resubmitted_finishes_every_task_exactly_once(head, buckets, tiny_cache):
-    env, address = head
-    args = ["--tasks", "s3://tasks/batch/tasks.jsonl", "--out", "s3://videos/run2", "--cache-dir", str(tiny_cache)]
-    submitted = submit(head, args, "--no-wait", "--submission-id=cosed-resume-1")
-    assert submitted.returncode == 0, submitted.stderr
-    manifests = lambda: [k for k in keys(buckets, "videos", "run2/") if k.endswith("manifest.json")]  # noqa: E731
-    wait_for(manifests, 300, "the first finished task")
-    subprocess.run([str(BIN / "ray"), "job", "stop", f"--address={address}", "cosed-resume-1"],
-                   env=env, capture_output=True, timeout=120)
-    done_before = {k.split("/")[1] for k in manifests()}
-    assert 0 < len(done_before)
-    for task in TASKS:
-        if task["id"] in done_before:
-            check_task_objects(buckets, "videos", "run2", task)
-    result = submit(head, args)
-    summary = json.loads(buckets.get_object(Bucket="videos", Key="run2/summary.json")["Body"].read())
-    assert set(summary["skipped_ids"]) == done_before, result.stdout[-2000:]
-    assert set(summary["done_ids"]) == {t["id"] for t in TASKS} - done_before
-    for task in TASKS:
-        check_task_objects(buckets, "videos", "run2", task)
-    assert not [k for k in keys(buckets, "videos", "run2/") if k.endswith(".part")]
+# `ray job stop` and a resubmit: tests/test_chaos_jobs.py (three stop points, every byte compared).

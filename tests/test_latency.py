@@ -24,7 +24,7 @@ TASKS = [{"id": f"t{i}", "title": f"Task {i}", "steps": [f"Do part {j} of task {
 @pytest.fixture(scope="module", autouse=True)
 def cluster():
     os.environ["RAY_AUTH_MODE"] = "disabled"
-    ray.init(num_cpus=4, num_gpus=4, logging_level="ERROR", log_to_driver=False,
+    ray.init(address="local", num_cpus=4, num_gpus=4, logging_level="ERROR", log_to_driver=False,
              runtime_env={"env_vars": {"COSED_TIME_SCALE": "0.002"}})
     yield
     ray.shutdown()

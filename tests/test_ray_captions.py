@@ -22,7 +22,7 @@ from conftest import REPO, local_ray, outputs, write_jsonl
 
 pytestmark = pytest.mark.slow
 
-TASKS = [{"id": "soup", "title": "Soup", "steps": ["Chop the leeks.", "Sweat them in butter.", "Add the stock."]},
+TASKS = [{"id": "soup", "title": "Soup", "steps": ["Chop the leeks.", "Sweat them in butter."]},
          {"id": "frame", "title": "Frame", "steps": ["Cut the mitres.", "Glue the corners."]},
          {"id": "tea", "title": "Tea", "steps": ["Boil water.", "Steep the leaves."]}]
 OTHERS = [{"id": "bread", "title": "Bread", "steps": ["Knead the dough.", "Bake it."]}]

@@ -5,8 +5,8 @@ answer, a writer's end, a tick) and the core's actions into Ray calls. Every
 remote answer arrives through a callback on its object reference, so the loop
 handles one event at a time and never scans what is in flight; it never waits
 on one slow thing either (pool checks do not block, failure records are written
-by a thread of their own). Storage gone past its budget, or the output lease
-lost, stops the run: no task starts after that, and the run ends with the
+by a thread of their own). Storage gone past its budget, the output lease
+lost, or the job API recording this Ray job as stopped, stops the run: no task starts after that, and the run ends with the
 documented error (exit 1) once its drivers are stopped.
 """
 
@@ -36,6 +36,7 @@ from cosed.distributed.dispatch import RETRYABLE, CallPolicy, Dispatcher
 from cosed.distributed.policies import admission, writer_node
 from cosed.distributed.pools import AutoscaleRequest, Pools, busy_fractions, head_node_id, nodes_now
 from cosed.distributed.sizing import expected_gpus, wait_for_gpus, wanted_gpus
+from cosed.distributed.submission import JobStopped, raise_if_stopped
 from cosed.lease import LeaseLost, OutputLease
 from cosed.models.profiles import KINDS, ModelUnavailable
 from cosed.rewrite import make_rewriter
@@ -49,19 +50,24 @@ PROGRESS_SECONDS = 1.0
 
 
 def connect(address: str | None = None) -> None:
-    """Join the cluster at ``address`` / ``RAY_ADDRESS``, or start a local one."""
+    """Join the cluster at ``address`` / ``RAY_ADDRESS``, or start a local one: never, silently, a cluster some
+    earlier ``ray start`` or crashed run left on this machine (``--address auto`` joins that one)."""
     if ray.is_initialized():
         return
-    address = address or os.environ.get("RAY_ADDRESS")
+    address = address or os.environ.get("RAY_ADDRESS") or "local"
     ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True)
 
 
-def start_pools(cfg: RunConfig, costs: CostModel | None = None, expected=None, nodes=None) -> Pools:
+def start_pools(cfg: RunConfig, costs: CostModel | None = None, expected=None, nodes=None,
+                before_start=None) -> Pools:
+    """The run's pools, started; ``before_start(pools)`` runs once the plan is made, while the models load."""
     try:
         pools = Pools(cfg, costs, expected, nodes)
     except ValueError as exc:
         raise ModelUnavailable(f"no pool plan for this cluster: {exc}") from exc
     try:
+        if before_start is not None:
+            before_start(pools)
         pools.start()
     except (ray.exceptions.RayError, TimeoutError) as exc:
         pools.shutdown()
@@ -88,8 +94,11 @@ def smallest_gpu_gib(cfg: RunConfig) -> float | None:
     (nvidia-smi on each GPU node; None where no GPU answers, as on logical GPUs)."""
     if cfg.ray.gpu_memory_gib != "auto":
         return float(cfg.ray.gpu_memory_gib)
-    probes = [node_gpu_memory.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n.node_id, soft=False))
-              .remote() for n in nodes_now() if n.gpus > 0]
+    # Only nodes whose GPUs Ray detected (it adds an accelerator_type resource): logical GPUs have no memory.
+    detected = [n["NodeID"] for n in ray.nodes() if n.get("Alive", True)
+                and any(key.startswith("accelerator_type:") for key in n.get("Resources", {}))]
+    probes = [node_gpu_memory.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote()
+              for node in detected]
     if not probes:
         return None
     ready, _ = ray.wait(probes, num_returns=len(probes), timeout=60)
@@ -134,14 +143,26 @@ def run_on_ray(tasks_uri: str, out: str, cfg: RunConfig, *, overwrite: bool = Fa
             autoscale.ask(wanted)
             nodes = wait_for_gpus(nodes_now, max(expected_gpus(cfg.ray, costs), wanted), cfg.ray.gpu_wait_s,
                                   strict=cfg.ray.min_gpus > 0, log=lambda line: print(f"[cosed] {line}", flush=True))
-            pools = start_pools(cfg, costs, work, nodes)
-            try:
-                # The lm rewriter's captions are made by the caption pool: its model never loads here.
-                rewriter = None if cfg.rewriter == "lm" else make_rewriter(cfg.rewriter, model=cfg.rewriter_model,
-                                                                            cache_dir=profile_cache(cfg))
+            # The lm rewriter's captions are made by the caption pool: its model never loads here.
+            rewriter = None if cfg.rewriter == "lm" else make_rewriter(cfg.rewriter, model=cfg.rewriter_model,
+                                                                        cache_dir=profile_cache(cfg))
+            made = {}
+
+            def while_models_load(pools: Pools) -> None:  # drivers and writer processes start meanwhile
                 if progress:
                     print(f"[cosed] {pools.cluster_plan.describe()}", flush=True)
-                job = RayJob(out, profile, cfg, pools, summary, todo, rewriter, lease, progress, autoscale, work)
+                made["job"] = RayJob(out, profile, cfg, pools, summary, todo, rewriter, lease, progress, autoscale,
+                                     work)
+
+            try:
+                pools = start_pools(cfg, costs, work, nodes, before_start=while_models_load)
+            except BaseException:
+                if "job" in made:  # its drivers were started while the models loaded
+                    made["job"].shutdown()
+                raise
+            try:
+                job = made["job"]
+                job.warmed()
                 try:
                     job.run()
                 finally:
@@ -211,11 +232,12 @@ class RayJob:
         self.latency: dict[str, float] = {}
         for driver in range(drivers):
             self._new_driver(driver)
-        self._warm_up()
+        self.warming = self._warm_up()
 
-    def _warm_up(self) -> None:
-        """Drivers, and a writer process on each node writers go to, up before the first task: a process start
-        (imports, codecs) takes seconds, which no task should wait for in the middle of the run."""
+    def _warm_up(self) -> list:
+        """Start the drivers' processes, and a writer process on each node writers go to: a process start
+        (imports, codecs) takes seconds, which no task should wait for in the middle of the run. The pools'
+        models load meanwhile; `warmed` waits for what is left before the first task."""
         counts: dict[str, int] = {}
         warm = []
         for _ in range(self.core.admission.writers):
@@ -223,8 +245,10 @@ class RayJob:
             counts[node] = counts.get(node, 0) + 1
             options = {"scheduling_strategy": NodeAffinitySchedulingStrategy(node, soft=True)} if node else {}
             warm.append(warm_writer.options(**options).remote())
-        ready = [handle.ready.remote() for handle in self.drivers.values()] + warm
-        ray.wait(ready, num_returns=len(ready), timeout=self.cfg.ray.start_timeout_s)
+        return [handle.ready.remote() for handle in self.drivers.values()] + warm
+
+    def warmed(self) -> None:
+        ray.wait(self.warming, num_returns=len(self.warming), timeout=self.cfg.ray.start_timeout_s)
 
     # -- the loop ----------------------------------------------------------------------------------------
     def run(self) -> None:
@@ -256,6 +280,10 @@ class RayJob:
                 except LeaseLost as exc:
                     self._execute([Stop(exc)])
             if now - last_tick >= self.cfg.ray.rescale_seconds:
+                try:
+                    raise_if_stopped()
+                except JobStopped as exc:
+                    self._execute([Stop(exc)])
                 if self.pools.tick():
                     self._push_membership(now)
                 self._autoscale()
