@@ -9,7 +9,8 @@ done; each clip call stores its clip. All of it sits under the task's fingerprin
 so a retry or a resume with the same inputs and config reuses what is there (the
 content is deterministic: a repeated write stores the same bytes), and parts of
 other inputs or config are never read. The writer copies the parts to the task's
-folder, writes the manifest last and removes the parts.
+folder, writes the manifest last and removes the parts; what a stopped job left of
+that removal is removed by the next run, which finds the task done.
 """
 
 from __future__ import annotations
@@ -47,3 +48,10 @@ def stale_parts(out: str, folder: str, fingerprint: str) -> list[str]:
     """Parts a task left under other fingerprints (its inputs or config changed): safe to remove."""
     keep = TaskParts.of(out, folder, fingerprint).root
     return [uri for uri in storage.list_keys(storage.join(out, PARTS, folder)) if not uri.startswith(keep + "/")]
+
+
+def leftover_parts(out: str, done_folders: set[str]) -> list[str]:
+    """Parts of tasks whose manifest is written (a job stopped while removing them): one listing of the
+    parts folder, which holds only the parts of tasks in flight or interrupted."""
+    root = storage.join(out, PARTS)
+    return [uri for uri in storage.list_keys(root) if uri[len(root) + 1:].split("/", 1)[0] in done_folders]

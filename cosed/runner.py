@@ -27,7 +27,7 @@ from cosed.lease import LeaseLost, OutputLease
 from cosed.memory import LEVELS, decode_chunk_for, gpu_memory_gib, resolve_memory_plan
 from cosed.models.loaders import resolve_device
 from cosed.models.profiles import KINDS, Profile, resolve_profile
-from cosed.parts import stale_parts
+from cosed.parts import leftover_parts, stale_parts
 from cosed.rewrite import make_rewriter
 from cosed.storage import StorageUnavailable
 from cosed.tasks import CAPTIONS, ERRORS, ERRORS_DIR, SUMMARY, Task, TaskError, TaskSet, parse_tasks, task_folder_name
@@ -234,6 +234,8 @@ def prepare_run(tasks_uri: str, out: str, cfg: RunConfig, overwrite: bool, profi
     for task in stale:  # parts stored under the task's old fingerprint can never be read again
         for uri in stale_parts(out, task.folder, summary.fingerprints[task.id]):
             storage.delete(uri)
+    for uri in leftover_parts(out, {task.folder for task in done}):
+        storage.delete(uri)
     return profile, cfg, summary, todo
 
 

@@ -71,20 +71,30 @@ def ray_head(env: dict, num_cpus: int):
     and no later `ray.init()` on this machine finds it. Yields the job API's address once it answers."""
     import shutil
 
-    dashboard, port = free_port(), free_port()
-    # Every port of its own: other clusters may run on this machine at the same time.
-    ports = [f"--{name}={free_port()}" for name in (
-        "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port", "runtime-env-agent-port",
-        "node-manager-port", "object-manager-port", "ray-client-server-port")]
-    temp = f"/tmp/cosed-head-{port}"
-    process = subprocess.Popen([str(BIN / "ray"), "start", "--head", "--block", f"--port={port}", *ports,
+    # Every port of its own, all distinct: other clusters may run on this machine at the same time.
+    names = ("port", "dashboard-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+             "metrics-export-port", "runtime-env-agent-port", "node-manager-port", "object-manager-port",
+             "ray-client-server-port")
+    chosen: set[int] = set()
+    while len(chosen) < len(names):
+        chosen.add(free_port())
+    ports = dict(zip(names, sorted(chosen)))
+    dashboard = ports["dashboard-port"]
+    temp = f"/tmp/cosed-head-{ports['port']}"
+    log = open(f"{temp}.log", "w")
+    process = subprocess.Popen([str(BIN / "ray"), "start", "--head", "--block",
+                                *(f"--{name}={number}" for name, number in ports.items()),
                                 f"--temp-dir={temp}", f"--num-cpus={num_cpus}", "--num-gpus=0",
-                                "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
-                                "--disable-usage-stats"], env=env, start_new_session=True,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                "--include-dashboard=true", "--dashboard-host=127.0.0.1", "--disable-usage-stats"],
+                               env=env, start_new_session=True, stdout=log, stderr=subprocess.STDOUT)
     address = f"http://127.0.0.1:{dashboard}"
     try:
-        wait_for(lambda: port_open(dashboard), 120, "the Ray dashboard")
+        try:
+            wait_for(lambda: port_open(dashboard) or process.poll() is not None, 120, "the Ray dashboard")
+            if process.poll() is not None:
+                raise RuntimeError("`ray start --head` exited")
+        except (TimeoutError, RuntimeError) as exc:
+            raise RuntimeError(f"{exc}; its output ends: {open(f'{temp}.log').read()[-3000:]}") from None
         wait_for(lambda: subprocess.run([str(BIN / "ray"), "job", "list", f"--address={address}"], env=env,
                                         capture_output=True).returncode == 0, 120, "the Ray job API")
         yield address
@@ -99,7 +109,9 @@ def ray_head(env: dict, num_cpus: int):
         except ProcessLookupError:
             pass
         process.wait(10)
+        log.close()
         shutil.rmtree(temp, ignore_errors=True)
+        os.remove(f"{temp}.log")
 
 
 class Proxy:

@@ -50,6 +50,31 @@ def tiny_run(tiny_config):
     return profile, cfg, LocalBackend(profile, cfg)
 
 
+@pytest.fixture(scope="session")
+def clean_outputs(tmp_path_factory, tiny_cache, tiny_run):
+    """``clean_outputs(profile, tasks)``: every output file of ``tasks`` from a clean in-process run. Each task
+    is made once per session, in one folder per twin that every later call resumes (a task's outputs never
+    depend on the tasks run with it), so the chaos and elastic tests of every module share them."""
+    made: dict[str, tuple[Path, RunConfig, LocalBackend]] = {}
+
+    def reference(profile: str, tasks: list[dict]) -> dict[str, object]:
+        from cosed import runner
+
+        if profile not in made:
+            if profile == "tiny":
+                _, cfg, backend = tiny_run
+            else:
+                found, cfg = resolve_run(RunConfig(profile=profile, cache_dir=str(tiny_cache)))
+                backend = LocalBackend(found, cfg)
+            made[profile] = (tmp_path_factory.mktemp(f"clean-{profile}"), cfg, backend)
+        folder, cfg, backend = made[profile]
+        listed = write_jsonl(folder / f"tasks-{len(list(folder.glob('tasks-*')))}.jsonl", tasks)
+        runner.run_in_process(str(listed), str(folder / "out"), cfg, progress=False, backend=backend)
+        return outputs(folder / "out", tasks)
+
+    return reference
+
+
 RUN_LEVEL = {"summary.json", "errors.jsonl", "errors"}
 
 

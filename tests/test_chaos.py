@@ -17,10 +17,8 @@ import pytest
 import ray
 from ray.util.state import list_actors
 
-from cosed import runner
 from cosed.config import RunConfig
 from cosed.distributed.job import run_on_ray
-from cosed.runner import resolve_run
 
 from conftest import local_ray, outputs, task_files, write_jsonl
 
@@ -39,24 +37,10 @@ def cluster():
         yield
 
 
-REFERENCE_TASKS = {"tiny": TASKS, "tiny-flux-ltx": TASKS[:4]}  # what the tests of each twin run
-
-
-@pytest.fixture(scope="module")
-def references(tmp_path_factory, tiny_cache):
-    """Every output file of a clean in-process run of the tasks, per twin (made once, when first asked)."""
-    made = {}
-
-    def reference(profile: str) -> dict:
-        if profile not in made:
-            _, cfg = resolve_run(RunConfig(profile=profile, cache_dir=str(tiny_cache)))
-            folder = tmp_path_factory.mktemp(f"ref-{profile}")
-            runner.run_in_process(str(write_jsonl(folder / "t.jsonl", REFERENCE_TASKS[profile])), str(folder / "out"),
-                                  cfg, progress=False)
-            made[profile] = outputs(folder / "out")
-        return made[profile]
-
-    return reference
+@pytest.fixture
+def references(clean_outputs):
+    """Every output file of a clean in-process run of this module's tasks, per twin."""
+    return lambda profile: clean_outputs(profile, TASKS if profile == "tiny" else TASKS[:4])
 
 
 def chaos_config(tiny_cache, profile="tiny", **fields):

@@ -18,7 +18,7 @@ import pytest
 import re
 
 from chaos import CREDENTIALS, Proxy, keys, manifests, s3_with_tasks, wait_for
-from conftest import REPO, SMALL_TASKS, outputs, write_jsonl
+from conftest import REPO, SMALL_TASKS
 
 pytestmark = pytest.mark.slow
 
@@ -112,13 +112,8 @@ def objects(client, prefix: str) -> dict[str, object]:
 
 
 def test_on_ray_storage_gone_past_its_budget_stops_the_run_and_a_resubmit_completes(s3, proxy, tiny_cache, tmp_path,
-                                                                                    tiny_run):
+                                                                                    clean_outputs):
     _, client = s3
-    _, cfg, backend = tiny_run
-    from cosed import runner
-
-    runner.run_in_process(str(write_jsonl(tmp_path / "t.jsonl", TASKS)), str(tmp_path / "ref"), cfg, progress=False,
-                          backend=backend)
     (tmp_path / "short.yaml").write_text("storage:\n  retry_seconds: 3\nray:\n  max_concurrent_tasks: 1\n")
     gave_up = threading.Event()
     outage = outage_after_first_manifest(proxy, client, "d3", 600, gave_up)  # down until the run has given up
@@ -143,5 +138,5 @@ def test_on_ray_storage_gone_past_its_budget_stops_the_run_and_a_resubmit_comple
     assert process.returncode == 0, stdout[-2000:] + stderr[-3000:]
     summary = json.loads(client.get_object(Bucket="videos", Key="d3/summary.json")["Body"].read())
     assert set(summary["skipped_ids"]) == finished
-    assert objects(client, "d3") == outputs(tmp_path / "ref")  # every byte, as a clean run
+    assert objects(client, "d3") == clean_outputs("tiny", TASKS)  # every byte, as a clean run
     assert not [k for k in keys(client, "videos", "d3/") if "/.cosed-parts/" in k]

@@ -240,6 +240,11 @@ def test_resume_skips_only_tasks_whose_fingerprint_matches(tmp_path, tiny_run, c
     assert first.done == ["tea"] and len(fingerprint) == 32
     assert run(cfg).skipped == ["tea"]
     assert len(read_manifests(str(tmp_path), "cosed")) == 1
+    # A job stopped while removing a finished task's parts leaves some: the next run, finding it done, removes them.
+    leftover = out / ".cosed-parts" / "tea" / fingerprint / "sequence.json"
+    leftover.parent.mkdir(parents=True, exist_ok=True)
+    leftover.write_text("{}")
+    assert run(cfg).skipped == ["tea"] and not leftover.exists()
     reseeded = run(dataclasses.replace(cfg, seed=1))
     assert reseeded.done == ["tea"] and reseeded.stale == ["tea"] and "1 redone" in reseeded.lines()[0]
     assert json.loads((out / "tea" / "manifest.json").read_text())["fingerprint"] != fingerprint

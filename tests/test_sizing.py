@@ -85,6 +85,22 @@ def test_clip_takes_a_fractional_share_of_the_busiest_pools_gpu():
     assert "clip shares 1 video GPU" in plan.reason
 
 
+def test_two_guest_pools_share_the_gpus_of_two_different_host_pools():
+    """CLIP and the caption pool (lm rewriter) both take GPU shares: each has its own host pool, since a host
+    actor leaves room for one guest; every actor places and no GPU is asked for twice."""
+    costs = CostModel.from_dict({**A100, "caption": {"fixed": 1.5, "per_item": 0.01}})
+    nodes = [Node(cpus=64, gpus=8), Node(cpus=64, gpus=8)]
+    plan = plan_cluster(RayConfig(), nodes, {**work(sd=250, video=750, clip=2), "caption": 3}, costs)
+    clip, caption = plan.pools["clip"], plan.pools["caption"]
+    assert {clip.partner, caption.partner} == {"sd", "video"} and 0 < clip.num_gpus < 1 and 0 < caption.num_gpus < 1
+    for guest in (clip, caption):
+        host = plan.pools[guest.partner]
+        assert host.partner in ("clip", "caption") and plan.pools[host.partner] is guest
+        assert host.hosts == guest.replicas and host.host_gpus == pytest.approx(host.num_gpus - guest.num_gpus)
+    assert plan.gpus == pytest.approx(16) and place(plan.pools, nodes) is not None
+    assert plan.pools["sd"].replicas + plan.pools["video"].replicas == 16
+
+
 def test_fixed_replicas_and_gpus_from_the_config_are_kept():
     cfg = RayConfig(sd=PoolResources(replicas=2), clip=PoolResources(replicas=1, num_gpus=1))
     plan = plan_cluster(cfg, [Node(cpus=64, gpus=8)], work(sd=900, video=100), COSTS)

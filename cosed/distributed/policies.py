@@ -70,7 +70,8 @@ AFTER_SEQUENCING = 8  # tasks past their driver may number this many times the d
 
 
 def admission(drivers: int, writers: int | None = None, nodes: int = 1) -> Admission:
-    """The run's bounds: ``drivers`` sequencing, twice that past sequencing (room for a burst of clips), writers
+    """The run's bounds: ``drivers`` sequencing, `AFTER_SEQUENCING` times that past sequencing (their clips
+    render while the drivers choose the next scenes: the video pool never waits for a driver), writers
     as configured or two per node (they only copy parts and join clips), captions two drivers' worth ahead."""
     return Admission(drivers=drivers, after_sequencing=AFTER_SEQUENCING * drivers,
                      writers=writers if writers else max(2, 2 * nodes), captions_ahead=2 * drivers)

@@ -246,17 +246,18 @@ def _gpu_split(specs, weights, whole_slots, whole):
     reason = f"{whole_slots} whole GPUs split by work among {', '.join(whole)}"
     hosts = [k for k in hosts if replicas[k] > 0]
     guests: dict[str, tuple[str, int]] = {}
-    for kind in (k for k in specs if k not in whole):
+    free_hosts = list(hosts)  # a host pool's actors share their GPU with one guest pool: one partner each
+    for kind in sorted((k for k in specs if k not in whole), key=lambda k: -weights[k]):
         spec = specs[kind]
         load = weights[kind] / total * whole_slots  # GPUs this pool would keep busy
-        if not hosts:
+        if not free_hosts:
             replicas[kind], gpus[kind] = max(1, int(spec.replicas) if spec.replicas != "auto" else 1), 0.0
-            reason += f"; {kind} on CPUs (no GPU left to share)"
+            reason += f"; {kind} on CPUs (no GPU pool left to share with)"
             continue
-        host = max(hosts, key=lambda k: weights[k])
-        taken = sum(n for h, n in guests.values() if h == host)
+        host = max(free_hosts, key=lambda k: weights[k])
+        free_hosts.remove(host)
         count = int(spec.replicas) if spec.replicas != "auto" else max(1, math.ceil(load / _MAX_FRACTION))
-        count = max(1, min(count, replicas[host] - taken))
+        count = max(1, min(count, replicas[host]))
         share = float(spec.num_gpus) if spec.num_gpus != "auto" else _ceil_share(min(_MAX_FRACTION, max(0.01, load / count)))
         replicas[kind], gpus[kind] = count, share
         guests[kind] = (host, count)
