@@ -75,7 +75,7 @@ def test_a_gpu_node_added_mid_run_gets_model_actors_and_work(cluster, tmp_path, 
 def test_a_node_removed_mid_run_loses_no_task(cluster, tmp_path, tiny_cache, clean_outputs, profile):
     from test_chaos import TASKS
 
-    tasks = TASKS[:4]
+    tasks = TASKS[:3]
     _, resolved = resolve_run(RunConfig(profile=profile, cache_dir=str(tiny_cache)))
     node = cluster.add_node(num_cpus=4, num_gpus=2)
     cluster.wait_for_nodes()
