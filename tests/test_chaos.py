@@ -67,7 +67,7 @@ def run(tmp_path, cfg, during=None, tasks=TASKS):
     return summary, record.get("chaos")
 
 
-def expect_identical(summary, out, reference, tasks=TASKS):
+def expect_identical(summary, out, reference, tasks):
     ids = sorted(t["id"] for t in tasks)
     assert sorted(summary.done) == ids and not summary.failed
     produced = outputs(out)
