@@ -146,7 +146,8 @@ def add_setup_verbs(verbs) -> None:
 
 def add_ray_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-ray", action="store_true", help="run in this process instead of on Ray")
-    parser.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else start a local cluster; auto: join the one `ray start` started here)")
+    parser.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else start a local cluster; "
+                                          "auto: join the one `ray start` started here)")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,8 +6,9 @@ remote answer arrives through a callback on its object reference, so the loop
 handles one event at a time and never scans what is in flight; it never waits
 on one slow thing either (pool checks do not block, failure records are written
 by a thread of their own). Storage gone past its budget, the output lease
-lost, or the job API recording this Ray job as stopped, stops the run: no task starts after that, and the run ends with the
-documented error (exit 1) once its drivers are stopped.
+lost, or the job API recording this Ray job as stopped, stops the run: no task
+starts after that, and the run ends with the documented error (exit 1) once its
+drivers are stopped.
 """
 
 from __future__ import annotations
