@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # later resolution from pulling a multi-GB CUDA build from the network.
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test test-fast bench clean
 
 install: $(VENV)/.installed
 
@@ -22,6 +22,11 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest tests
+
+# The inner loop: everything but the end-to-end runs on real (tiny) models and Ray clusters (-m slow).
+# A few minutes; `make test` stays the check that counts.
+test-fast: install
+	$(BIN)/python -m pytest tests -m "not slow" -x -q
 
 bench: install
 	$(BIN)/python ray_jobs/bench_engine.py

@@ -22,7 +22,7 @@ from cosed.config import RunConfig, SDConfig
 from cosed.embed import ClipEmbedder
 from cosed.generate import latent_shape, render_batch
 from cosed.images import png_image, thumbnail_png
-from cosed.memory import LEVELS, MemoryPlan, gpu_memory_gib, plan_memory
+from cosed.memory import LEVELS, MemoryPlan, actor_memory_plan, gpu_memory_gib
 from cosed.models.loaders import load_pipeline, resolve_device
 from cosed.models.profiles import KINDS, Profile
 from cosed.selector import ContrastiveSelector
@@ -59,12 +59,14 @@ class LocalBackend:
             torch.set_num_threads(cfg.cpu_threads)
 
     def memory_plan(self, kind: str) -> MemoryPlan:
-        """The level the run resolved for this pool (`cosed.memory.resolve_memory_plan`), checked against this
-        process's GPU: never chosen here, since savers change output bytes and every actor of a pool must
-        decode alike. A GPU too small for it fails the model's load with a message that says so."""
+        """The byte level the run plan gave this pool, plus CPU offload where this process's GPU, shared with
+        the models placed beside it, cannot hold it otherwise (offload changes no byte; the byte savers are
+        never chosen here, since every process of a pool must decode alike). A GPU too small even with
+        offload fails the model's load with a message that says so."""
         level = self.cfg.memory_plan.get(kind, "plain")
         needs = {name: self.profile.memory_gib(name, self.gpu_shared_by) for name in LEVELS}
-        return plan_memory(needs, gpu_memory_gib(self.device), level, what=f"profile {self.profile.name}")
+        return actor_memory_plan(level, needs, gpu_memory_gib(self.device), self.cfg.memory,
+                                 what=f"profile {self.profile.name}")
 
     @cached_property
     def sd(self):

@@ -60,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     generate = verbs.add_parser("generate", help="generate videos for a task file (JSONL or recipes JSON, local or s3://)")
     generate.add_argument("--tasks", required=True, help="tasks file: path or s3://bucket/key")
     generate.add_argument("--out", required=True, help="output folder or s3://bucket/prefix")
+    generate.add_argument("--replan", action="store_true",
+                          help="plan memory savers for this cluster's GPUs instead of the output's stored run plan "
+                               "(redoes the tasks whose bytes that changes)")
     add_ray_options(generate)
     add_run_options(generate)
     train = verbs.add_parser("train-selector", help="train the contrastive selector (in-batch contrastive, Eq. 9)")
@@ -222,12 +225,12 @@ def run_command(args: argparse.Namespace) -> int:
                                      progress=not args.quiet, lease=lease)
         elif args.no_ray:
             summary = run_in_process(args.tasks, args.out, cfg, overwrite=args.overwrite, progress=not args.quiet,
-                                     lease=lease)
+                                     lease=lease, replan=args.replan)
         else:
             from cosed.distributed.job import run_on_ray
 
             summary = run_on_ray(args.tasks, args.out, cfg, overwrite=args.overwrite, progress=not args.quiet,
-                                 address=args.address, lease=lease)
+                                 address=args.address, lease=lease, replan=args.replan)
     for line in summary.lines():
         print(line)
     return 1 if summary.failed or summary.rejected else 0

@@ -248,6 +248,7 @@ def assemble_task(out: str, task: Task, fingerprint: str, profile: Profile, cfg:
     timer = Timer()
     with timer.phase("stitch"):
         record = json.loads(storage.read_bytes(parts.sequence))
+        replaced = _withdraw_previous(out, task)
         steps_meta, clips, scenes, written = [], [], [], []
         for step in record["steps"]:
             number = step["step"]
@@ -282,12 +283,36 @@ def assemble_task(out: str, task: Task, fingerprint: str, profile: Profile, cfg:
     }
     with fence.manifest_write() if fence is not None else nullcontext():
         storage.write_text(task_uri(out, task, MANIFEST), json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
+    if replaced:
+        _remove_unlisted(out, task, manifest)
     for uri in written + [parts.sequence]:
         try:
             storage.delete(uri)
         except Exception:  # parts left behind are harmless: a later run of these inputs reuses them
             pass
     return manifest
+
+
+def _withdraw_previous(out: str, task: Task) -> bool:
+    """Before a redo replaces a finished task's files (its parts, the replacement, are all stored by now),
+    remove its old manifest: no manifest ever names a mix of old and new files. True if there was one."""
+    uri = task_uri(out, task, MANIFEST)
+    if not storage.exists(uri):
+        return False
+    storage.delete(uri)
+    return True
+
+
+def _remove_unlisted(out: str, task: Task, manifest: dict) -> None:
+    """Files of the task's previous outputs that the new manifest does not name (it had more steps or kept
+    candidates): removed once the new manifest is written."""
+    keep = {MANIFEST, manifest["video"], manifest["storyboard"]}
+    for step in manifest["steps"]:
+        keep |= {step["image"], step["clip"], *(c["image"] for c in step["candidates"] if "image" in c)}
+    root = task_uri(out, task)
+    for uri in storage.list_keys(root):
+        if uri[len(root) + 1:] not in keep:
+            storage.delete(uri)
 
 
 def generate_task(task: Task, captions: list[str], backend: Backend, profile: Profile, cfg: RunConfig,

@@ -6,11 +6,15 @@ in the profile JSON, GiB at its default settings) against the GPU's memory.
 GPU is too small; ``off`` keeps the plain plan. A plan that fits nowhere is an
 error, never a silent start.
 
-Savers change output bytes (attention and VAE slicing reorder float sums, a
-smaller ``decode_chunk_size`` decodes other frames), so the level is decided once
-per run and pool (`resolve_memory_plan`, from the smallest GPU the pool may run
-on), written into the run config and so into every task's fingerprint; a model
-process only checks that its GPU can hold the level it was given.
+Two kinds of saver. *Byte savers* change output bytes (attention and VAE slicing
+reorder float sums, a smaller ``decode_chunk_size`` decodes other frames), so
+their level (``plain`` or ``savers``) is decided once per run and pool, for the
+pool on GPUs of its own as the design pins it (`resolve_memory_plan`): never from
+how many GPUs happen to be up. The run plan (`cosed.runplan`) stores it under the
+output, and it is part of every task's fingerprint. *CPU offload* changes no
+byte (the same kernels run, the weights only travel), so each model process
+adds it on its own when the GPU it landed on, shared with the models placed
+beside it, cannot hold its level otherwise (`actor_memory_plan`).
 """
 
 from __future__ import annotations
@@ -78,17 +82,61 @@ def plan_memory(needs: dict[str, float | None], gpu_gib: float | None, mode: str
         "give each model pool its own GPU (ray: sd/video num_gpus: 1), or use --profile tiny.")
 
 
+BYTE_LEVELS = ("plain", "savers")
+OFFLOAD = "model_cpu_offload"
+
+
+def byte_level(needs: dict[str, float | None], gpu_gib: float | None, mode: str = "auto",
+               what: str = "this profile") -> str:
+    """The byte-deciding level (``plain`` or ``savers``) of models whose peak needs per level are ``needs``,
+    on a GPU of ``gpu_gib`` GiB. CPU offload is not decided here (it changes no byte): a pool that needs it
+    to fit gets ``savers`` and its processes add offload (`actor_memory_plan`). Raises where nothing fits."""
+    if gpu_gib is None:
+        return "plain"
+    if mode in ("savers", "offload"):
+        return "savers"
+    plain = needs.get("plain")
+    if plain is None or plain <= gpu_gib * HEADROOM:
+        return "plain"
+    if mode in ("off", "plain"):
+        plan_memory(needs, gpu_gib, "off", what)  # raises, saying what to do
+    plan_memory(needs, gpu_gib, "auto", what)  # raises when even offload does not fit
+    return "savers"
+
+
 def resolve_memory_plan(needs: dict[str, dict[str, float | None]], gpu_gib: float | None,
                         mode: str = "auto") -> dict[str, str]:
-    """Per pool, the memory plan level on a GPU of ``gpu_gib`` GiB (the smallest the pool may run on).
+    """Per pool, the byte-deciding level on a GPU of ``gpu_gib`` GiB (the run's target GPU).
 
-    ``needs`` maps each pool to its GPU's peak needs per level (the models that share
-    that GPU). Only pools that need more than the plain plan are listed, so a plain
-    run's config, and its fingerprint, do not depend on the GPUs at all.
+    ``needs`` maps each pool to its GPU's peak needs per level (the models the design
+    pins to that GPU). Only pools that need more than the plain plan are listed, so a
+    plain run's config, and its fingerprint, do not depend on the GPUs at all.
     """
-    levels = {pool: plan_memory(pool_needs, gpu_gib, mode, what=f"the {pool} pool").level
+    levels = {pool: byte_level(pool_needs, gpu_gib, mode, what=f"the {pool} pool")
               for pool, pool_needs in needs.items()}
     return {pool: level for pool, level in sorted(levels.items()) if level != "plain"}
+
+
+def actor_memory_plan(level: str, needs: dict[str, float | None], gpu_gib: float | None, mode: str = "auto",
+                      what: str = "this profile") -> MemoryPlan:
+    """What one model process runs with: the run's byte level for its pool, plus CPU offload when its GPU
+    (``gpu_gib``, with the models placed beside it: ``needs``) cannot hold that level otherwise, or when
+    ``memory: offload`` asks for it. Offload changes no byte, so this may differ from process to process."""
+    savers = SAVERS[level if level in BYTE_LEVELS else "savers"]
+    if gpu_gib is None:
+        return MemoryPlan(level, None, None, savers)
+    budget = gpu_gib * HEADROOM
+    need = needs.get(level)
+    if mode != "offload" and (need is None or need <= budget):
+        return MemoryPlan(level, need, gpu_gib, savers)
+    offloaded = needs.get("offload")
+    if mode in ("auto", "offload") and (offloaded is None or offloaded <= budget):
+        return MemoryPlan(level, offloaded, gpu_gib, savers + (OFFLOAD,))
+    hint = "set memory: auto to allow CPU offload, " if mode not in ("auto", "offload") else ""
+    shown = offloaded if mode in ("auto", "offload") and offloaded is not None else need
+    raise InsufficientGPUMemory(
+        f"{what} needs about {shown:.0f} GiB of GPU memory on this GPU but it has {gpu_gib:.0f} GiB: {hint}use a "
+        "larger GPU, give each model pool its own GPU (ray: sd/video num_gpus: 1), or use --profile tiny.")
 
 
 def decode_chunk_for(level: str, decode_chunk_size: int | None) -> int | None:
@@ -122,7 +170,7 @@ def apply_memory_plan(pipe, plan: MemoryPlan, device) -> object:
                 getattr(owner, method)()
             except NotImplementedError:
                 pass
-    if "model_cpu_offload" in savers:
+    if OFFLOAD in savers:
         pipe.enable_model_cpu_offload(device=device)
         return pipe
     return pipe.to(device)

@@ -6,7 +6,6 @@ loop itself.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import time
@@ -24,9 +23,9 @@ from cosed.config import RunConfig
 from cosed.engine import MANIFEST, generate_task, task_fingerprint, task_uri
 from cosed.errors import UserError
 from cosed.lease import LeaseLost, OutputLease
-from cosed.memory import LEVELS, decode_chunk_for, gpu_memory_gib, resolve_memory_plan
+from cosed.memory import gpu_memory_gib
 from cosed.models.loaders import resolve_device
-from cosed.models.profiles import KINDS, Profile, resolve_profile
+from cosed.runplan import RunPlan, plan_run, resolve_run  # noqa: F401  (resolve_run: its callers import it here)
 from cosed.parts import leftover_parts, stale_parts
 from cosed.rewrite import make_rewriter
 from cosed.storage import StorageUnavailable
@@ -81,26 +80,6 @@ class RunSummary:
             lines += [f"  {e}" for e in (self.rejected + self.failed)[:10]]
         lines.append(f"outputs: {self.out}/<task>/video.mp4, storyboard.png, manifest.json, scenes/")
         return lines
-
-
-def resolve_run(cfg: RunConfig) -> tuple[Profile, RunConfig]:
-    """The profile and the config with the profile's defaults filled in."""
-    profile = resolve_profile(cfg.profile, cfg.cache_dir)
-    return profile, cfg.with_defaults(profile.defaults)
-
-
-def with_memory_plan(cfg: RunConfig, profile: Profile, gpu_gib: float | None,
-                     shares: dict[str, tuple[str, ...]]) -> RunConfig:
-    """The config with each pool's memory plan level resolved (`cosed.memory`) for the smallest GPU it may run on.
-
-    ``shares`` maps each pool to the models that may share its GPU. The level, and the
-    smaller video decode chunk that savers bring, become part of every task's fingerprint.
-    """
-    needs = {pool: {level: profile.memory_gib(level, kinds) for level in LEVELS} for pool, kinds in shares.items()}
-    plan = resolve_memory_plan(needs, gpu_gib, cfg.memory)
-    video = dataclasses.replace(cfg.video, decode_chunk_size=decode_chunk_for(plan.get("video", "plain"),
-                                                                              cfg.video.decode_chunk_size))
-    return dataclasses.replace(cfg, memory_plan=plan, video=video)
 
 
 def read_tasks(tasks_uri: str, cfg: RunConfig) -> TaskSet:
@@ -178,28 +157,24 @@ def keep_locally(name: str, text: str) -> str:
 
 
 def _resume_state(out: str, task: Task, overwrite: bool, fingerprint: str) -> str:
-    """'todo', 'done' or 'stale' for one task; a stale or overwritten task loses its manifest first."""
-    uri = task_uri(out, task, MANIFEST)
+    """'todo', 'done' or 'stale' for one task. Nothing is deleted here: a stale or overwritten task keeps its
+    files until its replacement is assembled (`cosed.engine.assemble_task` replaces them)."""
     if overwrite:
-        storage.delete(uri)
         return "todo"
     try:
-        manifest = json.loads(storage.read_bytes(uri))
+        manifest = json.loads(storage.read_bytes(task_uri(out, task, MANIFEST)))
     except FileNotFoundError:
         return "todo"
     except (ValueError, UnicodeDecodeError):
         manifest = {}
-    if isinstance(manifest, dict) and manifest.get("fingerprint") == fingerprint:
-        return "done"
-    storage.delete(uri)
-    return "stale"
+    return "done" if isinstance(manifest, dict) and manifest.get("fingerprint") == fingerprint else "stale"
 
 
 def pending_tasks(tasks: list[Task], out: str, overwrite: bool,
                   fingerprints: dict[str, str]) -> tuple[list[Task], list[Task], list[Task]]:
     """(to run, already done, stale): a task is done exactly when its manifest exists with its fingerprint.
 
-    A manifest from other inputs, config, models or selector is stale: reported, removed and redone.
+    A manifest from other inputs, config, models or selector is stale: reported and redone into place.
     """
     def state(task: Task) -> str:
         return _resume_state(out, task, overwrite, fingerprints[task.id])
@@ -209,7 +184,8 @@ def pending_tasks(tasks: list[Task], out: str, overwrite: bool,
     done = [t for t, s in zip(tasks, states) if s == "done"]
     stale = [t for t, s in zip(tasks, states) if s == "stale"]
     for task in stale:
-        log.warning("task %s: its manifest is from other inputs or config; redoing it", task.id)
+        log.warning("task %s: its manifest is from other inputs or config; redoing it (its files stay until "
+                    "the new ones are complete)", task.id)
     return [t for t, s in zip(tasks, states) if s != "done"], done, stale
 
 
@@ -218,39 +194,39 @@ def failure(task: Task, exc: BaseException) -> TaskError:
     return TaskError(source="generation", task_id=task.id, reason=f"{type(exc).__name__}: {exc}")
 
 
-def prepare_run(tasks_uri: str, out: str, cfg: RunConfig, overwrite: bool, profile: Profile | None = None):
-    """Read and validate tasks, report rejects, and find what is left to do (``cfg`` resolved: `resolve_run`,
-    `with_memory_plan`)."""
-    if profile is None:
-        profile, cfg = resolve_run(cfg)
+def prepare_run(tasks_uri: str, out: str, plan: RunPlan, overwrite: bool) -> tuple[RunSummary, list[Task]]:
+    """Read and validate tasks, report rejects, and find what is left to do under ``plan``."""
+    cfg = plan.cfg
     task_set = read_tasks(tasks_uri, cfg)
     storage.configure(cfg.storage.retry_seconds)
     summary = RunSummary(out=out, rejected=list(task_set.errors),
-                         fingerprints={t.id: task_fingerprint(t, profile, cfg) for t in task_set.tasks})
+                         fingerprints={t.id: task_fingerprint(t, plan.profile, cfg) for t in task_set.tasks})
+    summary.extra["run_plan"] = plan.describe()
     write_errors(out, summary.rejected)
     todo, done, stale = pending_tasks(task_set.tasks, out, overwrite, summary.fingerprints)
     summary.skipped = [t.id for t in done]
     summary.stale = [t.id for t in stale]
-    for task in stale:  # parts stored under the task's old fingerprint can never be read again
+    for task in stale:  # unfinished parts stored under the task's old fingerprint can never be read again
         for uri in stale_parts(out, task.folder, summary.fingerprints[task.id]):
             storage.delete(uri)
     for uri in leftover_parts(out, {task.folder for task in done}):
         storage.delete(uri)
-    return profile, cfg, summary, todo
+    return summary, todo
 
 
 def run_in_process(tasks_uri: str, out: str, cfg: RunConfig, *, overwrite: bool = False,
                    progress: bool = True, backend: LocalBackend | None = None,
-                   lease: OutputLease | None = None) -> RunSummary:
+                   lease: OutputLease | None = None, replan: bool = False) -> RunSummary:
     """Every task in this process, one after another. Pass ``backend`` to reuse loaded models.
 
     Stops (keeping what is finished) when the storage stays away past its retry
     budget or the output lease is lost: every later task would fail the same way.
     """
     start = time.perf_counter()
-    profile, cfg = resolve_run(cfg)
-    cfg = with_memory_plan(cfg, profile, gpu_memory_gib(resolve_device(cfg.device)), dict.fromkeys(KINDS, KINDS))
-    profile, cfg, summary, todo = prepare_run(tasks_uri, out, cfg, overwrite, profile)
+    plan = plan_run(cfg, out, lambda: gpu_memory_gib(resolve_device(cfg.device)), replan,
+                    say=lambda line: print(line, flush=True) if progress else log.warning(line))
+    profile, cfg = plan.profile, plan.cfg
+    summary, todo = prepare_run(tasks_uri, out, plan, overwrite)
     backend = backend or make_backend(profile, cfg)
     if todo:
         backend.load_all()

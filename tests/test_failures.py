@@ -259,7 +259,9 @@ def test_resume_skips_only_tasks_whose_fingerprint_matches(tmp_path, tiny_run, c
     assert read_manifests(str(tmp_path), "cosed") == []
 
 
-def test_overwrite_removes_the_manifest_before_anything_else(tmp_path, tiny_run, monkeypatch):
+def test_overwrite_keeps_the_old_task_until_its_replacement_is_written(tmp_path, tiny_run, monkeypatch):
+    """--overwrite redoes a finished task into place: its manifest is still there while the task is redone
+    (the writer replaces it once every part of the new version is stored: tests/test_runplan.py)."""
     _, cfg, backend = tiny_run
     out = tmp_path / "o"
     (out / "tea").mkdir(parents=True)
@@ -269,7 +271,7 @@ def test_overwrite_removes_the_manifest_before_anything_else(tmp_path, tiny_run,
                         lambda *a, **k: seen.append((out / "tea" / "manifest.json").exists()))
     tasks = write_jsonl(tmp_path / "t.jsonl", [TEA])
     runner.run_in_process(str(tasks), str(out), cfg, progress=False, backend=backend, overwrite=True)
-    assert seen == [False]
+    assert seen == [True]
 
 
 def test_a_garbage_manifest_is_redone_not_skipped(tmp_path, tiny_run, monkeypatch):

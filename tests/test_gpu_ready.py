@@ -45,33 +45,31 @@ def test_backend_refuses_to_load_models_on_a_too_small_gpu(tiny_cache, monkeypat
         backend.sd  # noqa: B018  (the plan is checked before any download)
 
 
-def test_the_memory_plan_is_chosen_once_per_pool_and_is_part_of_the_fingerprint(tiny_cache, monkeypatch):
-    """Savers change output bytes, so no model process picks its own plan: the run resolves one level per
-    pool from the smallest GPU, and the level (and the smaller decode chunk it brings) is in the fingerprint."""
-    from cosed.distributed.costs import CostModel
-    from cosed.distributed.job import memory_shares
+def test_byte_savers_are_planned_per_pool_from_the_gpu_size_and_offload_per_process(tiny_cache, monkeypatch):
+    """Savers that change bytes are planned once, for each pool on GPUs of its own (as the design pins it),
+    from the GPU size alone, and are in the fingerprint; a process whose GPU holds more models adds CPU
+    offload (no byte changes), never another byte level."""
     from cosed.engine import task_fingerprint
-    from cosed.models.profiles import KINDS
-    from cosed.runner import resolve_run, with_memory_plan
+    from cosed.runplan import resolve_run, with_memory_plan
     from cosed.tasks import Task
 
     profile, cfg = resolve_run(RunConfig(profile="sd21-svd", cache_dir=str(tiny_cache)))
     task = Task(id="t", title="T", steps=("Cut.", "Glue."))
-    # In process the three models share one 24 GiB GPU: savers for every pool, video decodes two frames at once.
-    shared = with_memory_plan(cfg, profile, 24.0, dict.fromkeys(KINDS, KINDS))
-    assert shared.memory_plan == {"clip": "savers", "sd": "savers", "video": "savers"}
-    assert shared.video.decode_chunk_size == 2 and cfg.video.decode_chunk_size == 8
-    # On a cluster each pool has GPUs of its own (CLIP may share any of them): plain, nothing changes.
-    alone = with_memory_plan(cfg, profile, 24.0, memory_shares(8, CostModel.from_dict(profile.costs)))
+    alone = with_memory_plan(cfg, profile, 24.0)  # SD 14 + CLIP 0.5, video 16: plain on 24 GiB GPUs
     assert alone.memory_plan == {} and alone.video == cfg.video
     assert task_fingerprint(task, profile, alone) == task_fingerprint(task, profile, cfg)
-    assert task_fingerprint(task, profile, shared) != task_fingerprint(task, profile, alone)
-    # A model process checks the level it was given against its own GPU; it never picks another.
+    small = with_memory_plan(cfg, profile, 16.0)  # video alone needs 16 > 14.4: savers (decode chunk 2)
+    assert small.memory_plan == {"sd": "savers", "video": "savers"} and small.video.decode_chunk_size == 2
+    assert task_fingerprint(task, profile, small) != task_fingerprint(task, profile, alone)
+    # A process checks its GPU against the level it was given: three models on one 24 GiB GPU add offload.
     monkeypatch.setattr("cosed.backend.gpu_memory_gib", lambda device: 24.0)
-    assert LocalBackend(profile, alone, gpu_shared_by=("sd", "clip")).memory_plan("sd").level == "plain"
-    assert LocalBackend(profile, shared).memory_plan("video").level == "savers"
+    plan = LocalBackend(profile, alone, gpu_shared_by=("sd", "clip")).memory_plan("sd")
+    assert plan.level == "plain" and not plan.savers
+    shared = LocalBackend(profile, alone).memory_plan("video")
+    assert shared.level == "plain" and shared.savers == ("model_cpu_offload",)
+    monkeypatch.setattr("cosed.backend.gpu_memory_gib", lambda device: 8.0)
     with pytest.raises(InsufficientGPUMemory):
-        LocalBackend(profile, alone).memory_plan("video")  # all three on this GPU would need savers
+        LocalBackend(profile, alone).memory_plan("video")  # even offloaded, three models need more
 
 
 def test_gpu_check_names_what_is_missing():

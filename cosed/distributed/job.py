@@ -39,10 +39,10 @@ from cosed.distributed.pools import AutoscaleRequest, Pools, busy_fractions, hea
 from cosed.distributed.sizing import expected_gpus, wait_for_gpus, wanted_gpus
 from cosed.distributed.submission import JobStopped, raise_if_stopped
 from cosed.lease import LeaseLost, OutputLease
-from cosed.models.profiles import KINDS, ModelUnavailable
+from cosed.models.profiles import ModelUnavailable
 from cosed.rewrite import make_rewriter
-from cosed.runner import (RunSummary, finish_run, prepare_run, profile_cache, resolve_run, with_memory_plan,
-                          write_failure)
+from cosed.runner import RunSummary, finish_run, prepare_run, profile_cache, write_failure
+from cosed.runplan import plan_run
 from cosed.storage import StorageUnavailable
 from cosed.tasks import CAPTIONS, TaskError
 
@@ -107,16 +107,6 @@ def smallest_gpu_gib(cfg: RunConfig) -> float | None:
     return min(sizes) if sizes else None
 
 
-def memory_shares(gpus: float, costs: CostModel) -> dict[str, tuple[str, ...]]:
-    """The models that may share each pool's GPUs: a guest (CLIP) with any host; everything when there are
-    fewer GPUs than whole-GPU pools."""
-    whole = [k for k in KINDS if costs.whole_gpu.get(k, True)]
-    if gpus < len(whole):
-        return dict.fromkeys(KINDS, tuple(KINDS))
-    guests = tuple(k for k in KINDS if k not in whole)
-    return {kind: (kind, *guests) if kind in whole else (kind,) for kind in KINDS}
-
-
 def _quiet_get(ref, default):
     try:
         return ray.get(ref)
@@ -125,18 +115,20 @@ def _quiet_get(ref, default):
 
 
 def run_on_ray(tasks_uri: str, out: str, cfg: RunConfig, *, overwrite: bool = False, progress: bool = True,
-               address: str | None = None, lease: OutputLease | None = None) -> RunSummary:
+               address: str | None = None, lease: OutputLease | None = None, replan: bool = False) -> RunSummary:
+    """Every task on the Ray cluster: the run's plan first (`cosed.runplan`: stored under the output, never
+    from the GPUs up now), then the tasks left, the autoscaler's request, the pools and the job loop."""
     start = time.perf_counter()
-    profile, cfg = resolve_run(cfg)
     summary = None
     stopped: BaseException | None = None
     autoscale = AutoscaleRequest()
     try:
         connect(address)
+        plan = plan_run(cfg, out, lambda: smallest_gpu_gib(cfg), replan,
+                        say=lambda line: print(line, flush=True) if progress else log.warning(line))
+        profile, cfg = plan.profile, plan.cfg
         costs = CostModel.from_dict(profile.costs, cfg.ray.costs)
-        cfg = with_memory_plan(cfg, profile, smallest_gpu_gib(cfg),
-                               memory_shares(sum(n.gpus for n in nodes_now()), costs))
-        profile, cfg, summary, todo = prepare_run(tasks_uri, out, cfg, overwrite, profile)
+        summary, todo = prepare_run(tasks_uri, out, plan, overwrite)
         if todo:
             work = batch_work((len(t.steps) for t in todo), cfg, costs)
             max_gpus = resolve_autoscale_max_gpus(cfg.ray.autoscale_max_gpus)

@@ -105,7 +105,10 @@ def resolve_profile(name_or_folder: str, cache_dir: str | os.PathLike | None = N
         meta_path = folder / "profile.json"
         meta = json.loads(meta_path.read_text(encoding="utf-8")) if meta_path.is_file() else {}
         kinds = KINDS + ((CAPTION,) if (folder / CAPTION).is_dir() else ())
-        specs = {kind: spec_from_data(kind, str(folder / kind), cache) for kind in kinds}
+        # profile.json may describe each model as a named profile does (dtype, memory_gib, licence, ...).
+        described = meta.get("models", {})
+        specs = {kind: spec_from_data(kind, {**described.get(kind, {}), "source": str(folder / kind)}, cache)
+                 for kind in kinds}
         caption_model = str(folder / CAPTION) if CAPTION in specs else None
         costs = dict(meta.get("costs", {}))
         return Profile(name=meta.get("name", str(folder)), sd=str(folder / "sd"), video=str(folder / "video"),
