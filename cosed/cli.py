@@ -26,78 +26,104 @@ def example_tasks_path() -> str:
     return str(resources.files("cosed").joinpath(EXAMPLES))
 
 
-def add_run_options(parser: argparse.ArgumentParser) -> None:
-    """Options shared by every verb that generates: profile, seed, config and the common overrides."""
-    parser.add_argument("--profile", help=f"{' | '.join(available_profiles())} | FOLDER (default: tiny)")
-    parser.add_argument("--seed", type=int, help="run seed; every random draw derives from it (default 0)")
+PROFILE_HELP = f"{' | '.join(available_profiles())} | FOLDER"
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Shows each option's default where its help does not already say it (and it has one worth showing)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def add_model_options(parser: argparse.ArgumentParser, profile_default: str = "tiny") -> None:
+    """Which models, from where: every verb that loads or checks models."""
+    parser.add_argument("--profile", help=f"{PROFILE_HELP} (default: {profile_default})")
     parser.add_argument("--config", help="YAML file with RunConfig fields (sd:, pool:, video:, ...)")
+    parser.add_argument("--cache-dir", help="where tiny models and caption caches live (default ~/.cache/cosed)")
+
+
+def add_run_options(parser: argparse.ArgumentParser, profile_default: str = "tiny", outputs: bool = True) -> None:
+    """Options of every verb that generates: models, seed, captions, selector, device; with ``outputs``, how
+    existing outputs are treated and progress."""
+    add_model_options(parser, profile_default)
+    parser.add_argument("--seed", type=int, help="run seed; every random draw derives from it (default 0)")
     parser.add_argument("--rewriter", choices=["identity", "template", "given", "lm"],
                         help="caption rewriter (default template; train-selector and evaluate default to given "
                              "when every task carries captions)")
     parser.add_argument("--rewriter-model", help="the lm rewriter's captioner: hub id, folder (e.g. trained by "
                                                  "train-captioner) or tiny:captioner; default: the profile's")
     parser.add_argument("--selector", help="trained selector checkpoint (.safetensors); default: untrained")
-    parser.add_argument("--device", help="auto | cpu | cuda | cuda:N")
-    parser.add_argument("--cache-dir", help="where tiny models and caption caches live (default ~/.cache/cosed)")
-    parser.add_argument("--overwrite", action="store_true", help="redo tasks whose manifest already exists")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--device", help="auto | cpu | cuda | cuda:N (default auto)")
+    if outputs:
+        parser.add_argument("--overwrite", action="store_true", help="redo tasks whose manifest already exists")
+        parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
-    return load_config(args.config, {
-        "profile": args.profile, "seed": args.seed, "rewriter": args.rewriter,
-        "rewriter_model": args.rewriter_model, "selector": args.selector, "device": args.device,
-        "cache_dir": args.cache_dir,
-    })
+    return load_config(getattr(args, "config", None), {
+        name.replace("-", "_"): getattr(args, name, None)
+        for name in ("profile", "seed", "rewriter", "rewriter_model", "selector", "device", "cache_dir")})
+
+
+def verb(verbs, name: str, help: str) -> argparse.ArgumentParser:
+    return verbs.add_parser(name, help=help, description=help[:1].upper() + help[1:] + ".",
+                            formatter_class=HelpFormatter)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cosed", description="Coherent multi-scene videos from step-by-step tasks (CoSeD).")
+    parser = argparse.ArgumentParser(prog="cosed", description="Coherent multi-scene videos from step-by-step tasks "
+                                                               "(CoSeD).", formatter_class=HelpFormatter)
     verbs = parser.add_subparsers(dest="verb", required=True)
-    demo = verbs.add_parser("demo", help="the bundled example tasks on the offline tiny profile")
+    demo = verb(verbs, "demo", "the bundled example tasks on the offline tiny profile")
     demo.add_argument("--out", default="out/demo", help="output folder (default out/demo)")
     add_run_options(demo)
-    generate = verbs.add_parser("generate", help="generate videos for a task file (JSONL or recipes JSON, local or s3://)")
+    generate = verb(verbs, "generate", "generate videos for a task file (JSONL or recipes JSON, local or s3://)")
     generate.add_argument("--tasks", required=True, help="tasks file: path or s3://bucket/key")
     generate.add_argument("--out", required=True, help="output folder or s3://bucket/prefix")
     generate.add_argument("--replan", action="store_true",
                           help="plan memory savers for this cluster's GPUs instead of the output's stored run plan "
                                "(redoes the tasks whose bytes that changes)")
     add_ray_options(generate)
-    add_run_options(generate)
-    train = verbs.add_parser("train-selector", help="train the contrastive selector (in-batch contrastive, Eq. 9)")
+    add_run_options(generate, profile_default="tiny; required where GPUs are present")
+    train = verb(verbs, "train-selector", "train the contrastive selector (in-batch contrastive, Eq. 9)")
     train.add_argument("--tasks", required=True, help="tasks with step_images, or any tasks with --generate-missing")
     train.add_argument("--out", required=True, help="folder or s3:// prefix for selector.safetensors + selector.json")
     train.add_argument("--generate-missing", action="store_true", help="render step images for tasks that have none")
-    train.add_argument("--epochs", type=int, default=10)
-    train.add_argument("--batch-size", type=int, default=500)
-    train.add_argument("--lr", type=float, default=0.01)
+    train.add_argument("--epochs", type=int, default=10, help="passes over the training tasks")
+    train.add_argument("--batch-size", type=int, default=500, help="step queries per in-batch contrastive batch")
+    train.add_argument("--lr", type=float, default=0.01, help="Adam learning rate")
     train.add_argument("--temperature", type=float, default=1.0,
                        help="divides Eq. 7 logits in training and, saved in the checkpoint, at scoring (default 1)")
     train.add_argument("--holdout", type=float, default=0.2,
                        help="fraction of tasks held out (whole title groups); ids saved in split.json")
     add_ray_options(train)
     add_run_options(train)
-    evaluate = verbs.add_parser("evaluate", help="compare independent / previous / cosed on the same tasks and seeds")
-    evaluate.add_argument("--tasks", required=True)
+    evaluate = verb(verbs, "evaluate", "compare independent / previous / cosed on the same tasks and seeds")
+    evaluate.add_argument("--tasks", required=True, help="tasks file: path or s3://bucket/key")
     evaluate.add_argument("--out", required=True, help="run folder: METHOD/<task>/..., metrics.csv, summary.json, "
                                                        "plots/, report.html")
-    evaluate.add_argument("--methods", default="independent,previous,cosed")
+    evaluate.add_argument("--methods", default="independent,previous,cosed", help="comma list of pool policies")
     evaluate.add_argument("--variants", help="selector variants to ablate, comma list of untrained, trained "
                                              "(needs --selector), clip, text, image; default: the configured one")
     evaluate.add_argument("--refuse-trained-tasks", action="store_true",
                           help="stop (exit 2) when --selector was trained on any of these tasks (its split.json)")
     add_ray_options(evaluate)
     add_run_options(evaluate)
-    captions = verbs.add_parser("eval-captions", help="score caption rewriters against reference captions")
+    captions = verb(verbs, "eval-captions", "score caption rewriters against reference captions")
     captions.add_argument("--pairs", required=True, help="Alpaca-format pairs (captions_eval.json layout)")
     captions.add_argument("--rewriters", default="identity,template", help="comma list of identity, template, lm")
     captions.add_argument("--limit", type=int, help="only the first N pairs")
     captions.add_argument("--out", help="write the scores as JSON here")
-    add_run_options(captions)
+    add_model_options(captions)
+    captions.add_argument("--rewriter-model", help="the lm rewriter's captioner (default: the profile's)")
+    captions.add_argument("--device", help="auto | cpu | cuda | cuda:N (default auto)")
     add_train_captioner(verbs)
-    plan = verbs.add_parser("plan", help="capacity planning: the runtime's own policies in virtual time, per "
-                                         "cluster size (pool plan, makespan, GPU-hours, efficiency, bottleneck)")
+    plan = verb(verbs, "plan", "capacity planning: the runtime's own policies in virtual time, per cluster size "
+                               "(pool plan, makespan, GPU-hours, efficiency, bottleneck)")
     plan.add_argument("--tasks", required=True, help="tasks file (JSONL or recipes JSON, local or s3://): its step counts")
     plan.add_argument("--gpus", default="16,64,256", help="comma list of cluster sizes (default 16,64,256)")
     plan.add_argument("--deadline", help="e.g. 8h: also print the fewest GPUs that finish in time")
@@ -107,14 +133,14 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node (default 8)")
     plan.add_argument("--join", action="append", default=[], metavar="GPUS@WHEN",
                       help="GPUs that join during the run, e.g. --join 8@10m (repeatable)")
-    add_run_options(plan)
+    add_model_options(plan)
     add_setup_verbs(verbs)
     return parser
 
 
 def add_train_captioner(verbs) -> None:
     """``cosed train-captioner``: fine-tune the lm rewriter's captioner on Alpaca-format caption pairs."""
-    train = verbs.add_parser("train-captioner", help="fine-tune a caption LM on Alpaca-format pairs (method.md §1)")
+    train = verb(verbs, "train-captioner", "fine-tune a caption LM on Alpaca-format pairs (method.md §1)")
     train.add_argument("--pairs", required=True, help="Alpaca-format pairs (captions_train.json layout), path or s3://")
     train.add_argument("--out", required=True, help="folder (or s3:// prefix) for the safetensors checkpoint, "
                                                     "tokenizer and captioner.json")
@@ -130,21 +156,29 @@ def add_train_captioner(verbs) -> None:
     train.add_argument("--device", help="auto | cpu | cuda | cuda:N")
     train.add_argument("--cache-dir", help="where tiny models, caption and embedding caches live")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
-    train.set_defaults(config=None, rewriter=None, rewriter_model=None, selector=None)
 
 
 def add_setup_verbs(verbs) -> None:
-    """Verbs for getting a GPU machine ready: profiles, models fetch, doctor."""
-    profiles = verbs.add_parser("profiles", help="list every profile: models, licences and gates, GPU memory, tiny twin")
-    add_run_options(profiles)
-    models = verbs.add_parser("models", help="model weights: `cosed models fetch --profile P`")
+    """Verbs for getting a GPU machine ready: profiles, models fetch, doctor, and `tasks convert`."""
+    verb(verbs, "profiles", "list every profile: models, licences and gates, GPU memory, tiny twin")
+    models = verb(verbs, "models", "model weights: `cosed models fetch --profile P`")
     fetch = models.add_subparsers(dest="models_verb", required=True).add_parser(
-        "fetch", help="download the profile's weights (safetensors only) into the Hugging Face cache")
-    add_run_options(fetch)
-    doctor = verbs.add_parser("doctor", help="check GPUs, weights, output storage, H.264 and Ray before a run")
+        "fetch", help="download the profile's weights (safetensors only) into the Hugging Face cache",
+        formatter_class=HelpFormatter)
+    add_model_options(fetch)
+    fetch.add_argument("--quiet", action="store_true", help="no progress bar")
+    doctor = verb(verbs, "doctor", "check GPUs, weights, output storage, H.264 and Ray before a run")
     doctor.add_argument("--address", help="Ray cluster address to check (default: RAY_ADDRESS)")
     doctor.add_argument("--out", help="output folder or s3:// prefix to probe with a write and a delete")
-    add_run_options(doctor)
+    add_model_options(doctor)
+    tasks = verb(verbs, "tasks", "task files: `cosed tasks convert IN OUT`")
+    convert = tasks.add_subparsers(dest="tasks_verb", required=True).add_parser(
+        "convert", help="convert between task layouts, chosen by extension: .jsonl (one task a line), .json (the "
+                        "recipes layout) and .csv (one step a row: id,title,step[,caption])",
+        formatter_class=HelpFormatter)
+    convert.add_argument("source", help="task file to read: .jsonl, .json or .csv (local or s3://)")
+    convert.add_argument("target", help="task file to write: .jsonl, .json or .csv (local or s3://)")
+    convert.add_argument("--max-steps", type=int, default=1000, help="reject tasks with more steps")
 
 
 def add_ray_options(parser: argparse.ArgumentParser) -> None:
@@ -219,6 +253,8 @@ def run_command(args: argparse.Namespace) -> int:
         require_shared_output(args.out)
     if args.verb in COMMANDS:
         return COMMANDS[args.verb](args, cfg)
+    if args.verb == "generate":
+        require_profile(args)
     with output_lease(args.out, cfg, args) as lease:
         if args.verb == "demo":
             summary = run_in_process(example_tasks_path(), args.out, cfg, overwrite=args.overwrite,
@@ -236,6 +272,41 @@ def run_command(args: argparse.Namespace) -> int:
     return 1 if summary.failed or summary.rejected else 0
 
 
+REAL_PROFILES = ("sd21-svd", "flux-ltx")
+
+
+def require_profile(args: argparse.Namespace) -> None:
+    """Where GPUs are present, `cosed generate` takes no default profile: the default, tiny, would render
+    random-weight noise for hours without a word. A profile named in --config counts as explicit."""
+    import yaml
+
+    if args.profile or (args.config and "profile" in (yaml.safe_load(open(args.config, encoding="utf-8")) or {})):
+        return
+    gpus = present_gpus(args)
+    if gpus:
+        raise UserError(f"{gpus} present but no --profile given: the default profile, tiny, has random weights and "
+                        f"renders noise; pass --profile {' or '.join(REAL_PROFILES)} (or a weights folder) for real "
+                        "videos, or --profile tiny to test the plumbing")
+
+
+def present_gpus(args: argparse.Namespace) -> str | None:
+    """'N GPU(s)' on this machine (--no-ray) or in the Ray cluster (it joins it first, or the cluster may
+    autoscale to GPUs), None where there are none."""
+    from cosed.config import resolve_autoscale_max_gpus
+
+    if args.no_ray:
+        import torch
+
+        return f"{torch.cuda.device_count()} GPU(s) on this machine" if torch.cuda.is_available() else None
+    import ray
+
+    from cosed.distributed.job import connect
+
+    connect(args.address)
+    count = ray.cluster_resources().get("GPU", 0) or resolve_autoscale_max_gpus("auto")
+    return f"{count:g} GPU(s) in the Ray cluster" if count else None
+
+
 def tasks_rewriter(args: argparse.Namespace, cfg: RunConfig) -> RunConfig:
     """Choose ``given`` for train-selector / evaluate when no rewriter was set and every task carries captions;
     refuse ``given`` up front, naming the tasks, when some task carries none."""
@@ -246,7 +317,7 @@ def tasks_rewriter(args: argparse.Namespace, cfg: RunConfig) -> RunConfig:
     from cosed.rewrite import default_rewriter
     from cosed.runner import read_tasks
 
-    explicit = args.rewriter is not None or (args.config and "rewriter" in (
+    explicit = getattr(args, "rewriter", None) is not None or (args.config and "rewriter" in (
         yaml.safe_load(open(args.config, encoding="utf-8")) or {}))
     if explicit and cfg.rewriter != "given":
         return cfg
@@ -533,7 +604,22 @@ def plan_command(args: argparse.Namespace, cfg: RunConfig) -> int:
     return 0
 
 
-COMMANDS = {"plan": plan_command, "train-selector": train_command, "evaluate": evaluate_command, "eval-captions": eval_captions_command,
+def tasks_command(args: argparse.Namespace, cfg: RunConfig) -> int:
+    from cosed.convert import convert
+
+    read = convert(args.source, args.target, max_steps=args.max_steps)
+    print(f"{len(read.tasks)} tasks ({sum(len(t.steps) for t in read.tasks)} steps) written to {args.target}"
+          + (f"; {len(read.errors)} rejected:" if read.errors else ""))
+    for error in read.errors[:20]:
+        print(f"  {error}")
+    longest = max((len(t.steps) for t in read.tasks), default=0)
+    if longest > cfg.max_steps:
+        print(f"note: the longest task has {longest} steps; `cosed generate` rejects more than max_steps "
+              f"({cfg.max_steps}): raise it with max_steps: {longest} in a --config file")
+    return 1 if read.errors else 0
+
+
+COMMANDS = {"plan": plan_command, "tasks": tasks_command, "train-selector": train_command, "evaluate": evaluate_command, "eval-captions": eval_captions_command,
             "train-captioner": train_captioner_command,
             "profiles": profiles_command, "models": models_command, "doctor": doctor_command}
 

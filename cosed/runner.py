@@ -25,7 +25,7 @@ from cosed.errors import UserError
 from cosed.lease import LeaseLost, OutputLease
 from cosed.memory import gpu_memory_gib
 from cosed.models.loaders import resolve_device
-from cosed.runplan import RunPlan, plan_run, resolve_run  # noqa: F401  (resolve_run: its callers import it here)
+from cosed.runplan import RANDOM_WEIGHTS, RunPlan, plan_run, resolve_run  # noqa: F401  (resolve_run: its callers import it here)
 from cosed.parts import leftover_parts, stale_parts
 from cosed.rewrite import make_rewriter
 from cosed.storage import StorageUnavailable
@@ -52,6 +52,7 @@ class RunSummary:
     stale: list[str] = field(default_factory=list)
     run_id: str = field(default_factory=new_run_id)
     fingerprints: dict[str, str] = field(default_factory=dict)
+    random_weights: bool = False  # the profile's models are random-weight twins: said first, last and in the record
 
     @property
     def scenes_per_minute(self) -> float:
@@ -61,7 +62,7 @@ class RunSummary:
         return {"out": self.out, "done": len(self.done), "skipped": len(self.skipped), "failed": len(self.failed),
                 "rejected": len(self.rejected), "scenes": self.scenes, "seconds": round(self.seconds, 2),
                 "scenes_per_minute": round(self.scenes_per_minute, 2), "redone_stale": len(self.stale),
-                "run_id": self.run_id, **self.extra}
+                "run_id": self.run_id, "random_weights": self.random_weights, **self.extra}
 
     def to_record(self) -> dict:
         """What summary.json holds."""
@@ -79,6 +80,8 @@ class RunSummary:
             lines.append(f"errors: {storage.join(self.out, ERRORS)}")
             lines += [f"  {e}" for e in (self.rejected + self.failed)[:10]]
         lines.append(f"outputs: {self.out}/<task>/video.mp4, storyboard.png, manifest.json, scenes/")
+        if self.random_weights:
+            lines.append(RANDOM_WEIGHTS)
         return lines
 
 
@@ -202,6 +205,7 @@ def prepare_run(tasks_uri: str, out: str, plan: RunPlan, overwrite: bool) -> tup
     summary = RunSummary(out=out, rejected=list(task_set.errors),
                          fingerprints={t.id: task_fingerprint(t, plan.profile, cfg) for t in task_set.tasks})
     summary.extra["run_plan"] = plan.describe()
+    summary.random_weights = plan.profile.random_weights
     write_errors(out, summary.rejected)
     todo, done, stale = pending_tasks(task_set.tasks, out, overwrite, summary.fingerprints)
     summary.skipped = [t.id for t in done]

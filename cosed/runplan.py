@@ -30,6 +30,8 @@ log = logging.getLogger("cosed")
 
 PLAN = ".cosed-run/plan.json"
 VERSION = 1
+RANDOM_WEIGHTS = ("note: RANDOM WEIGHTS: this profile's models are random-weight twins, so images are noise and "
+                  "metrics say nothing about quality (real videos: --profile sd21-svd or flux-ltx)")
 
 
 def resolve_run(cfg: RunConfig) -> tuple[Profile, RunConfig]:
@@ -104,6 +106,8 @@ def plan_run(cfg: RunConfig, out: str, probe_gpu_gib: Callable[[], float | None]
     made for the declared GPU size or ``probe_gpu_gib()`` and stored. ``say`` gets the one line a run prints
     when the stored plan differs from what this cluster would give, or is replaced."""
     profile, cfg = resolve_run(cfg)
+    if profile.random_weights:
+        say(f"[cosed] profile {profile.name}: {RANDOM_WEIGHTS}")
     declared = None if cfg.ray.gpu_memory_gib == "auto" else float(cfg.ray.gpu_memory_gib)
     stored = read_plan(out)
     applies = stored is not None and stored.get("profile") == profile.name and stored.get("memory") == cfg.memory

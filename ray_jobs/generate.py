@@ -1,7 +1,7 @@
 """Entry point for `ray job submit`: the same options as `cosed generate`, always on Ray.
 
     ray job submit --address http://HEAD:8265 --working-dir . -- \
-        python ray_jobs/generate.py --tasks s3://bucket/tasks.jsonl --out s3://bucket/run1
+        python ray_jobs/generate.py --profile sd21-svd --tasks s3://bucket/tasks.jsonl --out s3://bucket/run1
 """
 
 import sys
