@@ -228,7 +228,7 @@ def run_in_process(tasks_uri: str, out: str, cfg: RunConfig, *, overwrite: bool 
     """
     start = time.perf_counter()
     plan = plan_run(cfg, out, lambda: gpu_memory_gib(resolve_device(cfg.device)), replan,
-                    say=lambda line: print(line, flush=True) if progress else log.warning(line))
+                    say=lambda line: print(line, flush=True))
     profile, cfg = plan.profile, plan.cfg
     summary, todo = prepare_run(tasks_uri, out, plan, overwrite)
     backend = backend or make_backend(profile, cfg)

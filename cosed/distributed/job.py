@@ -125,7 +125,7 @@ def run_on_ray(tasks_uri: str, out: str, cfg: RunConfig, *, overwrite: bool = Fa
     try:
         connect(address)
         plan = plan_run(cfg, out, lambda: smallest_gpu_gib(cfg), replan,
-                        say=lambda line: print(line, flush=True) if progress else log.warning(line))
+                        say=lambda line: print(line, flush=True))
         profile, cfg = plan.profile, plan.cfg
         costs = CostModel.from_dict(profile.costs, cfg.ray.costs)
         summary, todo = prepare_run(tasks_uri, out, plan, overwrite)
