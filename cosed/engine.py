@@ -244,6 +244,9 @@ def assemble_task(out: str, task: Task, fingerprint: str, profile: Profile, cfg:
     never raw frames. Removes the parts once the manifest is written.
     """
     storage.configure(cfg.storage.retry_seconds)
+    written_before = _written_manifest(out, task, fingerprint)
+    if written_before is not None:  # a re-run of a writer that wrote it, and may have removed parts since
+        return written_before
     parts = TaskParts.of(out, task.folder, fingerprint)
     timer = Timer()
     with timer.phase("stitch"):
@@ -288,6 +291,15 @@ def assemble_task(out: str, task: Task, fingerprint: str, profile: Profile, cfg:
         except Exception:  # parts left behind are harmless: a later run of these inputs reuses them
             pass
     return manifest
+
+
+def _written_manifest(out: str, task: Task, fingerprint: str) -> dict | None:
+    """The task's manifest when it is already written with this fingerprint (the task is done), else None."""
+    try:
+        manifest = json.loads(storage.read_bytes(task_uri(out, task, MANIFEST)))
+    except (FileNotFoundError, ValueError, UnicodeDecodeError):
+        return None
+    return manifest if isinstance(manifest, dict) and manifest.get("fingerprint") == fingerprint else None
 
 
 def generate_task(task: Task, captions: list[str], backend: Backend, profile: Profile, cfg: RunConfig,

@@ -131,7 +131,8 @@ class Simulation:
         captions = (lambda t: None) if cfg.rewriter == "lm" else (lambda t: ["c"] * len(t.steps))
         self.core = JobCore([(t, t.id, captions(t)) for t in order], drivers,
                             admission(drivers, None, max(1, len(self.nodes))),
-                            CorePolicy(task_retries=cfg.ray.task_retries, task_deadline_s=math.inf,
+                            CorePolicy(task_retries=cfg.ray.task_retries, sequence_deadline_s=math.inf,
+                                       write_deadline_s=math.inf,
                                        timeout_floor_s=math.inf, clip_seconds=costs.seconds("animate")),
                             seed=seed)
         self.counts = {n: candidate_counts(n, cfg.pool) for n in set(step_counts)}
@@ -245,7 +246,7 @@ class Simulation:
         def step(number: int) -> None:
             if number > steps:
                 self._dispatch("clip", self.costs.seconds("embed_texts", steps), lambda: self._core(
-                    lambda: self.core.on_driver_events(start.driver, start.key, [Sequenced(steps)], self.now)))
+                    lambda: self.core.on_driver_events(start.driver, [(start.key, Sequenced(steps))], self.now)))
                 return
             count = counts[number - 1]
             parts = batches(count, self.cfg.sd.batch_size)
@@ -262,7 +263,7 @@ class Simulation:
 
             def scored() -> None:
                 request = ClipRequest(task.id, number, "", 0, self.cfg.video, "", f"{task.id}/{number}")
-                self._core(lambda: self.core.on_driver_events(start.driver, start.key, [request], self.now))
+                self._core(lambda: self.core.on_driver_events(start.driver, [(start.key, request)], self.now))
                 step(number + 1)
 
             for rows in parts:
