@@ -12,7 +12,8 @@ from cosed.distributed.core import (CancelClip, CancelWriter, DriverFailed, JobC
                                     Retrying, SendCaptions, SendClip, Sequenced, StartTask, StartWriter, Stop)
 from cosed.distributed.costs import CostModel
 from cosed.distributed.policies import admission
-from cosed.distributed.simulator import Cluster, Overheads, simulate
+from cosed.distributed.preemptions import PreemptionModel, parse_rate
+from cosed.distributed.simulator import Cluster, Overheads, Simulation, simulate
 from cosed.runner import resolve_run
 from cosed.storage import StorageUnavailable
 from cosed.tasks import Task
@@ -166,6 +167,18 @@ def test_a_writer_run_again_after_it_wrote_the_manifest_and_removed_parts_succee
         assemble_task(str(tmp_path), task, "fp-2", profile, cfg)
 
 
+def test_the_failure_rules_runtime_and_simulator_share():
+    from cosed.distributed.policies import give_up, hung, needs_rescue, rescue_donor, unreachable_limit
+
+    assert not give_up(4, 4, 119.0, 120.0) and not give_up(3, 4, 1e6, 120.0) and give_up(4, 4, 120.0, 120.0)
+    assert unreachable_limit(True, False, False, 120.0, 900.0) == 900.0  # only restarting, its pool's last member
+    assert unreachable_limit(True, False, True, 120.0, 900.0) == 120.0  # its node is gone: replaced
+    assert hung(121.0, 120.0, 10.0, 1.0) and not hung(119.0, 120.0, 10.0, 1.0) and not hung(200.0, 120.0, 10.0, 30.0)
+    assert needs_rescue(1, 0, 120.0, False, 120.0) and not needs_rescue(1, 0, 119.0, False, 120.0)
+    assert not needs_rescue(1, 0, None, False, 120.0) and not needs_rescue(1, 1, 500.0, False, 120.0)
+    assert rescue_donor("clip", {"sd": 3, "video": 5, "clip": 0}, {"sd": 3, "video": 1, "clip": 0}) == "sd"
+
+
 def latency():
     profile, cfg = resolve_run(RunConfig(profile="latency"))
     return cfg, CostModel.from_dict(profile.costs)
@@ -187,6 +200,39 @@ def test_gpus_that_join_a_large_run_get_only_actors_that_place():
     assert sum(result.grown.values()) >= 64 and result.gpus == 1088
 
 
+def test_preemptions_lengthen_the_run_and_the_work_they_cut_is_redone_exactly_once():
+    cfg, costs = latency()
+    counts = [2, 5, 3, 4, 8] * 40
+
+    def run(rate: float):
+        sim = Simulation(counts, cfg, costs, Cluster(gpus=32, preemptions=PreemptionModel(rate, 600.0)), seed=3)
+        return sim, sim.run()
+
+    def calls(sim, kind):
+        return sum(a.calls for a in sim.actors.values() if a.kind == kind)
+
+    base, clean = run(0.0)
+    sim, hit = run(1.0)  # one node in four lost per hour: a few during the run
+    assert clean.tasks == hit.tasks == 200 and hit.failed == 0
+    lost = sim.lost
+    assert lost.nodes >= 2 and lost.drivers >= 1 and lost.cut_calls.get("video") and lost.redone_calls.get("sd")
+    assert hit.makespan_s > clean.makespan_s and hit.preemption["lost_gpu_hours"] > 0
+    # Every clip is made exactly once; each clip call cut short with its node is sent again exactly once.
+    assert len(sim.clips_done) == sum(counts) and set(sim.clips_done.values()) == {1}
+    assert sim.clip_sends == sum(counts) + lost.cut_calls["video"]
+    # The model calls made: the clean run's, plus exactly those of the attempts lost with their drivers.
+    for kind in ("sd", "clip"):
+        assert calls(sim, kind) == calls(base, kind) + lost.redone_calls.get(kind, 0)
+    again = run(1.0)[1].to_dict()
+    assert {k: v for k, v in again.items() if k != "core_us_per_event"} == \
+        {k: v for k, v in hit.to_dict().items() if k != "core_us_per_event"}  # deterministic for a seed
+
+
+@pytest.mark.parametrize("text,rate", [("5%/h", 0.05), ("5%", 0.05), ("0.05/h", 0.05), ("24%/d", 0.01)])
+def test_a_preemption_rate_is_nodes_lost_per_node_hour(text, rate):
+    assert parse_rate(text) == pytest.approx(rate)
+
+
 def test_cosed_plan_prints_each_size_and_writes_one_record_per_size(tmp_path, capsys):
     tasks = write_jsonl(tmp_path / "t.jsonl", [{"id": f"t{i}", "steps": ["s"] * (2 + i % 5)} for i in range(40)])
     out = tmp_path / "plan.json"
@@ -199,6 +245,7 @@ def test_cosed_plan_prints_each_size_and_writes_one_record_per_size(tmp_path, ca
     for record in records:
         assert {"gpus", "makespan_s", "gpu_hours", "efficiency", "bottleneck", "dispatch_messages_per_call"} <= set(record)
     deadline = records[2]
+    assert "with_preemptions" not in records[0]
     assert deadline["makespan_s"] <= 3 * 3600
     assert main(["plan", "--tasks", str(tasks), "--profile", "latency", "--gpus", str(deadline["gpus"] - 1),
                  "--tasks-total", "200", "--json", str(out)]) == 0
@@ -210,3 +257,17 @@ def test_a_bad_deadline_is_a_usage_error(tmp_path, value, capsys):
     tasks = write_jsonl(tmp_path / "t.jsonl", [{"id": "a", "steps": ["s"]}])
     assert main(["plan", "--tasks", str(tasks), "--profile", "latency", "--deadline", value]) == 2
     assert "not a duration" in capsys.readouterr().err
+
+
+def test_cosed_plan_sets_a_run_with_preemptions_beside_each_size(tmp_path, capsys):
+    tasks = write_jsonl(tmp_path / "t.jsonl", [{"id": f"t{i}", "steps": ["s"] * (2 + i % 5)} for i in range(40)])
+    out = tmp_path / "plan.json"
+    assert main(["plan", "--tasks", str(tasks), "--profile", "latency", "--gpus", "16", "--tasks-total", "100",
+                 "--preemptions", "50%/h", "--replace-after", "5m", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "with preemptions 50%/h (nodes replaced after 300 s):" in printed and "GPU-hours of work lost" in printed
+    (record,) = json.loads(out.read_text())
+    hit = record["with_preemptions"]
+    assert hit["rate"] == "50%/h" and hit["preemption"]["nodes"] >= 1 and hit["tasks"] == 100
+    assert hit["makespan_s"] > record["makespan_s"]
+    assert main(["plan", "--tasks", str(tasks), "--profile", "latency", "--preemptions", "often"]) == 2

@@ -143,12 +143,11 @@ def avoid_after_failure(tried: Sequence[str], members: int) -> set[str]:
     return set(tried[-members + 1:]) if members > 1 else set()
 
 
-def replace_unreachable(unreachable_s: float, restarting: bool, others: bool, node_gone: bool, floor_s: float,
-                        start_timeout_s: float) -> bool:
-    """Replace an actor that has not answered its probes: after the call floor, or after a model load's time
-    when it is only restarting, is its pool's last member and its node is still there."""
-    limit = start_timeout_s if restarting and not others and not node_gone else floor_s
-    return unreachable_s > limit
+def unreachable_limit(restarting: bool, others: bool, node_gone: bool, floor_s: float,
+                      start_timeout_s: float) -> float:
+    """How long an actor may leave its probes unanswered before it is replaced: the call floor, or a model
+    load's time when it is only restarting, is its pool's last member and its node is still there."""
+    return start_timeout_s if restarting and not others and not node_gone else floor_s
 
 
 def hung(running_for_s: float, floor_s: float, factor: float, expected_s: float) -> bool:

@@ -30,7 +30,7 @@ from cosed.distributed import telemetry
 from cosed.distributed.actors import remote_worker
 from cosed.distributed.costs import CostModel, TaskWork, measured_factors, pool_totals
 from cosed.distributed.dispatch import Membership
-from cosed.distributed.policies import (Sample, call_timeout, hung, needs_rescue, replace_unreachable, rescue_donor,
+from cosed.distributed.policies import (Sample, call_timeout, hung, needs_rescue, rescue_donor, unreachable_limit,
                                         window_busy)
 from cosed.distributed.sizing import (ClusterPlan, Node, PoolPlan, free_room, grow_pools, plan_cluster,
                                       rebalance_move, rebalance_window_s)
@@ -325,10 +325,10 @@ class Pools:
                 continue
             # A restarting actor gets time to reload, unless its pool can serve without it or its node is gone
             # (it would only wait to be placed): then it is replaced and the replacement joins when placed.
-            if replace_unreachable(now - actor.unreachable_since, actor.restarting,
-                                   len(self.members(actor.kind)) > 1,
-                                   (actor.info or {}).get("node_id") not in alive_nodes,
-                                   ray_cfg.call_timeout_floor_s, ray_cfg.start_timeout_s):
+            if now - actor.unreachable_since > unreachable_limit(
+                    actor.restarting, len(self.members(actor.kind)) > 1,
+                    (actor.info or {}).get("node_id") not in alive_nodes, ray_cfg.call_timeout_floor_s,
+                    ray_cfg.start_timeout_s):
                 log.warning("model actor %s unreachable for %.0f s; replacing it in the %s pool",
                             actor.name, now - actor.unreachable_since, actor.kind)
                 self._retire(actor)
