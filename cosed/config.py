@@ -95,11 +95,14 @@ class RayConfig:
     start_timeout_s: float = 900.0
     # Failure handling: a remote wait times out after max(floor, factor x the expected
     # call time, measured during the run); a call is tried on up to ``call_attempts``
-    # actors; a task gets ``task_deadline_s`` per attempt (sequencing and writing).
+    # actors. Deadlines measure work, never queueing: an attempt's sequencing gets ``sequence_deadline_s``
+    # from its driver's start, its writer ``write_deadline_s`` from the writer's start; its clips wait
+    # behind other tasks' clips with only their own call timeouts.
     call_timeout_factor: float = 10.0
     call_timeout_floor_s: float = 120.0
     call_attempts: int = 4
-    task_deadline_s: float = 3600.0
+    sequence_deadline_s: float = 3600.0
+    write_deadline_s: float = 1800.0
     # Rebalancing: after each window (at least three ``rescale_seconds`` and ``rebalance_window_calls``
     # calls of the slowest pool) one actor may move from a pool busy less than ``idle_below`` to one
     # busy more than ``busy_above``; 0 GPUs = do not ask the autoscaler.

@@ -205,7 +205,8 @@ class RayJob:
         writers = None if cfg.ray.writers == "auto" else int(cfg.ray.writers)
         expected = pools.call_seconds()
         self.core = JobCore(tasks, drivers, admission(drivers, writers, max(1, len(self.nodes) - 1)), CorePolicy(
-            task_retries=cfg.ray.task_retries, task_deadline_s=cfg.ray.task_deadline_s,
+            task_retries=cfg.ray.task_retries, sequence_deadline_s=cfg.ray.sequence_deadline_s,
+            write_deadline_s=cfg.ray.write_deadline_s,
             call_attempts=cfg.ray.call_attempts, call_patience_s=cfg.ray.call_timeout_floor_s,
             timeout_floor_s=cfg.ray.call_timeout_floor_s, timeout_factor=cfg.ray.call_timeout_factor,
             clip_seconds=expected.get("video", 1.0)), seed=hash(out) % 997)
@@ -295,12 +296,15 @@ class RayJob:
                 events = future.result()
             except ray.exceptions.RayError as exc:
                 return self.core.on_driver_lost(driver, task_key, f"driver lost ({type(exc).__name__})", now)
-            for item in events:
+            for _, item in events:
                 if isinstance(item, Sequenced):
                     self.probes = [a + b for a, b in zip(self.probes, item.probes)]
-            if not any(isinstance(e, (Sequenced, DriverFailed)) for e in events):
+            # Poll again only while this attempt runs there: a given-up attempt's poll must never be renewed on
+            # the slot's next driver (it would take the next task's events).
+            if self.core.sequencing(driver, task_key) and not any(
+                    isinstance(e, (Sequenced, DriverFailed)) for k, e in events if k == task_key):
                 self._poll(driver, task_key)
-            return self.core.on_driver_events(driver, task_key, events, now)
+            return self.core.on_driver_events(driver, events, now)
         if kind == "clip":
             self.clip_refs.pop(key, None)
             try:

@@ -116,3 +116,52 @@ def window_busy(start: dict[str, Sample], latest: dict[str, Sample]) -> dict[str
         busy[final.kind] = busy.get(final.kind, 0.0) + max(0.0, final.busy - base_busy)
         alive[final.kind] = alive.get(final.kind, 0.0) + span
     return {kind: busy[kind] / alive[kind] for kind in alive}
+
+
+# -- failure rules: the one home of every give-up, retry, replace and kill decision ----------------------------
+# The job core (clip and caption calls, tasks), the drivers' dispatcher (their model calls), the pools (actors)
+# and the simulator (`cosed plan --preemptions`) decide with these same functions and numbers.
+
+def call_timeout(floor_s: float, factor: float, expected_s: float, queued: int = 0) -> float:
+    """How long to wait for a call with ``queued`` calls ahead of it on its actor."""
+    return max(floor_s, factor * expected_s * (1 + queued))
+
+
+def retry_backoff(failures: int) -> float:
+    """Seconds before a failed call is sent again (to another actor): doubling from 0.4 s, at most 5 s."""
+    return min(0.2 * 2 ** failures, 5.0)
+
+
+def give_up(failures: int, attempts: int, failing_for_s: float, patience_s: float) -> bool:
+    """A call is failed only after ``attempts`` failures *and* ``patience_s`` since its first one: a pool whose
+    only actors are being replaced (a node lost) must not fail the task in the seconds that takes."""
+    return failures >= attempts and failing_for_s >= patience_s
+
+
+def avoid_after_failure(tried: Sequence[str], members: int) -> set[str]:
+    """The actors a resent call avoids: the last ones it failed on, all but one member's worth."""
+    return set(tried[-members + 1:]) if members > 1 else set()
+
+
+def unreachable_limit(restarting: bool, others: bool, node_gone: bool, floor_s: float,
+                      start_timeout_s: float) -> float:
+    """How long an actor may leave its probes unanswered before it is replaced: the call floor, or a model
+    load's time when it is only restarting, is its pool's last member and its node is still there."""
+    return start_timeout_s if restarting and not others and not node_gone else floor_s
+
+
+def hung(running_for_s: float, floor_s: float, factor: float, expected_s: float) -> bool:
+    """One call has run longer than any call's timeout: the actor is restarted (the call is retried elsewhere)."""
+    return running_for_s > call_timeout(floor_s, factor, expected_s)
+
+
+def needs_rescue(replicas: int, members: int, waiting_s: float | None, draining: bool, floor_s: float) -> bool:
+    """A pool that should have actors has had none for a call floor (its node left, no room for a new one):
+    it takes a GPU from another pool (`rescue_donor`)."""
+    return bool(replicas) and not members and not draining and waiting_s is not None and waiting_s >= floor_s
+
+
+def rescue_donor(kind: str, members: dict[str, int], whole_members: dict[str, int]) -> str | None:
+    """The pool that gives the GPU: of the others with more than one whole-GPU member, the one with most members."""
+    donors = [k for k in members if k != kind and whole_members.get(k, 0) > 1]
+    return max(donors, key=lambda k: members[k]) if donors else None
