@@ -49,6 +49,7 @@ from cosed.tasks import CAPTIONS, TaskError
 
 log = logging.getLogger("cosed")
 PROGRESS_SECONDS = 1.0
+REPLACE_REFRESH_S = 0.5  # a replaced driver reads the node list this fresh (one read serves a node's many)
 
 
 def connect(address: str | None = None) -> None:
@@ -376,6 +377,7 @@ class RayJob:
                     _cancel(ref, force=True)
             elif isinstance(action, ReplaceDriver):
                 _kill(self.drivers[action.driver])
+                self._refresh_hosts(max_age=REPLACE_REFRESH_S)  # its node may have just left
                 self._new_driver(action.driver)
             elif isinstance(action, SendCaptions):
                 handle = self.pools.handle(action.actor)
@@ -405,15 +407,14 @@ class RayJob:
         self._watch("driver", (driver, key), self.drivers[driver].next_events.remote())
 
     # -- where drivers and writers run ---------------------------------------------------------------
-    def _refresh_hosts(self, ray_nodes: list[dict] | None = None) -> None:
-        """The nodes drivers and writers may use now (`policies.host_nodes`), read again at most once per
-        ``rescale_seconds``: nodes that join get their share, nodes that left get none."""
+    def _refresh_hosts(self, ray_nodes: list[dict] | None = None, max_age: float | None = None) -> None:
+        """The nodes drivers and writers may use now (`policies.host_nodes`), read again when older than
+        ``max_age`` (default ``rescale_seconds``): nodes that join get their share, nodes that left get none."""
         now = time.monotonic()
-        if ray_nodes is None and now - self.hosts_at < self.cfg.ray.rescale_seconds:
+        if ray_nodes is None and now - self.hosts_at < (self.cfg.ray.rescale_seconds if max_age is None else max_age):
             return
         ray_nodes = ray.nodes() if ray_nodes is None else ray_nodes
         self.hosts, self.marked = host_nodes(ray_nodes, self.cfg.ray.writer_nodes)
-        self.everywhere = len(self.hosts) == sum(1 for n in ray_nodes if n.get("Alive", True))
         self.hosts_at = now
 
     def _process_shapes(self, nodes, drivers: int) -> dict[str, dict]:
@@ -428,14 +429,16 @@ class RayJob:
                                                                                                fitted)}
 
     def _placement(self, kind: str, node: str | None) -> dict:
-        """Ray options of a driver or writer bound for ``node``: its requests, the worker resource on marked
-        clusters, and an affinity that is soft only where Ray's fallback is still a host node (a soft
-        affinity to a worker that left would put it on the head)."""
+        """Ray options of a driver or writer bound for ``node``: its requests, a soft affinity that spills
+        (where the node is gone, or busy with the model actors grown onto it, Ray places it on another node
+        with room now instead of waiting there), and on marked clusters the worker resource, which keeps
+        that other node off the head."""
         options = dict(self.shapes[kind])
         if self.marked:
             options["resources"] = {WORKER_RESOURCE: 0.001}
         if node is not None:
-            options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node, soft=self.marked or self.everywhere)
+            options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node, soft=True,
+                                                                            _spill_on_unavailable=True)
         return options
 
     def _new_driver(self, driver: int) -> None:

@@ -86,10 +86,11 @@ def host_nodes(ray_nodes: Sequence[dict], where: str = "workers") -> tuple[list[
     """The alive nodes drivers and writers may run on now (from ``ray.nodes()``), and whether they are the
     nodes marked with `WORKER_RESOURCE`.
 
-    Marked nodes when any node advertises it (the shipped cluster files mark their worker groups); else
-    every node but the head (a GPU-less head with 16 GiB must not take hundreds of torch-importing
-    processes), unless the head is the only node (a laptop, ``ray.init``); every node when ``where`` is
-    ``any``."""
+    Marked nodes when any node advertises it (the shipped cluster files mark their worker groups; the
+    runtime then requires the resource, so Ray never falls back to the head); else every node but the head
+    (a GPU-less head with 16 GiB must not take hundreds of torch-importing processes; Ray may still fall
+    back to it when the workers are gone or full), unless the head is the only node (a laptop,
+    ``ray.init``); every node when ``where`` is ``any``."""
     alive = [n for n in ray_nodes if n.get("Alive", True)]
     marked = [n["NodeID"] for n in alive if n.get("Resources", {}).get(WORKER_RESOURCE, 0) > 0]
     if marked and where != "any":
