@@ -84,6 +84,16 @@ class PoolResources:
 
 
 @dataclass
+class ProcessResources:
+    """What one task driver or writer asks of the scheduler: real requests, so Ray never piles hundreds of
+    torch-importing processes on one node. Lowered at start to what the nodes have left once the model actors
+    are placed (`policies.process_resources`), as auto CPUs of model actors are."""
+
+    num_cpus: float = 0.5
+    memory_gib: float = 1.5
+
+
+@dataclass
 class RayConfig:
     sd: PoolResources = field(default_factory=PoolResources)
     video: PoolResources = field(default_factory=PoolResources)
@@ -132,6 +142,11 @@ class RayConfig:
     # other nodes; "any": wherever Ray puts them).
     writers: int | str = "auto"
     writer_nodes: str = "workers"
+    # What each driver and writer asks for (lowered to what the nodes have left). They run only on nodes that
+    # advertise the custom resource `cosed_worker` when any does (the shipped cluster files set it on GPU
+    # workers), else off the head of a multi-node cluster (policies.host_nodes).
+    driver_resources: ProcessResources = field(default_factory=ProcessResources)
+    writer_resources: ProcessResources = field(default_factory=lambda: ProcessResources(num_cpus=0.5, memory_gib=1.0))
     # The smallest GPU (GiB) any pool may run on, for the memory plan ("auto": the smallest GPU in the cluster
     # at start). Set it when an autoscaling cluster can add smaller GPUs than it has at start.
     gpu_memory_gib: float | str = "auto"
@@ -217,6 +232,12 @@ class RunConfig:
         gpus = self.ray.autoscale_max_gpus
         if gpus != "auto" and (gpus < 0 or not math.isfinite(gpus)):
             raise ConfigError(f"ray.autoscale_max_gpus must be 'auto' or a number >= 0, got {gpus!r}")
+        for name in ("driver_resources", "writer_resources"):
+            asked = getattr(self.ray, name)
+            if asked.num_cpus < 0 or asked.memory_gib < 0:
+                raise ConfigError(f"ray.{name}: num_cpus and memory_gib must be >= 0")
+        if self.ray.writer_nodes not in ("workers", "any"):
+            raise ConfigError(f"ray.writer_nodes must be workers or any, got {self.ray.writer_nodes!r}")
         return self
 
     def to_dict(self) -> dict[str, Any]:

@@ -293,6 +293,8 @@ class DriverTask:
     policy: CallPolicy
 
 
+# Drivers and writers get their CPUs, memory, worker resource and node from the job (`RayJob._placement`,
+# `policies.host_nodes` / `process_resources`); the 0 CPUs here are only the defaults that every call overrides.
 @ray.remote(num_cpus=0, max_concurrency=4)
 class TaskDriver:
     """Walks one task's steps in order; reports each chosen scene to the job as it is chosen.

@@ -34,9 +34,10 @@ from cosed.distributed.core import (CancelClip, CancelWriter, CorePolicy, Driver
                                     StartTask, StartWriter, Stop)
 from cosed.distributed.costs import CAPTION, CostModel, batch_work, flow_order
 from cosed.distributed.dispatch import RETRYABLE, CallPolicy, Dispatcher
-from cosed.distributed.policies import admission, writer_node
-from cosed.distributed.pools import AutoscaleRequest, Pools, busy_fractions, head_node_id, nodes_now
-from cosed.distributed.sizing import expected_gpus, wait_for_gpus, wanted_gpus
+from cosed.distributed.policies import (WORKER_RESOURCE, admission, driver_destination, host_node, host_nodes,
+                                       process_resources)
+from cosed.distributed.pools import AutoscaleRequest, Pools, busy_fractions, nodes_now
+from cosed.distributed.sizing import expected_gpus, free_room, nodes_from_ray, wait_for_gpus, wanted_gpus
 from cosed.distributed.submission import JobStopped, raise_if_stopped
 from cosed.lease import LeaseLost, OutputLease
 from cosed.models.profiles import ModelUnavailable
@@ -48,6 +49,7 @@ from cosed.tasks import CAPTIONS, TaskError
 
 log = logging.getLogger("cosed")
 PROGRESS_SECONDS = 1.0
+REPLACE_REFRESH_S = 0.5  # a replaced driver reads the node list this fresh (one read serves a node's many)
 
 
 def connect(address: str | None = None) -> None:
@@ -200,11 +202,12 @@ class RayJob:
         drivers = max(1, min(plan.drivers, len(todo)))
         order = flow_order(todo, cfg, pools.costs, plan.capacity())
         tasks = [(t, summary.fingerprints[t.id], None if cfg.rewriter == "lm" else rewriter.captions(t)) for t in order]
-        self.nodes = [n.node_id for n in nodes_now()]
-        self.head = head_node_id()
+        ray_nodes = ray.nodes()
+        self.hosts_at = -float("inf")
+        self._refresh_hosts(ray_nodes)
         writers = None if cfg.ray.writers == "auto" else int(cfg.ray.writers)
         expected = pools.call_seconds()
-        self.core = JobCore(tasks, drivers, admission(drivers, writers, max(1, len(self.nodes) - 1)), CorePolicy(
+        self.core = JobCore(tasks, drivers, admission(drivers, writers, len(self.hosts)), CorePolicy(
             task_retries=cfg.ray.task_retries, sequence_deadline_s=cfg.ray.sequence_deadline_s,
             write_deadline_s=cfg.ray.write_deadline_s,
             call_attempts=cfg.ray.call_attempts, call_patience_s=cfg.ray.call_timeout_floor_s,
@@ -224,6 +227,8 @@ class RayJob:
         self.probes = [0, 0, 0, 0]
         self.started = time.monotonic()
         self.latency: dict[str, float] = {}
+        self.driver_moves = self.writers_started = 0
+        self.shapes = self._process_shapes(nodes_from_ray(ray_nodes), drivers)
         for driver in range(drivers):
             self._new_driver(driver)
         self.warming = self._warm_up()
@@ -235,10 +240,9 @@ class RayJob:
         counts: dict[str, int] = {}
         warm = []
         for _ in range(self.core.admission.writers):
-            node = self._spread(counts)
+            node = host_node(self.hosts, counts)
             counts[node] = counts.get(node, 0) + 1
-            options = {"scheduling_strategy": NodeAffinitySchedulingStrategy(node, soft=True)} if node else {}
-            warm.append(warm_writer.options(**options).remote())
+            warm.append(warm_writer.options(**self._placement("writer", node)).remote())
         return [handle.ready.remote() for handle in self.drivers.values()] + warm
 
     def warmed(self) -> None:
@@ -342,6 +346,7 @@ class RayJob:
     def _execute(self, actions: list) -> None:
         for action in actions:
             if isinstance(action, StartTask):
+                self._place_driver(action.driver)
                 self.trace.started.append((time.monotonic(), action.task.id))
                 policy = CallPolicy.from_config(self.cfg.ray, self.pools.expected())
                 job = DriverTask(action.key, action.task, action.captions, action.fingerprint, self.out, self.cfg,
@@ -367,10 +372,8 @@ class RayJob:
                 if ref is not None:
                     _cancel(ref, force=True)
             elif isinstance(action, ReplaceDriver):
-                try:
-                    ray.kill(self.drivers[action.driver])
-                except Exception:
-                    pass
+                _kill(self.drivers[action.driver])
+                self._refresh_hosts(max_age=REPLACE_REFRESH_S)  # its node may have just left
                 self._new_driver(action.driver)
             elif isinstance(action, SendCaptions):
                 handle = self.pools.handle(action.actor)
@@ -399,26 +402,63 @@ class RayJob:
     def _poll(self, driver: int, key) -> None:
         self._watch("driver", (driver, key), self.drivers[driver].next_events.remote())
 
-    def _spread(self, counts: dict[str, int]) -> str | None:
-        return writer_node(self.nodes, self.head, counts, self.cfg.ray.writer_nodes)
+    # -- where drivers and writers run ---------------------------------------------------------------
+    def _refresh_hosts(self, ray_nodes: list[dict] | None = None, max_age: float | None = None) -> None:
+        """The nodes drivers and writers may use now (`policies.host_nodes`), read again when older than
+        ``max_age`` (default ``rescale_seconds``): nodes that join get their share, nodes that left get none."""
+        now = time.monotonic()
+        if ray_nodes is None and now - self.hosts_at < (self.cfg.ray.rescale_seconds if max_age is None else max_age):
+            return
+        ray_nodes = ray.nodes() if ray_nodes is None else ray_nodes
+        self.hosts, self.marked = host_nodes(ray_nodes, self.cfg.ray.writer_nodes)
+        self.hosts_at = now
+
+    def _process_shapes(self, nodes, drivers: int) -> dict[str, dict]:
+        """Drivers' and writers' requests (CPUs, memory): as configured, lowered to what the host nodes have
+        left once the plan's model actors are placed (`policies.process_resources`)."""
+        room = {n.node_id: n for n in free_room(self.pools.cluster_plan.pools, nodes)}
+        asks = [self.cfg.ray.driver_resources, self.cfg.ray.writer_resources]
+        fitted = process_resources([(a.num_cpus, a.memory_gib * 2 ** 30) for a in asks],
+                                   [drivers, self.core.admission.writers],
+                                   [(room[h].cpus, room[h].memory) for h in self.hosts if h in room])
+        return {kind: {"num_cpus": cpus, "memory": int(memory)} for kind, (cpus, memory) in zip(("driver", "writer"),
+                                                                                               fitted)}
+
+    def _placement(self, kind: str, node: str | None) -> dict:
+        """Ray options of a driver or writer bound for ``node``: its requests, a soft affinity that spills
+        (where the node is gone, or busy with the model actors grown onto it, Ray places it on another node
+        with room now instead of waiting there), and on marked clusters the worker resource, which keeps
+        that other node off the head."""
+        options = dict(self.shapes[kind])
+        if self.marked:
+            options["resources"] = {WORKER_RESOURCE: 0.001}
+        if node is not None:
+            options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node, soft=True,
+                                                                            _spill_on_unavailable=True)
+        return options
 
     def _new_driver(self, driver: int) -> None:
-        counts: dict[str, int] = {}
-        for node in self.driver_nodes.values():
-            counts[node] = counts.get(node, 0) + 1
-        node = self._spread(counts)
-        options = {"scheduling_strategy": NodeAffinitySchedulingStrategy(node, soft=True)} if node else {}
-        self.drivers[driver] = TaskDriver.options(**options).remote()
+        self._refresh_hosts()
+        node = host_node(self.hosts, _count(n for d, n in self.driver_nodes.items() if d != driver))
+        self.drivers[driver] = TaskDriver.options(**self._placement("driver", node)).remote()
         self.driver_nodes[driver] = node
         if self.membership_ref is not None:
             self.drivers[driver].update.remote(self.membership_ref)
 
+    def _place_driver(self, driver: int) -> None:
+        """An idle driver about to take a task moves first when `policies.driver_destination` says so (its
+        node left, or a node that joined has two drivers fewer): it has no task and no call outstanding."""
+        self._refresh_hosts()
+        if driver_destination(self.driver_nodes.get(driver), self.hosts, _count(self.driver_nodes.values())):
+            _kill(self.drivers[driver])
+            self._new_driver(driver)
+            self.driver_moves += 1
+
     def _start_writer(self, action: StartWriter) -> None:
-        counts: dict[str, int] = {}
-        for _, node in self.writer_refs.values():
-            counts[node] = counts.get(node, 0) + 1
-        node = self._spread(counts)
-        options = {"scheduling_strategy": NodeAffinitySchedulingStrategy(node, soft=True)} if node else {}
+        self._refresh_hosts()
+        self.writers_started += 1
+        node = host_node(self.hosts, _count(node for _, node in self.writer_refs.values()), self.writers_started)
+        options = self._placement("writer", node)
         started_wall = time.time() - (time.monotonic() - action.started)
         ref = write_task.options(max_retries=self.cfg.ray.task_retries + 1, retry_exceptions=False, **options).remote(
             self.out, action.task, action.fingerprint, self.profile, self.cfg,
@@ -448,10 +488,7 @@ class RayJob:
     def shutdown(self) -> None:
         """Stop drivers, clip calls and writers still running (a stopped run); wait for failure records."""
         for handle in self.drivers.values():
-            try:
-                ray.kill(handle)
-            except Exception:
-                pass
+            _kill(handle)
         for ref in self.clip_refs.values():
             _cancel(ref)
         for ref, _ in self.writer_refs.values():
@@ -463,6 +500,8 @@ class RayJob:
         nodes = {w.get("node_id") for w in self.writes}
         return {"writer_peak_bytes": max((w["peak_bytes"] for w in self.writes), default=0),
                 "writer_nodes": sorted(n for n in nodes if n),
+                "driver_nodes": sorted({n for n in self.driver_nodes.values() if n}), "driver_moves": self.driver_moves,
+                "process_resources": self.shapes,
                 "dispatch_messages_per_call": round((probes + claims + releases) / calls, 3) if calls else 0.0,
                 "job_events": self.core.events,
                 "trace": {"started": [(round(t - self.started, 3), task) for t, task in self.trace.started],
@@ -503,6 +542,20 @@ def _failed(exc: BaseException):
     future: Future = Future()
     future.set_exception(exc)
     return future
+
+
+def _count(nodes) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for node in nodes:
+        counts[node] = counts.get(node, 0) + 1
+    return counts
+
+
+def _kill(handle) -> None:
+    try:
+        ray.kill(handle)
+    except Exception:
+        pass
 
 
 def _cancel(ref, force: bool = False) -> None:

@@ -5,7 +5,8 @@ simulator (`cosed.distributed.simulator`, `cosed plan`) import these same
 functions, so what is simulated is what runs. Sizing, growth and rebalancing
 live in `sizing`, task order in `costs`; this module holds the per-call and
 per-event ones: which actor takes a call, how many tasks may be in flight,
-which node writes, how busy a pool was over a window whose members changed.
+where drivers and writers run and what they ask for, how busy a pool was over
+a window whose members changed.
 """
 
 from __future__ import annotations
@@ -77,13 +78,70 @@ def admission(drivers: int, writers: int | None = None, nodes: int = 1) -> Admis
                      writers=writers if writers else max(2, 2 * nodes), captions_ahead=2 * drivers)
 
 
-def writer_node(nodes: Sequence[str], head: str | None, writing: dict[str, int], where: str = "workers") -> str | None:
-    """The node a writer runs on: the worker node with the fewest writers running (the head only when it is
-    the only node, or when ``where`` is ``any``); None lets Ray choose."""
-    candidates = [n for n in nodes if where == "any" or n != head] or list(nodes)
-    if not candidates:
+WORKER_RESOURCE = "cosed_worker"  # the custom resource worker nodes advertise: drivers and writers run there
+HEAD_RESOURCE = "node:__internal_head__"  # what Ray puts on the head node only
+
+
+def host_nodes(ray_nodes: Sequence[dict], where: str = "workers") -> tuple[list[str], bool]:
+    """The alive nodes drivers and writers may run on now (from ``ray.nodes()``), and whether they are the
+    nodes marked with `WORKER_RESOURCE`.
+
+    Marked nodes when any node advertises it (the shipped cluster files mark their worker groups; the
+    runtime then requires the resource, so Ray never falls back to the head); else every node but the head
+    (a GPU-less head with 16 GiB must not take hundreds of torch-importing processes; Ray may still fall
+    back to it when the workers are gone or full), unless the head is the only node (a laptop,
+    ``ray.init``); every node when ``where`` is ``any``."""
+    alive = [n for n in ray_nodes if n.get("Alive", True)]
+    marked = [n["NodeID"] for n in alive if n.get("Resources", {}).get(WORKER_RESOURCE, 0) > 0]
+    if marked and where != "any":
+        return marked, True
+    everyone = [n["NodeID"] for n in alive]
+    workers = [n["NodeID"] for n in alive if HEAD_RESOURCE not in n.get("Resources", {})]
+    return (everyone if where == "any" else workers or everyone), False
+
+
+def host_node(nodes: Sequence[str], load: dict[str, int], turn: int = 0) -> str | None:
+    """The node with the fewest of the run's drivers (or writers) now; ties go to the first from position
+    ``turn`` on (a count of earlier choices spreads short-lived writers round the nodes); None: no node."""
+    if not nodes:
         return None
-    return min(candidates, key=lambda n: (writing.get(n, 0), n))
+    best = min(range(len(nodes)), key=lambda i: (load.get(nodes[i], 0), (i - turn) % len(nodes)))
+    return nodes[best]
+
+
+def driver_destination(node: str | None, nodes: Sequence[str], load: dict[str, int]) -> str | None:
+    """Where an idle driver about to take a task should move (None: it stays).
+
+    It moves to the least-loaded node when its own node is no longer one drivers may use (gone, or a
+    worker node appeared beside the head), or holds at least two drivers more: so a node that joins
+    receives drivers as they finish tasks, within the plan's driver count, and a balanced spread never
+    moves (a move costs a process start)."""
+    target = host_node(nodes, load)
+    if target is None or node == target:
+        return None
+    if node not in nodes or load.get(node, 0) - load.get(target, 0) >= 2:
+        return target
+    return None
+
+
+def process_resources(asks: Sequence[tuple[float, float]], counts: Sequence[int],
+                      room: Sequence[tuple[float, float]]) -> list[tuple[float, float]]:
+    """(CPUs, memory bytes) each kind of process asks for: drivers, writers.
+
+    ``asks`` as configured, ``counts`` how many of each kind the run holds at once, ``room`` (CPUs, memory
+    bytes) each host node has left once the model actors are placed. The asks are lowered together, by one
+    factor per resource, so that each node's share of every kind fits its room (as auto CPUs of model actors
+    are lowered to what the busiest node can give): a request Ray could never grant would leave a driver
+    unplaced. CPUs in hundredths, memory in MiB, rounded down."""
+    if not room:
+        return [tuple(ask) for ask in asks]
+    share = [math.ceil(count / len(room)) for count in counts]
+    fitted = []
+    for resource, unit in ((0, 0.01), (1, 2.0 ** 20)):
+        wanted = sum(n * ask[resource] for n, ask in zip(share, asks))
+        scale = min([1.0] + [node[resource] / wanted for node in room if wanted > 0])
+        fitted.append([math.floor(ask[resource] * scale / unit + 1e-9) * unit for ask in asks])
+    return [(round(cpus, 2), memory) for cpus, memory in zip(*fitted)]
 
 
 @dataclass(frozen=True)

@@ -54,11 +54,6 @@ def nodes_now() -> list[Node]:
             for n in ray.nodes() if n.get("Alive", True)]
 
 
-def head_node_id() -> str | None:
-    return next((n["NodeID"] for n in ray.nodes() if n.get("Alive", True)
-                 and "node:__internal_head__" in n.get("Resources", {})), None)
-
-
 @dataclass
 class Actor:
     """One model actor of the run, with the shape it was created with."""

@@ -37,7 +37,7 @@ from cosed.config import RunConfig
 from cosed.distributed.core import (CancelClip, CancelWriter, CorePolicy, JobCore, RecordFailure, ReplaceDriver,
                                     Retrying, SendCaptions, SendClip, Sequenced, StartTask, StartWriter, Stop)
 from cosed.distributed.costs import CAPTION, CostModel, batch_work, candidate_counts, flow_order, full_batch_seconds
-from cosed.distributed.policies import Sample, admission, choose_actor, sample_candidates, window_busy, writer_node
+from cosed.distributed.policies import Sample, admission, choose_actor, host_node, sample_candidates, window_busy
 from cosed.distributed.preemptions import LostWork, NodeLoss, PreemptionModel
 from cosed.distributed.sizing import (ClusterPlan, Node, PoolPlan, free_room, grow_pools, place, plan_cluster,
                                       rebalance_move, rebalance_window_s)
@@ -275,12 +275,12 @@ class Simulation(NodeLoss):
         return max(self.free, key=self.free.get, default="")
 
     def _driver_home(self, moving: int | None = None) -> str | None:
-        """Drivers spread over the live nodes as the runtime spreads them (`policies.writer_node`)."""
+        """Drivers spread over the live nodes as the runtime spreads them (`policies.host_node`)."""
         counts: dict[str, int] = {}
         for driver, node in self.driver_node.items():
             if driver != moving and node is not None:
                 counts[node] = counts.get(node, 0) + 1
-        return writer_node([n.node_id for n in self.nodes], None, counts)
+        return host_node([n.node_id for n in self.nodes], counts)
 
     def _members(self, kind: str) -> list[str]:
         return [a.name for a in self.actors.values() if a.kind == kind and a.state == "member" and a.up_at <= self.now]
