@@ -224,7 +224,7 @@ def prepare_run(tasks_uri: str, out: str, cfg: RunConfig, overwrite: bool, profi
     if profile is None:
         profile, cfg = resolve_run(cfg)
     task_set = read_tasks(tasks_uri, cfg)
-    storage.configure(cfg.storage.retry_seconds)
+    storage.configure(cfg.storage.retry_seconds, cfg.storage.throttle_seconds)
     summary = RunSummary(out=out, rejected=list(task_set.errors),
                          fingerprints={t.id: task_fingerprint(t, profile, cfg) for t in task_set.tasks})
     write_errors(out, summary.rejected)
