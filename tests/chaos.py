@@ -134,16 +134,10 @@ class Proxy:
         self.restore()
 
     def throttle(self) -> None:
-        """From now on every request is answered SlowDown: connections already open are closed between
-        requests (a client reconnects, and meets the storm)."""
+        """From now on every request is answered SlowDown: connections already open are dropped (a client
+        reconnects, and meets the storm)."""
         self.throttling = True
-        with self.lock:
-            for sock in self.sockets:
-                try:
-                    sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-            self.sockets.clear()
+        self._drop_connections()
 
     def ease(self) -> None:
         self.throttling = False
@@ -162,6 +156,9 @@ class Proxy:
 
     def cut(self) -> None:
         self.listener.close()
+        self._drop_connections()
+
+    def _drop_connections(self) -> None:
         with self.lock:
             for sock in self.sockets:
                 try:
