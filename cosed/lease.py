@@ -29,7 +29,6 @@ import socket
 import threading
 import time
 import uuid
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 from cosed import storage
@@ -71,11 +70,13 @@ class LeaseFence:
             left = holder.expires - time.time() if holder else 0.0
             if holder is not None and holder.token == self.token and left >= _margin(self.seconds):
                 return
-            if holder is None or holder.token != self.token or not storage.under_pressure() \
-                    or time.monotonic() > give_up:
+            # Still ours but short: its renewal may be held up by throttling. Waiting is safe (nothing is written
+            # until a read shows it renewed); it is worth it while the lease has not expired or the storage throttles.
+            if holder is None or holder.token != self.token or time.monotonic() > give_up \
+                    or not (left > 0 or storage.under_pressure()):
                 raise LeaseLost(f"the output lease {self.uri} is no longer this job's (or expires in {left:.0f} s): "
                                 "nothing more is written; finished tasks are kept, run again to resume")
-            time.sleep(min(5.0, self.seconds / 16))  # still ours, its renewal held up by throttling: wait for it
+            time.sleep(min(5.0, self.seconds / 16))
 
     def write(self, uri: str, data: bytes) -> None:
         """Write one output after the check, bounded so it cannot land after the lease could pass on; a

@@ -271,17 +271,17 @@ def _s3_call(uri: str, call: Callable[..., T]) -> T:
             remaining = started + throttling - now
             if remaining <= 0:
                 raise StorageThrottled(
-                    f"storage endpoint {endpoint()} kept answering 503 SlowDown (throttling) for {now - started:.0f} s, "
-                    f"past storage.throttle_seconds ({throttling:g} s); finished tasks are kept, run the same "
-                    "command again to resume") from problem
+                    f"storage endpoint {endpoint()} kept answering 503 SlowDown (throttling) for "
+                    f"{now - started:.0f} s, past storage.throttle_seconds ({throttling:g} s); finished tasks are "
+                    "kept, run the same command again to resume") from problem
         else:
             silent_since = tried if silent_since is None else silent_since
             remaining = min(silent_since + outage, started + max(outage, throttling)) - now
             if remaining <= 0:
                 raise StorageUnavailable(
-                    f"storage endpoint {endpoint()} did not answer within {outage:g} s "
-                    f"(last error: {problem}); finished tasks are kept, run the same command again to resume") from problem
-        # Full jitter (many writers back off at once); the last try lands at the deadline.
+                    f"storage endpoint {endpoint()} did not answer within {outage:g} s (last error: {problem}); "
+                    "finished tasks are kept, run the same command again to resume") from problem
+        # Jittered (many writers back off at once, they must not retry in step); the last try lands at the deadline.
         time.sleep(min(_jitter.uniform(0.5, 1.0) * min(0.5 * 2 ** tries, 10.0), remaining))
 
 
