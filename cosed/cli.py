@@ -250,7 +250,7 @@ def run_command(args: argparse.Namespace) -> int:
     from cosed.runner import run_in_process
 
     cfg = config_from_args(args)
-    storage.configure(cfg.storage.retry_seconds)
+    storage.configure(cfg.storage.retry_seconds, cfg.storage.throttle_seconds)
     if getattr(args, "tasks", None):
         cfg = tasks_rewriter(args, cfg)
     if not getattr(args, "no_ray", True) and getattr(args, "out", None):

@@ -160,9 +160,11 @@ class RayConfig:
 
 @dataclass
 class StorageConfig:
-    """How long one storage call may keep retrying, and how long an output lease lasts unrenewed."""
+    """How long one storage call may keep retrying (unreachable: an outage; answering SlowDown: throttling),
+    and how long an output lease lasts unrenewed."""
 
     retry_seconds: float = 120.0
+    throttle_seconds: float = 1800.0
     lease_seconds: float = 120.0
 
 
@@ -203,8 +205,9 @@ class RunConfig:
                 raise ConfigError(f"video.{key} must be positive, got {value}")
         if self.sd.num_inference_steps is not None and self.sd.num_inference_steps < 1:
             raise ConfigError("sd.num_inference_steps must be positive")
-        if self.storage.retry_seconds < 0 or self.storage.lease_seconds < 10:
-            raise ConfigError("storage.retry_seconds must be >= 0 and storage.lease_seconds >= 10")
+        if self.storage.retry_seconds < 0 or self.storage.throttle_seconds < 0 or self.storage.lease_seconds < 10:
+            raise ConfigError("storage.retry_seconds and storage.throttle_seconds must be >= 0 and "
+                              "storage.lease_seconds >= 10")
         pool = self.pool
         if pool.steps not in ("all", "previous", "none"):
             raise ConfigError(f"pool.steps must be all, previous or none, got {pool.steps!r}")

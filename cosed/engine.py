@@ -17,7 +17,7 @@ import hashlib
 import json
 import time
 from collections import defaultdict
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -239,13 +239,14 @@ def assemble_task(out: str, task: Task, fingerprint: str, profile: Profile, cfg:
     """The task's folder from its parts: scenes, clips, video, storyboard, then the manifest (last).
 
     ``fence`` (the run's output lease) raises `LeaseLost` when this job may no longer
-    write; it is checked just before the manifest, whose write it bounds in time.
+    write; every file goes through it (`LeaseFence.write`: checked, then bounded in time).
     Holds the task's encoded clips twice (clips + joined video) and its scene PNGs:
     never raw frames. Removes the parts once the manifest is written.
     """
-    storage.configure(cfg.storage.retry_seconds)
+    storage.configure(cfg.storage.retry_seconds, cfg.storage.throttle_seconds)
     previous = _stored_manifest(out, task)
     parts = TaskParts.of(out, task.folder, fingerprint)
+    put = fence.write if fence is not None else storage.write_bytes
     timer = Timer()
     with timer.phase("stitch"):
         try:  # every part is read before any file of the task is touched
@@ -255,9 +256,11 @@ def assemble_task(out: str, task: Task, fingerprint: str, profile: Profile, cfg:
                 return previous  # a re-run of a writer that wrote the manifest and removed parts since
             raise
         if previous is not None:  # a redo: no manifest may ever name a mix of old and new files
+            if fence is not None:
+                fence()
             storage.delete(task_uri(out, task, MANIFEST))
         for relative, _, data in files:
-            storage.write_bytes(task_uri(out, task, relative), data)
+            put(task_uri(out, task, relative), data)
         written = [uri for _, uri, _ in files]
         steps_meta, clips, scenes = [], [], []
         for step in record["steps"]:
@@ -269,8 +272,8 @@ def assemble_task(out: str, task: Task, fingerprint: str, profile: Profile, cfg:
             meta = {k: v for k, v in step.items() if k != "video_seed"}
             steps_meta.append({**meta, "image": image_rel, "clip": clip_rel, "frames": count_frames(clip)})
         video = concat_mp4(clips, metadata={"title": task.title or "", "comment": f"cosed task {task.id}"})
-        storage.write_bytes(task_uri(out, task, "video.mp4"), video)
-        storage.write_bytes(task_uri(out, task, "storyboard.png"), storyboard_png(
+        put(task_uri(out, task, "video.mp4"), video)
+        put(task_uri(out, task, "storyboard.png"), storyboard_png(
             task.title or task.id, [png_image(scene) for scene in scenes], [s["caption"] for s in record["steps"]],
             [source_label(s["candidates"][s["chosen"]]["source"]) for s in record["steps"]]))
     manifest = {
@@ -283,8 +286,7 @@ def assemble_task(out: str, task: Task, fingerprint: str, profile: Profile, cfg:
         "storyboard": "storyboard.png",
         "timings": {**record.get("timings", {}), **timer.to_dict(), **(extra_timings or {})},
     }
-    with fence.manifest_write() if fence is not None else nullcontext():
-        storage.write_text(task_uri(out, task, MANIFEST), json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
+    put(task_uri(out, task, MANIFEST), (json.dumps(manifest, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
     if previous is not None:
         _remove_unlisted(out, task, manifest)
     for uri in written + [parts.sequence]:

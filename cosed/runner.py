@@ -201,7 +201,7 @@ def prepare_run(tasks_uri: str, out: str, plan: RunPlan, overwrite: bool) -> tup
     """Read and validate tasks, report rejects, and find what is left to do under ``plan``."""
     cfg = plan.cfg
     task_set = read_tasks(tasks_uri, cfg)
-    storage.configure(cfg.storage.retry_seconds)
+    storage.configure(cfg.storage.retry_seconds, cfg.storage.throttle_seconds)
     summary = RunSummary(out=out, rejected=list(task_set.errors),
                          fingerprints={t.id: task_fingerprint(t, plan.profile, cfg) for t in task_set.tasks})
     summary.extra["run_plan"] = plan.describe()

@@ -179,6 +179,23 @@ def test_the_failure_rules_runtime_and_simulator_share():
     assert rescue_donor("clip", {"sd": 3, "video": 5, "clip": 0}, {"sd": 3, "video": 1, "clip": 0}) == "sd"
 
 
+def test_storage_pressure_pauses_admission_and_one_writer_runs_until_it_eases():
+    job, started = core(drivers=2)
+    first, second = of(StartTask, started)
+    assert job.on_storage_pressure(True, 1.0) == []
+    ready = []
+    for start, task in ((first, TASKS[0]), (second, TASKS[1])):
+        actions = job.on_driver_events(start.driver, tag(start, clip(task, 1), Sequenced(1)), 2.0)
+        assert not of(StartTask, actions)  # drivers are free, t2 is queued: it waits for the storage
+        (sent,) = of(SendClip, actions)
+        ready += of(StartWriter, job.on_clip_result(sent.call, ClipDone(sent.request.clip, 1, 6), None, "", 3.0))
+    assert [w.key for w in ready] == [("t0", 0)]  # one writer while the storage pushes back
+    actions = job.on_storage_pressure(False, 10.0)
+    assert [a.key for a in of(StartTask, actions)] == [("t2", 0)] and [w.key for w in of(StartWriter, actions)] == [
+        ("t1", 0)]
+    assert (job.storage_pauses, job.storage_paused_s) == (1, 9.0)
+
+
 def latency():
     profile, cfg = resolve_run(RunConfig(profile="latency"))
     return cfg, CostModel.from_dict(profile.costs)

@@ -342,7 +342,7 @@ class TaskDriver:
     def _run(self, job: DriverTask, dispatcher: Dispatcher) -> None:
         self.tasks += 1
         emit = lambda event: self.events.put((job.key, event))  # noqa: E731
-        storage.configure(job.cfg.storage.retry_seconds)
+        storage.configure(job.cfg.storage.retry_seconds, job.cfg.storage.throttle_seconds)
         parts = TaskParts.of(job.out, job.task.folder, job.fingerprint)
         try:
             stored = stored_sequence(job.task, job.cfg, parts)

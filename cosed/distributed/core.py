@@ -13,7 +13,9 @@ Clip calls are keyed by the clip's URI (its task fingerprint and step): a later
 attempt of the same task joins the call already running instead of rendering
 again. Once a task is sequenced and all its clips are stored, a writer
 assembles it from storage. Storage gone past its budget, or the output lease
-lost, stops all admission; the runtime then ends the run.
+lost, stops all admission; the runtime then ends the run. Storage that pushes
+back (throttling) only pauses it: no task starts and one writer runs until the
+pressure ends (`on_storage_pressure`).
 
 Every operation on an event is O(1) amortised (dicts, a deque, a heap with lazy
 deletion), so the job's work per event does not grow with the tasks in flight.
@@ -226,6 +228,9 @@ class JobCore:
         self.failed: list[tuple[str, str]] = []
         self.scenes_chosen = 0
         self.scenes_written = 0
+        self.pressure_since: float | None = None  # storage pushing back since (admission paused)
+        self.storage_pauses = 0
+        self.storage_paused_s = 0.0
         self.events = 0  # handled (for the work-per-event figures)
 
     # -- bookkeeping ---------------------------------------------------------------------------------
@@ -258,6 +263,18 @@ class JobCore:
         self.members[kind] = list(names)
         for name in names:
             self.load.setdefault(name, 0)
+        return self._admit(now)
+
+    def on_storage_pressure(self, active: bool, now: float) -> list:
+        """The storage began or ceased to push back (SlowDown): pause or resume admission."""
+        if active and self.pressure_since is None:
+            self.pressure_since = now
+            self.storage_pauses += 1
+            log.warning("storage is throttling (SlowDown): no task starts and one writer runs until it eases")
+        elif not active and self.pressure_since is not None:
+            self.storage_paused_s += now - self.pressure_since
+            log.warning("storage no longer throttling after %.0f s: admission resumes", now - self.pressure_since)
+            self.pressure_since = None
         return self._admit(now)
 
     def sequencing(self, driver: int, key: tuple[str, int]) -> bool:
@@ -567,7 +584,8 @@ class JobCore:
             if uri in self.clips and self.clips[uri].actor is None and uri not in self.done_clips:
                 actions += self._send(uri, now)
         actions += self._admit_captions()
-        while self.queue and self.admission.may_sequence(len(self.idle), self.past_sequencing):
+        pressure = self.pressure_since is not None
+        while self.queue and self.admission.may_sequence(len(self.idle), self.past_sequencing, pressure):
             run = self.tasks[self.queue.popleft()]
             if run.state not in (QUEUED, READY) or run.captions is None or len(run.captions) < len(run.task.steps):
                 continue
@@ -577,7 +595,7 @@ class JobCore:
             self._move(run, SEQUENCING)
             self._timer(now + self.policy.sequence_deadline_s, "deadline", (run.key, SEQUENCING))
             actions.append(StartTask(driver, run.key, run.task, list(run.captions), run.fingerprint))
-        while self.write_ready and self.admission.may_write(len(self.writing)):
+        while self.write_ready and self.admission.may_write(len(self.writing), pressure):
             run = self.tasks[self.write_ready.popleft()]
             if run.state != WRITE_READY:
                 continue
@@ -589,7 +607,8 @@ class JobCore:
 
     def _admit_captions(self) -> list:
         actions: list = []
-        while self.to_caption and self.admission.may_caption(self.counts[CAPTIONING] + self.counts[READY]):
+        while self.to_caption and self.admission.may_caption(self.counts[CAPTIONING] + self.counts[READY],
+                                                             self.pressure_since is not None):
             run = self.tasks[self.to_caption.popleft()]
             run.captions = []
             self._move(run, CAPTIONING)

@@ -8,7 +8,9 @@ on one slow thing either (pool checks do not block, failure records are written
 by a thread of their own). Storage gone past its budget, the output lease
 lost, or the job API recording this Ray job as stopped, stops the run: no task
 starts after that, and the run ends with the documented error (exit 1) once its
-drivers are stopped.
+drivers are stopped. Storage that throttles pauses admission instead: a thread
+probes the output prefix about once a second and the core hears when the
+SlowDown answers begin and end.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ from cosed.tasks import CAPTIONS, TaskError
 log = logging.getLogger("cosed")
 PROGRESS_SECONDS = 1.0
 REPLACE_REFRESH_S = 0.5  # a replaced driver reads the node list this fresh (one read serves a node's many)
+PROBE_SECONDS = 1.0  # how often the job asks the storage whether it still throttles
 
 
 def connect(address: str | None = None) -> None:
@@ -189,6 +192,7 @@ class Trace:
 
     started: list[tuple[float, str]] = field(default_factory=list)
     stopped_at: float | None = None
+    paused: list[list[float | None]] = field(default_factory=list)  # [from, to] while storage throttled
 
 
 class RayJob:
@@ -220,6 +224,9 @@ class RayJob:
         self.writer_refs: dict[tuple, tuple[object, str | None]] = {}
         self.writes: list[dict] = []
         self.recorder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cosed-errors")
+        self.prober = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cosed-probe")
+        self.probing = None
+        self.probed = -PROBE_SECONDS
         self.trace = Trace()
         self.stopped: BaseException | None = None
         self.membership_ref = None
@@ -272,6 +279,7 @@ class RayJob:
                     event = None
             now = time.monotonic()
             self._execute(self.core.on_tick(now))
+            self._storage_pressure(now)
             if self.lease is not None and self.stopped is None:
                 try:
                     self.lease.check()
@@ -291,6 +299,19 @@ class RayJob:
                 last_progress = now
         if self.progress:
             self._report(shown)
+
+    def _storage_pressure(self, now: float) -> None:
+        """Probe the output prefix (one call at a time) and tell the core when throttling begins or ends."""
+        if (self.probing is None or self.probing.done()) and now - self.probed >= PROBE_SECONDS:
+            self.probing = self.prober.submit(storage.probe, self.out)
+            self.probed = now
+        active = storage.under_pressure()
+        if active != (self.core.pressure_since is not None):
+            if active:
+                self.trace.paused.append([now, None])
+            elif self.trace.paused:
+                self.trace.paused[-1][1] = now
+            self._execute(self.core.on_storage_pressure(active, now))
 
     def _handle(self, event, now: float) -> list:
         kind, key, future = event
@@ -494,6 +515,7 @@ class RayJob:
         for ref, _ in self.writer_refs.values():
             _cancel(ref, force=True)
         self.recorder.shutdown(wait=True)
+        self.prober.shutdown(wait=False, cancel_futures=True)
 
     def report(self) -> dict:
         calls, probes, claims, releases = self.probes
@@ -504,9 +526,14 @@ class RayJob:
                 "process_resources": self.shapes,
                 "dispatch_messages_per_call": round((probes + claims + releases) / calls, 3) if calls else 0.0,
                 "job_events": self.core.events,
+                "storage_pauses": self.core.storage_pauses,
+                "storage_paused_s": round(self.core.storage_paused_s + (
+                    0.0 if self.core.pressure_since is None else time.monotonic() - self.core.pressure_since), 1),
                 "trace": {"started": [(round(t - self.started, 3), task) for t, task in self.trace.started],
                           "stopped_at": None if self.trace.stopped_at is None
-                          else round(self.trace.stopped_at - self.started, 3)}}
+                          else round(self.trace.stopped_at - self.started, 3),
+                          "paused": [[round(t - self.started, 3) if t is not None else None for t in span]
+                                     for span in self.trace.paused]}}
 
     def _report(self, shown):
         core = self.core

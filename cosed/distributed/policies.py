@@ -49,21 +49,24 @@ def choose_actor(candidates: Sequence[str], queued: dict[str, int]) -> str:
 
 @dataclass(frozen=True)
 class Admission:
-    """How many tasks a run holds at once (a bound on memory and on in-flight work)."""
+    """How many tasks a run holds at once (a bound on memory and on in-flight work). While the storage pushes
+    back (``pressure``: it answers SlowDown) no task starts and a single writer runs: the run slows down
+    instead of adding load, and the work in flight finishes."""
 
     drivers: int  # tasks sequencing at once
     after_sequencing: int  # tasks past their driver: clips rendering, waiting to write, writing
     writers: int  # writer tasks running at once
     captions_ahead: int  # tasks captioned (or captioning) before a driver is free for them
+    writers_under_pressure: int = 1
 
-    def may_sequence(self, idle_drivers: int, after: int) -> bool:
-        return idle_drivers > 0 and after < self.after_sequencing
+    def may_sequence(self, idle_drivers: int, after: int, pressure: bool = False) -> bool:
+        return not pressure and idle_drivers > 0 and after < self.after_sequencing
 
-    def may_write(self, writing: int) -> bool:
-        return writing < self.writers
+    def may_write(self, writing: int, pressure: bool = False) -> bool:
+        return writing < (min(self.writers, self.writers_under_pressure) if pressure else self.writers)
 
-    def may_caption(self, captioning: int) -> bool:
-        return captioning < self.captions_ahead
+    def may_caption(self, captioning: int, pressure: bool = False) -> bool:
+        return not pressure and captioning < self.captions_ahead
 
 
 AFTER_SEQUENCING = 8  # tasks past their driver may number this many times the drivers (each is a record in the job:
