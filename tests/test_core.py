@@ -72,6 +72,20 @@ def test_a_lost_clip_call_is_sent_again_as_the_same_value():
     assert resent.request == sent.request and resent.call != sent.call
 
 
+def test_a_clip_call_whose_only_actor_is_restarting_waits_a_model_load_not_the_call_floor():
+    job, started = core(call_patience_s=4.0, restart_patience_s=900.0)
+    job.on_members("video", ["v0"], 0.0)
+    (start,) = of(StartTask, started)
+    (sent,) = of(SendClip, job.on_driver_events(start.driver, tag(start, clip(TASKS[0], 1)), 1.0))
+    now, call = 1.0, sent.call
+    for _ in range(6):  # six failures over 60 s: past call_attempts and the call floor
+        assert not of(RecordFailure, job.on_clip_result(call, None, "restarting", "ActorUnavailableError", now))
+        now += 10.0
+        (again,) = of(SendClip, job.on_tick(now))
+        call = again.call
+    assert of(RecordFailure, job.on_clip_result(call, None, "retry", "ActorDiedError", now))  # not restarting
+
+
 def test_storage_gone_stops_admission_and_fails_only_what_never_started():
     job, started = core(drivers=1)
     (start,) = of(StartTask, started)

@@ -34,8 +34,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cosed.calls import ClipDone, ClipRequest
-from cosed.distributed.policies import (Admission, avoid_after_failure, call_timeout, choose_actor, give_up,
-                                        retry_backoff, sample_candidates)
+from cosed.distributed.policies import (Admission, avoid_after_failure, call_patience, call_timeout, choose_actor,
+                                        give_up, retry_backoff, sample_candidates)
 from cosed.lease import LeaseLost
 from cosed.storage import StorageUnavailable
 from cosed.tasks import Task
@@ -187,6 +187,7 @@ class CorePolicy:
     write_deadline_s: float = 1800.0  # a writer's work, from its start (never the wait for a writer slot)
     call_attempts: int = 4
     call_patience_s: float = 120.0  # a clip call is failed only after this long and ``call_attempts`` tries
+    restart_patience_s: float = 900.0  # ... or this long while its actor is only restarting (reloading)
     timeout_floor_s: float = 120.0
     timeout_factor: float = 10.0
     clip_seconds: float = 1.0  # expected seconds of one clip call (measured ones replace it)
@@ -332,7 +333,7 @@ class JobCore:
 
     def on_clip_result(self, call: int, done: ClipDone | None, error: str | None, message: str, now: float) -> list:
         """A clip call answered: ``done``, or ``error`` = ``retry`` (actor lost, timed out, cancelled),
-        ``storage`` or ``fatal`` (the call itself failed)."""
+        ``restarting`` (its actor is reloading), ``storage`` or ``fatal`` (the call itself failed)."""
         self.events += 1
         uri = self.calls.pop(call, None)
         if uri is None:
@@ -342,11 +343,11 @@ class JobCore:
         actions: list = []
         if done is not None:
             self._clip_done(uri, actions)
-        elif error == "retry":
+        elif error in ("retry", "restarting"):
             clip.tried.append(clip.actor or "?")
             clip.first_failure = clip.first_failure if clip.first_failure is not None else now
-            if give_up(len(clip.tried), self.policy.call_attempts, now - clip.first_failure,
-                       self.policy.call_patience_s):
+            if give_up(len(clip.tried), self.policy.call_attempts, now - clip.first_failure, call_patience(
+                    error == "restarting", self.policy.call_patience_s, self.policy.restart_patience_s)):
                 self._clip_failed(uri, f"video calls kept failing: {len(clip.tried)} attempts "
                                        f"(actors {', '.join(clip.tried)}); last error: {message}", actions)
             else:
@@ -402,7 +403,7 @@ class JobCore:
                 continue
             if caption is None:
                 run.caption_failures += 1
-                if error == "retry" and run.caption_failures < self.policy.call_attempts:
+                if error in ("retry", "restarting") and run.caption_failures < self.policy.call_attempts:
                     # Like a clip: sent again after a backoff, to another actor than the one that just failed.
                     self.caption_avoid[(task_id, step)] = actor
                     self._timer(now + retry_backoff(run.caption_failures), "caption", (task_id, step))

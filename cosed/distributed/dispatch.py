@@ -25,7 +25,8 @@ from typing import Any, Callable
 import ray
 
 from cosed.distributed import telemetry
-from cosed.distributed.policies import call_timeout, choose_actor, give_up, retry_backoff, sample_candidates
+from cosed.distributed.policies import (call_patience, call_timeout, choose_actor, give_up, retry_backoff,
+                                        sample_candidates)
 
 log = logging.getLogger("cosed")
 
@@ -257,8 +258,8 @@ class Dispatcher:
                     # Give up after ``attempts`` failures, but never before the floor has passed, nor while
                     # the actor is only restarting (reloading models can take minutes): a pool of one actor
                     # that is restarting must not fail the task.
-                    patience = self.policy.restart_wait_s if isinstance(exc, ray.exceptions.ActorUnavailableError) \
-                        else self.policy.timeout_floor_s
+                    patience = call_patience(isinstance(exc, ray.exceptions.ActorUnavailableError),
+                                             self.policy.timeout_floor_s, self.policy.restart_wait_s)
                     if give_up(len(failures[index]), self.policy.attempts, time.monotonic() - first_failure[index],
                                patience):
                         raise CallFailed(f"{kind}.{method} failed on {len(failures[index])} attempts "

@@ -215,6 +215,7 @@ class RayJob:
             task_retries=cfg.ray.task_retries, sequence_deadline_s=cfg.ray.sequence_deadline_s,
             write_deadline_s=cfg.ray.write_deadline_s,
             call_attempts=cfg.ray.call_attempts, call_patience_s=cfg.ray.call_timeout_floor_s,
+            restart_patience_s=cfg.ray.start_timeout_s,
             timeout_floor_s=cfg.ray.call_timeout_floor_s, timeout_factor=cfg.ray.call_timeout_factor,
             clip_seconds=expected.get("video", 1.0)), seed=hash(out) % 997)
         self.events: queue.SimpleQueue = queue.SimpleQueue()
@@ -336,7 +337,7 @@ class RayJob:
                 return self.core.on_clip_result(key, future.result(), None, "", now)
             except BaseException as exc:  # noqa: BLE001  (classified below)
                 error, message = _classify(exc)
-                if error == "retry":
+                if error in ("retry", "restarting"):
                     telemetry.record("cosed_call_retries", 1, pool="video")
                 return self.core.on_clip_result(key, None, error, message, now)
         if kind == "writer":
@@ -557,6 +558,8 @@ def _classify(exc: BaseException, writer: bool = False) -> tuple[str, str]:
         return "storage", str(cause)
     if isinstance(cause, LeaseLost):
         return "lease", str(cause)
+    if isinstance(exc, ray.exceptions.ActorUnavailableError) and not writer:
+        return "restarting", message  # retried like ``retry``, with a model load's patience
     if isinstance(exc, RETRYABLE) or isinstance(exc, ray.exceptions.RayError) and \
             not isinstance(exc, ray.exceptions.RayTaskError):
         return ("lost" if writer else "retry"), message

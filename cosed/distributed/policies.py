@@ -199,6 +199,12 @@ def give_up(failures: int, attempts: int, failing_for_s: float, patience_s: floa
     return failures >= attempts and failing_for_s >= patience_s
 
 
+def call_patience(restarting: bool, floor_s: float, restart_wait_s: float) -> float:
+    """How long a failing call is kept trying: the call floor, or a model load's time while its actor is only
+    restarting (a pool of one actor that reloads must not fail its calls in the seconds that takes)."""
+    return restart_wait_s if restarting else floor_s
+
+
 def avoid_after_failure(tried: Sequence[str], members: int) -> set[str]:
     """The actors a resent call avoids: the last ones it failed on, all but one member's worth."""
     return set(tried[-members + 1:]) if members > 1 else set()
