@@ -244,7 +244,8 @@ def assemble_task(out: str, task: Task, fingerprint: str, profile: Profile, cfg:
         for step in record["steps"]:
             number, digest = step["step"], step["scene_sha256"]
             image_rel, clip_rel = f"scenes/step_{number:02d}.png", f"clips/step_{number:02d}.mp4"
-            scene, clip = storage.read_bytes(parts.scene(number, digest)), storage.read_bytes(parts.clip(number, digest))
+            scene = storage.read_bytes(parts.scene(number, digest))
+            clip = storage.read_bytes(parts.clip(number, digest))
             storage.write_bytes(task_uri(out, task, image_rel), scene)
             storage.write_bytes(task_uri(out, task, clip_rel), clip)
             written += [parts.scene(number, digest), parts.clip(number, digest), parts.step_tensors(number),
@@ -268,7 +269,8 @@ def assemble_task(out: str, task: Task, fingerprint: str, profile: Profile, cfg:
         "seed": cfg.seed, "profile": profile.name,
         "random_weights": profile.random_weights, "models": profile.model_names(),
         **({"captioner": captioner_checksum(cfg)} if cfg.rewriter == "lm" else {}),
-        "config": manifest_config(cfg), "determinism": determinism.record(cfg.cpu_threads), "steps": steps_meta, "metrics": record["metrics"],
+        "config": manifest_config(cfg), "determinism": determinism.record(cfg.cpu_threads),
+        "steps": steps_meta, "metrics": record["metrics"],
         "video": "video.mp4", "video_frames": sum(s["frames"] for s in steps_meta), "fps": cfg.video.fps,
         "storyboard": "storyboard.png",
         "timings": {**record.get("timings", {}), **timer.to_dict(), **(extra_timings or {})},

@@ -12,9 +12,10 @@ done; each clip call stores its clip. All of it sits under the task's fingerprin
 so a retry or a resume with the same inputs and config continues from the last
 stored step, and parts of other inputs or config are never read. A scene and its
 clip are named by the scene's sha256: a re-render that gave other pixels (another
-GPU type) writes other files, so a clip only ever animates the scene beside it. The writer copies the parts to the task's
-folder, writes the manifest last and removes the parts; what a stopped job left of
-that removal is removed by the next run, which finds the task done.
+GPU type) writes other files, so a clip only ever animates the scene beside it.
+The writer copies the parts to the task's folder, writes the manifest last and
+removes the parts; what a stopped job left of that removal is removed by the next
+run, which finds the task done.
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
 """End to end on the tiny profile: real diffusers / open_clip models, real mp4 files."""
 
+import hashlib
 import json
 from collections import Counter
 from pathlib import Path
@@ -7,7 +8,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from cosed import runner
+from cosed import determinism, runner
 from cosed.cli import main
 from cosed.engine import manifest_without_timings
 from cosed.rewrite import make_rewriter
@@ -62,6 +63,9 @@ def test_every_valid_task_follows_the_output_contract(first, tiny_run):
             assert len(decode_mp4((folder / step["clip"]).read_bytes())) == cfg.video.num_frames
             assert 0 <= step["chosen"] < len(step["candidates"])
         assert Image.open(folder / "storyboard.png").size[0] > 0
+        assert manifest["determinism"] == determinism.record(cfg.cpu_threads)
+        assert [s["scene_sha256"] for s in manifest["steps"]] == [
+            hashlib.sha256((folder / s["image"]).read_bytes()).hexdigest() for s in manifest["steps"]]
         assert set(manifest["metrics"]) == {"clip_i", "clip_t"}
         assert all(isinstance(v, float) for v in manifest["metrics"].values())
 
