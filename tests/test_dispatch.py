@@ -172,3 +172,30 @@ def test_a_lost_object_ends_the_call_at_once_instead_of_resending_the_lost_refer
     with pytest.raises(ObjectsLost, match="OwnerDiedError"):
         pool.call("sd", "run", (0.0, refs))
     assert pool.probes.calls == sent + 1  # sent once: the other actor would have failed the same way
+
+
+def test_a_call_whose_whole_pool_died_waits_for_the_replacements_instead_of_failing():
+    """The node holding every member of a pool left: the job replaces them after the timeout floor, so the
+    call must not give up after the floor (it did, and failed the task: `test_elastic`)."""
+    import threading
+
+    pool = dispatcher(["a"], timeout_floor_s=0.0, attempts=2)
+    ray.kill(pool.membership.members["sd"]["a"], no_restart=True)
+    answer = {}
+    thread = threading.Thread(target=lambda: answer.setdefault("value", _outcome(pool.call, "sd", "run", (0.0, 7))))
+    thread.start()
+    for _ in range(600):
+        if pool.probes.calls > pool.policy.attempts or not thread.is_alive():
+            break
+        time.sleep(0.1)
+    assert thread.is_alive(), answer  # past ``attempts`` failures and the floor, still waiting
+    pool.update(Membership(2, {"sd": {"b": Echo.remote("b")}}))  # the job's replacement
+    thread.join()
+    assert answer["value"] == ("b", 7)
+
+
+def _outcome(fn, *args):
+    try:
+        return fn(*args)
+    except Exception as exc:  # noqa: BLE001 (the test reads it)
+        return exc

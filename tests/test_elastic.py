@@ -80,7 +80,7 @@ def test_a_gpu_node_added_mid_run_gets_model_actors_and_work(cluster, tmp_path, 
     assert any(a["calls"] > 0 for a in on_new_node if a["kind"] == "sd")
 
 
-@pytest.mark.parametrize("profile", ["tiny", "tiny-flux-ltx"])
+@pytest.mark.parametrize("profile", ["tiny-flux-ltx"])  # tiny: the harsher test below
 def test_a_node_removed_mid_run_loses_no_task(cluster, tmp_path, tiny_cache, clean_outputs, profile):
     from test_chaos import TASKS
 
@@ -101,8 +101,9 @@ def test_a_node_holding_the_sd_candidates_removed_mid_step_loses_no_task(cluster
                                                                        caplog):
     """Removed while tasks sequence, with every model actor on it (another job holds the head's GPUs until
     then, as a spot node that goes while the autoscaler brings capacity back): the SD candidates in its
-    store are lost and each step in flight is chosen again (the retry resumes at that step), drivers on it
-    are replaced; every task completes with every byte of a clean run."""
+    store go with it, and so do the drivers (drivers run on worker nodes), so each task in flight is retried
+    and resumes at its last stored step; every task completes with every byte of a clean run. (A lost
+    candidate seen by a surviving driver: `test_dispatch` on real Ray, `test_core` for the retry.)"""
     from test_chaos import TASKS, OtherJob
 
     tasks = TASKS[:3]
@@ -112,7 +113,7 @@ def test_a_node_holding_the_sd_candidates_removed_mid_step_loses_no_task(cluster
     node = cluster.add_node(num_cpus=4, num_gpus=2)
     cluster.wait_for_nodes()
     cfg = dataclasses.replace(resolved, ray=dataclasses.replace(
-        resolved.ray, rescale_seconds=1.0, max_concurrent_tasks=3, rebalance=False, call_timeout_floor_s=60.0))
+        resolved.ray, rescale_seconds=1.0, max_concurrent_tasks=3, rebalance=False, call_timeout_floor_s=15.0))
     out = tmp_path / "out"
 
     def spot_loss():

@@ -283,10 +283,13 @@ class Dispatcher:
                     first_failure.setdefault(index, time.monotonic())
                     self.forget(name)
                     # Give up after ``attempts`` failures, but never before the floor has passed, nor while
-                    # the actor is only restarting (reloading models can take minutes): a pool of one actor
-                    # that is restarting must not fail the task.
-                    patience = self.policy.restart_wait_s if isinstance(exc, ray.exceptions.ActorUnavailableError) \
-                        else self.policy.timeout_floor_s
+                    # the actor is only restarting (reloading models can take minutes), nor while every member
+                    # of the pool has died under this call (a node holding the whole pool left: the job replaces
+                    # them after the same floor): a pool that is coming back must not fail the task.
+                    pool_gone = isinstance(exc, ray.exceptions.RayActorError) and \
+                        not set(self.membership.members.get(kind, {})) - set(failures[index])
+                    patience = self.policy.restart_wait_s if pool_gone or isinstance(
+                        exc, ray.exceptions.ActorUnavailableError) else self.policy.timeout_floor_s
                     if len(failures[index]) >= self.policy.attempts and \
                             time.monotonic() - first_failure[index] >= patience:
                         raise CallFailed(f"{kind}.{method} failed on {len(failures[index])} attempts "
