@@ -13,20 +13,19 @@ from functools import cached_property
 from typing import Any, Protocol
 
 import numpy as np
-import torch
 
-from cosed import storage
+from cosed import determinism
 from cosed.calls import (CaptionRequest, Captioned, ClipDone, ClipRequest, EmbedImages, EmbedTexts, Rendered,
                          RenderRequest, Score)
 from cosed.config import RunConfig, SDConfig
 from cosed.embed import ClipEmbedder
 from cosed.generate import latent_shape, render_batch
-from cosed.images import png_image, thumbnail_png
+from cosed.images import thumbnail_png
 from cosed.memory import LEVELS, MemoryPlan, actor_memory_plan, gpu_memory_gib
 from cosed.models.loaders import load_pipeline, resolve_device
 from cosed.models.profiles import KINDS, Profile
 from cosed.selector import ContrastiveSelector
-from cosed.video import animate, existing_clip, write_clip
+from cosed.video import animate, existing_clip, scene_image, write_clip
 
 
 class Backend(Protocol):
@@ -53,10 +52,9 @@ class LocalBackend:
         self.cfg = cfg
         self.gpu_shared_by = gpu_shared_by
         self.device = resolve_device(cfg.device)
-        if self.device.type == "cpu":
-            # CPU float reductions depend on the thread count: fixing it keeps
-            # in-process runs and every Ray actor bit-identical.
-            torch.set_num_threads(cfg.cpu_threads)
+        # CPU float reductions depend on the thread count: fixing it keeps in-process runs and every Ray
+        # actor bit-identical. On CUDA: the cheap determinism options (`cosed.determinism`).
+        determinism.apply(self.device.type, cfg.cpu_threads)
 
     def memory_plan(self, kind: str) -> MemoryPlan:
         """The byte level the run plan gave this pool, plus CPU offload where this process's GPU, shared with
@@ -127,8 +125,7 @@ class LocalBackend:
         found = existing_clip(request)
         if found:
             return found
-        image = png_image(storage.read_bytes(request.scene))
-        return write_clip(request, self.frames(image, request))
+        return write_clip(request, self.frames(scene_image(request), request))
 
     def frames(self, image: np.ndarray, request: ClipRequest) -> np.ndarray:
         return animate(self.video, image, request.seed, request.video, request.caption)

@@ -69,6 +69,8 @@ class ClipRequest:
     The image is read from storage, never carried: whoever resends the request
     (the job after an actor died, a later attempt after a driver died) needs only
     this value. ``caption`` conditions text-driven video models (LTX-Video).
+    ``scene_sha256`` binds the clip to the scene's content: the clip's name
+    carries it, and the video side refuses a scene whose bytes do not match it.
     """
 
     task_id: str
@@ -78,6 +80,7 @@ class ClipRequest:
     video: VideoConfig
     caption: str
     clip: str  # URI the encoded clip is written to
+    scene_sha256: str = ""  # of the scene's PNG bytes (none: every scene is refused)
 
 
 @dataclass(frozen=True)

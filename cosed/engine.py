@@ -23,17 +23,18 @@ from typing import Callable
 
 import numpy as np
 
-from cosed import storage
+from cosed import determinism, storage
 from cosed.backend import Backend
 from cosed.calls import ClipRequest, EmbedImages, EmbedTexts, RenderRequest, Score
 from cosed.config import RunConfig
 from cosed.generate import batches
 from cosed.images import png_bytes, png_image
 from cosed.lease import LeaseFence
-from cosed.latents import CandidateSource, LatentPool, fresh_keys, initial_latents, plan_candidates
+from cosed.latents import LatentPool, fresh_keys, initial_latents, plan_candidates
 from cosed.metrics import clip_i, clip_t
 from cosed.models.profiles import Profile
 from cosed.parts import TaskParts
+from cosed.steps import StepResult, load_steps, store_scene, store_step
 from cosed.seeds import derive_seed
 from cosed.selector import clip_pick_scores
 from cosed.storyboard import storyboard_png
@@ -63,30 +64,6 @@ class Timer:
 
 
 @dataclass
-class StepResult:
-    number: int
-    text: str
-    caption: str
-    sources: list[CandidateSource]
-    scores: list[float]
-    chosen: int
-    image: np.ndarray
-    image_embedding: np.ndarray
-    video_seed: int
-    fresh_keys: list[CandidateSource] = field(default_factory=list)
-    candidate_images: list[str] | None = None  # task-relative paths of the kept thumbnails
-
-    def record(self) -> dict:
-        """This step in the sequence record (and so in the manifest)."""
-        candidates = [{"source": s.to_dict(), "score": score} for s, score in zip(self.sources, self.scores)]
-        for entry, path in zip(candidates, self.candidate_images or []):
-            entry["image"] = path
-        return {"step": self.number, "text": self.text, "caption": self.caption, "candidates": candidates,
-                "chosen": self.chosen, "video_seed": self.video_seed,
-                **({"fresh_keys": [s.to_dict() for s in self.fresh_keys]} if self.fresh_keys else {})}
-
-
-@dataclass
 class SequenceResult:
     task: Task
     steps: list[StepResult]
@@ -99,11 +76,13 @@ class SequenceResult:
                 "timings": self.timer.to_dict()}
 
 
-def clip_request(task: Task, step: int, caption: str, cfg: RunConfig, parts: TaskParts) -> ClipRequest:
-    """The one place a clip call is built: a scene's clip follows from the task, the step and the config."""
-    return ClipRequest(task_id=task.id, step=step, scene=parts.scene(step),
+def clip_request(task: Task, step: int, caption: str, cfg: RunConfig, parts: TaskParts,
+                 scene_sha256: str) -> ClipRequest:
+    """The one place a clip call is built: a scene's clip follows from the task, the step, the config and the
+    scene's content (its sha256 names the scene's and the clip's files)."""
+    return ClipRequest(task_id=task.id, step=step, scene=parts.scene(step, scene_sha256),
                        seed=derive_seed(cfg.seed, task.id, step, "video"), video=cfg.video, caption=caption,
-                       clip=parts.clip(step))
+                       clip=parts.clip(step, scene_sha256), scene_sha256=scene_sha256)
 
 
 def candidate_path(step: int, index: int) -> str:
@@ -114,17 +93,26 @@ def sequence_task(task: Task, captions: list[str], backend: Backend, cfg: RunCon
                   on_scene: Callable[[ClipRequest], None] | None = None) -> SequenceResult:
     """Choose one image per step (method.md §2-4).
 
-    With ``parts``, each chosen scene (and each kept candidate) is stored at once
-    and ``on_scene`` gets its clip request; the sequence record is stored last.
+    With ``parts``, each chosen step is stored at once (scene, kept candidates,
+    checkpoint: `cosed.steps`) and ``on_scene`` gets its clip request; the
+    sequence record is stored last. Steps already stored (a retry, a resume) are
+    read back, not chosen again: the run continues at the first step not stored.
     """
     timer = Timer()
     pool = LatentPool()
+    steps: list[StepResult] = []
+    for step, captured in load_steps(parts, len(task.steps)) if parts is not None else []:
+        pool.add_run(step.number, captured)
+        steps.append(step)
+        if on_scene:
+            on_scene(clip_request(task, step.number, step.caption, cfg, parts, step.scene_sha256))
     shape = backend.latent_shape(cfg.sd)
     keep = THUMBNAIL_PX if cfg.save_candidates else 0
     with timer.phase("clip_select"):
         caption_embeddings = backend.embed_texts(EmbedTexts(tuple(captions)))
-    steps: list[StepResult] = []
     for number, (text, caption) in enumerate(zip(task.steps, captions), start=1):
+        if number <= len(steps):
+            continue
         sources = plan_candidates(number, pool, cfg.pool, cfg.seed, task.id)
         keys = fresh_keys(number, cfg.pool, cfg.seed, task.id)
         starts = initial_latents(sources + keys, pool, shape)
@@ -147,11 +135,12 @@ def sequence_task(task: Task, captions: list[str], backend: Backend, cfg: RunCon
                     past_text, past_image))
         chosen = int(np.argmax(scores))
         batch_index, row = divmod(chosen, cfg.sd.batch_size)
-        pool.add_run(number, {k: v[row] for k, v in rendered[batch_index].captured.items()})
+        captured = {k: v[row] for k, v in rendered[batch_index].captured.items()}
+        pool.add_run(number, captured)
         image = backend.fetch(handles[chosen])
-        kept = None
+        kept, digest = None, ""
         if parts is not None:
-            storage.write_bytes(parts.scene(number), png_bytes(image))
+            digest = store_scene(parts, number, png_bytes(image))
             if keep:
                 thumbnails = [t for batch in rendered for t in batch.thumbnails][:len(sources)]
                 for index, data in enumerate(thumbnails):
@@ -161,10 +150,12 @@ def sequence_task(task: Task, captions: list[str], backend: Backend, cfg: RunCon
                           scores=[float(s) for s in scores], chosen=chosen, image=image,
                           image_embedding=image_embeddings[chosen],
                           video_seed=derive_seed(cfg.seed, task.id, number, "video"), fresh_keys=keys,
-                          candidate_images=kept)
+                          candidate_images=kept, scene_sha256=digest)
         steps.append(step)
-        if parts is not None and on_scene:
-            on_scene(clip_request(task, number, caption, cfg, parts))
+        if parts is not None:
+            store_step(parts, step, captured)
+            if on_scene:
+                on_scene(clip_request(task, number, caption, cfg, parts, digest))
     with timer.phase("clip_select"):
         chosen_images = np.stack([s.image_embedding for s in steps])
         metrics = {"clip_i": clip_i(chosen_images),
@@ -183,7 +174,8 @@ def stored_sequence(task: Task, cfg: RunConfig, parts: TaskParts) -> list[ClipRe
         return None
     except ValueError:  # a torn or foreign record: sequence again (parts are written whole, so rare)
         return None
-    return [clip_request(task, step["step"], step["caption"], cfg, parts) for step in record["steps"]]
+    return [clip_request(task, step["step"], step["caption"], cfg, parts, step["scene_sha256"])
+            for step in record["steps"]]
 
 
 def source_label(source: dict) -> str:
@@ -261,10 +253,11 @@ def assemble_task(out: str, task: Task, fingerprint: str, profile: Profile, cfg:
             storage.delete(task_uri(out, task, MANIFEST))
         for relative, _, data in files:
             put(task_uri(out, task, relative), data)
-        written = [uri for _, uri, _ in files]
+        written = [uri for _, uri, _ in files] + [uri for step in record["steps"] for uri in (
+            parts.step_tensors(step["step"]), parts.step_record(step["step"]))]
         steps_meta, clips, scenes = [], [], []
         for step in record["steps"]:
-            number = step["step"]
+            number, digest = step["step"], step["scene_sha256"]
             image_rel, clip_rel = f"scenes/step_{number:02d}.png", f"clips/step_{number:02d}.mp4"
             scene, clip = _part_bytes(files, image_rel), _part_bytes(files, clip_rel)
             scenes.append(scene)
@@ -281,7 +274,8 @@ def assemble_task(out: str, task: Task, fingerprint: str, profile: Profile, cfg:
         "seed": cfg.seed, "profile": profile.name,
         "random_weights": profile.random_weights, "models": profile.model_names(),
         **({"captioner": captioner_checksum(cfg)} if cfg.rewriter == "lm" else {}),
-        "config": manifest_config(cfg), "steps": steps_meta, "metrics": record["metrics"],
+        "config": manifest_config(cfg), "determinism": determinism.record(cfg.cpu_threads),
+        "steps": steps_meta, "metrics": record["metrics"],
         "video": "video.mp4", "video_frames": sum(s["frames"] for s in steps_meta), "fps": cfg.video.fps,
         "storyboard": "storyboard.png",
         "timings": {**record.get("timings", {}), **timer.to_dict(), **(extra_timings or {})},
@@ -304,8 +298,8 @@ def _read_parts(parts: TaskParts) -> tuple[dict, list[tuple[str, str, bytes]]]:
     files = []
     for step in record["steps"]:
         number = step["step"]
-        files.append((f"scenes/step_{number:02d}.png", parts.scene(number)))
-        files.append((f"clips/step_{number:02d}.mp4", parts.clip(number)))
+        files.append((f"scenes/step_{number:02d}.png", parts.scene(number, step["scene_sha256"])))
+        files.append((f"clips/step_{number:02d}.mp4", parts.clip(number, step["scene_sha256"])))
         files += [(entry["image"], parts.candidate(number, index))
                   for index, entry in enumerate(step["candidates"]) if "image" in entry]
     return record, [(relative, uri, storage.read_bytes(uri)) for relative, uri in files]

@@ -4,13 +4,18 @@ No result lives only in a process: the driver stores each chosen scene (and the
 candidates' thumbnails, when kept) as it goes and the sequence record when it is
 done; each clip call stores its clip. All of it sits under the task's fingerprint,
 
-    OUT/.cosed-parts/<task folder>/<fingerprint>/scene_NN.png, clip_NN.mp4, cand_NN_KK.png, sequence.json
+    OUT/.cosed-parts/<task folder>/<fingerprint>/
+        scene_NN_<hash>.png, clip_NN_<hash>.mp4   (named by the scene's content: written once)
+        step_NN.safetensors, step_NN.json         (a chosen step's checkpoint, `cosed.steps`)
+        cand_NN_KK.png, sequence.json
 
-so a retry or a resume with the same inputs and config reuses what is there (the
-content is deterministic: a repeated write stores the same bytes), and parts of
-other inputs or config are never read. The writer copies the parts to the task's
-folder, writes the manifest last and removes the parts; what a stopped job left of
-that removal is removed by the next run, which finds the task done.
+so a retry or a resume with the same inputs and config continues from the last
+stored step, and parts of other inputs or config are never read. A scene and its
+clip are named by the scene's sha256: a re-render that gave other pixels (another
+GPU type) writes other files, so a clip only ever animates the scene beside it.
+The writer copies the parts to the task's folder, writes the manifest last and
+removes the parts; what a stopped job left of that removal is removed by the next
+run, which finds the task done.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from dataclasses import dataclass
 from cosed import storage
 
 PARTS = ".cosed-parts"
+HASH_CHARS = 16  # of the scene's sha256 in scene and clip names
 
 
 @dataclass(frozen=True)
@@ -30,11 +36,17 @@ class TaskParts:
     def of(cls, out: str, folder: str, fingerprint: str) -> "TaskParts":
         return cls(storage.join(out, PARTS, folder, fingerprint))
 
-    def scene(self, step: int) -> str:
-        return storage.join(self.root, f"scene_{step:02d}.png")
+    def scene(self, step: int, sha256: str) -> str:
+        return storage.join(self.root, f"scene_{step:02d}_{sha256[:HASH_CHARS]}.png")
 
-    def clip(self, step: int) -> str:
-        return storage.join(self.root, f"clip_{step:02d}.mp4")
+    def clip(self, step: int, scene_sha256: str) -> str:
+        return storage.join(self.root, f"clip_{step:02d}_{scene_sha256[:HASH_CHARS]}.mp4")
+
+    def step_tensors(self, step: int) -> str:
+        return storage.join(self.root, f"step_{step:02d}.safetensors")
+
+    def step_record(self, step: int) -> str:
+        return storage.join(self.root, f"step_{step:02d}.json")
 
     def candidate(self, step: int, index: int) -> str:
         return storage.join(self.root, f"cand_{step:02d}_{index:02d}.png")

@@ -17,14 +17,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from cosed import storage
 from cosed.calls import ClipDone, ClipRequest, EmbedImages, EmbedTexts, Rendered, RenderRequest, Score
 from cosed.config import RunConfig, SDConfig
 from cosed.distributed.costs import CostModel
-from cosed.images import png_image, thumbnail_png
+from cosed.images import thumbnail_png
 from cosed.models.profiles import Profile
 from cosed.selector import EMBED_DIM, ContrastiveSelector
-from cosed.video import existing_clip, write_clip
+from cosed.video import existing_clip, scene_image, write_clip
 
 TIME_SCALE_ENV = "COSED_TIME_SCALE"
 LATENT_CHANNELS = 4
@@ -99,7 +98,7 @@ class SimulatedBackend:
         found = existing_clip(request)
         if found:
             return found
-        return write_clip(request, self.frames(png_image(storage.read_bytes(request.scene)), request))
+        return write_clip(request, self.frames(scene_image(request), request))
 
     def frames(self, image: np.ndarray, request: ClipRequest) -> np.ndarray:
         self._wait("animate", 1)

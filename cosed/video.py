@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import tempfile
@@ -17,6 +18,7 @@ from cosed import storage
 from cosed.calls import ClipDone, ClipRequest
 from cosed.config import VideoConfig
 from cosed.generate import to_uint8
+from cosed.images import png_image
 from cosed.models.adapters import image_to_video_adapter
 from cosed.numerics import guarded
 from cosed.seeds import generator
@@ -132,6 +134,20 @@ def concat_mp4(clips: list[bytes], metadata: dict[str, str] | None = None) -> by
                 offset = end
 
     return write_mp4(fill, metadata)
+
+
+class SceneMismatch(ValueError):
+    """A clip request's scene bytes are not the ones it names: animating them would give a wrong clip."""
+
+
+def scene_image(request: ClipRequest) -> np.ndarray:
+    """The scene a clip animates, checked against the request's hash (a mismatch is fatal for the call)."""
+    data = storage.read_bytes(request.scene)
+    found = hashlib.sha256(data).hexdigest()
+    if found != request.scene_sha256:
+        raise SceneMismatch(f"scene {request.scene} of task {request.task_id} step {request.step} has sha256 "
+                            f"{found}, the clip request names {request.scene_sha256 or 'none'}: not animated")
+    return png_image(data)
 
 
 def write_clip(request: ClipRequest, frames: np.ndarray) -> ClipDone:

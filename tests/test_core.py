@@ -63,6 +63,20 @@ def test_a_later_attempt_joins_the_clip_calls_of_the_attempt_before():
     assert job.on_driver_events(start.driver, tag(start, clip(TASKS[0], 2)), 7.0) == []
 
 
+def test_a_lost_object_redoes_the_task_counted_against_its_retries():
+    """Candidates gone with their node (`DriverFailed("lost")`): the task is retried (its driver resumes at the
+    step, `cosed.steps`), not failed; each loss spends one of ``task_retries``."""
+    job, started = core(task_retries=1)
+    (start,) = of(StartTask, started)
+    job.on_driver_events(start.driver, tag(start, clip(TASKS[0], 1)), 1.0)
+    actions = job.on_driver_events(start.driver, tag(start, DriverFailed("lost", "ObjectLostError")), 2.0)
+    assert not job.failed and not of(ReplaceDriver, actions)  # the driver is healthy: it takes the retry
+    (again,) = of(StartTask, actions)
+    assert again.key == ("t0", 1) and again.driver == start.driver
+    actions = job.on_driver_events(again.driver, tag(again, DriverFailed("lost", "ObjectLostError")), 3.0)
+    assert job.failed == [("t0", "objects lost: ObjectLostError (2 attempts)")]
+
+
 def test_a_lost_clip_call_is_sent_again_as_the_same_value():
     job, started = core()
     (start,) = of(StartTask, started)

@@ -4,10 +4,11 @@ import os
 import random
 import time
 
+import numpy as np
 import pytest
 import ray
 
-from cosed.distributed.dispatch import CallFailed, CallPolicy, Dispatcher, Membership, QueueCounter
+from cosed.distributed.dispatch import CallFailed, CallPolicy, Dispatcher, Membership, ObjectsLost, QueueCounter
 from cosed.distributed.policies import PROBES, choose_actor, sample_candidates
 
 
@@ -33,6 +34,8 @@ class Echo:
         try:
             seconds, value = request
             time.sleep(seconds)
+            if isinstance(value, list):  # object references, as candidate images reach the CLIP actor
+                value = ray.get(value)
             return self.name, value
         finally:
             self.queue.finish()
@@ -144,3 +147,55 @@ def test_a_call_that_hangs_times_out_and_is_retried_elsewhere():
     failing = dispatcher(["x"], timeout_floor_s=0.5, timeout_factor=1.0, attempts=2)
     with pytest.raises(CallFailed, match="2 attempts"):
         failing.call("sd", "run", (5.0, "slow"))
+
+
+@ray.remote(num_cpus=0)
+class Owner:
+    """Owns an object in the object store, as an SD actor's process owns nothing but holds the candidates."""
+
+    def make(self):
+        return [ray.put(np.zeros(1 << 20, np.uint8))]
+
+
+def test_a_lost_object_ends_the_call_at_once_instead_of_resending_the_lost_references():
+    pool = dispatcher(["a", "b"])
+    owner = Owner.remote()
+    refs = ray.get(owner.make.remote())
+    ray.kill(owner)  # the object goes with its owner: the actor's ray.get raises RayTaskError(OwnerDiedError)
+    for _ in range(600):  # until its node has let the object go (a copy in the store outlives the owner a moment)
+        try:
+            ray.get(refs)
+        except ray.exceptions.OwnerDiedError:
+            break
+        time.sleep(0.1)
+    sent = pool.probes.calls
+    with pytest.raises(ObjectsLost, match="OwnerDiedError"):
+        pool.call("sd", "run", (0.0, refs))
+    assert pool.probes.calls == sent + 1  # sent once: the other actor would have failed the same way
+
+
+def test_a_call_whose_whole_pool_died_waits_for_the_replacements_instead_of_failing():
+    """The node holding every member of a pool left: the job replaces them after the timeout floor, so the
+    call must not give up after the floor (it did, and failed the task: `test_elastic`)."""
+    import threading
+
+    pool = dispatcher(["a"], timeout_floor_s=0.0, attempts=2)
+    ray.kill(pool.membership.members["sd"]["a"], no_restart=True)
+    answer = {}
+    thread = threading.Thread(target=lambda: answer.setdefault("value", _outcome(pool.call, "sd", "run", (0.0, 7))))
+    thread.start()
+    for _ in range(600):
+        if pool.probes.calls > pool.policy.attempts or not thread.is_alive():
+            break
+        time.sleep(0.1)
+    assert thread.is_alive(), answer  # past ``attempts`` failures and the floor, still waiting
+    pool.update(Membership(2, {"sd": {"b": Echo.remote("b")}}))  # the job's replacement
+    thread.join()
+    assert answer["value"] == ("b", 7)
+
+
+def _outcome(fn, *args):
+    try:
+        return fn(*args)
+    except Exception as exc:  # noqa: BLE001 (the test reads it)
+        return exc

@@ -1,18 +1,20 @@
 """End to end on the tiny profile: real diffusers / open_clip models, real mp4 files."""
 
+import hashlib
 import json
+from collections import Counter
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
-from cosed import runner
+from cosed import determinism, runner
 from cosed.cli import main
 from cosed.engine import manifest_without_timings
 from cosed.rewrite import make_rewriter
 from cosed.video import decode_mp4
 
-from conftest import write_jsonl
+from conftest import outputs, write_jsonl
 
 pytestmark = pytest.mark.slow
 
@@ -61,6 +63,9 @@ def test_every_valid_task_follows_the_output_contract(first, tiny_run):
             assert len(decode_mp4((folder / step["clip"]).read_bytes())) == cfg.video.num_frames
             assert 0 <= step["chosen"] < len(step["candidates"])
         assert Image.open(folder / "storyboard.png").size[0] > 0
+        assert manifest["determinism"] == determinism.record(cfg.cpu_threads)
+        assert [s["scene_sha256"] for s in manifest["steps"]] == [
+            hashlib.sha256((folder / s["image"]).read_bytes()).hexdigest() for s in manifest["steps"]]
         assert set(manifest["metrics"]) == {"clip_i", "clip_t"}
         assert all(isinstance(v, float) for v in manifest["metrics"].values())
 
@@ -123,6 +128,47 @@ def test_resume_skips_done_tasks_and_redoes_missing_ones(tmp_path, tiny_run):
     assert second.done == ["tea"] and second.skipped == ["shelf"]
     _, forced = run(tmp_path, "resume", TASKS[1:], tiny_run, overwrite=True)
     assert sorted(forced.done) == ["shelf", "tea"]
+
+
+BENCH = {"id": "bench", "title": "Bench", "steps": ["Cut the boards.", "Sand the edges.", "Drill the holes.",
+                                                   "Screw the legs on.", "Oil the wood."]}
+
+
+class DiesAtStep:
+    """The tiny backend, counting text-to-image renders per caption; with ``die_at``, the first render of the
+    ``die_at``-th caption raises (the process sequencing the task goes away mid-step)."""
+
+    def __init__(self, backend, die_at: int | None = None):
+        self.backend, self.die_at = backend, die_at
+        self.captions: list[str] = []
+        self.renders: Counter = Counter()
+
+    def __getattr__(self, name):
+        return getattr(self.backend, name)
+
+    def render(self, requests):
+        for request in requests:
+            if request.caption not in self.captions:
+                self.captions.append(request.caption)
+            if len(self.captions) == self.die_at:
+                raise RuntimeError("the driver died")
+            self.renders[request.caption] += 1
+        return self.backend.render(requests)
+
+
+def test_a_retry_resumes_at_its_last_chosen_step_and_gives_the_same_bytes(tmp_path, tiny_run, clean_outputs):
+    _, cfg, backend = tiny_run
+    tasks, out = str(write_jsonl(tmp_path / "t.jsonl", [BENCH])), str(tmp_path / "out")
+    first = DiesAtStep(backend, die_at=3)
+    summary = runner.run_in_process(tasks, out, cfg, progress=False, backend=first)
+    assert [e.task_id for e in summary.failed] == ["bench"] and len(first.captions) == 3
+    assert sorted(p.name for p in (tmp_path / "out").glob(".cosed-parts/bench/*/step_*.json")) == \
+        ["step_01.json", "step_02.json"]
+    retry = DiesAtStep(backend)
+    assert runner.run_in_process(tasks, out, cfg, progress=False, backend=retry).done == ["bench"]
+    assert len(retry.captions) == 3 and retry.captions[0] == first.captions[2]  # steps 3-5 only, from step 3
+    assert [retry.renders[caption] for caption in first.captions[:2]] == [0, 0]  # no SD call for steps 1-2
+    assert outputs(tmp_path / "out", [BENCH]) == clean_outputs("tiny", [BENCH])  # every byte of every file
 
 
 def test_a_task_that_fails_at_run_time_is_reported_and_the_rest_finish(tmp_path, tiny_run, monkeypatch):

@@ -1,6 +1,7 @@
-"""Memory plans, the numerical guard, negative prompts and `cosed doctor`, all without a GPU."""
+"""Memory plans, the numerical guard, negative prompts, determinism options and `cosed doctor`, all without a GPU."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -317,3 +318,29 @@ def test_doctor_reports_gpu_nodes_without_a_hugging_face_token_for_a_gated_profi
             if c.name == "cluster HF token"] == [OK]
     assert not [c for c in probe_checks("HEAD:6379", probe, resolve_profile("flux-ltx"), "auto")
                 if c.name == "cluster HF token"]
+
+
+def test_cuda_determinism_options_are_set_once_per_process_and_recorded_for_both_devices(monkeypatch):
+    import torch
+
+    from cosed import determinism
+
+    calls = []
+    monkeypatch.setattr(determinism, "_cuda_set", False)
+    monkeypatch.setattr(torch, "use_deterministic_algorithms", lambda *a, **k: calls.append((a, k)))
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    flags = (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic, torch.backends.cudnn.allow_tf32,
+             torch.backends.cuda.matmul.allow_tf32)
+    torch.backends.cudnn.benchmark = torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        chosen = determinism.apply("cuda", 1)
+        assert chosen["cudnn_benchmark"] is False and chosen["matmul_allow_tf32"] is False
+        assert not torch.backends.cudnn.benchmark and not torch.backends.cuda.matmul.allow_tf32
+    finally:  # this process's settings as they were (its CPU tests do not depend on them)
+        (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic, torch.backends.cudnn.allow_tf32,
+         torch.backends.cuda.matmul.allow_tf32) = flags
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8" and calls == [((True,), {"warn_only": True})]
+    determinism.apply("cuda", 1)
+    assert len(calls) == 1  # once per process
+    assert determinism.settings("cpu", 3) == {"cpu_threads": 3}
+    assert determinism.record(3) == {"cuda": chosen, "cpu": {"cpu_threads": 3}}  # no node decides the manifest

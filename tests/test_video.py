@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 
 from cosed.video import decode_mp4, encode_mp4, stitch
 
@@ -92,3 +93,28 @@ def test_the_same_frames_encode_to_the_same_bytes_in_other_processes_and_under_l
         for process in load:
             process.kill()
     assert {count for count, _ in runs} == {"1"} and len({digest for _, digest in runs}) == 1
+
+
+def test_a_clip_request_whose_scene_bytes_do_not_match_its_hash_is_refused(tmp_path, tiny_run):
+    """A clip may only ever animate the scene its request names by content (a scene re-rendered elsewhere
+    with other pixels, or a stale file, is never animated silently)."""
+    import hashlib
+
+    from cosed.calls import ClipRequest
+    from cosed.images import png_bytes
+    from cosed.video import SceneMismatch, scene_image
+
+    _, cfg, backend = tiny_run
+    scene = moving(seed=3)[0]
+    data = png_bytes(scene)
+    (tmp_path / "scene.png").write_bytes(data)
+
+    def request(digest: str) -> ClipRequest:
+        return ClipRequest("t", 1, str(tmp_path / "scene.png"), 7, cfg.video, "c", str(tmp_path / "clip.mp4"), digest)
+
+    assert (scene_image(request(hashlib.sha256(data).hexdigest())) == scene).all()
+    (tmp_path / "scene.png").write_bytes(png_bytes(moving(seed=4)[0]))  # other pixels under the same name
+    for digest in (hashlib.sha256(data).hexdigest(), ""):
+        with pytest.raises(SceneMismatch, match="not animated"):
+            backend.animate(request(digest))
+    assert not (tmp_path / "clip.mp4").exists()

@@ -29,7 +29,8 @@ from cosed.calls import EmbedImages, Rendered
 from cosed.config import RunConfig
 from cosed.distributed import telemetry
 from cosed.distributed.core import ClipFound, DriverFailed, Sequenced
-from cosed.distributed.dispatch import CallFailed, CallPolicy, Dispatcher, Membership, QueueCounter
+from cosed.distributed.dispatch import (CallFailed, CallPolicy, Dispatcher, Membership, ObjectsLost, QueueCounter,
+                                       get_or_lost)
 from cosed.engine import assemble_task, sequence_task, stored_sequence
 from cosed.images import png_bytes
 from cosed.lease import LeaseFence
@@ -277,7 +278,7 @@ class RayBackend:
         raise RuntimeError("clip calls are sent by the job, not by drivers")
 
     def fetch(self, handle):
-        return ray.get(handle)
+        return get_or_lost(handle, "the chosen candidate")
 
 
 @dataclass(frozen=True)
@@ -353,8 +354,8 @@ class TaskDriver:
                 emit(Sequenced(len(stored), _counts(dispatcher)))
                 return
 
-            def scene(request) -> None:
-                emit(request)
+            def scene(request) -> None:  # a step stored by an earlier attempt may have its clip too
+                emit(ClipFound(request) if existing_clip(request) else request)
                 telemetry.record("cosed_scenes_done")
                 if self.tasks == 2 and first_to_create(job.cfg.ray.chaos_driver_exit_marker):
                     time.sleep(0.5)  # the scene reaches the job before this process goes
@@ -366,6 +367,8 @@ class TaskDriver:
             emit(DriverFailed("storage", str(exc)))
         except CallFailed as exc:
             emit(DriverFailed("calls", str(exc)))
+        except ObjectsLost as exc:  # the core retries the task, which resumes at this step
+            emit(DriverFailed("lost", str(exc)))
         except Exception as exc:  # a bad task fails alone
             emit(DriverFailed("error", f"{type(exc).__name__}: {exc}"))
             traceback.print_exc()

@@ -9,7 +9,7 @@ A task's life (one attempt at a time)::
 A driver chooses the task's scenes and reports each one as a `ClipRequest`; the
 job (this core) sends every clip call itself, so a clip never depends on the
 driver that asked for it (a driver's death costs only the task it sequences).
-Clip calls are keyed by the clip's URI (its task fingerprint and step): a later
+Clip calls are keyed by the clip's URI (task fingerprint, step, scene hash): a later
 attempt of the same task joins the call already running instead of rendering
 again. Once a task is sequenced and all its clips are stored, a writer
 assembles it from storage. Storage gone past its budget, or the output lease
@@ -68,7 +68,8 @@ class ClipFound:
 
 @dataclass(frozen=True)
 class DriverFailed:
-    """The task failed inside its driver: ``kind`` is ``storage``, ``calls`` (model calls kept failing) or
+    """The task failed inside its driver: ``kind`` is ``storage``, ``calls`` (model calls kept failing),
+    ``lost`` (objects a step needed went with their node: retried, the retry resumes at that step) or
     ``error`` (anything else, a bad input say)."""
 
     kind: str
@@ -314,6 +315,8 @@ class JobCore:
                 if event.kind == "storage":
                     actions += self._stop(StorageUnavailable(event.message))
                     self._fail(run, event.message, actions)
+                elif event.kind == "lost":
+                    self._retry_or_fail(run, f"objects lost: {event.message}", actions)
                 else:
                     reason = f"model calls kept failing: {event.message}" if event.kind == "calls" else event.message
                     self._fail(run, reason, actions)

@@ -34,11 +34,38 @@ QUEUE_TIMEOUT_S = 1.0  # a probe unanswered this fast counts the actor as busy, 
 
 # Failures of the serving actor or its node, or of the call's delivery: the call is tried again elsewhere.
 RETRYABLE = (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError, ray.exceptions.TaskCancelledError,
-             ray.exceptions.ObjectLostError, ray.exceptions.WorkerCrashedError)
+             ray.exceptions.WorkerCrashedError)
 
 
 class CallFailed(RuntimeError):
     """A model call failed on ``attempts`` actors in a row (or found no live actor)."""
+
+
+class ObjectsLost(RuntimeError):
+    """Objects a call reads or returns are gone with their node (candidate images of a removed SD node):
+    sending the call again would send the same lost references, so the step is chosen again instead."""
+
+
+def lost_object(exc: BaseException | None) -> bool:
+    """Whether ``exc`` is, or wraps (a `RayTaskError` of an actor whose ``ray.get`` failed), a lost object
+    (`ObjectLostError` and its subclasses, `OwnerDiedError` among them)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, ray.exceptions.ObjectLostError):
+            return True
+        seen.add(id(exc))
+        exc = getattr(exc, "cause", None) or exc.__cause__
+    return False
+
+
+def get_or_lost(ref, what: str):
+    """``ray.get(ref)``, with a lost object raised as `ObjectsLost` (never retried as a call failure)."""
+    try:
+        return ray.get(ref)
+    except Exception as exc:
+        if lost_object(exc):
+            raise ObjectsLost(f"{what}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from exc
+        raise
 
 
 @dataclass(frozen=True)
@@ -218,6 +245,7 @@ class Dispatcher:
         """The results of ``method`` for each request (a list of refs where a request has several returns),
         each retried on another actor on failure (for at least ``attempts`` tries and the timeout floor).
         A wait ends after the policy's timeout: the call is then cancelled (if still queued) and sent elsewhere.
+        A lost object (`lost_object`) raises `ObjectsLost` at once: resending would resend the lost references.
         """
         results: list = [None] * len(requests)
         failures: list[list[str]] = [[] for _ in requests]
@@ -245,7 +273,7 @@ class Dispatcher:
                     if ref in expired:
                         _cancel(ref)
                         raise ray.exceptions.GetTimeoutError(f"{kind}.{method} did not answer in time")
-                    value = ray.get(ref)
+                    value = get_or_lost(ref, f"{kind}.{method} on {name}")
                     results[index] = value if len(refs) == 1 else (refs[:-1], value)
                     telemetry.record("cosed_pool_call_seconds", time.monotonic() - sent, pool=kind)
                 except RETRYABLE as exc:
@@ -256,9 +284,12 @@ class Dispatcher:
                     first_failure.setdefault(index, time.monotonic())
                     self.forget(name)
                     # Give up after ``attempts`` failures, but never before the floor has passed, nor while
-                    # the actor is only restarting (reloading models can take minutes): a pool of one actor
-                    # that is restarting must not fail the task.
-                    patience = call_patience(isinstance(exc, ray.exceptions.ActorUnavailableError),
+                    # the actor is only restarting (reloading models can take minutes), nor while every member
+                    # of the pool has died under this call (a node holding the whole pool left: the job replaces
+                    # them after the same floor): a pool that is coming back must not fail the task.
+                    pool_gone = isinstance(exc, ray.exceptions.RayActorError) and \
+                        not set(self.membership.members.get(kind, {})) - set(failures[index])
+                    patience = call_patience(pool_gone or isinstance(exc, ray.exceptions.ActorUnavailableError),
                                              self.policy.timeout_floor_s, self.policy.restart_wait_s)
                     if give_up(len(failures[index]), self.policy.attempts, time.monotonic() - first_failure[index],
                                patience):
