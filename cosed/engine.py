@@ -27,6 +27,7 @@ from cosed import storage
 from cosed.backend import Backend
 from cosed.calls import ClipRequest, EmbedImages, EmbedTexts, RenderRequest, Score
 from cosed.config import RunConfig
+from cosed.donemarks import mark_done
 from cosed.generate import batches
 from cosed.images import png_bytes, png_image
 from cosed.lease import LeaseFence
@@ -283,6 +284,7 @@ def assemble_task(out: str, task: Task, fingerprint: str, profile: Profile, cfg:
     }
     with fence.manifest_write() if fence is not None else nullcontext():
         storage.write_text(task_uri(out, task, MANIFEST), json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
+    mark_done(out, task.folder, fingerprint)
     if replaced:
         _remove_unlisted(out, task, manifest)
     for uri in written + [parts.sequence]:
