@@ -14,7 +14,7 @@ from cosed.errors import UserError
 from cosed.runner import pending_tasks, read_tasks
 from cosed.tasks import Task
 
-from conftest import SMALL_TASKS, clean_outputs, outputs, write_jsonl  # noqa: F401  (clean_outputs: a fixture)
+from conftest import SMALL_TASKS, outputs, write_jsonl
 from test_failures import s3_mock  # noqa: F401  (a fixture)
 
 SAUCE, SHELF, TEA = SMALL_TASKS
