@@ -20,7 +20,7 @@ from cosed import storage
 from cosed.backend import LocalBackend, make_backend
 from cosed.config import RunConfig
 from cosed.donemarks import resume_scan
-from cosed.engine import generate_task, task_fingerprint
+from cosed.engine import generate_task, task_fingerprint, task_uri  # noqa: F401  (task_uri: its callers import it here)
 from cosed.errors import UserError
 from cosed.lease import LeaseLost, OutputLease
 from cosed.memory import gpu_memory_gib
