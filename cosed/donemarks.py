@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Callable
 
 from cosed import storage
 from cosed.tasks import DONE, Task
@@ -32,9 +33,11 @@ def marker_uri(out: str, folder: str, fingerprint: str) -> str:
     return storage.join(out, DONE, fingerprint[:2], fingerprint, folder)
 
 
-def mark_done(out: str, folder: str, fingerprint: str) -> None:
-    """Called right after the task's manifest is written (`cosed.engine.assemble_task`)."""
-    storage.write_bytes(marker_uri(out, folder, fingerprint), b"")
+def mark_done(out: str, folder: str, fingerprint: str, write: Callable[[str, bytes], None] = storage.write_bytes
+              ) -> None:
+    """Called right after the task's manifest is written (`cosed.engine.assemble_task`), with the same
+    ``write`` (the output lease's fenced write, where there is one)."""
+    write(marker_uri(out, folder, fingerprint), b"")
 
 
 def list_marks(out: str) -> dict[str, set[str]]:
