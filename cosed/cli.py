@@ -135,6 +135,12 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node (default 8)")
     plan.add_argument("--join", action="append", default=[], metavar="GPUS@WHEN",
                       help="GPUs that join during the run, e.g. --join 8@10m (repeatable)")
+    plan.add_argument("--preemptions", metavar="RATE",
+                      help="also simulate nodes lost at this rate, e.g. 5%%/h (of the nodes, per hour), beside the run "
+                           "without: makespan, GPU-hours and work lost to preemption")
+    plan.add_argument("--replace-after", default="10m",
+                      help="with --preemptions: when a lost node's replacement joins (the autoscaler), e.g. 10m, or "
+                           "never (a fixed-size cluster; default 10m)")
     add_model_options(plan)
     add_setup_verbs(verbs)
     return parser
@@ -246,7 +252,7 @@ def run_command(args: argparse.Namespace) -> int:
     from cosed.runner import run_in_process
 
     cfg = config_from_args(args)
-    storage.configure(cfg.storage.retry_seconds)
+    storage.configure(cfg.storage.retry_seconds, cfg.storage.throttle_seconds)
     if getattr(args, "tasks", None):
         cfg = tasks_rewriter(args, cfg)
     if not getattr(args, "no_ray", True) and getattr(args, "out", None):
@@ -570,7 +576,9 @@ def plan_command(args: argparse.Namespace, cfg: RunConfig) -> int:
 
     from cosed import storage
     from cosed.distributed.costs import CostModel
-    from cosed.plan import PlanRequest, describe, fewest_gpus, measured_costs, parse_duration, parse_join, record
+    from cosed.distributed.preemptions import PreemptionModel, parse_rate
+    from cosed.plan import (PlanRequest, describe, describe_preemptions, fewest_gpus, measured_costs, parse_duration,
+                            parse_join, record)
     from cosed.runner import resolve_run
     from cosed.shards import count_tasks
 
@@ -589,21 +597,30 @@ def plan_command(args: argparse.Namespace, cfg: RunConfig) -> int:
         raise ValueError(f"--gpus takes a comma list of GPU counts, got {args.gpus!r}") from exc
     request = PlanRequest(counts, cfg, costs, gpus_per_node=args.gpus_per_node,
                           joins=tuple(parse_join(j) for j in args.join))
+    preemptions = None
+    if args.preemptions:
+        preemptions = PreemptionModel(parse_rate(args.preemptions), None if args.replace_after.strip() == "never"
+                                      else parse_duration(args.replace_after))
     print(f"{len(counts)} tasks, {sum(counts)} scenes, profile {profile.name} (costs: {costs.source or 'profile'})")
-    results = []
+    results, records = [], []
     for gpus in sizes:
         results.append(request.run(gpus))
+        records.append(record(results[-1]))
         for line in describe(results[-1]):
             print(line, flush=True)
+        if preemptions is not None:
+            hit = request.run(gpus, preemptions)
+            records[-1]["with_preemptions"] = {"rate": args.preemptions, **record(hit)}
+            print(describe_preemptions(results[-1], hit, args.preemptions, preemptions), flush=True)
     if args.deadline:
         deadline = parse_duration(args.deadline)
         best = fewest_gpus(request, deadline)
         print(f"deadline {args.deadline}: " + (f"{best.gpus} GPUs finish in {best.makespan_s / 3600:.2f} h"
                                                if best else "not met even by 8192 GPUs"))
         if best:
-            results.append(best)
+            records.append(record(best))
     if args.json:
-        storage.write_text(args.json, json.dumps([record(r) for r in results], indent=2) + "\n")
+        storage.write_text(args.json, json.dumps(records, indent=2) + "\n")
     return 0
 
 

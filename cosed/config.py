@@ -84,6 +84,16 @@ class PoolResources:
 
 
 @dataclass
+class ProcessResources:
+    """What one task driver or writer asks of the scheduler: real requests, so Ray never piles hundreds of
+    torch-importing processes on one node. Lowered at start to what the nodes have left once the model actors
+    are placed (`policies.process_resources`), as auto CPUs of model actors are."""
+
+    num_cpus: float = 0.5
+    memory_gib: float = 1.5
+
+
+@dataclass
 class RayConfig:
     sd: PoolResources = field(default_factory=PoolResources)
     video: PoolResources = field(default_factory=PoolResources)
@@ -95,11 +105,14 @@ class RayConfig:
     start_timeout_s: float = 900.0
     # Failure handling: a remote wait times out after max(floor, factor x the expected
     # call time, measured during the run); a call is tried on up to ``call_attempts``
-    # actors; a task gets ``task_deadline_s`` per attempt (sequencing and writing).
+    # actors. Deadlines measure work, never queueing: an attempt's sequencing gets ``sequence_deadline_s``
+    # from its driver's start, its writer ``write_deadline_s`` from the writer's start; its clips wait
+    # behind other tasks' clips with only their own call timeouts.
     call_timeout_factor: float = 10.0
     call_timeout_floor_s: float = 120.0
     call_attempts: int = 4
-    task_deadline_s: float = 3600.0
+    sequence_deadline_s: float = 3600.0
+    write_deadline_s: float = 1800.0
     # Rebalancing: after each window (at least three ``rescale_seconds`` and ``rebalance_window_calls``
     # calls of the slowest pool) one actor may move from a pool busy less than ``idle_below`` to one
     # busy more than ``busy_above``; 0 GPUs = do not ask the autoscaler.
@@ -129,6 +142,11 @@ class RayConfig:
     # other nodes; "any": wherever Ray puts them).
     writers: int | str = "auto"
     writer_nodes: str = "workers"
+    # What each driver and writer asks for (lowered to what the nodes have left). They run only on nodes that
+    # advertise the custom resource `cosed_worker` when any does (the shipped cluster files set it on GPU
+    # workers), else off the head of a multi-node cluster (policies.host_nodes).
+    driver_resources: ProcessResources = field(default_factory=ProcessResources)
+    writer_resources: ProcessResources = field(default_factory=lambda: ProcessResources(num_cpus=0.5, memory_gib=1.0))
     # The smallest GPU (GiB) any pool may run on, for the memory plan ("auto": the smallest GPU in the cluster
     # at start). Set it when an autoscaling cluster can add smaller GPUs than it has at start.
     gpu_memory_gib: float | str = "auto"
@@ -142,9 +160,11 @@ class RayConfig:
 
 @dataclass
 class StorageConfig:
-    """How long one storage call may keep retrying, and how long an output lease lasts unrenewed."""
+    """How long one storage call may keep retrying (unreachable: an outage; answering SlowDown: throttling),
+    and how long an output lease lasts unrenewed."""
 
     retry_seconds: float = 120.0
+    throttle_seconds: float = 1800.0
     lease_seconds: float = 120.0
 
 
@@ -185,8 +205,9 @@ class RunConfig:
                 raise ConfigError(f"video.{key} must be positive, got {value}")
         if self.sd.num_inference_steps is not None and self.sd.num_inference_steps < 1:
             raise ConfigError("sd.num_inference_steps must be positive")
-        if self.storage.retry_seconds < 0 or self.storage.lease_seconds < 10:
-            raise ConfigError("storage.retry_seconds must be >= 0 and storage.lease_seconds >= 10")
+        if self.storage.retry_seconds < 0 or self.storage.throttle_seconds < 0 or self.storage.lease_seconds < 10:
+            raise ConfigError("storage.retry_seconds and storage.throttle_seconds must be >= 0 and "
+                              "storage.lease_seconds >= 10")
         pool = self.pool
         if pool.steps not in ("all", "previous", "none"):
             raise ConfigError(f"pool.steps must be all, previous or none, got {pool.steps!r}")
@@ -214,6 +235,12 @@ class RunConfig:
         gpus = self.ray.autoscale_max_gpus
         if gpus != "auto" and (gpus < 0 or not math.isfinite(gpus)):
             raise ConfigError(f"ray.autoscale_max_gpus must be 'auto' or a number >= 0, got {gpus!r}")
+        for name in ("driver_resources", "writer_resources"):
+            asked = getattr(self.ray, name)
+            if asked.num_cpus < 0 or asked.memory_gib < 0:
+                raise ConfigError(f"ray.{name}: num_cpus and memory_gib must be >= 0")
+        if self.ray.writer_nodes not in ("workers", "any"):
+            raise ConfigError(f"ray.writer_nodes must be workers or any, got {self.ray.writer_nodes!r}")
         return self
 
     def to_dict(self) -> dict[str, Any]:

@@ -127,6 +127,45 @@ def weights_checks(profile: Profile) -> list[Check]:
     return checks
 
 
+HF_TOKEN_FIX = ("KubeRay: kubectl create secret generic cosed-hf --from-literal=HF_TOKEN=hf_... (the manifests "
+                "require it); launcher: put the token in ~/.cache/huggingface/token before ray up; here: export "
+                "HF_TOKEN=hf_... (cluster/README.md: S3 and model secrets)")
+
+
+def gated_models(profile: Profile) -> list[str]:
+    """The kinds of a profile whose hub download needs an accepted licence and a token."""
+    return [k for k in (*KINDS, CAPTION) if k in profile.specs and profile.specs[k].gated and not profile.random_weights]
+
+
+def hf_token_check(profile: Profile, has_token: bool, cached: Mapping[str, bool | None]) -> Check | None:
+    """The Hugging Face token a gated profile needs, named here, before any GPU node starts (pure).
+
+    Every new GPU node downloads the weights into its own cache, so a token is needed even where this
+    machine has them cached (WARN then, since a node with a warm HF_HOME would not)."""
+    gated = gated_models(profile)
+    if not gated:
+        return None
+    repos = ", ".join(profile.spec(k).source for k in gated)
+    if has_token:
+        return Check("HF token", OK, f"set (HF_TOKEN or $HF_HOME/token): the gated {repos} can download")
+    status = WARN if all(cached.get(k) for k in gated) else FAIL
+    return Check("HF token", status, f"none set (HF_TOKEN, or the token file in HF_HOME): {profile.name} loads the gated "
+                                     f"{repos}, which every new GPU node downloads", HF_TOKEN_FIX)
+
+
+def cluster_token_check(probe: dict, profile: Profile) -> Check | None:
+    """Whether every GPU node has a Hugging Face token, for a gated profile (pure; None for an older probe)."""
+    tokens = probe.get("tokens")
+    if not gated_models(profile) or not tokens:
+        return None
+    missing = sum(1 for has in tokens if not has)
+    if not missing:
+        return Check("cluster HF token", OK, f"every GPU node ({len(tokens)}) has a Hugging Face token")
+    return Check("cluster HF token", FAIL, f"{missing} of {len(tokens)} GPU nodes have no Hugging Face token "
+                                           f"(HF_TOKEN or $HF_HOME/token): {profile.name} loads a gated model",
+                 HF_TOKEN_FIX)
+
+
 def hub_reachable(repo: str, gated: bool) -> tuple[bool, str]:
     """Whether the hub would give us this repo now (network, token, licence)."""
     from huggingface_hub import auth_check, get_token
@@ -138,6 +177,16 @@ def hub_reachable(repo: str, gated: bool) -> tuple[bool, str]:
     except Exception as exc:  # offline, gated, not found: report, do not raise
         return False, f"hub check failed ({type(exc).__name__})"
     return True, "downloadable (the first run would download it)"
+
+
+def local_token_check(profile: Profile) -> Check | None:
+    if not gated_models(profile):
+        return None
+    from huggingface_hub import get_token
+
+    from cosed.models.fetch import cached
+
+    return hf_token_check(profile, bool(get_token()), cached(profile))
 
 
 def out_check(out: str) -> Check:
@@ -187,7 +236,12 @@ def gpu_memory():
         build = [torch.version.cuda, torch.__version__]
     except Exception:
         build = [None, "not installed"]
-    return memory, driver, build
+    try:
+        from huggingface_hub import get_token
+        token = bool(get_token())
+    except Exception:
+        token = False
+    return memory, driver, build, token
 
 nodes = [n for n in ray.nodes() if n["Alive"] and n["Resources"].get("GPU", 0)]
 refs = [gpu_memory.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote()
@@ -195,7 +249,7 @@ refs = [gpu_memory.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n[
 answers = ray.get(refs, timeout=60)
 print(json.dumps({"nodes": len(ray.nodes()), "gpus": [n["Resources"]["GPU"] for n in nodes],
                   "memory": [a[0] for a in answers], "drivers": [a[1] for a in answers],
-                  "torch": [a[2] for a in answers]}))
+                  "torch": [a[2] for a in answers], "tokens": [a[3] for a in answers]}))
 """
 
 
@@ -233,7 +287,8 @@ def probe_checks(address: str, probe: dict, profile: Profile, memory: str) -> li
         return checks
     line = gpu_check(profile, memory, known)
     checks.append(Check("cluster GPU", line.status, line.detail, line.fix))
-    return checks + cluster_driver_checks(probe)
+    token = cluster_token_check(probe, profile)
+    return checks + cluster_driver_checks(probe) + ([token] if token else [])
 
 
 def cluster_driver_checks(probe: dict) -> list[Check]:
@@ -253,6 +308,8 @@ def run_checks(profile: Profile, memory: str = "auto", address: str | None = Non
     checks.append(gpu_check(profile, memory, local_gpus()))
     checks.append(driver_check(local_driver(), *local_torch_build()))
     checks += weights_checks(profile)
+    token = local_token_check(profile)
+    checks += [token] if token else []
     checks.append(out_check(out) if out else Check("output", OK, "no --out given: not probed"))
     checks.append(encoder_check())
     auth = ray_auth_check(address or os.environ.get("RAY_ADDRESS"), os.environ)

@@ -17,7 +17,7 @@ import hashlib
 import json
 import time
 from collections import defaultdict
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -240,36 +240,41 @@ def assemble_task(out: str, task: Task, fingerprint: str, profile: Profile, cfg:
     """The task's folder from its parts: scenes, clips, video, storyboard, then the manifest (last).
 
     ``fence`` (the run's output lease) raises `LeaseLost` when this job may no longer
-    write; it is checked just before the manifest, whose write it bounds in time.
+    write; every file goes through it (`LeaseFence.write`: checked, then bounded in time).
     Holds the task's encoded clips twice (clips + joined video) and its scene PNGs:
     never raw frames. Removes the parts once the manifest is written.
     """
-    storage.configure(cfg.storage.retry_seconds)
+    storage.configure(cfg.storage.retry_seconds, cfg.storage.throttle_seconds)
+    previous = _stored_manifest(out, task)
     parts = TaskParts.of(out, task.folder, fingerprint)
+    put = fence.write if fence is not None else storage.write_bytes
     timer = Timer()
     with timer.phase("stitch"):
-        record = json.loads(storage.read_bytes(parts.sequence))
-        replaced = _withdraw_previous(out, task)
-        steps_meta, clips, scenes, written = [], [], [], []
+        try:  # every part is read before any file of the task is touched
+            record, files = _read_parts(parts)
+        except FileNotFoundError:
+            if previous is not None and previous.get("fingerprint") == fingerprint:
+                return previous  # a re-run of a writer that wrote the manifest and removed parts since
+            raise
+        if previous is not None:  # a redo: no manifest may ever name a mix of old and new files
+            if fence is not None:
+                fence()
+            storage.delete(task_uri(out, task, MANIFEST))
+        for relative, _, data in files:
+            put(task_uri(out, task, relative), data)
+        written = [uri for _, uri, _ in files]
+        steps_meta, clips, scenes = [], [], []
         for step in record["steps"]:
             number = step["step"]
             image_rel, clip_rel = f"scenes/step_{number:02d}.png", f"clips/step_{number:02d}.mp4"
-            scene, clip = storage.read_bytes(parts.scene(number)), storage.read_bytes(parts.clip(number))
-            storage.write_bytes(task_uri(out, task, image_rel), scene)
-            storage.write_bytes(task_uri(out, task, clip_rel), clip)
-            written += [parts.scene(number), parts.clip(number)]
-            for index, entry in enumerate(step["candidates"]):
-                if "image" in entry:
-                    storage.write_bytes(task_uri(out, task, entry["image"]),
-                                        storage.read_bytes(parts.candidate(number, index)))
-                    written.append(parts.candidate(number, index))
+            scene, clip = _part_bytes(files, image_rel), _part_bytes(files, clip_rel)
             scenes.append(scene)
             clips.append(clip)
             meta = {k: v for k, v in step.items() if k != "video_seed"}
             steps_meta.append({**meta, "image": image_rel, "clip": clip_rel, "frames": count_frames(clip)})
         video = concat_mp4(clips, metadata={"title": task.title or "", "comment": f"cosed task {task.id}"})
-        storage.write_bytes(task_uri(out, task, "video.mp4"), video)
-        storage.write_bytes(task_uri(out, task, "storyboard.png"), storyboard_png(
+        put(task_uri(out, task, "video.mp4"), video)
+        put(task_uri(out, task, "storyboard.png"), storyboard_png(
             task.title or task.id, [png_image(scene) for scene in scenes], [s["caption"] for s in record["steps"]],
             [source_label(s["candidates"][s["chosen"]]["source"]) for s in record["steps"]]))
     manifest = {
@@ -282,10 +287,9 @@ def assemble_task(out: str, task: Task, fingerprint: str, profile: Profile, cfg:
         "storyboard": "storyboard.png",
         "timings": {**record.get("timings", {}), **timer.to_dict(), **(extra_timings or {})},
     }
-    with fence.manifest_write() if fence is not None else nullcontext():
-        storage.write_text(task_uri(out, task, MANIFEST), json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
-    mark_done(out, task.folder, fingerprint)
-    if replaced:
+    put(task_uri(out, task, MANIFEST), (json.dumps(manifest, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
+    mark_done(out, task.folder, fingerprint, put)
+    if previous is not None:
         _remove_unlisted(out, task, manifest)
     for uri in written + [parts.sequence]:
         try:
@@ -295,14 +299,22 @@ def assemble_task(out: str, task: Task, fingerprint: str, profile: Profile, cfg:
     return manifest
 
 
-def _withdraw_previous(out: str, task: Task) -> bool:
-    """Before a redo replaces a finished task's files (its parts, the replacement, are all stored by now),
-    remove its old manifest: no manifest ever names a mix of old and new files. True if there was one."""
-    uri = task_uri(out, task, MANIFEST)
-    if not storage.exists(uri):
-        return False
-    storage.delete(uri)
-    return True
+def _read_parts(parts: TaskParts) -> tuple[dict, list[tuple[str, str, bytes]]]:
+    """The sequence record and every file the task's folder gets from its parts: (path in the task folder,
+    part URI, bytes). Raises FileNotFoundError when a part is missing."""
+    record = json.loads(storage.read_bytes(parts.sequence))
+    files = []
+    for step in record["steps"]:
+        number = step["step"]
+        files.append((f"scenes/step_{number:02d}.png", parts.scene(number)))
+        files.append((f"clips/step_{number:02d}.mp4", parts.clip(number)))
+        files += [(entry["image"], parts.candidate(number, index))
+                  for index, entry in enumerate(step["candidates"]) if "image" in entry]
+    return record, [(relative, uri, storage.read_bytes(uri)) for relative, uri in files]
+
+
+def _part_bytes(files: list[tuple[str, str, bytes]], relative: str) -> bytes:
+    return next(data for path, _, data in files if path == relative)
 
 
 def _remove_unlisted(out: str, task: Task, manifest: dict) -> None:
@@ -315,6 +327,18 @@ def _remove_unlisted(out: str, task: Task, manifest: dict) -> None:
     for uri in storage.list_keys(root):
         if uri[len(root) + 1:] not in keep:
             storage.delete(uri)
+
+
+def _stored_manifest(out: str, task: Task) -> dict | None:
+    """The task's manifest as stored (``{}`` when unreadable), None where there is none. Its old files stay
+    until the new ones are complete: the writer replaces them (a redo) or returns it (the same fingerprint)."""
+    try:
+        manifest = json.loads(storage.read_bytes(task_uri(out, task, MANIFEST)))
+    except FileNotFoundError:
+        return None
+    except (ValueError, UnicodeDecodeError):
+        return {}
+    return manifest if isinstance(manifest, dict) else {}
 
 
 def generate_task(task: Task, captions: list[str], backend: Backend, profile: Profile, cfg: RunConfig,

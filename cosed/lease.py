@@ -8,10 +8,16 @@ taken over, so a crashed job never blocks an output for longer than one lease.
 The lease fences: each renewal may take at most an eighth of the lease, and a job
 counts its lease as held only until half a lease before the expiry it last wrote.
 Past that (storage away, or another job took it over) `OutputLease.check` raises
-`LeaseLost` and the job stops; every manifest write is preceded by a `LeaseFence`
-check that reads the lease object and wants this job's token with at least half a
-lease left, and the manifest write itself may take at most a quarter of a lease.
-So a job that cannot renew writes no manifest once another job could take over.
+`LeaseLost` and the job stops; every output write of a task (scenes, clips, video,
+storyboard, manifest) goes through `LeaseFence.write`, which reads the lease object,
+wants this job's token with at least half a lease left, and gives the write at most a
+quarter of a lease. So a job that cannot renew writes nothing once another job could
+take over.
+
+Throttling is not an outage: while the storage answers SlowDown the renewal keeps
+trying (`If-Match` on its own tag, so it succeeds only if no other job took the lease
+meanwhile) for up to ``storage.throttle_seconds``, and a fence that finds the lease
+still this job's but short waits for that renewal instead of stopping the run.
 """
 
 from __future__ import annotations
@@ -23,7 +29,6 @@ import socket
 import threading
 import time
 import uuid
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 from cosed import storage
@@ -54,22 +59,38 @@ class LeaseFence:
     seconds: float
 
     def __call__(self) -> None:
-        with storage.budget(self.seconds / 8):
-            try:
-                holder = _parse(storage.read_bytes(self.uri))
-            except FileNotFoundError:
-                holder = None
-        left = holder.expires - time.time() if holder else 0.0
-        if holder is None or holder.token != self.token or left < _margin(self.seconds):
-            raise LeaseLost(f"the output lease {self.uri} is no longer this job's (or expires in {left:.0f} s): "
-                            "no more manifests are written; finished tasks are kept, run again to resume")
+        give_up = time.monotonic() + storage.throttle_budget()
+        while True:
+            # Judged when the answer arrives, so a read slowed down by throttling may take the throttling budget.
+            with storage.budget(self.seconds / 8, throttled=storage.throttle_budget()):
+                try:
+                    holder = _parse(storage.read_bytes(self.uri))
+                except FileNotFoundError:
+                    holder = None
+            left = holder.expires - time.time() if holder else 0.0
+            if holder is not None and holder.token == self.token and left >= _margin(self.seconds):
+                return
+            # Still ours but short: its renewal may be held up by throttling. Waiting is safe (nothing is written
+            # until a read shows it renewed); it is worth it while the lease has not expired or the storage throttles.
+            if holder is None or holder.token != self.token or time.monotonic() > give_up \
+                    or not (left > 0 or storage.under_pressure()):
+                raise LeaseLost(f"the output lease {self.uri} is no longer this job's (or expires in {left:.0f} s): "
+                                "nothing more is written; finished tasks are kept, run again to resume")
+            time.sleep(min(5.0, self.seconds / 16))
 
-    @contextmanager
-    def manifest_write(self):
-        """The manifest write after the check: bounded, so it cannot land after the lease could pass on."""
-        self()
-        with storage.budget(self.seconds / 4):
-            yield
+    def write(self, uri: str, data: bytes) -> None:
+        """Write one output after the check, bounded so it cannot land after the lease could pass on; a
+        write cut short by throttling is checked and tried again (within the throttling budget)."""
+        give_up = time.monotonic() + storage.throttle_budget()
+        while True:
+            self()
+            try:
+                with storage.budget(self.seconds / 4):
+                    storage.write_bytes(uri, data)
+                return
+            except storage.StorageThrottled:
+                if time.monotonic() > give_up:
+                    raise
 
 
 @dataclass(frozen=True)
@@ -142,6 +163,7 @@ class OutputLease:
         self._thread: threading.Thread | None = None
         self.held_until = 0.0  # monotonic: half a lease before the expiry last written
         self.lost: str | None = None
+        self.throttled_since: float | None = None  # monotonic: when renewals began failing from throttling
 
     def _record(self) -> bytes:
         holder = Holder(host=socket.gethostname(), pid=os.getpid(), job=current_job_id(), token=self.token,
@@ -178,14 +200,23 @@ class OutputLease:
         self.held_until = written_at + self.seconds - _margin(self.seconds)
 
     def _renew(self) -> None:
-        while not self._stop.wait(self.seconds / 8):
+        wait = self.seconds / 8
+        while not self._stop.wait(wait):
             attempt = time.monotonic()
+            wait = self.seconds / 8
             try:
                 with storage.budget(self.seconds / 8):
                     tag = storage.replace_if(self.uri, self._record(), self.tag)
+            except storage.StorageThrottled as exc:  # the storage answers: try again soon, the lease is kept
+                self.throttled_since = self.throttled_since or attempt
+                log.warning("could not renew the lease %s (throttled): %s", self.uri, exc)
+                wait = 1.0
+                continue
             except Exception as exc:  # keep trying: the storage may come back while the lease is held
+                self.throttled_since = None
                 log.warning("could not renew the lease %s: %s", self.uri, exc)
                 continue
+            self.throttled_since = None
             if not tag:
                 self.lost = f"the lease {self.uri} was taken over by another job"
                 log.error("%s; this job stops writing", self.lost)
@@ -194,10 +225,13 @@ class OutputLease:
             self._confirmed(attempt)
 
     def check(self) -> None:
-        """Raise `LeaseLost` once the lease may no longer be this job's."""
+        """Raise `LeaseLost` once the lease may no longer be this job's. While renewals fail only because the
+        storage throttles, the job goes on (its writes are fenced) up to the throttling budget."""
         if self.lost:
             raise LeaseLost(f"{self.lost}: no more manifests are written; finished tasks are kept")
-        if time.monotonic() > self.held_until:
+        now = time.monotonic()
+        if now > self.held_until and not (self.throttled_since is not None
+                                          and now - self.throttled_since < storage.throttle_budget()):
             raise LeaseLost(f"could not renew the output lease {self.uri} in time (storage {storage.endpoint()} "
                             "unreachable?): no more manifests are written; finished tasks are kept, run again "
                             "to resume")

@@ -3,7 +3,8 @@
 For each cluster size it prints the pool plan, the predicted makespan, GPU-hours,
 tasks per GPU-hour, efficiency against the GPU-seconds bound, the bottleneck pool,
 dispatch messages per model call and the job's work per event; with a deadline,
-the fewest GPUs that finish in time. Costs come from the profile, with
+the fewest GPUs that finish in time; with a preemption rate, the same run with
+nodes lost at that rate beside it (makespan, GPU-hours, work lost and redone). Costs come from the profile, with
 ``ray.costs`` on top, or from a previous run's measured call times (its
 ``summary.json``).
 """
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 from cosed import storage
 from cosed.config import RunConfig
 from cosed.distributed.costs import CostModel, batch_work, measured_factors, pool_totals
+from cosed.distributed.preemptions import PreemptionModel
 from cosed.distributed.simulator import Cluster, Overheads, SimResult, simulate
 from cosed.errors import UserError
 
@@ -59,11 +61,12 @@ class PlanRequest:
     cpus_per_node: float = 96.0
     joins: tuple[tuple[float, int], ...] = ()
     overheads: Overheads = Overheads()
+    seed: int = 0
 
-    def run(self, gpus: int) -> SimResult:
+    def run(self, gpus: int, preemptions: PreemptionModel = PreemptionModel()) -> SimResult:
         cluster = Cluster(gpus=gpus, gpus_per_node=self.gpus_per_node, cpus_per_node=self.cpus_per_node,
-                          joins=self.joins)
-        return simulate(self.step_counts, self.cfg, self.costs, cluster, self.overheads)
+                          joins=self.joins, preemptions=preemptions)
+        return simulate(self.step_counts, self.cfg, self.costs, cluster, self.overheads, self.seed)
 
 
 def fewest_gpus(request: PlanRequest, deadline_s: float, most: int = 8192) -> SimResult | None:
@@ -95,6 +98,23 @@ def describe(result: SimResult) -> list[str]:
               f"{result.core_us_per_event:.1f} µs of job work per event ({result.core_events} events)"
             + (f"; grew {result.grown}" if result.grown else "")
             + (f"; {result.unplaced_actors} actors could not place" if result.unplaced_actors else "")]
+
+
+def describe_preemptions(base: SimResult, hit: SimResult, rate: str, model: PreemptionModel) -> str:
+    """The run with preemptions beside the same run without."""
+    lost = hit.preemption
+    cut = ", ".join(f"{kind} {n}" for kind, n in sorted(lost["cut_calls"].items())) or "none"
+    redone = sum(lost["redone_calls"].values())
+    after = "never replaced" if model.replace_after_s is None else f"replaced after {_hours(model.replace_after_s)}"
+    return (f"  with preemptions {rate} (nodes {after}): {lost['nodes']} node{'' if lost['nodes'] == 1 else 's'} lost, makespan "
+            f"{_hours(hit.makespan_s)} ({_change(hit.makespan_s, base.makespan_s)}), {hit.gpu_hours:.1f} GPU-hours "
+            f"({hit.gpu_hours - base.gpu_hours:+.1f}); {lost['lost_gpu_hours']:.2f} GPU-hours of work lost "
+            f"(calls cut: {cut}; {lost['drivers']} task attempts lost with their driver, {redone} of their model "
+            f"calls made again); {hit.tasks} done, {hit.failed} failed")
+
+
+def _change(value: float, base: float) -> str:
+    return f"{(value - base) / base:+.1%}" if base else "n/a"
 
 
 def _hours(seconds: float) -> str:

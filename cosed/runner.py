@@ -184,7 +184,7 @@ def prepare_run(tasks_uri: str, out: str, plan: RunPlan, overwrite: bool) -> tup
     """Read and validate tasks, report rejects, and find what is left to do under ``plan``."""
     cfg = plan.cfg
     task_set = read_tasks(tasks_uri, cfg)
-    storage.configure(cfg.storage.retry_seconds)
+    storage.configure(cfg.storage.retry_seconds, cfg.storage.throttle_seconds)
     summary = RunSummary(out=out, rejected=list(task_set.errors),
                          fingerprints={t.id: task_fingerprint(t, plan.profile, cfg) for t in task_set.tasks})
     summary.extra["run_plan"] = plan.describe()
@@ -211,7 +211,7 @@ def run_in_process(tasks_uri: str, out: str, cfg: RunConfig, *, overwrite: bool 
     """
     start = time.perf_counter()
     plan = plan_run(cfg, out, lambda: gpu_memory_gib(resolve_device(cfg.device)), replan,
-                    say=lambda line: print(line, flush=True) if progress else log.warning(line))
+                    say=lambda line: print(line, flush=True))
     profile, cfg = plan.profile, plan.cfg
     summary, todo = prepare_run(tasks_uri, out, plan, overwrite)
     backend = backend or make_backend(profile, cfg)

@@ -5,16 +5,24 @@ and renamed (the folder synced too), an S3 object is uploaded in one PUT, so a
 reader never sees a partially written output at its final name, even after a
 power loss.
 
-S3 calls ride out outages: botocore's adaptive retries inside each call, and
-around them a total-time budget (``configure(retry_seconds=...)``) with
-backoff. Past the budget a `StorageUnavailable` names the endpoint; a missing
-bucket, a refused access or missing credentials is a `StorageAccessError` at
-once (waiting cannot fix those).
+S3 calls ride out outages and throttling: botocore's adaptive retries inside
+each call (client-side rate limiting once the endpoint throttles), and around
+them jittered backoff within two budgets (`configure`). An endpoint that keeps
+answering ``503 SlowDown`` (or 429, or a throttling code) only slows the run
+down: it may do so for ``throttle_seconds`` (minutes) before a
+`StorageThrottled` says so. Only one that does not answer (refused, timed out,
+5xx other than SlowDown) for ``retry_seconds`` is an outage, a
+`StorageUnavailable` naming the endpoint. A missing bucket, a refused access or
+missing credentials is a `StorageAccessError` at once (waiting cannot fix
+those). Every throttled answer in this process is noted (`under_pressure`), so
+the job can hold back new work while the storage pushes back.
 """
 
 from __future__ import annotations
 
+import math
 import os
+import random
 import tempfile
 import threading
 import time
@@ -35,8 +43,9 @@ CONTENT_TYPES = {
 }
 _ACCESS_CODES = {"NoSuchBucket", "AccessDenied", "AllAccessDisabled", "InvalidAccessKeyId", "SignatureDoesNotMatch",
                  "ExpiredToken", "InvalidToken", "AccountProblem", "InvalidBucketName", "403"}
-_RETRY_CODES = {"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "RequestTimeTooSkewed",
-                "InternalError", "ServiceUnavailable", "503", "500", "502", "504"}
+_UNREACHABLE_CODES = {"RequestTimeout", "RequestTimeTooSkewed", "InternalError", "ServiceUnavailable", "500", "502",
+                      "503", "504"}
+THROTTLED, UNREACHABLE, ACCESS, OTHER = "throttled", "unreachable", "access", "other"
 
 
 class StorageAccessError(UserError):
@@ -45,6 +54,11 @@ class StorageAccessError(UserError):
 
 class StorageUnavailable(RuntimeError):
     """The storage endpoint did not answer within the retry budget."""
+
+
+class StorageThrottled(StorageUnavailable):
+    """The storage endpoint kept throttling (503 SlowDown) past the throttling budget: the run stops as in an
+    outage, but the message says what happened."""
 
 
 @dataclass(frozen=True)
@@ -76,12 +90,15 @@ def content_type(uri: str) -> str:
 
 
 _retry_seconds = float(os.environ.get("COSED_STORAGE_RETRY_SECONDS", 120.0))
+_throttle_seconds = float(os.environ.get("COSED_STORAGE_THROTTLE_SECONDS", 1800.0))
 _s3_client = None
 
 
-def configure(retry_seconds: float) -> None:
-    """Set the total time one storage call may spend retrying (seconds)."""
-    global _retry_seconds, _s3_client
+def configure(retry_seconds: float, throttle_seconds: float = 1800.0) -> None:
+    """Set how long one storage call may retry: ``retry_seconds`` while the endpoint does not answer (an
+    outage), ``throttle_seconds`` while it answers SlowDown (throttling)."""
+    global _retry_seconds, _throttle_seconds, _s3_client
+    _throttle_seconds = float(throttle_seconds)
     if float(retry_seconds) != _retry_seconds:
         _retry_seconds = float(retry_seconds)
         _s3_client = None
@@ -91,20 +108,28 @@ _local = threading.local()
 
 
 @contextmanager
-def budget(seconds: float):
+def budget(seconds: float, throttled: float | None = None):
     """Storage calls in this thread retry for at most ``seconds`` (less than the run's budget): for calls
-    that must finish or fail before a deadline, like a lease renewal or a fenced manifest write."""
+    that must finish or fail before a deadline, like a lease renewal or a fenced write. ``throttled``: a
+    longer bound while the endpoint only throttles (reads whose answer is judged when it arrives)."""
     previous = getattr(_local, "budget", None)
-    _local.budget = seconds
+    _local.budget = (seconds, seconds if throttled is None else throttled)
     try:
         yield
     finally:
         _local.budget = previous
 
 
-def _budget() -> float:
+def budgets() -> tuple[float, float]:
+    """(outage, throttling) seconds one call in this thread may retry."""
     override = getattr(_local, "budget", None)
-    return _retry_seconds if override is None else min(override, _retry_seconds)
+    if override is None:
+        return _retry_seconds, _throttle_seconds
+    return min(override[0], _retry_seconds), min(override[1], _throttle_seconds)
+
+
+def throttle_budget() -> float:
+    return _throttle_seconds
 
 
 def endpoint() -> str:
@@ -120,6 +145,7 @@ def s3_client():
 
     Adaptive retries with client-side rate limiting; S3-compatible servers get
     checksums only where an operation requires them (several reject the new defaults).
+    Every answer the client gets (retries inside a call included) feeds `under_pressure`.
     """
     global _s3_client
     if _s3_client is None:
@@ -131,42 +157,139 @@ def s3_client():
                        read_timeout=max(5.0, min(60.0, _retry_seconds)))
         if not _is_aws(url):
             options.update(request_checksum_calculation="when_required", response_checksum_validation="when_required")
-        _s3_client = boto3.client("s3", endpoint_url=url, config=Config(**options))
+        client = boto3.client("s3", endpoint_url=url, config=Config(**options))
+        client.meta.events.register("needs-retry.s3", _note_answer)
+        _s3_client = client
     return _s3_client
 
 
-def _s3_call(uri: str, call: Callable[..., T]) -> T:
-    """Run one S3 call with the total-time retry budget; classify what cannot be retried."""
-    from botocore.exceptions import (BotoCoreError, ClientError, ConnectionError, HTTPClientError,
-                                     NoCredentialsError, PartialCredentialsError, ResponseStreamingError)
+def is_throttling(status: int | None, code: str) -> bool:
+    """Whether an S3 answer says "slow down": a throttling code botocore's adaptive mode knows (SlowDown,
+    Throttling, RequestLimitExceeded, ...), HTTP 429, or a 503 without a body (S3's SlowDown to a HEAD,
+    which botocore reports as code ``503``; a 503 that names another code is an outage)."""
+    from botocore.retries.standard import ThrottledRetryableChecker
 
-    allowed = _budget()
-    deadline = time.monotonic() + allowed
-    delay = 0.5
+    return code in ThrottledRetryableChecker._THROTTLED_ERROR_CODES or status == 429 or code in ("429", "503")
+
+
+def classify(exc: BaseException) -> str:
+    """`THROTTLED`, `UNREACHABLE` (refused, dropped, timed out, 5xx other than SlowDown), `ACCESS` (waiting
+    cannot help) or `OTHER` (not a storage problem: raised as it is)."""
+    from botocore.exceptions import (ClientError, ConnectionError, HTTPClientError, NoCredentialsError,
+                                     PartialCredentialsError, ResponseStreamingError)
+
+    if isinstance(exc, (NoCredentialsError, PartialCredentialsError)):
+        return ACCESS
+    if isinstance(exc, ClientError):
+        error = exc.response.get("Error", {})
+        code = str(error.get("Code", ""))
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        if code in _ACCESS_CODES:
+            return ACCESS
+        if is_throttling(status, code):
+            return THROTTLED
+        return UNREACHABLE if code in _UNREACHABLE_CODES or (status or 0) >= 500 else OTHER
+    if isinstance(exc, (ConnectionError, HTTPClientError, ResponseStreamingError)):
+        return UNREACHABLE
+    return OTHER
+
+
+@dataclass
+class _Answers:
+    """When this process last got a throttled answer and an unthrottled one (monotonic seconds)."""
+
+    throttled: float = -math.inf
+    answered: float = -math.inf
+
+
+_answers = _Answers()
+PRESSURE_CALM_S = 5.0  # pressure ends this long after the last throttled answer, once an answer got through
+
+
+def _note_answer(response=None, **_) -> None:
+    """botocore's ``needs-retry`` hook: every HTTP answer, before botocore decides to retry it."""
+    if response is None:
+        return  # no answer at all (connection refused or dropped): an outage, not pressure
+    http, parsed = response
+    error = (parsed or {}).get("Error", {})
+    status = getattr(http, "status_code", None)
+    if is_throttling(status, str(error.get("Code", ""))):
+        _answers.throttled = time.monotonic()
+    else:
+        _answers.answered = time.monotonic()
+
+
+def pressure(throttled: float, answered: float, now: float, calm_s: float = PRESSURE_CALM_S) -> bool:
+    """Whether the storage pushes back: throttled answers lately, and none let through since, or not for
+    ``calm_s`` (so a storm's last throttled answer does not end it at once)."""
+    return throttled > answered or now - throttled < calm_s
+
+
+def under_pressure() -> bool:
+    """Whether this process's storage calls are being throttled now (see `pressure`)."""
+    return pressure(_answers.throttled, _answers.answered, time.monotonic())
+
+
+def probe(prefix: str, seconds: float = 5.0) -> None:
+    """One small request under ``prefix`` (a one-key listing): its answers feed `under_pressure` like every
+    other call's; whatever it raises is dropped (the run's own calls report outages)."""
+    if not is_s3(prefix):
+        return
+    loc = parse_s3(prefix)
+    try:
+        with budget(seconds):
+            _s3_call(prefix, lambda client: client.list_objects_v2(Bucket=loc.bucket, Prefix=loc.key, MaxKeys=1))
+    except Exception:
+        pass
+
+
+_jitter = random.Random()  # its own generator: no output byte depends on the global one's state
+
+
+def _s3_call(uri: str, call: Callable[..., T]) -> T:
+    """Run one S3 call within the outage and throttling budgets, with jittered backoff; classify what
+    cannot be retried."""
+    outage, throttling = budgets()
+    started = time.monotonic()
+    silent_since: float | None = None  # when the current run of unanswered tries began
+    tries = 0
     while True:
+        tried = time.monotonic()
         try:
             return call(s3_client())
-        except (NoCredentialsError, PartialCredentialsError) as exc:
-            raise StorageAccessError(f"no credentials for {uri}: {exc}") from exc
-        except ClientError as exc:
-            error = exc.response.get("Error", {})
-            code = str(error.get("Code", ""))
-            if code in _ACCESS_CODES:
-                raise StorageAccessError(f"{uri}: {code}: {error.get('Message', '')} (endpoint {endpoint()})") from exc
-            if code not in _RETRY_CODES:
+        except Exception as exc:
+            kind = classify(exc)
+            if kind == ACCESS:
+                raise StorageAccessError(_describe(uri, exc)) from exc
+            if kind == OTHER:
                 raise
-            problem: Exception = exc
-        except (ConnectionError, HTTPClientError, ResponseStreamingError) as exc:
             problem = exc
-        except BotoCoreError:
-            raise
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise StorageUnavailable(
-                f"storage endpoint {endpoint()} did not answer within {allowed:g} s "
-                f"(last error: {problem}); finished tasks are kept, run the same command again to resume") from problem
-        time.sleep(min(delay, remaining))  # the last try lands at the deadline: the whole budget is used
-        delay = min(2 * delay, 10.0)
+        now = time.monotonic()
+        tries += 1
+        if kind == THROTTLED:
+            silent_since = None
+            remaining = started + throttling - now
+            if remaining <= 0:
+                raise StorageThrottled(
+                    f"storage endpoint {endpoint()} kept answering 503 SlowDown (throttling) for "
+                    f"{now - started:.0f} s, past storage.throttle_seconds ({throttling:g} s); finished tasks are "
+                    "kept, run the same command again to resume") from problem
+        else:
+            silent_since = tried if silent_since is None else silent_since
+            remaining = min(silent_since + outage, started + max(outage, throttling)) - now
+            if remaining <= 0:
+                raise StorageUnavailable(
+                    f"storage endpoint {endpoint()} did not answer within {outage:g} s (last error: {problem}); "
+                    "finished tasks are kept, run the same command again to resume") from problem
+        # Jittered (many writers back off at once, they must not retry in step); the last try lands at the deadline.
+        time.sleep(min(_jitter.uniform(0.5, 1.0) * min(0.5 * 2 ** tries, 10.0), remaining))
+
+
+def _describe(uri: str, exc: BaseException) -> str:
+    error = getattr(exc, "response", {}).get("Error")
+    if error is None:
+        return f"no credentials for {uri}: {exc}"
+    return f"{uri}: {error.get('Code', '')}: {error.get('Message', '')} (endpoint {endpoint()})"
 
 
 def _error_code(exc: Exception) -> str:

@@ -1,4 +1,5 @@
-"""Helpers for the chaos tests: a local S3 server, a TCP proxy that can cut it off, waiting."""
+"""Helpers for the chaos tests: a local S3 server, a TCP proxy that can cut it off or answer every request
+with 503 SlowDown, waiting."""
 
 from __future__ import annotations
 
@@ -114,8 +115,13 @@ def ray_head(env: dict, num_cpus: int):
         os.remove(f"{temp}.log")
 
 
+SLOW_DOWN = (b"<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Error><Code>SlowDown</Code>"
+             b"<Message>Please reduce your request rate.</Message><RequestId>chaos</RequestId></Error>")
+
+
 class Proxy:
-    """Forwards 127.0.0.1:port to the S3 server; `cut()` refuses and drops every connection until `restore()`."""
+    """Forwards 127.0.0.1:port to the S3 server; `cut()` refuses and drops every connection until `restore()`;
+    `throttle()` answers every request ``503 SlowDown`` (as S3 does: no body to a HEAD) until `ease()`."""
 
     def __init__(self, target_port: int):
         self.target = target_port
@@ -123,7 +129,18 @@ class Proxy:
         self.sockets: list[socket.socket] = []
         self.lock = threading.Lock()
         self.listener: socket.socket | None = None
+        self.throttling = False
+        self.slowed = 0  # requests answered SlowDown
         self.restore()
+
+    def throttle(self) -> None:
+        """From now on every request is answered SlowDown: connections already open are dropped (a client
+        reconnects, and meets the storm)."""
+        self.throttling = True
+        self._drop_connections()
+
+    def ease(self) -> None:
+        self.throttling = False
 
     @property
     def url(self) -> str:
@@ -139,6 +156,9 @@ class Proxy:
 
     def cut(self) -> None:
         self.listener.close()
+        self._drop_connections()
+
+    def _drop_connections(self) -> None:
         with self.lock:
             for sock in self.sockets:
                 try:
@@ -154,6 +174,9 @@ class Proxy:
                 client, _ = listener.accept()
             except OSError:
                 return
+            if self.throttling:
+                threading.Thread(target=self._slow_down, args=(client,), daemon=True).start()
+                continue
             try:
                 upstream = socket.create_connection(("127.0.0.1", self.target))
             except OSError:
@@ -163,6 +186,38 @@ class Proxy:
                 self.sockets += [client, upstream]
             for source, sink in ((client, upstream), (upstream, client)):
                 threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
+            if self.throttling:  # throttled while this one connected: it must not pass requests through
+                for sock in (client, upstream):
+                    sock.shutdown(socket.SHUT_RDWR)
+
+    def _slow_down(self, client: socket.socket) -> None:
+        """Read one whole request (the body too, so closing does not reset the connection) and answer 503."""
+        try:
+            client.settimeout(30)
+            data = b""
+            while b"\r\n\r\n" not in data:
+                chunk = client.recv(65536)
+                if not chunk:
+                    return
+                data += chunk
+            head, body = data.split(b"\r\n\r\n", 1)
+            lines = head.decode("latin-1").split("\r\n")
+            headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+            if headers.get("expect", "").lower() != "100-continue":
+                length = int(headers.get("content-length", 0))
+                while len(body) < length:
+                    chunk = client.recv(65536)
+                    if not chunk:
+                        return
+                    body += chunk
+            payload = b"" if lines[0].startswith("HEAD ") else SLOW_DOWN
+            client.sendall(b"HTTP/1.1 503 Slow Down\r\nContent-Type: application/xml\r\n"
+                           b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(payload) + payload)
+            self.slowed += 1
+        except OSError:
+            pass
+        finally:
+            client.close()
 
     @staticmethod
     def _pump(source: socket.socket, sink: socket.socket) -> None:

@@ -70,8 +70,10 @@ def test_the_cycle_check_finds_a_cycle():
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
 
 
+# Where drivers and writers run and what they ask for: no question in virtual time.
+PLACEMENT = ["host_nodes", "host_node", "driver_destination", "process_resources"]
 POLICIES = {
-    "cosed.distributed.policies": ["sample_candidates", "choose_actor", "admission", "window_busy", "writer_node"],
+    "cosed.distributed.policies": ["sample_candidates", "choose_actor", "admission", "window_busy", *PLACEMENT],
     "cosed.distributed.sizing": ["plan_cluster", "grow_pools", "free_room", "rebalance_move", "rebalance_window_s"],
     "cosed.distributed.costs": ["flow_order", "batch_work"],
     "cosed.distributed.core": ["JobCore"],
@@ -94,6 +96,6 @@ def test_each_policy_has_one_home_and_the_runtime_and_the_simulator_both_use_it(
             assert definitions[policy] == [home], f"{policy} is defined in {definitions[policy]}"  # no copy
             function = getattr(module, policy)
             users = [m.__name__ for m in runtime if getattr(m, policy, None) is function]
-            if policy != "writer_node":  # where a writer runs is no question in virtual time
+            if policy not in PLACEMENT:
                 assert getattr(simulator, policy, None) is function, f"the simulator does not use {home}.{policy}"
             assert users, f"no runtime module uses {home}.{policy}"

@@ -1,10 +1,12 @@
-"""Chaos (d): the S3 endpoint goes away in the middle of a run, in process and on Ray.
+"""Chaos (d): the S3 endpoint goes away, or throttles, in the middle of a run, in process and on Ray.
 
 The run goes through a TCP proxy in front of a local S3 server; cutting the
 proxy refuses and drops every connection, as a restarting server would. An
 outage shorter than the retry budget is ridden out; a longer one stops the run
 (exit 1, the endpoint named) without starting any task after it was detected,
-and running the same command again completes it with the same bytes.
+and running the same command again completes it with the same bytes. A storm
+of ``503 SlowDown`` answers to every request, longer than that retry budget, is
+not an outage: the run pauses admission and completes with the same bytes.
 """
 
 import json
@@ -12,6 +14,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 
@@ -24,6 +27,7 @@ pytestmark = pytest.mark.slow
 
 TASKS = [{**t, "steps": t["steps"][:2]} for t in SMALL_TASKS]
 OUTAGE_SECONDS = 20
+STORM_SECONDS = 20  # every request answered SlowDown this long: far past the 3 s outage budget the tests set
 
 
 @pytest.fixture(scope="module")
@@ -140,3 +144,34 @@ def test_on_ray_storage_gone_past_its_budget_stops_the_run_and_a_resubmit_comple
     assert set(summary["skipped_ids"]) == finished
     assert objects(client, "d3") == clean_outputs("tiny", TASKS)  # every byte, as a clean run
     assert not [k for k in keys(client, "videos", "d3/") if "/.cosed-parts/" in k]
+
+
+def test_on_ray_a_slowdown_storm_past_the_outage_budget_pauses_admission_and_is_ridden_out(
+        s3, proxy, tiny_cache, tmp_path, clean_outputs):
+    _, client = s3
+    # With throttling counted as an outage (before throttle_seconds), this budget made the run exit 1.
+    (tmp_path / "short.yaml").write_text("storage:\n  retry_seconds: 3\nray:\n  max_concurrent_tasks: 1\n")
+
+    def storm():  # from the first stored scene: every task still has its clips and files to write
+        wait_for(lambda: [k for k in keys(client, "videos", "d4/") if "/.cosed-parts/" in k], 300, "the first scene")
+        proxy.throttle()
+        time.sleep(STORM_SECONDS)
+        proxy.ease()
+
+    thread = threading.Thread(target=storm, daemon=True)
+    thread.start()
+    process = generate(proxy, "s3://videos/d4", tiny_cache, tmp_path, "--config", str(tmp_path / "short.yaml"),
+                       ray=True)
+    stdout, stderr = process.communicate(timeout=400)
+    thread.join(1)
+    assert process.returncode == 0, stdout[-2000:] + stderr[-3000:]
+    assert not thread.is_alive() and proxy.slowed > 0
+    summary = json.loads(client.get_object(Bucket="videos", Key="d4/summary.json")["Body"].read())
+    assert summary["done"] == len(TASKS) and summary["failed"] == 0
+    # Admission paused while the storage pushed back, said so once each way, and no task started meanwhile.
+    assert summary["storage_pauses"] >= 1 and summary["storage_paused_s"] > 0
+    assert "storage is throttling" in stderr and "admission resumes" in stderr
+    paused = summary["trace"]["paused"]
+    assert all(not start < at < (end or float("inf")) for at, _ in summary["trace"]["started"] for start, end in paused)
+    assert objects(client, "d4") == clean_outputs("tiny", TASKS)  # every byte, as a clean run
+    assert not [k for k in keys(client, "videos", "d4/") if "/.cosed-parts/" in k]

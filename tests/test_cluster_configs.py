@@ -23,7 +23,7 @@ IMAGE_WORKDIR = re.search(r"^WORKDIR (\S+)", DOCKERFILE, re.M).group(1)
 BASE_IMAGE = re.search(r"^FROM (\S+)", DOCKERFILE, re.M).group(1)
 KUBERAY_CRDS = REPO.parent / "shared" / "data" / "kuberay"
 READMES = [REPO / "README.md", CLUSTER / "README.md"]
-KUBERAY_FILES = ("kuberay-raycluster.yaml", "kuberay-rayjob.yaml")
+KUBERAY_FILES = ("kuberay-raycluster.yaml", "kuberay-rayjob.yaml")  # kuberay-serviceaccount.yaml: a plain ServiceAccount
 DLAMI_PARAMETER = "/aws/service/deeplearning/ami/x86_64/base-oss-nvidia-driver-gpu-ubuntu-22.04/latest/ami-id"
 # The GPU node the KubeRay worker pods are sized for (cluster/README.md: a g5.2xlarge-class node).
 GPU_NODE_CPUS, GPU_NODE_MEMORY_GI = 8, 32
@@ -266,6 +266,119 @@ def test_kuberay_gpu_pods_fit_their_node_with_room_for_the_kubelet(name):
         assert cpus_needed <= cpus <= GPU_NODE_CPUS - 0.5
         assert 24 <= memory <= 0.85 * GPU_NODE_MEMORY_GI
     assert "g5.2xlarge" in (CLUSTER / "README.md").read_text()
+
+
+# --- KubeRay pods sized for their models; drivers and writers off the head -------------------------
+
+GFD_DRIVER_LABELS = {"nvidia.com/cuda.driver-version.major", "nvidia.com/cuda.driver.major"}  # current, deprecated
+SCRATCH_GI = 8  # ephemeral storage beyond the model cache: logs, /tmp/ray, spilled objects
+
+
+def gibibytes(quantity: str) -> float:
+    return float(quantity.removesuffix("Gi")) if quantity.endswith("Gi") else float(quantity.removesuffix("G")) / 1.073741824
+
+
+def _profile_of(group) -> str:
+    return group["template"]["metadata"]["annotations"]["cosed.io/profile"]
+
+
+@pytest.mark.parametrize("name", KUBERAY_FILES)
+def test_kuberay_gpu_pods_cache_their_models_on_a_volume_sized_for_their_profile(name):
+    from cosed.models.profiles import profile_data
+
+    spec = cluster_spec(name)
+    hf_home = re.search(r"^ENV HF_HOME=(\S+)", DOCKERFILE, re.M).group(1)
+    for group in _gpu_groups(spec):
+        pod = group["template"]["spec"]
+        container = pod["containers"][0]
+        download = profile_data(_profile_of(group))["download_gib"]
+        (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == hf_home]
+        assert _env(container)["HF_HOME"] == hf_home
+        (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+        cache = gibibytes(volume["emptyDir"]["sizeLimit"])
+        assert cache >= 1.25 * download, (cache, download)  # room for the download, never the container's layer
+        resources = container["resources"]
+        assert resources["requests"]["ephemeral-storage"] == resources["limits"]["ephemeral-storage"]
+        assert gibibytes(resources["requests"]["ephemeral-storage"]) >= cache + SCRATCH_GI
+        assert pod["securityContext"]["fsGroup"] == 100  # the image's user can write the volume
+    head = spec["headGroupSpec"]["template"]["spec"]["containers"][0]["resources"]
+    assert head["requests"]["ephemeral-storage"] == head["limits"]["ephemeral-storage"]
+    if "entrypoint" in load(name)["spec"]:  # the RayJob's profile is the one its cache is sized for
+        profile = re.search(r"--profile (\S+)", load(name)["spec"]["entrypoint"]).group(1)
+        assert {_profile_of(g) for g in _gpu_groups(spec)} == {profile}
+
+
+def test_the_model_cache_check_catches_a_volume_too_small_for_the_profile():
+    from cosed.models.profiles import profile_data
+
+    assert 1.25 * profile_data("flux-ltx")["download_gib"] > gibibytes(
+        _gpu_groups(cluster_spec("kuberay-raycluster.yaml"))[0]["template"]["spec"]["volumes"][0]["emptyDir"]["sizeLimit"])
+    assert gibibytes("16Gi") == 16 and round(gibibytes("16G"), 2) == 14.9
+
+
+@pytest.mark.parametrize("name", KUBERAY_FILES)
+def test_kuberay_hf_secret_is_required_where_the_profile_is_gated(name):
+    from cosed.doctor import gated_models
+    from cosed.models.profiles import resolve_profile
+
+    spec = cluster_spec(name)
+    (profile,) = {_profile_of(g) for g in _gpu_groups(spec)}
+    gated = bool(gated_models(resolve_profile(profile)))
+    assert gated  # sd21-svd: SVD-XT 1.1 is gated
+    for _, container in _containers(spec):
+        refs = {ref["secretRef"]["name"]: ref["secretRef"] for ref in container["envFrom"]}
+        assert refs["cosed-hf"].get("optional", False) is not gated
+        assert refs["cosed-s3"].get("optional") is True  # static keys, or the ServiceAccount's role instead
+
+
+@pytest.mark.parametrize("name", KUBERAY_FILES)
+def test_kuberay_gpu_groups_run_only_on_nodes_whose_driver_runs_the_images_cuda(name):
+    driver = int(min_driver(image_cuda(BASE_IMAGE)))
+    for group in _gpu_groups(cluster_spec(name)):
+        terms = group["template"]["spec"]["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][
+            "nodeSelectorTerms"]
+        keys = set()
+        for term in terms:  # terms are ORed: each alone must demand the driver
+            (expression,) = term["matchExpressions"]
+            assert expression["operator"] == "Gt" and expression["values"] == [str(driver - 1)]
+            keys.add(expression["key"])
+        assert keys == GFD_DRIVER_LABELS
+    assert "nvidia.com/cuda.driver-version.major" in (CLUSTER / "README.md").read_text()
+
+
+@pytest.mark.parametrize("name", KUBERAY_FILES)
+def test_kuberay_pods_run_as_the_service_account_the_cluster_files_create(name):
+    account = load("kuberay-serviceaccount.yaml")
+    assert account["kind"] == "ServiceAccount" and account["apiVersion"] == "v1"
+    spec = cluster_spec(name)
+    groups = [spec["headGroupSpec"], *_gpu_groups(spec)]
+    assert {g["template"]["spec"]["serviceAccountName"] for g in groups} == {account["metadata"]["name"]}
+    trust = json.loads((CLUSTER / "iam" / "pod-identity-trust.json").read_text())["Statement"][0]
+    assert trust["Principal"] == {"Service": "pods.eks.amazonaws.com"} and "sts:TagSession" in trust["Action"]
+    readme = (CLUSTER / "README.md").read_text()
+    for step in ("kubectl apply -f cluster/kuberay-serviceaccount.yaml", "create-pod-identity-association",
+                 "eks.amazonaws.com/role-arn="):
+        assert step in readme, step
+
+
+def _ray_start_resources(group) -> dict:
+    """``rayStartParams.resources`` as `ray start --resources` reads it: KubeRay passes the string on as is."""
+    raw = group.get("rayStartParams", {}).get("resources")
+    return json.loads(json.loads(raw)) if raw else {}
+
+
+def test_worker_nodes_advertise_the_drivers_and_writers_resource_and_the_heads_do_not():
+    from cosed.distributed.policies import WORKER_RESOURCE
+
+    for name in KUBERAY_FILES:
+        spec = cluster_spec(name)
+        assert all(_ray_start_resources(g).get(WORKER_RESOURCE, 0) >= 1 for g in _gpu_groups(spec)), name
+        assert WORKER_RESOURCE not in _ray_start_resources(spec["headGroupSpec"])
+    types = load("ray-cluster.yaml")["available_node_types"]
+    for kind, node_type in types.items():
+        advertised = node_type["resources"].get(WORKER_RESOURCE, 0)
+        assert advertised >= 1 if node_type["resources"].get("GPU") else advertised == 0, kind
+    assert f"--resources '{{\"{WORKER_RESOURCE}\": 1}}'" in (CLUSTER / "README.md").read_text()
 
 
 def _env(container) -> dict:

@@ -1,17 +1,19 @@
 """The job's state machine (`JobCore`), the virtual-time simulator and `cosed plan`, all without Ray."""
 
 import json
+from pathlib import Path
 
 import pytest
 
 from cosed.calls import ClipDone, ClipRequest
 from cosed.cli import main
 from cosed.config import RunConfig, VideoConfig
-from cosed.distributed.core import (DriverFailed, JobCore, ReplaceDriver, SendClip, Sequenced, StartTask,
-                                    StartWriter, Stop)
+from cosed.distributed.core import (CancelClip, CancelWriter, DriverFailed, JobCore, RecordFailure, ReplaceDriver,
+                                    Retrying, SendCaptions, SendClip, Sequenced, StartTask, StartWriter, Stop)
 from cosed.distributed.costs import CostModel
 from cosed.distributed.policies import admission
-from cosed.distributed.simulator import Cluster, Overheads, simulate
+from cosed.distributed.preemptions import PreemptionModel, parse_rate
+from cosed.distributed.simulator import Cluster, Overheads, Simulation, simulate
 from cosed.runner import resolve_run
 from cosed.storage import StorageUnavailable
 from cosed.tasks import Task
@@ -38,42 +40,174 @@ def of(kind, actions):
     return [a for a in actions if isinstance(a, kind)]
 
 
+def tag(start: StartTask, *events):
+    """Events as a driver reports them: each with the attempt that made it."""
+    return [(start.key, event) for event in events]
+
+
 def test_a_later_attempt_joins_the_clip_calls_of_the_attempt_before():
     job, started = core()
     (start,) = of(StartTask, started)
-    (sent,) = of(SendClip, job.on_driver_events(start.driver, start.key, [clip(TASKS[0], 1)], 1.0))
+    (sent,) = of(SendClip, job.on_driver_events(start.driver, tag(start, clip(TASKS[0], 1)), 1.0))
     # The driver dies mid-task: the task is tried again on a fresh driver; its first clip is still rendering.
     actions = job.on_driver_lost(start.driver, start.key, "driver lost (ActorDiedError)", 2.0)
     assert of(ReplaceDriver, actions)
     (again,) = of(StartTask, actions)
     assert again.task == TASKS[0] and again.key == ("t0", 1)
-    assert not of(SendClip, job.on_driver_events(again.driver, again.key, [clip(TASKS[0], 1)], 3.0))  # joined
-    (second,) = of(SendClip, job.on_driver_events(again.driver, again.key, [clip(TASKS[0], 2), Sequenced(2)], 4.0))
+    assert not of(SendClip, job.on_driver_events(again.driver, tag(again, clip(TASKS[0], 1)), 3.0))  # joined
+    (second,) = of(SendClip, job.on_driver_events(again.driver, tag(again, clip(TASKS[0], 2), Sequenced(2)), 4.0))
     assert not of(StartWriter, job.on_clip_result(sent.call, ClipDone("clip-t0-1", 1, 6), None, "", 5.0))
     (writer,) = of(StartWriter, job.on_clip_result(second.call, ClipDone("clip-t0-2", 1, 6), None, "", 6.0))
     assert writer.key == ("t0", 1)
     # The dead attempt's events, should any still arrive, change nothing.
-    assert job.on_driver_events(start.driver, start.key, [clip(TASKS[0], 2)], 7.0) == []
+    assert job.on_driver_events(start.driver, tag(start, clip(TASKS[0], 2)), 7.0) == []
 
 
 def test_a_lost_clip_call_is_sent_again_as_the_same_value():
     job, started = core()
     (start,) = of(StartTask, started)
-    (sent,) = of(SendClip, job.on_driver_events(start.driver, start.key, [clip(TASKS[0], 1)], 1.0))
+    (sent,) = of(SendClip, job.on_driver_events(start.driver, tag(start, clip(TASKS[0], 1)), 1.0))
     assert not of(SendClip, job.on_clip_result(sent.call, None, "retry", "ActorDiedError", 2.0))
     (resent,) = of(SendClip, job.on_tick(10.0))  # after a short backoff
     assert resent.request == sent.request and resent.call != sent.call
 
 
+def test_a_clip_call_whose_only_actor_is_restarting_waits_a_model_load_not_the_call_floor():
+    job, started = core(call_patience_s=4.0, restart_patience_s=900.0)
+    job.on_members("video", ["v0"], 0.0)
+    (start,) = of(StartTask, started)
+    (sent,) = of(SendClip, job.on_driver_events(start.driver, tag(start, clip(TASKS[0], 1)), 1.0))
+    now, call = 1.0, sent.call
+    for _ in range(6):  # six failures over 60 s: past call_attempts and the call floor
+        assert not of(RecordFailure, job.on_clip_result(call, None, "restarting", "ActorUnavailableError", now))
+        now += 10.0
+        (again,) = of(SendClip, job.on_tick(now))
+        call = again.call
+    assert of(RecordFailure, job.on_clip_result(call, None, "retry", "ActorDiedError", now))  # not restarting
+
+
 def test_storage_gone_stops_admission_and_fails_only_what_never_started():
     job, started = core(drivers=1)
     (start,) = of(StartTask, started)
-    actions = job.on_driver_events(start.driver, start.key, [DriverFailed("storage", "storage endpoint x down")], 1.0)
+    actions = job.on_driver_events(start.driver, tag(start, DriverFailed("storage", "storage endpoint x down")), 1.0)
     (stop,) = of(Stop, actions)
     assert isinstance(stop.reason, StorageUnavailable)
     assert not of(StartTask, actions) and job.finished  # a driver is free, tasks are queued: none starts
     assert sorted(t for t, _ in job.failed) == ["t0", "t1", "t2"]  # its own task, and the two never started
     assert job.on_tick(100.0) == []
+
+
+def test_a_stale_poll_answering_with_the_next_tasks_events_credits_them_to_that_task():
+    # The runtime's order: slot d sequences t0 with a poll outstanding; t0 fails (a bad input), the slot is
+    # reused for t1, and t0's poll, still outstanding, answers with t1's events.
+    job, started = core()
+    (a,) = of(StartTask, started)
+    actions = job.on_driver_events(a.driver, tag(a, DriverFailed("error", "bad input")), 1.0)
+    (b,) = of(StartTask, actions)
+    assert b.driver == a.driver and b.task == TASKS[1]
+    late = tag(a, clip(TASKS[0], 1)) + tag(b, clip(TASKS[1], 1), clip(TASKS[1], 2), Sequenced(2))
+    assert job.sequencing(b.driver, b.key) and not job.sequencing(a.driver, a.key)
+    sent = of(SendClip, job.on_driver_events(a.driver, late, 2.0))
+    assert [s.request.task_id for s in sent] == ["t1", "t1"]  # t1's two clips; t0's stale scene dropped
+    assert job.tasks["t1"].state == "rendering" and job.tasks["t0"].state == "failed"
+    assert not job.sequencing(b.driver, b.key)  # the runtime stops polling: t1 is sequenced
+    writers = [of(StartWriter, job.on_clip_result(s.call, ClipDone(s.request.clip, 1, 6), None, "", 3.0)) for s in sent]
+    assert [w.key for ws in writers for w in ws] == [("t1", 0)]
+
+
+def test_clips_queued_behind_others_never_pass_a_deadline_but_sequencing_and_writing_do():
+    from cosed.distributed.core import CorePolicy
+
+    job = JobCore([(TASKS[0], "fp", ["c", "c"])], 1, admission(1),
+                  CorePolicy(sequence_deadline_s=100.0, write_deadline_s=50.0, timeout_floor_s=10_000.0))
+    (start,) = of(StartTask, job.start(0.0) + job.on_members("video", ["v0"], 0.0))
+    (sent,) = of(SendClip, job.on_driver_events(start.driver, tag(start, clip(TASKS[0], 1), Sequenced(1)), 90.0))
+    assert not of(Retrying, job.on_tick(5_000.0))  # its clip waited far past both deadlines: neither applies
+    assert job.tasks["t0"].state == "rendering"
+    (writer,) = of(StartWriter, job.on_clip_result(sent.call, ClipDone(sent.request.clip, 1, 6), None, "", 5_001.0))
+    assert not job.on_tick(5_050.0)
+    actions = job.on_tick(5_052.0)  # the writer ran past its own deadline
+    assert of(CancelWriter, actions) and of(Retrying, actions)[0].task_id == "t0"
+    (retry,) = of(StartTask, actions)
+    assert retry.key == ("t0", 1)
+    assert not of(ReplaceDriver, job.on_tick(5_052.0 + 99.0))  # the retry's sequencing counts from its start
+    assert of(ReplaceDriver, job.on_tick(5_052.0 + 101.0)) and job.tasks["t0"].attempt == 2
+
+
+def test_a_failed_task_cancels_the_clip_calls_nobody_else_waits_for():
+    job, started = core(drivers=2)
+    first, second = of(StartTask, started)
+    (mine,) = of(SendClip, job.on_driver_events(first.driver, tag(first, clip(first.task, 1)), 1.0))
+    (other,) = of(SendClip, job.on_driver_events(second.driver, tag(second, clip(second.task, 1)), 1.0))
+    # The first task's second scene fails fatally: the task fails and its other clip call is cancelled.
+    (bad,) = of(SendClip, job.on_driver_events(first.driver, tag(first, clip(first.task, 2), Sequenced(2)), 2.0))
+    actions = job.on_clip_result(bad.call, None, "fatal", "ValueError: bad scene", 3.0)
+    assert [r.task_id for r in of(RecordFailure, actions)] == [first.task.id]
+    assert [c.call for c in of(CancelClip, actions)] == [mine.call]  # not the other task's call
+    assert job.on_clip_result(mine.call, None, "retry", "TaskCancelledError", 4.0) == []  # its answer is ignored
+    assert sum(job.load.values()) == 1  # only the other task's call is counted on an actor
+    assert of(StartWriter, job.on_driver_events(second.driver, tag(second, Sequenced(1)), 5.0)) == []
+    assert of(StartWriter, job.on_clip_result(other.call, ClipDone(other.request.clip, 1, 6), None, "", 6.0))
+
+
+def test_a_failed_caption_call_backs_off_and_avoids_the_actor_that_failed():
+    from cosed.distributed.core import CorePolicy
+
+    job = JobCore([(t, f"fp-{t.id}", None) for t in TASKS[:1]], 1, admission(1), CorePolicy(caption_batch=1))
+    job.start(0.0)
+    (first,) = of(SendCaptions, job.on_members("caption", ["c0", "c1", "c2"], 0.0))
+    assert not of(SendCaptions, job.on_captions(first.batch, None, "retry", "ActorDiedError", 1.0))  # backs off
+    for attempt in range(20):  # whichever actor failed, the resend goes elsewhere
+        (again,) = of(SendCaptions, job.on_tick(2.0 + 10 * attempt))
+        assert again.actor != first.actor and again.pairs == first.pairs
+        assert not of(SendCaptions, job.on_captions(again.batch, None, "retry", "ActorDiedError", 3.0 + 10 * attempt))
+        first = again
+        if job.tasks["t0"].state == "failed":
+            break
+    assert job.tasks["t0"].state == "failed" and job.tasks["t0"].caption_failures == 4  # call_attempts
+
+
+def test_a_writer_run_again_after_it_wrote_the_manifest_and_removed_parts_succeeds(tmp_path):
+    from cosed.engine import MANIFEST, assemble_task, task_uri
+
+    profile, cfg = resolve_run(RunConfig(profile="latency"))
+    task = TASKS[0]
+    manifest = {"task_id": task.id, "fingerprint": "fp-1", "steps": []}
+    path = task_uri(str(tmp_path), task, MANIFEST)  # written; every part (sequence record included) removed
+    Path(path).parent.mkdir(parents=True)
+    Path(path).write_text(json.dumps(manifest))
+    assert assemble_task(str(tmp_path), task, "fp-1", profile, cfg) == manifest
+    with pytest.raises(FileNotFoundError):  # another fingerprint: not done, and its parts are missing
+        assemble_task(str(tmp_path), task, "fp-2", profile, cfg)
+
+
+def test_the_failure_rules_runtime_and_simulator_share():
+    from cosed.distributed.policies import give_up, hung, needs_rescue, rescue_donor, unreachable_limit
+
+    assert not give_up(4, 4, 119.0, 120.0) and not give_up(3, 4, 1e6, 120.0) and give_up(4, 4, 120.0, 120.0)
+    assert unreachable_limit(True, False, False, 120.0, 900.0) == 900.0  # only restarting, its pool's last member
+    assert unreachable_limit(True, False, True, 120.0, 900.0) == 120.0  # its node is gone: replaced
+    assert hung(121.0, 120.0, 10.0, 1.0) and not hung(119.0, 120.0, 10.0, 1.0) and not hung(200.0, 120.0, 10.0, 30.0)
+    assert needs_rescue(1, 0, 120.0, False, 120.0) and not needs_rescue(1, 0, 119.0, False, 120.0)
+    assert not needs_rescue(1, 0, None, False, 120.0) and not needs_rescue(1, 1, 500.0, False, 120.0)
+    assert rescue_donor("clip", {"sd": 3, "video": 5, "clip": 0}, {"sd": 3, "video": 1, "clip": 0}) == "sd"
+
+
+def test_storage_pressure_pauses_admission_and_one_writer_runs_until_it_eases():
+    job, started = core(drivers=2)
+    first, second = of(StartTask, started)
+    assert job.on_storage_pressure(True, 1.0) == []
+    ready = []
+    for start, task in ((first, TASKS[0]), (second, TASKS[1])):
+        actions = job.on_driver_events(start.driver, tag(start, clip(task, 1), Sequenced(1)), 2.0)
+        assert not of(StartTask, actions)  # drivers are free, t2 is queued: it waits for the storage
+        (sent,) = of(SendClip, actions)
+        ready += of(StartWriter, job.on_clip_result(sent.call, ClipDone(sent.request.clip, 1, 6), None, "", 3.0))
+    assert [w.key for w in ready] == [("t0", 0)]  # one writer while the storage pushes back
+    actions = job.on_storage_pressure(False, 10.0)
+    assert [a.key for a in of(StartTask, actions)] == [("t2", 0)] and [w.key for w in of(StartWriter, actions)] == [
+        ("t1", 0)]
+    assert (job.storage_pauses, job.storage_paused_s) == (1, 9.0)
 
 
 def latency():
@@ -97,6 +231,39 @@ def test_gpus_that_join_a_large_run_get_only_actors_that_place():
     assert sum(result.grown.values()) >= 64 and result.gpus == 1088
 
 
+def test_preemptions_lengthen_the_run_and_the_work_they_cut_is_redone_exactly_once():
+    cfg, costs = latency()
+    counts = [2, 5, 3, 4, 8] * 40
+
+    def run(rate: float):
+        sim = Simulation(counts, cfg, costs, Cluster(gpus=32, preemptions=PreemptionModel(rate, 600.0)), seed=3)
+        return sim, sim.run()
+
+    def calls(sim, kind):
+        return sum(a.calls for a in sim.actors.values() if a.kind == kind)
+
+    base, clean = run(0.0)
+    sim, hit = run(1.0)  # one node in four lost per hour: a few during the run
+    assert clean.tasks == hit.tasks == 200 and hit.failed == 0
+    lost = sim.lost
+    assert lost.nodes >= 2 and lost.drivers >= 1 and lost.cut_calls.get("video") and lost.redone_calls.get("sd")
+    assert hit.makespan_s > clean.makespan_s and hit.preemption["lost_gpu_hours"] > 0
+    # Every clip is made exactly once; each clip call cut short with its node is sent again exactly once.
+    assert len(sim.clips_done) == sum(counts) and set(sim.clips_done.values()) == {1}
+    assert sim.clip_sends == sum(counts) + lost.cut_calls["video"]
+    # The model calls made: the clean run's, plus exactly those of the attempts lost with their drivers.
+    for kind in ("sd", "clip"):
+        assert calls(sim, kind) == calls(base, kind) + lost.redone_calls.get(kind, 0)
+    again = run(1.0)[1].to_dict()
+    assert {k: v for k, v in again.items() if k != "core_us_per_event"} == \
+        {k: v for k, v in hit.to_dict().items() if k != "core_us_per_event"}  # deterministic for a seed
+
+
+@pytest.mark.parametrize("text,rate", [("5%/h", 0.05), ("5%", 0.05), ("0.05/h", 0.05), ("24%/d", 0.01)])
+def test_a_preemption_rate_is_nodes_lost_per_node_hour(text, rate):
+    assert parse_rate(text) == pytest.approx(rate)
+
+
 def test_cosed_plan_prints_each_size_and_writes_one_record_per_size(tmp_path, capsys):
     tasks = write_jsonl(tmp_path / "t.jsonl", [{"id": f"t{i}", "steps": ["s"] * (2 + i % 5)} for i in range(40)])
     out = tmp_path / "plan.json"
@@ -109,6 +276,7 @@ def test_cosed_plan_prints_each_size_and_writes_one_record_per_size(tmp_path, ca
     for record in records:
         assert {"gpus", "makespan_s", "gpu_hours", "efficiency", "bottleneck", "dispatch_messages_per_call"} <= set(record)
     deadline = records[2]
+    assert "with_preemptions" not in records[0]
     assert deadline["makespan_s"] <= 3 * 3600
     assert main(["plan", "--tasks", str(tasks), "--profile", "latency", "--gpus", str(deadline["gpus"] - 1),
                  "--tasks-total", "200", "--json", str(out)]) == 0
@@ -120,3 +288,17 @@ def test_a_bad_deadline_is_a_usage_error(tmp_path, value, capsys):
     tasks = write_jsonl(tmp_path / "t.jsonl", [{"id": "a", "steps": ["s"]}])
     assert main(["plan", "--tasks", str(tasks), "--profile", "latency", "--deadline", value]) == 2
     assert "not a duration" in capsys.readouterr().err
+
+
+def test_cosed_plan_sets_a_run_with_preemptions_beside_each_size(tmp_path, capsys):
+    tasks = write_jsonl(tmp_path / "t.jsonl", [{"id": f"t{i}", "steps": ["s"] * (2 + i % 5)} for i in range(40)])
+    out = tmp_path / "plan.json"
+    assert main(["plan", "--tasks", str(tasks), "--profile", "latency", "--gpus", "16", "--tasks-total", "100",
+                 "--preemptions", "50%/h", "--replace-after", "5m", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "with preemptions 50%/h (nodes replaced after 300 s):" in printed and "GPU-hours of work lost" in printed
+    (record,) = json.loads(out.read_text())
+    hit = record["with_preemptions"]
+    assert hit["rate"] == "50%/h" and hit["preemption"]["nodes"] >= 1 and hit["tasks"] == 100
+    assert hit["makespan_s"] > record["makespan_s"]
+    assert main(["plan", "--tasks", str(tasks), "--profile", "latency", "--preemptions", "often"]) == 2

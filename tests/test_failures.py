@@ -190,6 +190,76 @@ def test_an_unreachable_endpoint_fails_after_the_retry_budget_naming_it(monkeypa
         monkeypatch.setattr(storage, "_s3_client", None)
 
 
+def client_error(code: str, status: int) -> Exception:
+    from botocore.exceptions import ClientError
+
+    return ClientError({"Error": {"Code": code, "Message": ""}, "ResponseMetadata": {"HTTPStatusCode": status}},
+                       "PutObject")
+
+
+def test_storage_errors_are_throttling_or_an_outage():
+    from botocore.exceptions import EndpointConnectionError, ReadTimeoutError
+
+    throttled = [client_error("SlowDown", 503), client_error("503", 503),  # a HEAD's SlowDown has no body
+                 client_error("TooBusy", 429), client_error("RequestLimitExceeded", 400),
+                 client_error("Throttling", 400)]
+    unreachable = [client_error("ServiceUnavailable", 503), client_error("InternalError", 500),
+                   client_error("502", 502), EndpointConnectionError(endpoint_url="http://s3"),
+                   ReadTimeoutError(endpoint_url="http://s3")]
+    assert {storage.classify(e) for e in throttled} == {storage.THROTTLED}
+    assert {storage.classify(e) for e in unreachable} == {storage.UNREACHABLE}
+    assert storage.classify(client_error("AccessDenied", 403)) == storage.ACCESS
+    assert storage.classify(client_error("NoSuchKey", 404)) == storage.OTHER
+
+
+def failing(*errors: Exception):
+    """A storage call that raises ``errors`` in turn, then answers."""
+    left = list(errors)
+
+    def call(_client):
+        if left:
+            raise left.pop(0)
+        return "answered"
+
+    return call
+
+
+def test_throttling_has_a_budget_of_its_own_and_the_error_says_which_ran_out(monkeypatch):
+    from botocore.exceptions import EndpointConnectionError
+
+    slept = []
+    monkeypatch.setattr(storage, "s3_client", lambda: None)
+    monkeypatch.setattr(storage.time, "sleep", slept.append)
+    storage.configure(0, 60)  # no outage tolerated, a minute of throttling
+    try:
+        # Throttled six times: ridden out with jittered, growing, capped backoff (the outage budget is 0 s).
+        assert storage._s3_call("s3://videos/x", failing(*[client_error("SlowDown", 503)] * 6)) == "answered"
+        assert len(slept) == 6 and len(set(slept)) == 6 and slept[-1] > slept[0] and max(slept) <= 10
+        with pytest.raises(StorageUnavailable, match="did not answer within 0 s") as gone:
+            storage._s3_call("s3://videos/x", failing(EndpointConnectionError(endpoint_url="http://s3")))
+        assert not isinstance(gone.value, storage.StorageThrottled)
+        storage.configure(0, 0)
+        with pytest.raises(storage.StorageThrottled, match="kept answering 503 SlowDown"):
+            storage._s3_call("s3://videos/x", failing(client_error("SlowDown", 503)))
+    finally:
+        storage.configure(120)
+
+
+def test_storage_pressure_lasts_while_answers_are_throttled_and_eases_after_a_calm(monkeypatch):
+    calm = storage.PRESSURE_CALM_S
+    assert not storage.pressure(-float("inf"), -float("inf"), 100.0)
+    assert storage.pressure(throttled=99.0, answered=50.0, now=100.0 + 10 * calm)  # nothing got through since
+    assert storage.pressure(throttled=99.0, answered=99.5, now=100.0)  # one got through, but too soon
+    assert not storage.pressure(throttled=99.0, answered=99.5, now=99.1 + calm)
+    # botocore's needs-retry hook feeds it with every answer, the retries inside a call included.
+    monkeypatch.setattr(storage, "_answers", storage._Answers())
+    http = type("Answer", (), {"status_code": 503})()
+    storage._note_answer(response=(http, {"Error": {"Code": "SlowDown"}}))
+    assert storage.under_pressure()
+    storage._note_answer(response=None)  # refused: an outage is not pressure
+    assert storage._answers.answered == -float("inf")
+
+
 def test_a_storage_error_while_recording_failures_never_aborts_the_run(tmp_path, tiny_run, monkeypatch):
     _, cfg, backend = tiny_run
     real = storage.write_text
@@ -389,7 +459,24 @@ def test_a_job_that_cannot_renew_stops_before_another_could_take_over(prefix, mo
         lease._stop.set()
 
 
-def test_no_manifest_is_written_past_a_lost_lease(tmp_path, tiny_run, monkeypatch):
+def test_a_lease_whose_renewals_are_throttled_is_kept_and_renewed_once_it_eases(tmp_path, monkeypatch):
+    from chaos import wait_for
+
+    lease = OutputLease(str(tmp_path / "run"), 10).acquire()  # renews every 1.25 s; held for 5 s after a renewal
+    try:
+        renew = storage.replace_if
+        monkeypatch.setattr("cosed.lease.storage.replace_if", lambda *a, **k: (_ for _ in ()).throw(
+            storage.StorageThrottled("storage endpoint kept answering 503 SlowDown")))
+        wait_for(lambda: time.monotonic() > lease.held_until + 1, 15, "the lease's held span to pass")
+        lease.check()  # the storage answers, slowly: the run goes on (every write it makes is fenced)
+        monkeypatch.setattr("cosed.lease.storage.replace_if", renew)
+        wait_for(lambda: lease.held_until > time.monotonic(), 15, "a renewal once the throttling eased")
+        lease.fence()  # renewed in place (If-Match on its own tag): still this job's
+    finally:
+        lease._stop.set()
+
+
+def test_nothing_is_written_past_a_lost_lease(tmp_path, tiny_run, monkeypatch):
     _, cfg, backend = tiny_run
     out = str(tmp_path / "o")
     lease = OutputLease(out, 60).acquire()
@@ -399,6 +486,6 @@ def test_no_manifest_is_written_past_a_lost_lease(tmp_path, tiny_run, monkeypatc
         tasks = write_jsonl(tmp_path / "t.jsonl", [TEA])
         with pytest.raises(LeaseLost):
             runner.run_in_process(str(tasks), out, cfg, progress=False, backend=backend, lease=lease)
-        assert not (tmp_path / "o" / "tea" / "manifest.json").exists()
+        assert not (tmp_path / "o" / "tea").exists()  # no scene, clip, video or manifest: every write is fenced
     finally:
         lease._stop.set()

@@ -86,13 +86,29 @@ def test_doctor_prints_its_table_and_exits_1_without_gpu_or_weights(tmp_path, ca
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_TOKEN_PATH", str(tmp_path / "hf" / "token"))
     monkeypatch.setattr("cosed.doctor.local_gpus", lambda: [])
     assert main(["doctor", "--profile", "sd21-svd", "--out", str(tmp_path / "out")]) == 1
     out = capsys.readouterr().out
     assert "FAIL  GPU" in out and "no CUDA GPU" in out
     assert "weights video" in out and "gated" in out and "fix:" in out
     assert "ok    output" in out and "ok    H.264" in out
+    assert "FAIL  HF token" in out and "cosed-hf" in out  # the missing secret, named before any GPU starts
     assert not list((tmp_path / "out").iterdir())  # the probe was deleted
+
+
+def test_doctor_names_the_hugging_face_token_a_gated_profile_needs():
+    from cosed.doctor import hf_token_check
+
+    paper = resolve_profile("sd21-svd")
+    missing = hf_token_check(paper, False, {"video": False})
+    assert missing.status == FAIL and "stabilityai/stable-video-diffusion-img2vid-xt-1-1" in missing.detail
+    assert "kubectl create secret generic cosed-hf" in missing.fix and "~/.cache/huggingface/token" in missing.fix
+    assert hf_token_check(paper, True, {"video": False}).status == OK
+    assert hf_token_check(paper, False, {"video": True}).status == WARN  # cached here; new GPU nodes still download
+    assert hf_token_check(resolve_profile("flux-ltx"), False, {}) is None  # nothing gated: no line
+    assert hf_token_check(resolve_profile("tiny"), False, {}) is None
 
 
 def test_doctor_lines_for_an_unwritable_output_and_an_unreachable_cluster(tmp_path):
@@ -289,3 +305,15 @@ def test_doctor_reports_each_gpu_nodes_driver_against_its_torch():
     assert [c.status for c in drivers] == [OK, FAIL] and "535.104.05" in drivers[1].detail
     older = {k: v for k, v in probe.items() if k not in ("drivers", "torch")}
     assert not [c for c in probe_checks("HEAD:6379", older, paper, "auto") if c.name == "cluster driver"]
+
+
+def test_doctor_reports_gpu_nodes_without_a_hugging_face_token_for_a_gated_profile():
+    probe = {"nodes": 3, "gpus": [1, 1], "memory": [[80.0], [80.0]], "tokens": [True, False]}
+    (token,) = [c for c in probe_checks("HEAD:6379", probe, resolve_profile("sd21-svd"), "auto")
+                if c.name == "cluster HF token"]
+    assert token.status == FAIL and "1 of 2 GPU nodes" in token.detail and "cosed-hf" in token.fix
+    everyone = {**probe, "tokens": [True, True]}
+    assert [c.status for c in probe_checks("HEAD:6379", everyone, resolve_profile("sd21-svd"), "auto")
+            if c.name == "cluster HF token"] == [OK]
+    assert not [c for c in probe_checks("HEAD:6379", probe, resolve_profile("flux-ltx"), "auto")
+                if c.name == "cluster HF token"]

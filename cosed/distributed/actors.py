@@ -293,13 +293,16 @@ class DriverTask:
     policy: CallPolicy
 
 
+# Drivers and writers get their CPUs, memory, worker resource and node from the job (`RayJob._placement`,
+# `policies.host_nodes` / `process_resources`); the 0 CPUs here are only the defaults that every call overrides.
 @ray.remote(num_cpus=0, max_concurrency=4)
 class TaskDriver:
     """Walks one task's steps in order; reports each chosen scene to the job as it is chosen.
 
     `start` begins a task in a thread of its own and returns; the job keeps one
     `next_events` call waiting, which answers with whatever happened since (a
-    scene's `ClipRequest`, `ClipFound`, and finally `Sequenced` or `DriverFailed`).
+    scene's `ClipRequest`, `ClipFound`, and finally `Sequenced` or `DriverFailed`),
+    each as ``(task key, event)``: the job credits an event to the attempt that made it.
     `update` takes the pools' new members when they change.
     """
 
@@ -321,7 +324,7 @@ class TaskDriver:
     def start(self, job: DriverTask) -> None:
         with self.known:  # calls of a threaded actor may run out of order: the first members may still come
             if not self.known.wait_for(lambda: self.membership is not None, timeout=job.policy.restart_wait_s):
-                self.events.put(DriverFailed("calls", "the driver was given no pool members"))
+                self.events.put((job.key, DriverFailed("calls", "the driver was given no pool members")))
                 return
             self.dispatcher = Dispatcher(self.membership, job.policy, seed=hash(job.task.id) % 997)
         threading.Thread(target=self._run, args=(job, self.dispatcher), daemon=True).start()
@@ -338,32 +341,33 @@ class TaskDriver:
 
     def _run(self, job: DriverTask, dispatcher: Dispatcher) -> None:
         self.tasks += 1
-        storage.configure(job.cfg.storage.retry_seconds)
+        emit = lambda event: self.events.put((job.key, event))  # noqa: E731
+        storage.configure(job.cfg.storage.retry_seconds, job.cfg.storage.throttle_seconds)
         parts = TaskParts.of(job.out, job.task.folder, job.fingerprint)
         try:
             stored = stored_sequence(job.task, job.cfg, parts)
             if stored is not None:  # sequenced before (a retry or a resume): its scenes are stored
                 for request in stored:
-                    self.events.put(ClipFound(request) if existing_clip(request) else request)
+                    emit(ClipFound(request) if existing_clip(request) else request)
                     telemetry.record("cosed_scenes_done")
-                self.events.put(Sequenced(len(stored), _counts(dispatcher)))
+                emit(Sequenced(len(stored), _counts(dispatcher)))
                 return
 
             def scene(request) -> None:
-                self.events.put(request)
+                emit(request)
                 telemetry.record("cosed_scenes_done")
                 if self.tasks == 2 and first_to_create(job.cfg.ray.chaos_driver_exit_marker):
                     time.sleep(0.5)  # the scene reaches the job before this process goes
                     os._exit(1)
 
             sequence_task(job.task, job.captions, RayBackend(dispatcher), job.cfg, parts, on_scene=scene)
-            self.events.put(Sequenced(len(job.task.steps), _counts(dispatcher)))
+            emit(Sequenced(len(job.task.steps), _counts(dispatcher)))
         except StorageUnavailable as exc:
-            self.events.put(DriverFailed("storage", str(exc)))
+            emit(DriverFailed("storage", str(exc)))
         except CallFailed as exc:
-            self.events.put(DriverFailed("calls", str(exc)))
+            emit(DriverFailed("calls", str(exc)))
         except Exception as exc:  # a bad task fails alone
-            self.events.put(DriverFailed("error", f"{type(exc).__name__}: {exc}"))
+            emit(DriverFailed("error", f"{type(exc).__name__}: {exc}"))
             traceback.print_exc()
 
 

@@ -13,7 +13,9 @@ Clip calls are keyed by the clip's URI (its task fingerprint and step): a later
 attempt of the same task joins the call already running instead of rendering
 again. Once a task is sequenced and all its clips are stored, a writer
 assembles it from storage. Storage gone past its budget, or the output lease
-lost, stops all admission; the runtime then ends the run.
+lost, stops all admission; the runtime then ends the run. Storage that pushes
+back (throttling) only pauses it: no task starts and one writer runs until the
+pressure ends (`on_storage_pressure`).
 
 Every operation on an event is O(1) amortised (dicts, a deque, a heap with lazy
 deletion), so the job's work per event does not grow with the tasks in flight.
@@ -32,7 +34,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cosed.calls import ClipDone, ClipRequest
-from cosed.distributed.policies import Admission, choose_actor, sample_candidates
+from cosed.distributed.policies import (Admission, avoid_after_failure, call_patience, call_timeout, choose_actor,
+                                        give_up, retry_backoff, sample_candidates)
 from cosed.lease import LeaseLost
 from cosed.storage import StorageUnavailable
 from cosed.tasks import Task
@@ -180,16 +183,18 @@ class CorePolicy:
     """The numbers the core decides with (`CallPolicy` and `RayConfig` give them)."""
 
     task_retries: int = 2
-    task_deadline_s: float = 3600.0
+    sequence_deadline_s: float = 3600.0  # an attempt's sequencing (its driver's work, from its start)
+    write_deadline_s: float = 1800.0  # a writer's work, from its start (never the wait for a writer slot)
     call_attempts: int = 4
     call_patience_s: float = 120.0  # a clip call is failed only after this long and ``call_attempts`` tries
+    restart_patience_s: float = 900.0  # ... or this long while its actor is only restarting (reloading)
     timeout_floor_s: float = 120.0
     timeout_factor: float = 10.0
     clip_seconds: float = 1.0  # expected seconds of one clip call (measured ones replace it)
     caption_batch: int = 8  # pairs per caption call: one generate call of the captioner
 
     def clip_timeout(self, queued_ahead: int) -> float:
-        return max(self.timeout_floor_s, self.timeout_factor * self.clip_seconds * (1 + queued_ahead))
+        return call_timeout(self.timeout_floor_s, self.timeout_factor, self.clip_seconds, queued_ahead)
 
 
 class JobCore:
@@ -216,6 +221,7 @@ class JobCore:
         self.resend: deque[str] = deque()  # clip URIs waiting for a video actor
         self.captioning: dict[int, tuple[str, list[tuple[str, int]]]] = {}  # batch -> (actor, (task id, step))
         self.caption_waiting: deque[tuple[str, int]] = deque()
+        self.caption_avoid: dict[tuple[str, int], str] = {}  # (task id, step) -> the actor its last call failed on
         self.writing: dict[tuple[str, int], str] = {}  # writer key -> task id
         self.write_ready: deque[str] = deque()
         self.stopped: BaseException | None = None
@@ -223,6 +229,9 @@ class JobCore:
         self.failed: list[tuple[str, str]] = []
         self.scenes_chosen = 0
         self.scenes_written = 0
+        self.pressure_since: float | None = None  # storage pushing back since (admission paused)
+        self.storage_pauses = 0
+        self.storage_paused_s = 0.0
         self.events = 0  # handled (for the work-per-event figures)
 
     # -- bookkeeping ---------------------------------------------------------------------------------
@@ -257,13 +266,33 @@ class JobCore:
             self.load.setdefault(name, 0)
         return self._admit(now)
 
-    def on_driver_events(self, driver: int, key: tuple[str, int], events: list, now: float) -> list:
-        self.events += 1
+    def on_storage_pressure(self, active: bool, now: float) -> list:
+        """The storage began or ceased to push back (SlowDown): pause or resume admission."""
+        if active and self.pressure_since is None:
+            self.pressure_since = now
+            self.storage_pauses += 1
+            log.warning("storage is throttling (SlowDown): no task starts and one writer runs until it eases")
+        elif not active and self.pressure_since is not None:
+            self.storage_paused_s += now - self.pressure_since
+            log.warning("storage no longer throttling after %.0f s: admission resumes", now - self.pressure_since)
+            self.pressure_since = None
+        return self._admit(now)
+
+    def sequencing(self, driver: int, key: tuple[str, int]) -> bool:
+        """Whether ``driver`` sequences attempt ``key`` now (the runtime polls a driver only while it does)."""
         run = self.tasks.get(key[0])
-        if run is None or run.key != key or run.state != SEQUENCING or run.driver != driver:
-            return []  # an attempt that was already given up (deadline, retry)
+        return run is not None and run.key == key and run.state == SEQUENCING and run.driver == driver
+
+    def on_driver_events(self, driver: int, events: list[tuple[tuple[str, int], Any]], now: float) -> list:
+        """A driver's events, each tagged with the attempt (task id, attempt) that made it. Filtered one by one:
+        a poll outstanding on a slot when its attempt was given up may answer with the next attempt's events,
+        which belong to that attempt; events of an attempt already given up (deadline, retry) are dropped."""
+        self.events += 1
         actions: list = []
-        for event in events:
+        for key, event in events:
+            if not self.sequencing(driver, key):
+                continue
+            run = self.tasks[key[0]]
             if isinstance(event, ClipRequest):
                 run.scenes += 1
                 self.scenes_chosen += 1
@@ -304,28 +333,28 @@ class JobCore:
 
     def on_clip_result(self, call: int, done: ClipDone | None, error: str | None, message: str, now: float) -> list:
         """A clip call answered: ``done``, or ``error`` = ``retry`` (actor lost, timed out, cancelled),
-        ``storage`` or ``fatal`` (the call itself failed)."""
+        ``restarting`` (its actor is reloading), ``storage`` or ``fatal`` (the call itself failed)."""
         self.events += 1
         uri = self.calls.pop(call, None)
         if uri is None:
             return []
         clip = self.clips[uri]
-        if clip.actor is not None:
-            self.load[clip.actor] = max(0, self.load.get(clip.actor, 1) - 1)
+        self._unload(clip)
         actions: list = []
         if done is not None:
             self._clip_done(uri, actions)
-        elif error == "retry":
+        elif error in ("retry", "restarting"):
             clip.tried.append(clip.actor or "?")
             clip.first_failure = clip.first_failure if clip.first_failure is not None else now
-            if len(clip.tried) >= self.policy.call_attempts and now - clip.first_failure >= self.policy.call_patience_s:
+            if give_up(len(clip.tried), self.policy.call_attempts, now - clip.first_failure, call_patience(
+                    error == "restarting", self.policy.call_patience_s, self.policy.restart_patience_s)):
                 self._clip_failed(uri, f"video calls kept failing: {len(clip.tried)} attempts "
                                        f"(actors {', '.join(clip.tried)}); last error: {message}", actions)
             else:
                 log.warning("clip %s (task %s, step %d) failed on %s (%s); sending it to another actor",
                             uri, clip.request.task_id, clip.request.step, clip.actor, message)
                 clip.actor = None
-                self._timer(now + min(0.2 * 2 ** len(clip.tried), 5.0), "resend", uri)
+                self._timer(now + retry_backoff(len(clip.tried)), "resend", uri)
         elif error == "storage":
             actions += self._stop(StorageUnavailable(message))
             self._clip_failed(uri, message, actions)
@@ -374,8 +403,10 @@ class JobCore:
                 continue
             if caption is None:
                 run.caption_failures += 1
-                if error == "retry" and run.caption_failures < self.policy.call_attempts:
-                    self.caption_waiting.appendleft((task_id, step))
+                if error in ("retry", "restarting") and run.caption_failures < self.policy.call_attempts:
+                    # Like a clip: sent again after a backoff, to another actor than the one that just failed.
+                    self.caption_avoid[(task_id, step)] = actor
+                    self._timer(now + retry_backoff(run.caption_failures), "caption", (task_id, step))
                     continue
                 if error == "storage":
                     actions += self._stop(StorageUnavailable(message))
@@ -394,8 +425,8 @@ class JobCore:
         while self.timers and self.timers[0][0] <= now:
             _, _, kind, key = heapq.heappop(self.timers)
             if kind == "deadline":
-                run = self.tasks[key[0]]
-                if run.key == key and run.state not in (DONE, FAILED, QUEUED, READY, CAPTIONING):
+                (task_key, state), run = key, self.tasks[key[0][0]]
+                if run.key == task_key and run.state == state:  # still in the work the deadline measures
                     self._deadline(run, actions)
             elif kind == "clip-timeout":
                 call, uri = key
@@ -405,6 +436,9 @@ class JobCore:
             elif kind == "resend":
                 if key in self.clips and self.clips[key].actor is None and key not in self.done_clips:
                     self.resend.append(key)
+            elif kind == "caption":
+                if self.tasks[key[0]].state == CAPTIONING:
+                    self.caption_waiting.appendleft(key)
         return actions + self._admit(now)
 
     # -- internals ---------------------------------------------------------------------------------------
@@ -427,7 +461,7 @@ class JobCore:
         if not members:
             self.resend.append(uri)
             return []
-        tried = set(clip.tried[-len(members) + 1:]) if len(members) > 1 else set()
+        tried = avoid_after_failure(clip.tried, len(members))
         candidates = sample_candidates(members, lambda name: name in tried, self.rng)
         actor = choose_actor(candidates, self.load)
         queued = self.load.get(actor, 0)
@@ -449,7 +483,7 @@ class JobCore:
 
     def _clip_failed(self, uri: str, reason: str, actions: list) -> None:
         clip = self.clips.pop(uri)
-        for task_id in clip.waiting:
+        for task_id in list(clip.waiting):
             run = self.tasks[task_id]
             if uri in run.pending and run.state not in (DONE, FAILED):
                 self._fail(run, reason, actions)
@@ -460,7 +494,7 @@ class JobCore:
             self.write_ready.append(run.task.id)
 
     def _deadline(self, run: TaskRun, actions: list) -> None:
-        limit = self.policy.task_deadline_s
+        limit = self.policy.sequence_deadline_s if run.state == SEQUENCING else self.policy.write_deadline_s
         if run.state == SEQUENCING and run.driver is not None:
             actions.append(ReplaceDriver(run.driver))
             self.idle.append(run.driver)
@@ -487,6 +521,25 @@ class JobCore:
         """This attempt waits for nothing more (a clip call it started goes on, and a later attempt joins it)."""
         run.pending.clear()
 
+    def _cancel_orphans(self, run: TaskRun) -> list:
+        """The failed task's clip calls (of any of its attempts) that no other task waits for: cancelled."""
+        actions = []
+        for uri in run.clips:
+            clip = self.clips.get(uri)
+            if clip is None:
+                continue
+            clip.waiting.discard(run.task.id)
+            if not clip.waiting:
+                del self.clips[uri]
+                if self.calls.pop(clip.call, None) is not None:
+                    self._unload(clip)
+                    actions.append(CancelClip(clip.call))
+        return actions
+
+    def _unload(self, clip: ClipCall) -> None:
+        if clip.actor is not None:
+            self.load[clip.actor] = max(0, self.load.get(clip.actor, 1) - 1)
+
     def _remove_write_ready(self, task_id: str) -> None:
         try:
             self.write_ready.remove(task_id)  # rare (a deadline while waiting for a writer slot)
@@ -503,6 +556,7 @@ class JobCore:
             self.idle.append(run.driver)
             run.driver = None
         self._drop_pending(run)
+        actions += self._cancel_orphans(run)
         self._move(run, FAILED)
         self.failed.append((run.task.id, reason))
         actions.append(RecordFailure(run.task.id, reason))
@@ -531,7 +585,8 @@ class JobCore:
             if uri in self.clips and self.clips[uri].actor is None and uri not in self.done_clips:
                 actions += self._send(uri, now)
         actions += self._admit_captions()
-        while self.queue and self.admission.may_sequence(len(self.idle), self.past_sequencing):
+        pressure = self.pressure_since is not None
+        while self.queue and self.admission.may_sequence(len(self.idle), self.past_sequencing, pressure):
             run = self.tasks[self.queue.popleft()]
             if run.state not in (QUEUED, READY) or run.captions is None or len(run.captions) < len(run.task.steps):
                 continue
@@ -539,20 +594,22 @@ class JobCore:
             run.driver = driver
             run.started = now
             self._move(run, SEQUENCING)
-            self._timer(now + self.policy.task_deadline_s, "deadline", run.key)
+            self._timer(now + self.policy.sequence_deadline_s, "deadline", (run.key, SEQUENCING))
             actions.append(StartTask(driver, run.key, run.task, list(run.captions), run.fingerprint))
-        while self.write_ready and self.admission.may_write(len(self.writing)):
+        while self.write_ready and self.admission.may_write(len(self.writing), pressure):
             run = self.tasks[self.write_ready.popleft()]
             if run.state != WRITE_READY:
                 continue
             self._move(run, WRITING)
             self.writing[run.key] = run.task.id
+            self._timer(now + self.policy.write_deadline_s, "deadline", (run.key, WRITING))
             actions.append(StartWriter(run.key, run.task, run.fingerprint, run.started))
         return actions
 
     def _admit_captions(self) -> list:
         actions: list = []
-        while self.to_caption and self.admission.may_caption(self.counts[CAPTIONING] + self.counts[READY]):
+        while self.to_caption and self.admission.may_caption(self.counts[CAPTIONING] + self.counts[READY],
+                                                             self.pressure_since is not None):
             run = self.tasks[self.to_caption.popleft()]
             run.captions = []
             self._move(run, CAPTIONING)
@@ -561,11 +618,12 @@ class JobCore:
         while self.caption_waiting and members:
             items = [self.caption_waiting.popleft()
                      for _ in range(min(self.policy.caption_batch, len(self.caption_waiting)))]
+            avoid = {self.caption_avoid.pop(item) for item in items if item in self.caption_avoid}
             pairs = []
             for task_id, step in items:
                 run = self.tasks[task_id]
                 pairs.append((run.captions[step - 1] if step else "", run.task.steps[step]))
-            actor = choose_actor(sample_candidates(members, lambda _: False, self.rng), self.load)
+            actor = choose_actor(sample_candidates(members, lambda name: name in avoid, self.rng), self.load)
             self.load[actor] = self.load.get(actor, 0) + 1
             batch = next(self.ids)
             self.captioning[batch] = (actor, items)

@@ -25,7 +25,8 @@ from typing import Any, Callable
 import ray
 
 from cosed.distributed import telemetry
-from cosed.distributed.policies import choose_actor, sample_candidates
+from cosed.distributed.policies import (call_patience, call_timeout, choose_actor, give_up, retry_backoff,
+                                        sample_candidates)
 
 log = logging.getLogger("cosed")
 
@@ -57,7 +58,7 @@ class CallPolicy:
 
     def timeout(self, expected_s: float, queued: int = 0) -> float:
         """How long to wait for a call with ``queued`` calls ahead of it on the same actor."""
-        return max(self.timeout_floor_s, self.timeout_factor * expected_s * (1 + queued))
+        return call_timeout(self.timeout_floor_s, self.timeout_factor, expected_s, queued)
 
 
 class QueueCounter:
@@ -257,17 +258,17 @@ class Dispatcher:
                     # Give up after ``attempts`` failures, but never before the floor has passed, nor while
                     # the actor is only restarting (reloading models can take minutes): a pool of one actor
                     # that is restarting must not fail the task.
-                    patience = self.policy.restart_wait_s if isinstance(exc, ray.exceptions.ActorUnavailableError) \
-                        else self.policy.timeout_floor_s
-                    if len(failures[index]) >= self.policy.attempts and \
-                            time.monotonic() - first_failure[index] >= patience:
+                    patience = call_patience(isinstance(exc, ray.exceptions.ActorUnavailableError),
+                                             self.policy.timeout_floor_s, self.policy.restart_wait_s)
+                    if give_up(len(failures[index]), self.policy.attempts, time.monotonic() - first_failure[index],
+                               patience):
                         raise CallFailed(f"{kind}.{method} failed on {len(failures[index])} attempts "
                                          f"(actors {', '.join(failures[index])}); last error: "
                                          f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from exc
                     log.warning("%s.%s on %s failed (%s); retrying on another actor", kind, method, name,
                                 type(exc).__name__)
                     telemetry.record("cosed_call_retries", 1, pool=kind)
-                    time.sleep(min(0.2 * 2 ** len(failures[index]), 5.0))
+                    time.sleep(retry_backoff(len(failures[index])))
                     send(index)
         telemetry.record("cosed_pool_calls_in_flight", 0, pool=kind)
         return results

@@ -8,7 +8,9 @@ on one slow thing either (pool checks do not block, failure records are written
 by a thread of their own). Storage gone past its budget, the output lease
 lost, or the job API recording this Ray job as stopped, stops the run: no task
 starts after that, and the run ends with the documented error (exit 1) once its
-drivers are stopped.
+drivers are stopped. Storage that throttles pauses admission instead: a thread
+probes the output prefix about once a second and the core hears when the
+SlowDown answers begin and end.
 """
 
 from __future__ import annotations
@@ -34,9 +36,10 @@ from cosed.distributed.core import (CancelClip, CancelWriter, CorePolicy, Driver
                                     StartTask, StartWriter, Stop)
 from cosed.distributed.costs import CAPTION, CostModel, batch_work, flow_order
 from cosed.distributed.dispatch import RETRYABLE, CallPolicy, Dispatcher
-from cosed.distributed.policies import admission, writer_node
-from cosed.distributed.pools import AutoscaleRequest, Pools, busy_fractions, head_node_id, nodes_now
-from cosed.distributed.sizing import expected_gpus, wait_for_gpus, wanted_gpus
+from cosed.distributed.policies import (WORKER_RESOURCE, admission, driver_destination, host_node, host_nodes,
+                                       process_resources)
+from cosed.distributed.pools import AutoscaleRequest, Pools, busy_fractions, nodes_now
+from cosed.distributed.sizing import expected_gpus, free_room, nodes_from_ray, wait_for_gpus, wanted_gpus
 from cosed.distributed.submission import JobStopped, raise_if_stopped
 from cosed.lease import LeaseLost, OutputLease
 from cosed.models.profiles import ModelUnavailable
@@ -48,6 +51,8 @@ from cosed.tasks import CAPTIONS, TaskError
 
 log = logging.getLogger("cosed")
 PROGRESS_SECONDS = 1.0
+REPLACE_REFRESH_S = 0.5  # a replaced driver reads the node list this fresh (one read serves a node's many)
+PROBE_SECONDS = 1.0  # how often the job asks the storage whether it still throttles
 
 
 def connect(address: str | None = None) -> None:
@@ -125,7 +130,7 @@ def run_on_ray(tasks_uri: str, out: str, cfg: RunConfig, *, overwrite: bool = Fa
     try:
         connect(address)
         plan = plan_run(cfg, out, lambda: smallest_gpu_gib(cfg), replan,
-                        say=lambda line: print(line, flush=True) if progress else log.warning(line))
+                        say=lambda line: print(line, flush=True))
         profile, cfg = plan.profile, plan.cfg
         costs = CostModel.from_dict(profile.costs, cfg.ray.costs)
         summary, todo = prepare_run(tasks_uri, out, plan, overwrite)
@@ -187,6 +192,7 @@ class Trace:
 
     started: list[tuple[float, str]] = field(default_factory=list)
     stopped_at: float | None = None
+    paused: list[list[float | None]] = field(default_factory=list)  # [from, to] while storage throttled
 
 
 class RayJob:
@@ -200,13 +206,16 @@ class RayJob:
         drivers = max(1, min(plan.drivers, len(todo)))
         order = flow_order(todo, cfg, pools.costs, plan.capacity())
         tasks = [(t, summary.fingerprints[t.id], None if cfg.rewriter == "lm" else rewriter.captions(t)) for t in order]
-        self.nodes = [n.node_id for n in nodes_now()]
-        self.head = head_node_id()
+        ray_nodes = ray.nodes()
+        self.hosts_at = -float("inf")
+        self._refresh_hosts(ray_nodes)
         writers = None if cfg.ray.writers == "auto" else int(cfg.ray.writers)
         expected = pools.call_seconds()
-        self.core = JobCore(tasks, drivers, admission(drivers, writers, max(1, len(self.nodes) - 1)), CorePolicy(
-            task_retries=cfg.ray.task_retries, task_deadline_s=cfg.ray.task_deadline_s,
+        self.core = JobCore(tasks, drivers, admission(drivers, writers, len(self.hosts)), CorePolicy(
+            task_retries=cfg.ray.task_retries, sequence_deadline_s=cfg.ray.sequence_deadline_s,
+            write_deadline_s=cfg.ray.write_deadline_s,
             call_attempts=cfg.ray.call_attempts, call_patience_s=cfg.ray.call_timeout_floor_s,
+            restart_patience_s=cfg.ray.start_timeout_s,
             timeout_floor_s=cfg.ray.call_timeout_floor_s, timeout_factor=cfg.ray.call_timeout_factor,
             clip_seconds=expected.get("video", 1.0)), seed=hash(out) % 997)
         self.events: queue.SimpleQueue = queue.SimpleQueue()
@@ -216,6 +225,9 @@ class RayJob:
         self.writer_refs: dict[tuple, tuple[object, str | None]] = {}
         self.writes: list[dict] = []
         self.recorder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cosed-errors")
+        self.prober = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cosed-probe")
+        self.probing = None
+        self.probed = -PROBE_SECONDS
         self.trace = Trace()
         self.stopped: BaseException | None = None
         self.membership_ref = None
@@ -223,6 +235,8 @@ class RayJob:
         self.probes = [0, 0, 0, 0]
         self.started = time.monotonic()
         self.latency: dict[str, float] = {}
+        self.driver_moves = self.writers_started = 0
+        self.shapes = self._process_shapes(nodes_from_ray(ray_nodes), drivers)
         for driver in range(drivers):
             self._new_driver(driver)
         self.warming = self._warm_up()
@@ -234,10 +248,9 @@ class RayJob:
         counts: dict[str, int] = {}
         warm = []
         for _ in range(self.core.admission.writers):
-            node = self._spread(counts)
+            node = host_node(self.hosts, counts)
             counts[node] = counts.get(node, 0) + 1
-            options = {"scheduling_strategy": NodeAffinitySchedulingStrategy(node, soft=True)} if node else {}
-            warm.append(warm_writer.options(**options).remote())
+            warm.append(warm_writer.options(**self._placement("writer", node)).remote())
         return [handle.ready.remote() for handle in self.drivers.values()] + warm
 
     def warmed(self) -> None:
@@ -267,6 +280,7 @@ class RayJob:
                     event = None
             now = time.monotonic()
             self._execute(self.core.on_tick(now))
+            self._storage_pressure(now)
             if self.lease is not None and self.stopped is None:
                 try:
                     self.lease.check()
@@ -287,6 +301,19 @@ class RayJob:
         if self.progress:
             self._report(shown)
 
+    def _storage_pressure(self, now: float) -> None:
+        """Probe the output prefix (one call at a time) and tell the core when throttling begins or ends."""
+        if (self.probing is None or self.probing.done()) and now - self.probed >= PROBE_SECONDS:
+            self.probing = self.prober.submit(storage.probe, self.out)
+            self.probed = now
+        active = storage.under_pressure()
+        if active != (self.core.pressure_since is not None):
+            if active:
+                self.trace.paused.append([now, None])
+            elif self.trace.paused:
+                self.trace.paused[-1][1] = now
+            self._execute(self.core.on_storage_pressure(active, now))
+
     def _handle(self, event, now: float) -> list:
         kind, key, future = event
         if kind == "driver":
@@ -295,19 +322,22 @@ class RayJob:
                 events = future.result()
             except ray.exceptions.RayError as exc:
                 return self.core.on_driver_lost(driver, task_key, f"driver lost ({type(exc).__name__})", now)
-            for item in events:
+            for _, item in events:
                 if isinstance(item, Sequenced):
                     self.probes = [a + b for a, b in zip(self.probes, item.probes)]
-            if not any(isinstance(e, (Sequenced, DriverFailed)) for e in events):
+            # Poll again only while this attempt runs there: a given-up attempt's poll must never be renewed on
+            # the slot's next driver (it would take the next task's events).
+            if self.core.sequencing(driver, task_key) and not any(
+                    isinstance(e, (Sequenced, DriverFailed)) for k, e in events if k == task_key):
                 self._poll(driver, task_key)
-            return self.core.on_driver_events(driver, task_key, events, now)
+            return self.core.on_driver_events(driver, events, now)
         if kind == "clip":
             self.clip_refs.pop(key, None)
             try:
                 return self.core.on_clip_result(key, future.result(), None, "", now)
             except BaseException as exc:  # noqa: BLE001  (classified below)
                 error, message = _classify(exc)
-                if error == "retry":
+                if error in ("retry", "restarting"):
                     telemetry.record("cosed_call_retries", 1, pool="video")
                 return self.core.on_clip_result(key, None, error, message, now)
         if kind == "writer":
@@ -338,6 +368,7 @@ class RayJob:
     def _execute(self, actions: list) -> None:
         for action in actions:
             if isinstance(action, StartTask):
+                self._place_driver(action.driver)
                 self.trace.started.append((time.monotonic(), action.task.id))
                 policy = CallPolicy.from_config(self.cfg.ray, self.pools.expected())
                 job = DriverTask(action.key, action.task, action.captions, action.fingerprint, self.out, self.cfg,
@@ -363,10 +394,8 @@ class RayJob:
                 if ref is not None:
                     _cancel(ref, force=True)
             elif isinstance(action, ReplaceDriver):
-                try:
-                    ray.kill(self.drivers[action.driver])
-                except Exception:
-                    pass
+                _kill(self.drivers[action.driver])
+                self._refresh_hosts(max_age=REPLACE_REFRESH_S)  # its node may have just left
                 self._new_driver(action.driver)
             elif isinstance(action, SendCaptions):
                 handle = self.pools.handle(action.actor)
@@ -395,26 +424,63 @@ class RayJob:
     def _poll(self, driver: int, key) -> None:
         self._watch("driver", (driver, key), self.drivers[driver].next_events.remote())
 
-    def _spread(self, counts: dict[str, int]) -> str | None:
-        return writer_node(self.nodes, self.head, counts, self.cfg.ray.writer_nodes)
+    # -- where drivers and writers run ---------------------------------------------------------------
+    def _refresh_hosts(self, ray_nodes: list[dict] | None = None, max_age: float | None = None) -> None:
+        """The nodes drivers and writers may use now (`policies.host_nodes`), read again when older than
+        ``max_age`` (default ``rescale_seconds``): nodes that join get their share, nodes that left get none."""
+        now = time.monotonic()
+        if ray_nodes is None and now - self.hosts_at < (self.cfg.ray.rescale_seconds if max_age is None else max_age):
+            return
+        ray_nodes = ray.nodes() if ray_nodes is None else ray_nodes
+        self.hosts, self.marked = host_nodes(ray_nodes, self.cfg.ray.writer_nodes)
+        self.hosts_at = now
+
+    def _process_shapes(self, nodes, drivers: int) -> dict[str, dict]:
+        """Drivers' and writers' requests (CPUs, memory): as configured, lowered to what the host nodes have
+        left once the plan's model actors are placed (`policies.process_resources`)."""
+        room = {n.node_id: n for n in free_room(self.pools.cluster_plan.pools, nodes)}
+        asks = [self.cfg.ray.driver_resources, self.cfg.ray.writer_resources]
+        fitted = process_resources([(a.num_cpus, a.memory_gib * 2 ** 30) for a in asks],
+                                   [drivers, self.core.admission.writers],
+                                   [(room[h].cpus, room[h].memory) for h in self.hosts if h in room])
+        return {kind: {"num_cpus": cpus, "memory": int(memory)} for kind, (cpus, memory) in zip(("driver", "writer"),
+                                                                                               fitted)}
+
+    def _placement(self, kind: str, node: str | None) -> dict:
+        """Ray options of a driver or writer bound for ``node``: its requests, a soft affinity that spills
+        (where the node is gone, or busy with the model actors grown onto it, Ray places it on another node
+        with room now instead of waiting there), and on marked clusters the worker resource, which keeps
+        that other node off the head."""
+        options = dict(self.shapes[kind])
+        if self.marked:
+            options["resources"] = {WORKER_RESOURCE: 0.001}
+        if node is not None:
+            options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node, soft=True,
+                                                                            _spill_on_unavailable=True)
+        return options
 
     def _new_driver(self, driver: int) -> None:
-        counts: dict[str, int] = {}
-        for node in self.driver_nodes.values():
-            counts[node] = counts.get(node, 0) + 1
-        node = self._spread(counts)
-        options = {"scheduling_strategy": NodeAffinitySchedulingStrategy(node, soft=True)} if node else {}
-        self.drivers[driver] = TaskDriver.options(**options).remote()
+        self._refresh_hosts()
+        node = host_node(self.hosts, _count(n for d, n in self.driver_nodes.items() if d != driver))
+        self.drivers[driver] = TaskDriver.options(**self._placement("driver", node)).remote()
         self.driver_nodes[driver] = node
         if self.membership_ref is not None:
             self.drivers[driver].update.remote(self.membership_ref)
 
+    def _place_driver(self, driver: int) -> None:
+        """An idle driver about to take a task moves first when `policies.driver_destination` says so (its
+        node left, or a node that joined has two drivers fewer): it has no task and no call outstanding."""
+        self._refresh_hosts()
+        if driver_destination(self.driver_nodes.get(driver), self.hosts, _count(self.driver_nodes.values())):
+            _kill(self.drivers[driver])
+            self._new_driver(driver)
+            self.driver_moves += 1
+
     def _start_writer(self, action: StartWriter) -> None:
-        counts: dict[str, int] = {}
-        for _, node in self.writer_refs.values():
-            counts[node] = counts.get(node, 0) + 1
-        node = self._spread(counts)
-        options = {"scheduling_strategy": NodeAffinitySchedulingStrategy(node, soft=True)} if node else {}
+        self._refresh_hosts()
+        self.writers_started += 1
+        node = host_node(self.hosts, _count(node for _, node in self.writer_refs.values()), self.writers_started)
+        options = self._placement("writer", node)
         started_wall = time.time() - (time.monotonic() - action.started)
         ref = write_task.options(max_retries=self.cfg.ray.task_retries + 1, retry_exceptions=False, **options).remote(
             self.out, action.task, action.fingerprint, self.profile, self.cfg,
@@ -444,26 +510,31 @@ class RayJob:
     def shutdown(self) -> None:
         """Stop drivers, clip calls and writers still running (a stopped run); wait for failure records."""
         for handle in self.drivers.values():
-            try:
-                ray.kill(handle)
-            except Exception:
-                pass
+            _kill(handle)
         for ref in self.clip_refs.values():
             _cancel(ref)
         for ref, _ in self.writer_refs.values():
             _cancel(ref, force=True)
         self.recorder.shutdown(wait=True)
+        self.prober.shutdown(wait=False, cancel_futures=True)
 
     def report(self) -> dict:
         calls, probes, claims, releases = self.probes
         nodes = {w.get("node_id") for w in self.writes}
         return {"writer_peak_bytes": max((w["peak_bytes"] for w in self.writes), default=0),
                 "writer_nodes": sorted(n for n in nodes if n),
+                "driver_nodes": sorted({n for n in self.driver_nodes.values() if n}), "driver_moves": self.driver_moves,
+                "process_resources": self.shapes,
                 "dispatch_messages_per_call": round((probes + claims + releases) / calls, 3) if calls else 0.0,
                 "job_events": self.core.events,
+                "storage_pauses": self.core.storage_pauses,
+                "storage_paused_s": round(self.core.storage_paused_s + (
+                    0.0 if self.core.pressure_since is None else time.monotonic() - self.core.pressure_since), 1),
                 "trace": {"started": [(round(t - self.started, 3), task) for t, task in self.trace.started],
                           "stopped_at": None if self.trace.stopped_at is None
-                          else round(self.trace.stopped_at - self.started, 3)}}
+                          else round(self.trace.stopped_at - self.started, 3),
+                          "paused": [[round(t - self.started, 3) if t is not None else None for t in span]
+                                     for span in self.trace.paused]}}
 
     def _report(self, shown):
         core = self.core
@@ -487,6 +558,8 @@ def _classify(exc: BaseException, writer: bool = False) -> tuple[str, str]:
         return "storage", str(cause)
     if isinstance(cause, LeaseLost):
         return "lease", str(cause)
+    if isinstance(exc, ray.exceptions.ActorUnavailableError) and not writer:
+        return "restarting", message  # retried like ``retry``, with a model load's patience
     if isinstance(exc, RETRYABLE) or isinstance(exc, ray.exceptions.RayError) and \
             not isinstance(exc, ray.exceptions.RayTaskError):
         return ("lost" if writer else "retry"), message
@@ -499,6 +572,20 @@ def _failed(exc: BaseException):
     future: Future = Future()
     future.set_exception(exc)
     return future
+
+
+def _count(nodes) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for node in nodes:
+        counts[node] = counts.get(node, 0) + 1
+    return counts
+
+
+def _kill(handle) -> None:
+    try:
+        ray.kill(handle)
+    except Exception:
+        pass
 
 
 def _cancel(ref, force: bool = False) -> None:

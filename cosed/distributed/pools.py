@@ -30,7 +30,8 @@ from cosed.distributed import telemetry
 from cosed.distributed.actors import remote_worker
 from cosed.distributed.costs import CostModel, TaskWork, measured_factors, pool_totals
 from cosed.distributed.dispatch import Membership
-from cosed.distributed.policies import Sample, window_busy
+from cosed.distributed.policies import (Sample, call_timeout, hung, needs_rescue, rescue_donor, unreachable_limit,
+                                        window_busy)
 from cosed.distributed.sizing import (ClusterPlan, Node, PoolPlan, free_room, grow_pools, plan_cluster,
                                       rebalance_move, rebalance_window_s)
 from cosed.models.profiles import ModelUnavailable
@@ -51,11 +52,6 @@ def nodes_now() -> list[Node]:
     return [Node(cpus=n["Resources"].get("CPU", 0.0), gpus=n["Resources"].get("GPU", 0.0),
                  memory=n["Resources"].get("memory", 0.0), node_id=n["NodeID"])
             for n in ray.nodes() if n.get("Alive", True)]
-
-
-def head_node_id() -> str | None:
-    return next((n["NodeID"] for n in ray.nodes() if n.get("Alive", True)
-                 and "node:__internal_head__" in n.get("Resources", {})), None)
 
 
 @dataclass
@@ -322,13 +318,12 @@ class Pools:
                 actor.unreachable_since = actor.unreachable_since or actor.probe_sent
             if actor.unreachable_since is None:
                 continue
-            others = len(self.members(actor.kind)) > 1
-            node_gone = (actor.info or {}).get("node_id") not in alive_nodes
             # A restarting actor gets time to reload, unless its pool can serve without it or its node is gone
             # (it would only wait to be placed): then it is replaced and the replacement joins when placed.
-            limit = ray_cfg.start_timeout_s if actor.restarting and not others and not node_gone \
-                else ray_cfg.call_timeout_floor_s
-            if now - actor.unreachable_since > limit:
+            if now - actor.unreachable_since > unreachable_limit(
+                    actor.restarting, len(self.members(actor.kind)) > 1,
+                    (actor.info or {}).get("node_id") not in alive_nodes, ray_cfg.call_timeout_floor_s,
+                    ray_cfg.start_timeout_s):
                 log.warning("model actor %s unreachable for %.0f s; replacing it in the %s pool",
                             actor.name, now - actor.unreachable_since, actor.kind)
                 self._retire(actor)
@@ -351,8 +346,10 @@ class Pools:
 
     def _check_hung(self, actor: Actor, info: dict) -> None:
         ray_cfg = self.cfg.ray
-        stall = max(ray_cfg.call_timeout_floor_s, ray_cfg.call_timeout_factor * self.expected().get(actor.kind, 0.0))
-        if info["running_for"] > stall:
+        stall = call_timeout(ray_cfg.call_timeout_floor_s, ray_cfg.call_timeout_factor,
+                             self.expected().get(actor.kind, 0.0))
+        if hung(info["running_for"], ray_cfg.call_timeout_floor_s, ray_cfg.call_timeout_factor,
+                self.expected().get(actor.kind, 0.0)):
             log.warning("model actor %s has run one call for %.0f s (limit %.0f s); restarting it",
                         actor.name, info["running_for"], stall)
             self.hung_kills += 1
@@ -379,15 +376,16 @@ class Pools:
         """A pool with no member whose new actor has not come up in a call timeout (its node left and the
         cluster has no room for it) takes a GPU from the pool with the most actors, so the run can go on."""
         for kind, plan in self.plan.items():
-            if not plan.replicas or self.members(kind) or any(a.state == "draining" for a in self.actors.values()):
-                continue
             waiting = [a for a in self.actors.values() if a.kind == kind and a.state == "starting"]
-            if not waiting or now - min(a.created for a in waiting) < self.cfg.ray.call_timeout_floor_s:
+            if not needs_rescue(plan.replicas, len(self.members(kind)),
+                                now - min(a.created for a in waiting) if waiting else None,
+                                any(a.state == "draining" for a in self.actors.values()),
+                                self.cfg.ray.call_timeout_floor_s):
                 continue
-            donors = [k for k in self.plan if k != kind and len([a for a in self.members(k) if a.num_gpus >= 1]) > 1]
-            if not donors:
+            donor = rescue_donor(kind, {k: len(self.members(k)) for k in self.plan},
+                                 {k: len([a for a in self.members(k) if a.num_gpus >= 1]) for k in self.plan})
+            if donor is None:
                 continue
-            donor = max(donors, key=lambda k: len(self.members(k)))
             actor = min((a for a in self.members(donor) if a.num_gpus >= 1),
                         key=lambda a: (a.info or {}).get("busy", 0.0))
             log.warning("the %s pool has had no member for %.0f s and the cluster has no room for one: giving it "

@@ -10,6 +10,13 @@ serves its calls one after another for the modeled GPU-seconds of each call
 (`costs.CostModel`), plus a fixed per-call overhead; drivers make the calls the
 engine makes, step by step (`costs.candidate_counts`, `generate.batches`).
 
+With a preemption rate (`preemptions.PreemptionModel`) nodes are lost at random
+(seeded) and the same failure rules the runtime uses handle what ran there:
+their calls fail and are sent elsewhere (`JobCore` for clip and caption calls,
+`policies.give_up` and `retry_backoff` for the drivers' calls), the tasks whose
+drivers were there are retried, and a replacement node brings the lost actors
+back after a delay. `LostWork` counts what that cost.
+
 `cosed plan` runs it for capacity planning; `ray_jobs/bench_cluster.py` sets its
 prediction beside the measured makespan.
 """
@@ -18,6 +25,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import logging
 import math
 import random
 import time
@@ -29,7 +37,8 @@ from cosed.config import RunConfig
 from cosed.distributed.core import (CancelClip, CancelWriter, CorePolicy, JobCore, RecordFailure, ReplaceDriver,
                                     Retrying, SendCaptions, SendClip, Sequenced, StartTask, StartWriter, Stop)
 from cosed.distributed.costs import CAPTION, CostModel, batch_work, candidate_counts, flow_order, full_batch_seconds
-from cosed.distributed.policies import Sample, admission, choose_actor, sample_candidates, window_busy
+from cosed.distributed.policies import Sample, admission, choose_actor, host_node, sample_candidates, window_busy
+from cosed.distributed.preemptions import LostWork, NodeLoss, PreemptionModel
 from cosed.distributed.sizing import (ClusterPlan, Node, PoolPlan, free_room, grow_pools, place, plan_cluster,
                                       rebalance_move, rebalance_window_s)
 from cosed.generate import batches
@@ -44,6 +53,7 @@ class Cluster:
     gpus_per_node: int = 8
     cpus_per_node: float = 96.0
     joins: tuple[tuple[float, int], ...] = ()
+    preemptions: PreemptionModel = PreemptionModel()
 
     def nodes(self, gpus: int, prefix: str = "n") -> list[Node]:
         whole, rest = divmod(gpus, self.gpus_per_node)
@@ -72,6 +82,9 @@ class SimActor:
     calls: int = 0
     state: str = "member"  # member | draining | retired
     retired_at: float | None = None
+    node: str = ""
+    lost: bool = False  # retired because its node was preempted
+    inflight: dict = field(default_factory=dict)  # call token -> (start, seconds, what to do if the node goes)
 
     def sample(self, now: float) -> Sample:
         end = self.retired_at if self.retired_at is not None else now
@@ -99,12 +112,16 @@ class SimResult:
     moves: list[dict] = field(default_factory=list)
     grown: dict[str, int] = field(default_factory=dict)
     unplaced_actors: int = 0
+    preemption: dict = field(default_factory=dict)  # `LostWork.to_dict` (runs with a preemption rate)
 
     def to_dict(self) -> dict:
         return {k: v for k, v in self.__dict__.items()}
 
 
-class Simulation:
+HORIZON_S = 365 * 86400.0  # a run that has not ended in a year of virtual time never will (a pool lost for good)
+
+
+class Simulation(NodeLoss):
     """One run in virtual time (see the module docstring)."""
 
     def __init__(self, step_counts: list[int], cfg: RunConfig, costs: CostModel, cluster: Cluster,
@@ -123,17 +140,40 @@ class Simulation:
         self.kinds = tuple(self.plan.pools)
         self.actors: dict[str, SimActor] = {}
         self.names = itertools.count()
-        for kind, plan in self.plan.pools.items():
-            for ask in plan.asks():
-                self._add(kind, ask, up_at=0.0)
+        self.free = {n.node_id: n.gpus for n in self.nodes}  # GPUs not taken by an actor, per live node
+        asks = [(kind, ask) for kind, plan in self.plan.pools.items() for ask in plan.asks()]
+        room = [(-n.gpus, i, n.node_id) for i, n in enumerate(self.nodes)]  # the node with most room first
+        heapq.heapify(room)
+        homes = {}
+        for i in sorted(range(len(asks)), key=lambda i: -asks[i][1]):
+            free, order, homes[i] = heapq.heappop(room) if room else (0.0, 0, "")
+            if homes[i]:
+                heapq.heappush(room, (free + asks[i][1], order, homes[i]))
+        for i, (kind, ask) in enumerate(asks):  # placed largest first (as Ray could), named in plan order
+            self._add(kind, ask, up_at=0.0, node=homes[i])
         drivers = max(1, min(self.plan.drivers, len(self.tasks)))
         order = flow_order(self.tasks, cfg, costs, self.plan.capacity())
         captions = (lambda t: None) if cfg.rewriter == "lm" else (lambda t: ["c"] * len(t.steps))
         self.core = JobCore([(t, t.id, captions(t)) for t in order], drivers,
                             admission(drivers, None, max(1, len(self.nodes))),
-                            CorePolicy(task_retries=cfg.ray.task_retries, task_deadline_s=math.inf,
+                            CorePolicy(task_retries=cfg.ray.task_retries, sequence_deadline_s=math.inf,
+                                       write_deadline_s=math.inf, call_attempts=cfg.ray.call_attempts,
+                                       call_patience_s=cfg.ray.call_timeout_floor_s,
                                        timeout_floor_s=math.inf, clip_seconds=costs.seconds("animate")),
                             seed=seed)
+        self.faults = random.Random(seed * 7919 + 104729)
+        self.lost = LostWork()
+        self.gone: dict[str, tuple[float, float]] = {}  # lost node -> (when, GPUs), until replaced
+        self.nominal_gpus = float(cluster.gpus)
+        ids = [n.node_id for n in self.nodes]  # drivers spread evenly (`_driver_home` moves a lost one)
+        self.driver_node: dict[int, str | None] = {d: ids[d % len(ids)] if ids else None for d in range(drivers)}
+        self.driver_gen = dict.fromkeys(range(drivers), 0)  # bumped when a slot's attempt is given up
+        self.driving: dict[int, tuple[str, int]] = {}  # slot -> the attempt it sequences
+        self.attempt_work: dict[int, list[tuple[str, float]]] = {}  # slot -> (pool, GPU-s) of its calls done
+        self.clip_sends = 0
+        self.clips_done: dict[str, int] = {}  # clip URI -> calls that made it
+        self.wakes: set[float] = set()
+        self.pending: list[tuple[str, float, float]] = []  # actors lost with their node, not placed: (pool, GPUs, since)
         self.counts = {n: candidate_counts(n, cfg.pool) for n in set(step_counts)}
         self.messages = {"calls": 0, "messages": 0}
         self.core_seconds = 0.0
@@ -152,13 +192,22 @@ class Simulation:
         heapq.heappush(self.heap, (when, next(self.seq), action))
 
     def run(self) -> SimResult:
+        quiet, level = logging.getLogger("cosed"), logging.getLogger("cosed").level
+        quiet.setLevel(logging.ERROR)  # the core's warnings (a clip sent elsewhere) are the runtime's log lines
+        try:
+            return self._run()
+        finally:
+            quiet.setLevel(level)
+
+    def _run(self) -> SimResult:
         self._members_changed()
         self._core(lambda: self.core.start(self.now))
         tick = self.cfg.ray.rescale_seconds
         self.at(tick, self._tick)
         for when, gpus in self.cluster.joins:
             self.at(when, lambda gpus=gpus: self._join(gpus))
-        while self.heap and not self.core.finished:
+        self._next_loss()
+        while self.heap and not self.core.finished and self.now < HORIZON_S:
             self.now, _, action = heapq.heappop(self.heap)
             action()
         return self._result()
@@ -169,25 +218,44 @@ class Simulation:
         self.core_seconds += time.perf_counter() - started
         for action in actions:
             self._act(action)
+        wake = self.core.next_timer()  # the core's own timers (a resend's backoff) run when due
+        if wake is not None and math.isfinite(wake) and wake not in self.wakes:
+            self.wakes.add(wake)
+            self.at(max(wake, self.now), lambda: self._core(lambda: self.core.on_tick(self.now)))
 
     def _act(self, action) -> None:
         if isinstance(action, StartTask):
             self.started.setdefault(action.task.id, self.now)
+            self.driving[action.driver] = action.key
+            self.attempt_work[action.driver] = []
             self._sequence(action)
         elif isinstance(action, SendClip):
             actor = self.actors.get(action.actor)
             self.calls[action.call] = (action.actor, action.request)
+            self.clip_sends += 1
             self._serve(actor, self.costs.seconds("animate"),
+                        lambda call=action.call: self._clip_made(call),
                         lambda call=action.call: self._core(lambda: self.core.on_clip_result(
-                            call, ClipDone(self.calls.pop(call)[1].clip, 0, 0), None, "", self.now)))
+                            call, None, "retry", "node preempted", self.now)))
         elif isinstance(action, StartWriter):
             self.at(self.now + self.overheads.writer_s, lambda key=action.key: self._written(key))
         elif isinstance(action, SendCaptions):
             self._serve(self.actors[action.actor], self.costs.seconds("caption", len(action.pairs)),
                         lambda a=action: self._core(lambda: self.core.on_captions(
-                            a.batch, ["c"] * len(a.pairs), None, "", self.now)))
-        elif isinstance(action, (CancelClip, CancelWriter, ReplaceDriver, Retrying, RecordFailure, Stop)):
-            pass  # nothing fails in the simulation: these do not arise
+                            a.batch, ["c"] * len(a.pairs), None, "", self.now)),
+                        lambda a=action: self._core(lambda: self.core.on_captions(
+                            a.batch, None, "retry", "node preempted", self.now)))
+        elif isinstance(action, ReplaceDriver):
+            self.driver_gen[action.driver] += 1  # what the old driver still had in flight is dropped
+            self.driving.pop(action.driver, None)
+            self.driver_node[action.driver] = self._driver_home(action.driver)
+        elif isinstance(action, (CancelClip, CancelWriter, Retrying, RecordFailure, Stop)):
+            pass  # a cancelled call's answer is ignored by the core; the rest is the runtime's bookkeeping
+
+    def _clip_made(self, call: int) -> None:
+        uri = self.calls.pop(call)[1].clip
+        self.clips_done[uri] = self.clips_done.get(uri, 0) + 1
+        self._core(lambda: self.core.on_clip_result(call, ClipDone(uri, 0, 0), None, "", self.now))
 
     def _written(self, key) -> None:
         self.latency.append(self.now - self.started[key[0]])
@@ -195,10 +263,24 @@ class Simulation:
         self._core(lambda: self.core.on_writer_result(key, None, "", self.now))
 
     # -- actors -----------------------------------------------------------------------------------------
-    def _add(self, kind: str, num_gpus: float, up_at: float) -> SimActor:
-        actor = SimActor(f"{kind}-{next(self.names)}", kind, num_gpus, up_at=up_at, free_at=up_at)
+    def _add(self, kind: str, num_gpus: float, up_at: float, node: str | None = None) -> SimActor:
+        node = node or self._fit(num_gpus)
+        self.free[node] = self.free.get(node, 0.0) - num_gpus
+        actor = SimActor(f"{kind}-{next(self.names)}", kind, num_gpus, up_at=up_at, free_at=up_at, node=node)
         self.actors[actor.name] = actor
         return actor
+
+    def _fit(self, num_gpus: float) -> str:
+        """The live node with the most room (each pool spreads over the nodes, as the runtime spreads it)."""
+        return max(self.free, key=self.free.get, default="")
+
+    def _driver_home(self, moving: int | None = None) -> str | None:
+        """Drivers spread over the live nodes as the runtime spreads them (`policies.host_node`)."""
+        counts: dict[str, int] = {}
+        for driver, node in self.driver_node.items():
+            if driver != moving and node is not None:
+                counts[node] = counts.get(node, 0) + 1
+        return host_node([n.node_id for n in self.nodes], counts)
 
     def _members(self, kind: str) -> list[str]:
         return [a.name for a in self.actors.values() if a.kind == kind and a.state == "member" and a.up_at <= self.now]
@@ -212,13 +294,22 @@ class Simulation:
             if kind in members and members[kind] != before.get(kind):
                 self._core(lambda kind=kind: self.core.on_members(kind, members[kind], self.now))
 
-    def _serve(self, actor: SimActor, seconds: float, then: Callable[[], None]) -> None:
-        """FIFO on the actor: the call starts when the actor is free, plus the per-call overhead."""
+    def _serve(self, actor: SimActor, seconds: float, then: Callable[[], None],
+               lost: Callable[[], None] | None = None) -> None:
+        """FIFO on the actor: the call starts when the actor is free, plus the per-call overhead. ``lost`` runs
+        instead of ``then`` if the actor's node is preempted first."""
+        if actor.lost:  # it left a moment ago: the call fails at once, as a dead actor's would
+            self.at(self.now + self.overheads.call_s, lost or then)
+            return
         start = max(self.now + self.overheads.call_s, actor.free_at)
         actor.free_at = start + seconds
         actor.queued += 1
+        token = next(self.seq)
+        actor.inflight[token] = (start, seconds, lost)
 
         def done() -> None:
+            if actor.inflight.pop(token, None) is None:
+                return  # cut short with its node
             actor.queued -= 1
             actor.busy += seconds
             actor.calls += 1
@@ -228,24 +319,35 @@ class Simulation:
 
         self.at(actor.free_at, done)
 
-    def _dispatch(self, kind: str, seconds: float, then: Callable[[], None]) -> None:
-        """A driver's call: two members drawn, the shorter queue takes it (`policies`), as on Ray."""
+    def _dispatch(self, kind: str, seconds: float, then: Callable[[float], None],
+                  lost: Callable[[], None]) -> None:
+        """A driver's call: two members drawn, the shorter queue takes it (`policies`), as on Ray; ``then`` gets
+        the call's GPU-seconds."""
         members = self.members[kind]
         candidates = sample_candidates(members, lambda _: False, self.rng)
         self.messages["calls"] += 1
         self.messages["messages"] += 1 + (len(candidates) if len(candidates) > 1 else 0)  # claim + probes
         queued = {name: self.actors[name].queued for name in candidates}
-        self._serve(self.actors[choose_actor(candidates, queued)], seconds, then)
+        actor = self.actors[choose_actor(candidates, queued)]
+        self._serve(actor, seconds, lambda: then(seconds * actor.num_gpus), lost)
 
     # -- a driver's task, call by call (`engine.sequence_task`) -------------------------------------------------
     def _sequence(self, start: StartTask) -> None:
         task, counts = start.task, self.counts[len(start.task.steps)]
         steps = len(task.steps)
+        gen = self.driver_gen[start.driver]
+
+        def call(kind: str, seconds: float, then: Callable[[], None]) -> None:
+            self._driver_call(start, gen, kind, seconds, then)
+
+        def sequenced() -> None:
+            self.driving.pop(start.driver, None)
+            self.attempt_work.pop(start.driver, None)
+            self._core(lambda: self.core.on_driver_events(start.driver, [(start.key, Sequenced(steps))], self.now))
 
         def step(number: int) -> None:
             if number > steps:
-                self._dispatch("clip", self.costs.seconds("embed_texts", steps), lambda: self._core(
-                    lambda: self.core.on_driver_events(start.driver, start.key, [Sequenced(steps)], self.now)))
+                call("clip", self.costs.seconds("embed_texts", steps), sequenced)
                 return
             count = counts[number - 1]
             parts = batches(count, self.cfg.sd.batch_size)
@@ -255,20 +357,20 @@ class Simulation:
                 left["n"] -= 1
                 if left["n"]:
                     return
-                self._dispatch("clip", self.costs.seconds("embed_images", count), scored if number == 1 else select)
+                call("clip", self.costs.seconds("embed_images", count), scored if number == 1 else select)
 
             def select() -> None:
-                self._dispatch("clip", self.costs.seconds("selector_scores", count), scored)
+                call("clip", self.costs.seconds("selector_scores", count), scored)
 
             def scored() -> None:
                 request = ClipRequest(task.id, number, "", 0, self.cfg.video, "", f"{task.id}/{number}")
-                self._core(lambda: self.core.on_driver_events(start.driver, start.key, [request], self.now))
+                self._core(lambda: self.core.on_driver_events(start.driver, [(start.key, request)], self.now))
                 step(number + 1)
 
             for rows in parts:
-                self._dispatch("sd", self.costs.seconds("render", len(rows)), rendered)
+                call("sd", self.costs.seconds("render", len(rows)), rendered)
 
-        self._dispatch("clip", self.costs.seconds("embed_texts", steps), lambda: step(1))
+        call("clip", self.costs.seconds("embed_texts", steps), lambda: step(1))
 
     # -- the pools' periodic check: growth and rebalancing ----------------------------------------------
     def _tick(self) -> None:
@@ -276,6 +378,7 @@ class Simulation:
             return
         self._members_changed()
         self._core(lambda: self.core.on_tick(self.now))
+        self._rescue()
         calls = {k: self.work.seconds_per_call().get(k, 0.0) for k in self.kinds}
         if self.cfg.ray.rebalance and self.now - self.window_at >= rebalance_window_s(
                 self.cfg.ray.rescale_seconds, calls, self.cfg.ray.rebalance_window_calls) and \
@@ -325,10 +428,18 @@ class Simulation:
 
     def _retire(self, actor: SimActor) -> None:
         actor.state, actor.retired_at = "retired", self.now
+        if actor.node in self.free:
+            self.free[actor.node] += actor.num_gpus
 
     def _join(self, gpus: int) -> None:
         """Nodes join: the actors that place on the room they bring (`sizing.free_room`, `grow_pools`)."""
-        self.nodes = self.nodes + self.cluster.nodes(gpus, prefix=f"j{len(self.nodes)}-")
+        joined = self.cluster.nodes(gpus, prefix=f"j{len(self.nodes)}-")
+        self.nodes = self.nodes + joined
+        self.free.update({n.node_id: n.gpus for n in joined})
+        self.nominal_gpus += gpus
+        self._grow()
+
+    def _grow(self) -> None:
         pools = self._current()
         added = grow_pools(pools, free_room(pools, self.nodes), self._measured_work())
         up = self.now + self.overheads.actor_start_s
@@ -350,8 +461,9 @@ class Simulation:
 
     # -- the result ----------------------------------------------------------------------------------------
     def _result(self) -> SimResult:
-        gpus = sum(n.gpus for n in self.nodes)
+        gpus = self.nominal_gpus
         makespan = self.end
+        absent = self.lost.absent_gpu_s + sum(g * max(0.0, makespan - at) for at, g in self.gone.values())
         bound = full_batch_seconds(self.work, self.cfg, self.costs) / gpus if gpus else math.inf
         busy: dict[str, float] = {}
         for kind in self.kinds:
@@ -362,13 +474,14 @@ class Simulation:
         return SimResult(
             gpus=int(gpus), tasks=done, failed=self.core.counts["failed"], makespan_s=round(makespan, 1),
             bound_s=round(bound, 1), efficiency=round(bound / makespan, 4) if makespan else 0.0,
-            gpu_hours=round(gpus * makespan / 3600, 2),
+            gpu_hours=round((gpus * makespan - absent) / 3600, 2),
             tasks_per_gpu_hour=round(done / (gpus * makespan / 3600), 3) if makespan else 0.0,
             mean_latency_s=round(sum(self.latency) / len(self.latency), 1) if self.latency else 0.0,
             busy=busy, bottleneck=max(busy, key=busy.get), plan=self.plan.to_dict(), drivers=self.core.admission.drivers,
             dispatch_messages_per_call=round(self.messages["messages"] / max(1, self.messages["calls"]), 3),
             core_events=self.core.events, core_us_per_event=round(1e6 * self.core_seconds / max(1, self.core.events), 2),
-            moves=self.moves, grown={k: v for k, v in self.grown.items() if v}, unplaced_actors=self.unplaced)
+            moves=self.moves, grown={k: v for k, v in self.grown.items() if v}, unplaced_actors=self.unplaced,
+            preemption=self.lost.to_dict() if self.cluster.preemptions.per_node_hour else {})
 
 
 def simulate(step_counts: list[int], cfg: RunConfig, costs: CostModel, cluster: Cluster,
