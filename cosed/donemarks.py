@@ -64,11 +64,11 @@ def _manifest_state(out: str, task: Task, fingerprint: str) -> str:
     return "done" if isinstance(manifest, dict) and manifest.get("fingerprint") == fingerprint else "stale"
 
 
-def _marked_manifest_present(out: str, task: Task) -> bool:
+def _marked_manifest_present(out: str, folder: str) -> bool:
     """Locally a stat is free, so the marked manifest itself is checked; on S3 the folder listing stands in."""
-    from cosed.engine import MANIFEST, task_uri
+    from cosed.engine import MANIFEST
 
-    return storage.is_s3(out) or Path(task_uri(out, task, MANIFEST)).is_file()
+    return storage.is_s3(out) or Path(out, folder, MANIFEST).is_file()
 
 
 def resume_scan(tasks: list[Task], out: str, overwrite: bool,
@@ -78,12 +78,14 @@ def resume_scan(tasks: list[Task], out: str, overwrite: bool,
     whose folder exists."""
     marks = list_marks(out)
     folders = set() if overwrite else storage.list_folders(out)
+    folder_of = {task.id: task.folder for task in tasks}  # a folder name is worked out, not stored
     states: dict[str, str] = {}
     unmarked: list[Task] = []
     for task in tasks:
-        if overwrite or task.folder not in folders:
+        folder = folder_of[task.id]
+        if overwrite or folder not in folders:
             states[task.id] = "todo"
-        elif fingerprints[task.id] in marks.get(task.folder, ()) and _marked_manifest_present(out, task):
+        elif fingerprints[task.id] in marks.get(folder, ()) and _marked_manifest_present(out, folder):
             states[task.id] = "done"
         else:
             unmarked.append(task)
@@ -91,9 +93,9 @@ def resume_scan(tasks: list[Task], out: str, overwrite: bool,
     with ThreadPoolExecutor(max_workers=workers) as pool:
         found = list(pool.map(lambda t: _manifest_state(out, t, fingerprints[t.id]), unmarked))
         states.update((task.id, state) for task, state in zip(unmarked, found))
-        repairs = [task for task in tasks if _needs_repair(marks.get(task.folder, set()), fingerprints[task.id],
-                                                           states[task.id] == "done")]
-        list(pool.map(lambda t: _repair(out, marks.get(t.folder, set()), t.folder, fingerprints[t.id],
+        repairs = [task for task in tasks if _needs_repair(marks.get(folder_of[task.id], set()),
+                                                           fingerprints[task.id], states[task.id] == "done")]
+        list(pool.map(lambda t: _repair(out, marks.get(folder_of[t.id], set()), folder_of[t.id], fingerprints[t.id],
                                         states[t.id] == "done"), repairs))
     done = [t for t in tasks if states[t.id] == "done"]
     stale = [t for t in tasks if states[t.id] == "stale"]
