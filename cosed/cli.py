@@ -27,6 +27,8 @@ def example_tasks_path() -> str:
 
 
 PROFILE_HELP = f"{' | '.join(available_profiles())} | FOLDER"
+TASKS_HELP = ("tasks: a file, or a folder or s3:// prefix of .jsonl, .json and .parquet shards "
+              "(Parquet: pip install 'cosed[parquet]')")
 
 
 class HelpFormatter(argparse.HelpFormatter):
@@ -82,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="out/demo", help="output folder (default out/demo)")
     add_run_options(demo)
     generate = verb(verbs, "generate", "generate videos for a task file (JSONL or recipes JSON, local or s3://)")
-    generate.add_argument("--tasks", required=True, help="tasks file: path or s3://bucket/key")
+    generate.add_argument("--tasks", required=True, help=TASKS_HELP)
     generate.add_argument("--out", required=True, help="output folder or s3://bucket/prefix")
     generate.add_argument("--replan", action="store_true",
                           help="plan memory savers for this cluster's GPUs instead of the output's stored run plan "
@@ -103,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_ray_options(train)
     add_run_options(train)
     evaluate = verb(verbs, "evaluate", "compare independent / previous / cosed on the same tasks and seeds")
-    evaluate.add_argument("--tasks", required=True, help="tasks file: path or s3://bucket/key")
+    evaluate.add_argument("--tasks", required=True, help=TASKS_HELP)
     evaluate.add_argument("--out", required=True, help="run folder: METHOD/<task>/..., metrics.csv, summary.json, "
                                                        "plots/, report.html")
     evaluate.add_argument("--methods", default="independent,previous,cosed", help="comma list of pool policies")
@@ -124,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_captioner(verbs)
     plan = verb(verbs, "plan", "capacity planning: the runtime's own policies in virtual time, per cluster size "
                                "(pool plan, makespan, GPU-hours, efficiency, bottleneck)")
-    plan.add_argument("--tasks", required=True, help="tasks file (JSONL or recipes JSON, local or s3://): its step counts")
+    plan.add_argument("--tasks", required=True, help=TASKS_HELP + ": their step counts")
     plan.add_argument("--gpus", default="16,64,256", help="comma list of cluster sizes (default 16,64,256)")
     plan.add_argument("--deadline", help="e.g. 8h: also print the fewest GPUs that finish in time")
     plan.add_argument("--json", help="write one record per size here (local path or s3://)")
@@ -577,10 +579,11 @@ def plan_command(args: argparse.Namespace, cfg: RunConfig) -> int:
     from cosed.distributed.preemptions import PreemptionModel, parse_rate
     from cosed.plan import (PlanRequest, describe, describe_preemptions, fewest_gpus, measured_costs, parse_duration,
                             parse_join, record)
-    from cosed.runner import read_tasks, resolve_run
+    from cosed.runner import resolve_run
+    from cosed.shards import count_tasks
 
     profile, cfg = resolve_run(cfg)
-    counts = [len(task.steps) for task in read_tasks(args.tasks, cfg).tasks]
+    counts = list(count_tasks(args.tasks, cfg.max_steps).steps)
     if not counts:
         raise ValueError(f"{args.tasks} holds no valid task")
     if args.tasks_total:

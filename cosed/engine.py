@@ -27,6 +27,7 @@ from cosed import determinism, storage
 from cosed.backend import Backend
 from cosed.calls import ClipRequest, EmbedImages, EmbedTexts, RenderRequest, Score
 from cosed.config import RunConfig
+from cosed.donemarks import mark_done
 from cosed.generate import batches
 from cosed.images import png_bytes, png_image
 from cosed.lease import LeaseFence
@@ -281,6 +282,7 @@ def assemble_task(out: str, task: Task, fingerprint: str, profile: Profile, cfg:
         "timings": {**record.get("timings", {}), **timer.to_dict(), **(extra_timings or {})},
     }
     put(task_uri(out, task, MANIFEST), (json.dumps(manifest, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
+    mark_done(out, task.folder, fingerprint, put)
     if previous is not None:
         _remove_unlisted(out, task, manifest)
     for uri in written + [parts.sequence]:

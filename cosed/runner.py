@@ -11,7 +11,6 @@ import logging
 import time
 import traceback
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,7 +19,8 @@ from tqdm.auto import tqdm
 from cosed import storage
 from cosed.backend import LocalBackend, make_backend
 from cosed.config import RunConfig
-from cosed.engine import MANIFEST, generate_task, task_fingerprint, task_uri
+from cosed.donemarks import resume_scan
+from cosed.engine import generate_task, task_fingerprint, task_uri  # noqa: F401  (task_uri: its callers import it here)
 from cosed.errors import UserError
 from cosed.lease import LeaseLost, OutputLease
 from cosed.memory import gpu_memory_gib
@@ -28,8 +28,9 @@ from cosed.models.loaders import resolve_device
 from cosed.runplan import RANDOM_WEIGHTS, RunPlan, plan_run, resolve_run  # noqa: F401  (resolve_run: its callers import it here)
 from cosed.parts import leftover_parts, stale_parts
 from cosed.rewrite import make_rewriter
+from cosed.shards import TaskStream
 from cosed.storage import StorageUnavailable
-from cosed.tasks import CAPTIONS, ERRORS, ERRORS_DIR, SUMMARY, Task, TaskError, TaskSet, parse_tasks, task_folder_name
+from cosed.tasks import CAPTIONS, ERRORS, ERRORS_DIR, SUMMARY, Task, TaskError, TaskSet, task_folder_name
 
 log = logging.getLogger("cosed")
 
@@ -86,15 +87,16 @@ class RunSummary:
 
 
 def read_tasks(tasks_uri: str, cfg: RunConfig) -> TaskSet:
+    """Every task of a file or a prefix of shards (`cosed.shards`), with every rejected line."""
     try:
-        data = storage.read_bytes(tasks_uri)
+        stream = TaskStream(tasks_uri, cfg.max_steps)
+        task_set = TaskSet(tasks=list(stream), errors=stream.errors)
     except FileNotFoundError as exc:
         raise UserError(f"task file not found: {tasks_uri}") from exc
     except IsADirectoryError as exc:
         raise UserError(f"the tasks path is a folder, not a file: {tasks_uri}") from exc
     except PermissionError as exc:
         raise UserError(f"cannot read the task file {tasks_uri}: permission denied") from exc
-    task_set = parse_tasks(data, source=tasks_uri, max_steps=cfg.max_steps)
     if not task_set.tasks and not task_set.errors:
         raise UserError(f"the task file {tasks_uri} holds no tasks")
     return task_set
@@ -159,37 +161,18 @@ def keep_locally(name: str, text: str) -> str:
     return "(nowhere: no writable folder)"
 
 
-def _resume_state(out: str, task: Task, overwrite: bool, fingerprint: str) -> str:
-    """'todo', 'done' or 'stale' for one task. Nothing is deleted here: a stale or overwritten task keeps its
-    files until its replacement is assembled (`cosed.engine.assemble_task` replaces them)."""
-    if overwrite:
-        return "todo"
-    try:
-        manifest = json.loads(storage.read_bytes(task_uri(out, task, MANIFEST)))
-    except FileNotFoundError:
-        return "todo"
-    except (ValueError, UnicodeDecodeError):
-        manifest = {}
-    return "done" if isinstance(manifest, dict) and manifest.get("fingerprint") == fingerprint else "stale"
-
-
 def pending_tasks(tasks: list[Task], out: str, overwrite: bool,
                   fingerprints: dict[str, str]) -> tuple[list[Task], list[Task], list[Task]]:
-    """(to run, already done, stale): a task is done exactly when its manifest exists with its fingerprint.
+    """(to run, already done, stale): a task is done when its done marker and manifest say so for its
+    fingerprint, found by listing (`cosed.donemarks`).
 
     A manifest from other inputs, config, models or selector is stale: reported and redone into place.
     """
-    def state(task: Task) -> str:
-        return _resume_state(out, task, overwrite, fingerprints[task.id])
-
-    with ThreadPoolExecutor(max_workers=16 if storage.is_s3(out) else 1) as pool:
-        states = list(pool.map(state, tasks))
-    done = [t for t, s in zip(tasks, states) if s == "done"]
-    stale = [t for t, s in zip(tasks, states) if s == "stale"]
+    todo, done, stale = resume_scan(tasks, out, overwrite, fingerprints)
     for task in stale:
         log.warning("task %s: its manifest is from other inputs or config; redoing it (its files stay until "
                     "the new ones are complete)", task.id)
-    return [t for t, s in zip(tasks, states) if s != "done"], done, stale
+    return todo, done, stale
 
 
 def failure(task: Task, exc: BaseException) -> TaskError:

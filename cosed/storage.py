@@ -525,3 +525,19 @@ def list_keys(prefix: str) -> list[str]:
         return sorted(_s3_call(prefix, listing))
     root = Path(prefix)
     return sorted(str(p) for p in root.rglob("*") if p.is_file()) if root.exists() else []
+
+
+def list_folders(prefix: str) -> set[str]:
+    """The names of the folders right below a prefix (S3: one LIST per 1,000, by delimiter; the objects
+    inside them are never listed)."""
+    if is_s3(prefix):
+        loc = parse_s3(prefix)
+        base = loc.key.rstrip("/") + "/" if loc.key else ""
+
+        def listing(client):
+            pages = client.get_paginator("list_objects_v2").paginate(Bucket=loc.bucket, Prefix=base, Delimiter="/")
+            return {p["Prefix"][len(base):].rstrip("/") for page in pages for p in page.get("CommonPrefixes", [])}
+
+        return _s3_call(prefix, listing)
+    root = Path(prefix)
+    return {p.name for p in root.iterdir() if p.is_dir()} if root.is_dir() else set()

@@ -23,7 +23,8 @@ ERRORS = "errors.jsonl"
 ERRORS_DIR = "errors"
 LEASE = ".cosed-lease.json"
 CAPTIONS = ".cosed-captions"  # the lm rewriter's caption cache, shared by every node and every run of this output
-RESERVED_NAMES = frozenset({SUMMARY, ERRORS, ERRORS_DIR, LEASE, CAPTIONS, ".cosed-parts", "report.html", "metrics.csv", "plots", "logs",
+DONE = ".cosed-done"  # done markers, listed by the resume scan (`cosed.donemarks`)
+RESERVED_NAMES = frozenset({SUMMARY, ERRORS, ERRORS_DIR, LEASE, CAPTIONS, DONE, ".cosed-parts", "report.html", "metrics.csv", "plots", "logs",
                             "selector.safetensors", "selector.json", "independent", "previous", "cosed"})
 
 MAX_ID_CHARS = 256
@@ -195,17 +196,19 @@ class TaskSet:
     errors: list[TaskError] = field(default_factory=list)
 
 
-def _collect(records: Iterable[tuple[int | None, str | None, Any]], source: str, max_steps: int) -> TaskSet:
+def collect_records(records: Iterable[tuple[int | None, str | None, Any]], source: str, max_steps: int,
+                    folders: set[str] | None = None) -> TaskSet:
+    """Validate (line, default id, record) triples. ``folders`` (the lowercased folders of tasks read so far)
+    is shared across the shards of one input, so a later duplicate in another shard is that line's error."""
     out = TaskSet()
-    seen: set[str] = set()
-    folders: set[str] = set()
+    folders = set() if folders is None else folders
     for line, default_id, record in records:
         task_id = _reported_id(record, default_id)
         try:
             if isinstance(record, _Unreadable):
                 raise InvalidTask(None, str(record))
             task = parse_task(record, max_steps=max_steps, default_id=default_id)
-            if task.id in seen or task.folder.lower() in folders:
+            if task.folder.lower() in folders:  # the same id always gives the same folder
                 raise InvalidTask("id", f"duplicate id {task.id!r} (an earlier task has the same id or folder)")
         except InvalidTask as exc:
             out.errors.append(TaskError(source=source, task_id=task_id, line=line, field=exc.field, reason=exc.reason))
@@ -214,7 +217,6 @@ def _collect(records: Iterable[tuple[int | None, str | None, Any]], source: str,
             out.errors.append(TaskError(source=source, task_id=task_id, line=line, field=None,
                                         reason=f"unreadable task ({type(exc).__name__})"))
             continue
-        seen.add(task.id)
         folders.add(task.folder.lower())
         out.tasks.append(task)
     return out
@@ -250,12 +252,12 @@ def _decode(text: str) -> Any:
         return _Unreadable(f"invalid JSON: {str(exc).splitlines()[0][:200] or type(exc).__name__}")
 
 
-def parse_tasks(data: bytes, *, source: str, max_steps: int) -> TaskSet:
+def parse_tasks(data: bytes, *, source: str, max_steps: int, folders: set[str] | None = None) -> TaskSet:
     """Read JSONL (one task per line) or a JSON document (recipes layout or a list); a UTF-8 BOM is fine.
 
     A document is parsed as a document: one bad record is one error, not every line.
     A file that is neither a valid document nor has any line holding a JSON object
-    is one error (a broken document), not one per line.
+    is one error (a broken document), not one per line. ``folders``: see `collect_records`.
     """
     data = data.removeprefix(b"\xef\xbb\xbf")
     if data.lstrip()[:1] in (b"{", b"["):
@@ -271,12 +273,13 @@ def parse_tasks(data: bytes, *, source: str, max_steps: int) -> TaskSet:
         except _DECODE_ERRORS:
             document = None  # read it line by line: each line's trouble is that line's error
         if isinstance(document, list):
-            return _collect(((None, None, r) for r in document), source, max_steps)
+            return collect_records(((None, None, r) for r in document), source, max_steps, folders)
         if isinstance(document, dict) and "steps" not in document:
-            return _collect(((None, str(k), recipe_record(v)) for k, v in document.items()), source, max_steps)
+            return collect_records(((None, str(k), recipe_record(v)) for k, v in document.items()), source, max_steps,
+                                   folders)
         if isinstance(document, dict):  # one task, possibly spread over several lines
-            return _collect([(1, None, document)], source, max_steps)
-    return _collect(_jsonl_records(data), source, max_steps)
+            return collect_records([(1, None, document)], source, max_steps, folders)
+    return collect_records(_jsonl_records(data), source, max_steps, folders)
 
 
 def _is_object(raw: bytes) -> bool:
