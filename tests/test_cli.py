@@ -87,3 +87,14 @@ def test_convert_a_csv_of_steps_and_report_its_bad_rows(tmp_path, capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args(["tasks", "convert", str(csv)])
     assert main(["tasks", "convert", str(csv), str(tmp_path / "tasks.txt")]) == 2
+
+
+def test_the_readme_starts_short_and_every_page_it_links_exists():
+    lines = README.read_text(encoding="utf-8").splitlines()
+    assert len(lines) <= 220
+    linked = set(re.findall(r"\]\(((?:docs|cluster)/[^)#]+|LICENSE)\)", "\n".join(lines)))
+    assert {"docs/cli.md", "docs/failure-model.md", "cluster/README.md", "LICENSE"} <= linked
+    assert all((REPO / path).is_file() for path in linked), linked
+    cluster = (REPO / "cluster" / "README.md").read_text(encoding="utf-8").splitlines()
+    starts = [n for n, line in enumerate(cluster, 1) if line.startswith(("**Local", "**Path 1", "**Path 2", "**Path 3"))]
+    assert len(starts) == 4 and max(starts) <= 100  # a copy-paste start per cluster path, at the top

@@ -22,7 +22,7 @@ DOCKERFILE = (CLUSTER / "Dockerfile").read_text()
 IMAGE_WORKDIR = re.search(r"^WORKDIR (\S+)", DOCKERFILE, re.M).group(1)
 BASE_IMAGE = re.search(r"^FROM (\S+)", DOCKERFILE, re.M).group(1)
 KUBERAY_CRDS = REPO.parent / "shared" / "data" / "kuberay"
-READMES = [REPO / "README.md", CLUSTER / "README.md"]
+READMES = [REPO / "README.md", CLUSTER / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 KUBERAY_FILES = ("kuberay-raycluster.yaml", "kuberay-rayjob.yaml")  # kuberay-serviceaccount.yaml: a plain ServiceAccount
 DLAMI_PARAMETER = "/aws/service/deeplearning/ami/x86_64/base-oss-nvidia-driver-gpu-ubuntu-22.04/latest/ami-id"
 # The GPU node the KubeRay worker pods are sized for (cluster/README.md: a g5.2xlarge-class node).
@@ -121,10 +121,28 @@ def test_base_image_is_the_current_official_gpu_form():
     assert re.fullmatch(r"rayproject/ray:\d+\.\d+\.\d+-py3\d+-cu1\d\d", BASE_IMAGE), BASE_IMAGE
 
 
-def test_every_cluster_file_runs_the_cosed_image_and_no_ray_ml():
+SUBSTITUTED = ("COSED_IMAGE", "COSED_REGISTRY", "COSED_BUCKET")
+
+
+def envsubst(text: str, values: dict[str, str]) -> str:
+    """What `envsubst '$COSED_IMAGE $COSED_REGISTRY $COSED_BUCKET'` does: those three names only."""
+    return re.sub(r"\$\{(\w+)\}|\$(\w+)", lambda m: values.get(m[1] or m[2], m[0])
+                  if (m[1] or m[2]) in SUBSTITUTED else m[0], text)
+
+
+def test_every_cluster_file_runs_the_cosed_image_named_by_one_variable_and_no_ray_ml():
     version = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
     images = {image for name in ("ray-cluster.yaml", *KUBERAY_FILES) for image in _images(load(name))}
-    assert images == {f"REGISTRY/cosed:{version}"}
+    assert images == {"${COSED_IMAGE}"}  # no tracked file is edited to name the image: envsubst fills it
+    readme = (CLUSTER / "README.md").read_text()
+    assert f"export COSED_IMAGE=$COSED_REGISTRY/cosed:{version}" in readme
+    assert "export FILL='$COSED_IMAGE $COSED_REGISTRY $COSED_BUCKET'" in readme and 'envsubst "$FILL"' in readme
+    values = {"COSED_IMAGE": f"r.example/cosed:{version}", "COSED_REGISTRY": "r.example", "COSED_BUCKET": "b"}
+    for name in ("ray-cluster.yaml", *KUBERAY_FILES):
+        filled = envsubst((CLUSTER / name).read_text(), values)
+        assert {image for image in _images(yaml.safe_load(filled))} == {f"r.example/cosed:{version}"}
+        assert "${COSED_" not in filled
+    assert "$RAY_HEAD_IP" in envsubst((CLUSTER / "ray-cluster.yaml").read_text(), values)  # the rest untouched
     assert not any("ray-ml" in (CLUSTER / name).read_text() for name in ("ray-cluster.yaml", *KUBERAY_FILES,
                                                                         "README.md"))
     assert not load("ray-cluster.yaml")["setup_commands"]  # nothing unpinned installed at node start
@@ -486,7 +504,7 @@ def test_runtime_env_is_a_valid_ray_runtime_env_with_time_to_install_torch():
 
 # Not checked beyond the repository paths they name: shell built-ins, the AWS CLI, helm, installers.
 IGNORED = {"make", "git", "export", "mkdir", "printf", "helm", "for", "do", "done", "openssl", "cd", "sed",
-           "aws", "base64", "pip", "grafana-server"}
+           "aws", "base64", "pip", "grafana-server", "envsubst", "head"}
 REPO_PREFIXES = ("cluster/", "ray_jobs/", "cosed/", "file://cluster/")
 
 
@@ -604,7 +622,7 @@ def check_command(argv: list[str], monkeypatch) -> None:
 
 
 def readme_commands() -> list[tuple[str, list[str]]]:
-    return [(readme.name if readme.parent == REPO else f"cluster/{readme.name}", argv)
+    return [(str(readme.relative_to(REPO)), argv)
             for readme in READMES for block in shell_blocks(readme.read_text()) for argv in command_lines(block)]
 
 
