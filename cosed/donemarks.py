@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Callable
 
 from cosed import storage
+from cosed.parts import MANIFEST, task_uri
 from cosed.tasks import DONE, Task
 
 
@@ -53,7 +54,6 @@ def list_marks(out: str) -> dict[str, set[str]]:
 
 def _manifest_state(out: str, task: Task, fingerprint: str) -> str:
     """'done', 'stale' or 'todo' from the task's manifest itself (one GET)."""
-    from cosed.engine import MANIFEST, task_uri
 
     try:
         manifest = json.loads(storage.read_bytes(task_uri(out, task, MANIFEST)))
@@ -66,7 +66,6 @@ def _manifest_state(out: str, task: Task, fingerprint: str) -> str:
 
 def _marked_manifest_present(out: str, folder: str) -> bool:
     """Locally a stat is free, so the marked manifest itself is checked; on S3 the folder listing stands in."""
-    from cosed.engine import MANIFEST
 
     return storage.is_s3(out) or Path(out, folder, MANIFEST).is_file()
 

@@ -34,7 +34,7 @@ from cosed.lease import LeaseFence
 from cosed.latents import LatentPool, fresh_keys, initial_latents, plan_candidates
 from cosed.metrics import clip_i, clip_t
 from cosed.models.profiles import Profile
-from cosed.parts import TaskParts
+from cosed.parts import MANIFEST, TaskParts, task_uri  # noqa: F401  (their callers import them here)
 from cosed.steps import StepResult, load_steps, store_scene, store_step
 from cosed.seeds import derive_seed
 from cosed.selector import clip_pick_scores
@@ -42,7 +42,6 @@ from cosed.storyboard import storyboard_png
 from cosed.tasks import Task
 from cosed.video import concat_mp4, count_frames
 
-MANIFEST = "manifest.json"
 THUMBNAIL_PX = 256  # candidates kept for inspection (save_candidates) are at most this many pixels a side
 
 
@@ -221,10 +220,6 @@ def task_fingerprint(task: Task, profile: Profile, cfg: RunConfig) -> str:
     if cfg.rewriter == "lm":
         payload["captioner"] = captioner_checksum(cfg)
     return hashlib.sha256(json.dumps(payload, sort_keys=True, ensure_ascii=False).encode("utf-8")).hexdigest()[:32]
-
-
-def task_uri(out: str, task: Task, *parts: str) -> str:
-    return storage.join(out, task.folder, *parts)
 
 
 def assemble_task(out: str, task: Task, fingerprint: str, profile: Profile, cfg: RunConfig,

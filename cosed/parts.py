@@ -25,6 +25,14 @@ from dataclasses import dataclass
 from cosed import storage
 
 PARTS = ".cosed-parts"
+MANIFEST = "manifest.json"  # a task is done exactly when this is written, last, in its folder
+
+
+def task_uri(out: str, task, *parts: str) -> str:
+    """A file of ``task``'s output folder."""
+    return storage.join(out, task.folder, *parts)
+
+
 HASH_CHARS = 16  # of the scene's sha256 in scene and clip names
 
 
