@@ -164,8 +164,13 @@ def test_ray_job_stop_at_three_points_then_resubmit_does_each_task_once(s3, head
         expected = {f"{PREFIX}/{task['id']}/{name}" for name in ("manifest.json", "video.mp4", "storyboard.png")} | {
             f"{PREFIX}/{task['id']}/{s[key]}" for s in manifest["steps"] for key in ("image", "clip")}
         assert set(keys(client, "videos", f"{PREFIX}/{task['id']}/")) == expected
+    markers = set()
+    for task in TASKS:
+        fingerprint = json.loads(client.get_object(Bucket="videos", Key=f"{PREFIX}/{task['id']}/manifest.json")[
+            "Body"].read())["fingerprint"]
+        markers.add(f"{PREFIX}/.cosed-done/{fingerprint[:2]}/{fingerprint}/{task['id']}")
     assert set(keys(client, "videos", PREFIX + "/")) - {k for k in keys(client, "videos", PREFIX + "/")
                                                         if k.split("/")[1] in {t["id"] for t in TASKS}} == {
-        f"{PREFIX}/summary.json"}  # no part, no lease, nothing else left behind
+        f"{PREFIX}/summary.json", f"{PREFIX}/.cosed-run/plan.json", *markers}  # no part, no lease, nothing else
     assert objects(client, PREFIX) == clean_outputs("tiny", TASKS)  # every byte as in a clean run
     print(f"stops left {len(seen)} of {len(TASKS)} tasks finished; the resubmit did {len(summary['done_ids'])}")
