@@ -112,8 +112,8 @@ class TaskFeed:
         assumed like those read (same tasks per shard, same share already done)."""
         done = len(self.summary.skipped)
         pending_share = (self.seen - done) / self.seen if self.seen else 1.0
-        unread_tasks = self.stream.mean_shard_tasks() * self.stream.unread_shards()
-        return len(self.buffer) + round(unread_tasks * pending_share) + self.stream.left_in_shard()
+        unread_tasks = self.stream.mean_shard_tasks() * self.stream.unread_shards() + self.stream.left_in_shard()
+        return len(self.buffer) + round(unread_tasks * pending_share)
 
     # -- classification --------------------------------------------------------------------------------------
     def _classify(self) -> Iterator[Pending]:

@@ -75,7 +75,7 @@ PLACEMENT = ["host_nodes", "host_node", "driver_destination", "process_resources
 POLICIES = {
     "cosed.distributed.policies": ["sample_candidates", "choose_actor", "admission", "window_busy", *PLACEMENT],
     "cosed.distributed.sizing": ["plan_cluster", "grow_pools", "free_room", "rebalance_move", "rebalance_window_s"],
-    "cosed.distributed.costs": ["flow_order", "batch_work"],
+    "cosed.distributed.costs": ["flow_order", "estimated_work"],
     "cosed.distributed.core": ["JobCore"],
 }
 

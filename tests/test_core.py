@@ -1,5 +1,6 @@
 """The job's state machine (`JobCore`), the virtual-time simulator and `cosed plan`, all without Ray."""
 
+import itertools
 import json
 from pathlib import Path
 
@@ -317,3 +318,41 @@ def test_cosed_plan_sets_a_run_with_preemptions_beside_each_size(tmp_path, capsy
     assert hit["rate"] == "50%/h" and hit["preemption"]["nodes"] >= 1 and hit["tasks"] == 100
     assert hit["makespan_s"] > record["makespan_s"]
     assert main(["plan", "--tasks", str(tasks), "--profile", "latency", "--preemptions", "often"]) == 2
+
+
+def test_the_core_holds_a_window_of_tasks_never_the_dataset():
+    """2,000 tasks fed as the runtime feeds them (`Window`): the core never holds more than its window, is
+    topped up as tasks finish, and drops each finished task's record; every task is done once."""
+    from cosed.distributed.window import task_window
+
+    cfg, costs = latency()
+    counts = [2, 5, 3, 4, 8] * 400
+    sim = Simulation(counts, cfg, costs, Cluster(gpus=16), seed=1)
+    window = task_window(sim.core.admission)
+    held, add = [], sim.core.add
+    sim.core.add = lambda tasks: (add(tasks), held.append(sim.core.live))
+    result = sim.run()
+    assert result.tasks == 2000 and result.failed == 0 and sorted(sim.core.done) == sorted(f"t{i:06d}" for i in range(2000))
+    assert max(held) <= window < 500 and len(held) > 2000 // window  # topped up over the run, never past the window
+    assert sim.core.live == 0 and not sim.core.tasks  # records dropped once done
+
+
+def test_a_task_whose_captions_cannot_be_made_is_its_own_error_and_the_window_goes_on():
+    from cosed.distributed.core import CorePolicy
+    from cosed.distributed.window import Window
+
+    core = JobCore([], 1, admission(1), CorePolicy(), more=True)
+    pending = iter([(Task(id=f"t{i}", title="", steps=("a", "b")), f"fp{i}") for i in range(5)])
+    rejected = []
+
+    def captions(task):
+        if task.id == "t2":
+            raise ValueError("task 't2' carries no captions")
+        return ["c", "c"]
+
+    window = Window(core, lambda n: list(itertools.islice(pending, n)), lambda chunk: chunk, captions, 3,
+                    reject=lambda task, exc: rejected.append((task.id, str(exc))))
+    assert window.refill() == 3 and [r[0] for r in rejected] == ["t2"] and list(core.queue) == ["t0", "t1", "t3"]
+    assert not window.exhausted and core.more
+    core.tasks.clear()  # as if all three finished
+    assert window.refill() == 1 and window.exhausted and not core.more and list(core.queue)[-1] == "t4"

@@ -89,12 +89,31 @@ def test_a_call_probes_at_most_two_actors_of_a_pool_of_eight():
     assert pool.probes.claims == 24 and pool.probes.per_call <= 3
 
 
+@ray.remote(num_cpus=0)
+class Gate:
+    """A call held open until the test says (no sleep that a slow machine could outlast)."""
+
+    def __init__(self):
+        import asyncio
+
+        self.event = asyncio.Event()
+
+    async def wait(self):
+        await self.event.wait()
+        return "x"
+
+    async def open(self):
+        self.event.set()
+
+
 def test_a_caller_sees_every_callers_work():
     """Two drivers share a pool of two: the second sees the first one's calls and picks the idle actor."""
     first = dispatcher(["a", "b"])
     second = dispatcher([], members=first.membership.members, seed=7)
-    refs, busy, *_ = first.submit("sd", "run", (3.0, "x"))
+    gate = Gate.remote()
+    refs, busy, *_ = first.submit("sd", "run", (0.0, [gate.wait.remote()]))  # runs until the gate opens
     assert {second.pick("sd")[0] for _ in range(6)} == {"a", "b"} - {busy}
+    ray.get(gate.open.remote())
     ray.get(refs)
     assert {second.pick("sd")[0] for _ in range(12)} == {"a", "b"}
 

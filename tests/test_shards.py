@@ -141,3 +141,34 @@ def test_overwrite_removes_the_markers_of_the_tasks_it_redoes(tmp_path):
         finish(out, task, fingerprints[task.id])
     todo, done, _ = pending_tasks(tasks, out, True, fingerprints)
     assert todo == tasks and not done and list_marks(out) == {}  # a redo stopped halfway leaves no marker
+
+
+def test_the_feed_streams_a_prefix_on_s3_a_shard_at_a_time_and_resumes_by_listing(s3_mock):
+    """2,000 tasks in 4 shards, 1,900 of them done: the first pending tasks come out after one shard is read;
+    the whole pass holds one shard at a time and costs the shard listing, the shards' GETs, the output's
+    listings (markers, folders, parts) and nothing per task."""
+    from cosed.feed import TaskFeed
+    from cosed.runner import RunSummary
+
+    out = "s3://videos/run"
+    tasks, fingerprints = tasks_and_fingerprints(2000)
+    for shard in range(4):
+        storage.write_text(f"s3://videos/in/part-{shard}.jsonl", "".join(
+            json.dumps({"id": t.id, "title": t.title, "steps": list(t.steps)}) + "\n"
+            for t in tasks[shard * 500:(shard + 1) * 500]))
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda t: finish(out, t, fingerprints[t.id]), tasks[100:]))  # all but the first 100
+    calls = []
+    storage.s3_client().meta.events.register("before-call.s3", lambda model, **_: calls.append(model.name))
+    summary = RunSummary(out=out)
+    feed = TaskFeed.open("s3://videos/in/", out, 12, False, summary, lambda task: fingerprints[task.id], chunk=250)
+    first = feed.take(50)
+    assert [p.task.id for p in first] == [t.id for t in tasks[:50]] and feed.stream.read == 1
+    assert 50 <= feed.estimated_pending() <= 1950  # an estimate from what was read: the rest assumed alike
+    rest, held = [], set()
+    while batch := feed.take(64):
+        rest += batch
+        held.add(feed.stream.held)
+    assert [p.task.id for p in first + rest] == [t.id for t in tasks[:100]] and held <= {0, 1}
+    assert len(summary.skipped) == 1900 and not summary.stale and feed.exhausted and feed.estimated_pending() == 0
+    assert sorted(calls) == sorted(["ListObjectsV2"] * 6 + ["GetObject"] * 4)  # shards 1, markers 2, folders 2, parts 1

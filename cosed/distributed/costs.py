@@ -195,6 +195,9 @@ def flow_order(tasks: list, cfg: RunConfig, costs: CostModel, capacity: dict[str
     return sorted(tasks, key=key)
 
 
+PLAN_SAMPLE = 4096  # pending tasks a run plans from (their step counts, scaled to the estimated total)
+
+
 def estimated_work(sample: list[int], tasks: int, cfg: RunConfig, costs: CostModel) -> TaskWork:
     """The work of ``tasks`` tasks whose step counts go like ``sample`` (the first pending tasks of a
     streamed input: the run plans from them, never from the whole dataset)."""

@@ -34,7 +34,7 @@ from cosed.distributed.actors import DriverTask, RayBackend, TaskDriver, node_gp
 from cosed.distributed.core import (CancelClip, CancelWriter, CorePolicy, DriverFailed, JobCore,
                                     RecordFailure, ReplaceDriver, Retrying, SendCaptions, SendClip, Sequenced,
                                     StartTask, StartWriter, Stop)
-from cosed.distributed.costs import CAPTION, CostModel, estimated_work, flow_order
+from cosed.distributed.costs import CAPTION, PLAN_SAMPLE, CostModel, estimated_work, flow_order
 from cosed.distributed.dispatch import RETRYABLE, CallPolicy, Dispatcher
 from cosed.distributed.policies import (WORKER_RESOURCE, admission, driver_destination, host_node, host_nodes,
                                        process_resources)
@@ -55,7 +55,6 @@ log = logging.getLogger("cosed")
 PROGRESS_SECONDS = 1.0
 REPLACE_REFRESH_S = 0.5  # a replaced driver reads the node list this fresh (one read serves a node's many)
 PROBE_SECONDS = 1.0  # how often the job asks the storage whether it still throttles
-PLAN_SAMPLE = 4096  # pending tasks the run plans from (their step counts, scaled to the estimated total)
 
 
 def connect(address: str | None = None) -> None:

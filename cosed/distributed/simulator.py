@@ -36,7 +36,8 @@ from cosed.calls import ClipDone, ClipRequest
 from cosed.config import RunConfig
 from cosed.distributed.core import (CancelClip, CancelWriter, CorePolicy, JobCore, RecordFailure, ReplaceDriver,
                                     Retrying, SendCaptions, SendClip, Sequenced, StartTask, StartWriter, Stop)
-from cosed.distributed.costs import CAPTION, CostModel, batch_work, candidate_counts, flow_order, full_batch_seconds
+from cosed.distributed.costs import (CAPTION, PLAN_SAMPLE, CostModel, batch_work, candidate_counts,
+                                    estimated_work, flow_order, full_batch_seconds)
 from cosed.distributed.policies import Sample, admission, choose_actor, host_node, sample_candidates, window_busy
 from cosed.distributed.preemptions import LostWork, NodeLoss, PreemptionModel
 from cosed.distributed.sizing import (ClusterPlan, Node, PoolPlan, free_room, grow_pools, place, plan_cluster,
@@ -134,10 +135,11 @@ class Simulation(NodeLoss):
         self.seq = itertools.count()
         self.tasks = [Task(id=f"t{i:06d}", title="", steps=tuple("s" for _ in range(n)))
                       for i, n in enumerate(step_counts)]
-        self.work = batch_work(step_counts, cfg, costs)
+        self.work = batch_work(step_counts, cfg, costs)  # exact: the bound the result is measured against
+        planned = estimated_work(step_counts[:PLAN_SAMPLE], len(step_counts), cfg, costs)  # as the runtime plans
         self.nodes = cluster.nodes(cluster.gpus)
-        hint = self.work.critical_path / self.work.total if self.work.total else None
-        self.plan = plan_cluster(cfg.ray, self.nodes, self.work.seconds, costs, hint)
+        hint = planned.critical_path / planned.total if planned.total else None
+        self.plan = plan_cluster(cfg.ray, self.nodes, planned.seconds, costs, hint)
         self.kinds = tuple(self.plan.pools)
         self.actors: dict[str, SimActor] = {}
         self.names = itertools.count()
