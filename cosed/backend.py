@@ -25,7 +25,7 @@ from cosed.memory import LEVELS, MemoryPlan, actor_memory_plan, gpu_memory_gib
 from cosed.models.loaders import load_pipeline, resolve_device
 from cosed.models.profiles import KINDS, Profile
 from cosed.selector import ContrastiveSelector
-from cosed.video import animate, existing_clip, scene_image, write_clip
+from cosed.video import animate, existing_clip, next_scene_image, scene_image, write_clip
 
 
 class Backend(Protocol):
@@ -92,7 +92,8 @@ class LocalBackend:
     def for_run(self, cfg: RunConfig) -> "LocalBackend":
         """A backend for another run config (another selector or mode) sharing the models loaded here."""
         other = LocalBackend(self.profile, cfg)
-        other.__dict__.update({k: v for k, v in self.__dict__.items() if k in ("sd", "video", "clip")})
+        shared = ("sd", "video", "keyframe_video", "clip")
+        other.__dict__.update({k: v for k, v in self.__dict__.items() if k in shared})
         return other
 
     def load_all(self) -> None:
@@ -128,7 +129,16 @@ class LocalBackend:
         return write_clip(request, self.frames(scene_image(request), request))
 
     def frames(self, image: np.ndarray, request: ClipRequest) -> np.ndarray:
-        return animate(self.video, image, request.seed, request.video, request.caption)
+        last = next_scene_image(request)  # keyframe transitions: the next scene ends this clip
+        return animate(self.video, image, request.seed, request.video, request.caption, last=last,
+                       keyed=None if last is None else self.keyframe_video)
+
+    @cached_property
+    def keyframe_video(self):
+        """The video model's keyframe pipeline (`--transitions keyframe`), on the same loaded modules."""
+        from cosed.models.adapters import image_to_video_adapter
+
+        return image_to_video_adapter(self.video).keyframe_pipeline(self.video)
 
     def caption(self, request: CaptionRequest) -> Captioned:
         """Captions for a batch of pairs through the caption cache at ``request.cache``; ``generated`` counts

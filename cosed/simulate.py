@@ -103,7 +103,7 @@ class SimulatedBackend:
     def frames(self, image: np.ndarray, request: ClipRequest) -> np.ndarray:
         self._wait("animate", 1)
         video = request.video
-        rng = _rng("clip", image, request.seed)
+        rng = _rng("clip", image, request.seed, *((request.next_scene_sha256,) if request.next_scene else ()))
         base = rng.integers(0, 256, (1, video.height, video.width, 3)).astype(np.int16)
         steps = rng.integers(-8, 9, (video.num_frames, 1, 1, 3)).cumsum(axis=0)
         return np.clip(base + steps, 0, 255).astype(np.uint8)

@@ -92,6 +92,7 @@ class ImageToVideoAdapter:
     """StableVideoDiffusionPipeline: image only, fps and motion conditioning."""
 
     load_kwargs: ClassVar[dict[str, Any]] = {}
+    keyframes: ClassVar[bool] = False  # can end a clip on a given image (`--transitions keyframe`)
 
     def check(self, video: VideoConfig) -> None:
         if video.height % 8 or video.width % 8:
@@ -110,8 +111,26 @@ class LTXAdapter(ImageToVideoAdapter):
             raise ValueError("LTX-Video needs video.height and video.width divisible by 32 and "
                              f"video.num_frames = 8k+1, got {video.height}x{video.width}, {video.num_frames} frames")
 
+    keyframes: ClassVar[bool] = True
+
     def call_kwargs(self, video: VideoConfig, prompt: str | None) -> dict[str, Any]:
         return {"prompt": prompt or "", "frame_rate": video.fps, "decode_timestep": 0.05, "decode_noise_scale": 0.025}
+
+    def keyframe_pipeline(self, pipe):
+        """LTXConditionPipeline on the loaded pipeline's own modules (no second load, no second copy)."""
+        from diffusers import LTXConditionPipeline
+
+        keyed = LTXConditionPipeline.from_pipe(pipe)
+        keyed.set_progress_bar_config(disable=True)
+        return keyed
+
+    def keyframe_kwargs(self, first, last, video: VideoConfig, prompt: str | None) -> dict[str, Any]:
+        """The condition pipeline's call: ``first`` at frame 0, ``last`` at the clip's last frame."""
+        from diffusers.pipelines.ltx.pipeline_ltx_condition import LTXVideoCondition
+
+        return {"conditions": [LTXVideoCondition(image=first, frame_index=0),
+                               LTXVideoCondition(image=last, frame_index=video.num_frames - 1)],
+                **self.call_kwargs(video, prompt)}
 
 
 TEXT_TO_IMAGE: dict[str, TextToImageAdapter] = {
@@ -130,6 +149,11 @@ def _lookup(registry: dict, name: str, role: str):
     except KeyError:
         raise ValueError(f"no {role} adapter for pipeline class {name!r}: "
                          f"supported are {', '.join(sorted(registry))}") from None
+
+
+def supports_keyframes(pipeline_name: str | None) -> bool:
+    """Whether the image-to-video pipeline of this class can end a clip on a given image."""
+    return pipeline_name in IMAGE_TO_VIDEO and IMAGE_TO_VIDEO[pipeline_name].keyframes
 
 
 def text_to_image_adapter(pipe_or_name) -> TextToImageAdapter:
