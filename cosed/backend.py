@@ -15,11 +15,11 @@ from typing import Any, Protocol
 import numpy as np
 
 from cosed import determinism
-from cosed.calls import (CaptionRequest, Captioned, ClipDone, ClipRequest, EmbedImages, EmbedTexts, Rendered,
-                         RenderRequest, Score)
+from cosed.calls import (CaptionRequest, Captioned, ClipDone, ClipRequest, EmbedImages, EmbedTexts, EncodeScene,
+                         Rendered, RenderRequest, Score)
 from cosed.config import RunConfig, SDConfig
 from cosed.embed import ClipEmbedder
-from cosed.generate import latent_shape, render_batch
+from cosed.generate import encode_scene, latent_shape, render_batch
 from cosed.images import thumbnail_png
 from cosed.memory import LEVELS, MemoryPlan, actor_memory_plan, gpu_memory_gib
 from cosed.models.loaders import load_pipeline, resolve_device
@@ -32,6 +32,8 @@ class Backend(Protocol):
     def latent_shape(self, sd: SDConfig) -> tuple[int, ...]: ...
 
     def render(self, requests: list[RenderRequest]) -> list[Rendered]: ...
+
+    def encode_scene(self, request: EncodeScene) -> dict[int, np.ndarray]: ...
 
     def embed_texts(self, request: EmbedTexts) -> np.ndarray: ...
 
@@ -111,6 +113,9 @@ class LocalBackend:
         thumbnails = [thumbnail_png(image, request.thumbnail_px) for image in batch.images] \
             if request.thumbnail_px else None
         return Rendered(images=list(batch.images), captured=batch.captured, thumbnails=thumbnails)
+
+    def encode_scene(self, request: EncodeScene) -> dict[int, np.ndarray]:
+        return encode_scene(self.sd, request.image, request.sd, list(request.capture), request.seed)
 
     def embed_texts(self, request: EmbedTexts) -> np.ndarray:
         return self.clip.texts(list(request.texts))

@@ -43,6 +43,17 @@ class Rendered:
 
 
 @dataclass(frozen=True)
+class EncodeScene:
+    """The user's scene image as latent-pool entries (`cosed.scene_image`): VAE-encoded, then noised with one
+    seeded draw to the timestep of each captured iteration (SDEdit), in the pool's scheduler-neutral scale."""
+
+    image: np.ndarray  # (H, W, 3) uint8 at the text-to-image size
+    sd: SDConfig
+    capture: tuple[int, ...]
+    seed: int
+
+
+@dataclass(frozen=True)
 class EmbedTexts:
     texts: tuple[str, ...]
 

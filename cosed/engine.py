@@ -23,16 +23,17 @@ from typing import Callable
 
 import numpy as np
 
-from cosed import determinism, storage
+from cosed import determinism, scene_image, storage
 from cosed.backend import Backend
-from cosed.calls import ClipRequest, EmbedImages, EmbedTexts, RenderRequest, Score
+from cosed.calls import ClipRequest, EmbedImages, EmbedTexts, EncodeScene, RenderRequest, Score
 from cosed.config import RunConfig
+from cosed.continuity import boundaries, pixel_distance
 from cosed.donemarks import mark_done
 from cosed.generate import batches
 from cosed.images import png_bytes, png_image
 from cosed.lease import LeaseFence
 from cosed.latents import LatentPool, fresh_keys, initial_latents, plan_candidates
-from cosed.metrics import clip_i, clip_t
+from cosed.metrics import clip_i, clip_i_to, clip_t
 from cosed.models.profiles import Profile
 from cosed.parts import MANIFEST, TaskParts, task_uri  # noqa: F401  (their callers import them here)
 from cosed.steps import StepResult, load_steps, store_scene, store_step
@@ -43,6 +44,7 @@ from cosed.tasks import Task
 from cosed.transitions import clips_ready, next_step, overlap_frames, scene_starts
 from cosed.video import concat_mp4, count_frames, dissolve_mp4
 
+USER_SCENE = "scenes/step_00.png"  # the task's own scene image, at the text-to-image size
 THUMBNAIL_PX = 256  # candidates kept for inspection (save_candidates) are at most this many pixels a side
 
 
@@ -65,16 +67,41 @@ class Timer:
 
 
 @dataclass
+class UserScene:
+    """The task's own scene image as step 0 (`cosed.scene_image`): its pool latents and CLIP embedding."""
+
+    sha256: str  # of the image file's bytes (its stored PNG at the text-to-image size is named by it)
+    captured: dict[int, np.ndarray]
+    embedding: np.ndarray
+
+
+@dataclass
 class SequenceResult:
     task: Task
     steps: list[StepResult]
     metrics: dict[str, float | None]
     timer: Timer = field(default_factory=Timer)
+    user: UserScene | None = None
 
     def record(self) -> dict:
         """What the writer needs besides the stored scenes and clips (`assemble_task`)."""
+        user = {"scene_image": {"source": self.task.scene_image, "sha256": self.user.sha256}} if self.user else {}
         return {"task_id": self.task.id, "steps": [s.record() for s in self.steps], "metrics": self.metrics,
-                "timings": self.timer.to_dict()}
+                "timings": self.timer.to_dict(), **user}
+
+
+def user_scene(task: Task, backend: Backend, cfg: RunConfig, parts: TaskParts | None) -> UserScene | None:
+    """Step 0 from the task's scene image: at the text-to-image size, VAE-encoded and noised to each pool
+    iteration (one SD-pool call) and embedded by CLIP; its PNG is stored with the task's parts."""
+    if not task.scene_image:
+        return None
+    image, digest = scene_image.load(task.scene_image, cfg.sd.width, cfg.sd.height)
+    captured = backend.encode_scene(EncodeScene(image, cfg.sd, tuple(cfg.pool.iterations),
+                                                derive_seed(cfg.seed, task.id, 0, "scene-image")))
+    embedding = backend.embed_images(EmbedImages((image,)))[0]
+    if parts is not None and not storage.exists(parts.scene(0, digest)):
+        storage.write_bytes(parts.scene(0, digest), png_bytes(image))
+    return UserScene(digest, captured, embedding)
 
 
 def clip_request(task: Task, step: int, caption: str, cfg: RunConfig, parts: TaskParts,
@@ -121,6 +148,10 @@ def sequence_task(task: Task, captions: list[str], backend: Backend, cfg: RunCon
     pool = LatentPool()
     steps: list[StepResult] = []
     sent = 0  # clip requests handed to ``on_scene`` so far
+    with timer.phase("sd"):
+        user = user_scene(task, backend, cfg, parts)
+    if user is not None:
+        pool.add_run(0, user.captured)
 
     def settled() -> None:
         nonlocal sent
@@ -153,12 +184,15 @@ def sequence_task(task: Task, captions: list[str], backend: Backend, cfg: RunCon
         with timer.phase("clip_select"):
             embeddings = backend.embed_images(EmbedImages(tuple(handles)))
             image_embeddings, key_embeddings = embeddings[:len(sources)], embeddings[len(sources):]
-            if number == 1:
+            if number == 1 and user is None:
                 scores = clip_pick_scores(image_embeddings, caption_embeddings[0])
-            else:
-                past_text = np.concatenate([caption_embeddings[:number - 1],
-                                            np.repeat(caption_embeddings[number - 1][None], len(keys), axis=0)])
-                past_image = np.concatenate([np.stack([s.image_embedding for s in steps]), key_embeddings])
+            else:  # the user's scene (paired with this step's caption, as a key is) is a past scene too
+                now = caption_embeddings[number - 1][None]
+                past_text = np.concatenate(([now] if user else []) + [
+                    caption_embeddings[:number - 1], np.repeat(now, len(keys), axis=0)])
+                past_image = np.concatenate(([user.embedding[None]] if user else []) + [
+                    np.asarray([s.image_embedding for s in steps]).reshape(-1, image_embeddings.shape[1]),
+                    key_embeddings])
                 scores = backend.selector_scores(Score(
                     np.repeat(caption_embeddings[number - 1][None], len(sources), axis=0), image_embeddings,
                     past_text, past_image))
@@ -188,7 +222,9 @@ def sequence_task(task: Task, captions: list[str], backend: Backend, cfg: RunCon
         chosen_images = np.stack([s.image_embedding for s in steps])
         metrics = {"clip_i": clip_i(chosen_images),
                    "clip_t": clip_t(chosen_images, backend.embed_texts(EmbedTexts(tuple(task.steps))))}
-    result = SequenceResult(task=task, steps=steps, metrics=metrics, timer=timer)
+        if user is not None:
+            metrics["clip_i_scene_image"] = clip_i_to(chosen_images, user.embedding)
+    result = SequenceResult(task=task, steps=steps, metrics=metrics, timer=timer, user=user)
     if parts is not None:
         storage.write_text(parts.sequence, json.dumps(result.record(), ensure_ascii=False) + "\n")
     return result
@@ -245,10 +281,15 @@ def task_fingerprint(task: Task, profile: Profile, cfg: RunConfig) -> str:
     """What decides a task's outputs: its content, the decisive config, the models, the selector weights and,
     under the lm rewriter, the captioner's weights.
 
-    Resume skips a task only when its manifest carries this same fingerprint.
+    The user's scene image (if any) counts by its bytes' sha256. Resume skips a task only when its manifest
+    carries this same fingerprint.
     """
-    payload = {"task": dataclasses.asdict(task), "config": manifest_config(cfg), "models": profile.model_names(),
+    described = dataclasses.asdict(task)
+    described.pop("scene_image")  # its content counts, not its name: the fingerprints without one stay as they were
+    payload = {"task": described, "config": manifest_config(cfg), "models": profile.model_names(),
                "selector": selector_checksum(cfg.selector)}
+    if task.scene_image:
+        payload["scene_image"] = scene_image.sha256(task)
     if cfg.rewriter == "lm":
         payload["captioner"] = captioner_checksum(cfg)
     return hashlib.sha256(json.dumps(payload, sort_keys=True, ensure_ascii=False).encode("utf-8")).hexdigest()[:32]
@@ -292,6 +333,7 @@ def assemble_task(out: str, task: Task, fingerprint: str, profile: Profile, cfg:
             clips.append(clip)
             meta = {k: v for k, v in step.items() if k != "video_seed"}
             steps_meta.append({**meta, "image": image_rel, "clip": clip_rel, "frames": count_frames(clip)})
+        metrics = {**record["metrics"], "boundary_mad": pixel_distance(boundaries(clips))}  # `cosed.continuity`
         overlap = overlap_frames(cfg)
         if cfg.transitions != "cut":  # where each scene begins in the video (a dissolve shares its frames)
             for meta, start in zip(steps_meta, scene_starts([m["frames"] for m in steps_meta], overlap)):
@@ -299,16 +341,22 @@ def assemble_task(out: str, task: Task, fingerprint: str, profile: Profile, cfg:
         tags = {"title": task.title or "", "comment": f"cosed task {task.id}"}
         video = dissolve_mp4(clips, overlap, cfg.video.fps, tags) if overlap else concat_mp4(clips, metadata=tags)
         put(task_uri(out, task, "video.mp4"), video)
+        user = record.get("scene_image")
+        if user is not None:  # the user's scene is step 0 of the storyboard, never a scene of the video
+            user = {**user, "image": USER_SCENE}
+        board = ([png_image(_part_bytes(files, USER_SCENE))] if user else []) + [png_image(scene) for scene in scenes]
+        title = (task.title or task.id) + ("" if cfg.transitions == "cut" else f"  ({cfg.transitions} transitions)")
         put(task_uri(out, task, "storyboard.png"), storyboard_png(
-            task.title or task.id, [png_image(scene) for scene in scenes], [s["caption"] for s in record["steps"]],
-            [source_label(s["candidates"][s["chosen"]]["source"]) for s in record["steps"]]))
+            title, board, (["your scene image"] if user else []) + [s["caption"] for s in record["steps"]],
+            (["scene_image"] if user else []) + [source_label(s["candidates"][s["chosen"]]["source"])
+                                                 for s in record["steps"]], first_step=0 if user else 1))
     manifest = {
         "task_id": task.id, "fingerprint": fingerprint, "title": task.title,
         "seed": cfg.seed, "profile": profile.name,
         "random_weights": profile.random_weights, "models": profile.model_names(),
         **({"captioner": captioner_checksum(cfg)} if cfg.rewriter == "lm" else {}),
         "config": manifest_config(cfg), "determinism": determinism.record(cfg.cpu_threads),
-        "steps": steps_meta, "metrics": record["metrics"],
+        **({"scene_image": user} if user else {}), "steps": steps_meta, "metrics": metrics,
         "video": "video.mp4", "video_frames": video_frames(steps_meta, overlap), "fps": cfg.video.fps,
         "storyboard": "storyboard.png",
         "timings": {**record.get("timings", {}), **timer.to_dict(), **(extra_timings or {})},
@@ -329,9 +377,10 @@ def _read_parts(parts: TaskParts, task: Task, cfg: RunConfig) -> tuple[dict, lis
     """The sequence record and every file the task's folder gets from its parts: (path in the task folder,
     part URI, bytes). Raises FileNotFoundError when a part is missing."""
     record = json.loads(storage.read_bytes(parts.sequence))
+    user = record.get("scene_image")
+    files = [(USER_SCENE, parts.scene(0, user["sha256"]))] if user else []
     clips = {request.step: request.clip for request in clip_requests(
         task, cfg, parts, [(step["step"], step["caption"], step["scene_sha256"]) for step in record["steps"]])}
-    files = []
     for step in record["steps"]:
         number = step["step"]
         files.append((f"scenes/step_{number:02d}.png", parts.scene(number, step["scene_sha256"])))
@@ -354,7 +403,7 @@ def _part_bytes(files: list[tuple[str, str, bytes]], relative: str) -> bytes:
 def _remove_unlisted(out: str, task: Task, manifest: dict) -> None:
     """Files of the task's previous outputs that the new manifest does not name (it had more steps or kept
     candidates): removed once the new manifest is written."""
-    keep = {MANIFEST, manifest["video"], manifest["storyboard"]}
+    keep = {MANIFEST, manifest["video"], manifest["storyboard"], *([USER_SCENE] if "scene_image" in manifest else [])}
     for step in manifest["steps"]:
         keep |= {step["image"], step["clip"], *(c["image"] for c in step["candidates"] if "image" in c)}
     root = task_uri(out, task)

@@ -28,6 +28,7 @@ from cosed.models.loaders import resolve_device
 from cosed.runplan import RANDOM_WEIGHTS, RunPlan, plan_run, resolve_run  # noqa: F401  (resolve_run: its callers import it here)
 from cosed.parts import leftover_parts, stale_parts
 from cosed.rewrite import make_rewriter
+from cosed.scene_image import with_checked_images
 from cosed.shards import TaskStream
 from cosed.storage import StorageUnavailable
 from cosed.tasks import CAPTIONS, ERRORS, ERRORS_DIR, SUMMARY, Task, TaskError, TaskSet, task_folder_name
@@ -185,6 +186,7 @@ def prepare_run(tasks_uri: str, out: str, plan: RunPlan, overwrite: bool) -> tup
     cfg = plan.cfg
     task_set = read_tasks(tasks_uri, cfg)
     storage.configure(cfg.storage.retry_seconds, cfg.storage.throttle_seconds)
+    task_set = with_checked_images(task_set)  # a missing or bad scene image is that task's error
     summary = RunSummary(out=out, rejected=list(task_set.errors),
                          fingerprints={t.id: task_fingerprint(t, plan.profile, cfg) for t in task_set.tasks})
     summary.extra["run_plan"] = plan.describe()

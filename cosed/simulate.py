@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from cosed.calls import ClipDone, ClipRequest, EmbedImages, EmbedTexts, Rendered, RenderRequest, Score
+from cosed.calls import ClipDone, ClipRequest, EmbedImages, EmbedTexts, EncodeScene, Rendered, RenderRequest, Score
 from cosed.config import RunConfig, SDConfig
 from cosed.distributed.costs import CostModel
 from cosed.images import thumbnail_png
@@ -80,6 +80,12 @@ class SimulatedBackend:
         thumbnails = [thumbnail_png(image, request.thumbnail_px) for image in images] if request.thumbnail_px else None
         return Rendered(images=images, captured={k: np.stack(v).astype(np.float16) for k, v in captured.items()},
                         thumbnails=thumbnails)
+
+    def encode_scene(self, request: EncodeScene) -> dict[int, np.ndarray]:
+        self._wait("render", 1)
+        rng = _rng("scene", request.image, request.seed)
+        shape = self.latent_shape(request.sd)
+        return {k: rng.standard_normal(shape).astype(np.float16) for k in request.capture}
 
     def embed_texts(self, request: EmbedTexts) -> np.ndarray:
         self._wait("embed_texts", len(request.texts))
