@@ -139,3 +139,19 @@ def test_keyframe_clip_requests_leave_once_the_next_scene_is_chosen_and_name_it(
         assert hashlib.sha256(storage.read_bytes(request.next_scene)).hexdigest() == following.scene_sha256
         assert following.scene_sha256[:16] in request.clip  # the clip is named by both scenes
     assert requests[-1].next_scene == "" and requests[-1].next_scene_sha256 == ""
+
+
+def test_boundary_continuity_is_lower_where_clips_meet_on_the_same_frame():
+    from cosed.continuity import boundaries, clip_distance, pixel_distance
+
+    rng = np.random.default_rng(1)
+    a, b, c = (rng.integers(0, 256, (16, 16, 3), dtype=np.uint8) for _ in range(3))
+    still = lambda *frames: encode_mp4(np.stack(frames), 7)  # noqa: E731
+    joined = [still(a, b), still(b, c)]  # clip 1 ends on the frame clip 2 starts from (what keyframe aims at)
+    cut = [still(a, b), still(c, a)]
+    pairs = boundaries(joined)
+    assert len(pairs) == 1 and pairs[0][0].shape == (16, 16, 3)
+    assert pixel_distance(boundaries(joined)) < 15 < 60 < pixel_distance(boundaries(cut))  # H.264 is lossy
+    colour = lambda images: np.stack([im.reshape(-1, 3).mean(axis=0) - 127 for im in images])  # noqa: E731
+    assert clip_distance(boundaries(joined), colour) < clip_distance(boundaries(cut), colour)
+    assert pixel_distance(boundaries(joined[:1])) is None
