@@ -25,7 +25,7 @@ import numpy as np
 
 from cosed import determinism, scene_image, storage
 from cosed.backend import Backend
-from cosed.calls import ClipRequest, EmbedImages, EmbedTexts, EncodeScene, RenderRequest, Score
+from cosed.calls import ClipRequest, EmbedImages, EmbedTexts, RenderRequest, Score
 from cosed.config import RunConfig
 from cosed.continuity import boundaries, pixel_distance
 from cosed.donemarks import mark_done
@@ -67,41 +67,18 @@ class Timer:
 
 
 @dataclass
-class UserScene:
-    """The task's own scene image as step 0 (`cosed.scene_image`): its pool latents and CLIP embedding."""
-
-    sha256: str  # of the image file's bytes (its stored PNG at the text-to-image size is named by it)
-    captured: dict[int, np.ndarray]
-    embedding: np.ndarray
-
-
-@dataclass
 class SequenceResult:
     task: Task
     steps: list[StepResult]
     metrics: dict[str, float | None]
     timer: Timer = field(default_factory=Timer)
-    user: UserScene | None = None
+    user: scene_image.UserScene | None = None
 
     def record(self) -> dict:
         """What the writer needs besides the stored scenes and clips (`assemble_task`)."""
         user = {"scene_image": {"source": self.task.scene_image, "sha256": self.user.sha256}} if self.user else {}
         return {"task_id": self.task.id, "steps": [s.record() for s in self.steps], "metrics": self.metrics,
                 "timings": self.timer.to_dict(), **user}
-
-
-def user_scene(task: Task, backend: Backend, cfg: RunConfig, parts: TaskParts | None) -> UserScene | None:
-    """Step 0 from the task's scene image: at the text-to-image size, VAE-encoded and noised to each pool
-    iteration (one SD-pool call) and embedded by CLIP; its PNG is stored with the task's parts."""
-    if not task.scene_image:
-        return None
-    image, digest = scene_image.load(task.scene_image, cfg.sd.width, cfg.sd.height)
-    captured = backend.encode_scene(EncodeScene(image, cfg.sd, tuple(cfg.pool.iterations),
-                                                derive_seed(cfg.seed, task.id, 0, "scene-image")))
-    embedding = backend.embed_images(EmbedImages((image,)))[0]
-    if parts is not None and not storage.exists(parts.scene(0, digest)):
-        storage.write_bytes(parts.scene(0, digest), png_bytes(image))
-    return UserScene(digest, captured, embedding)
 
 
 def clip_request(task: Task, step: int, caption: str, cfg: RunConfig, parts: TaskParts,
@@ -149,7 +126,7 @@ def sequence_task(task: Task, captions: list[str], backend: Backend, cfg: RunCon
     steps: list[StepResult] = []
     sent = 0  # clip requests handed to ``on_scene`` so far
     with timer.phase("sd"):
-        user = user_scene(task, backend, cfg, parts)
+        user = scene_image.user_scene(task, backend, cfg, parts)
     if user is not None:
         pool.add_run(0, user.captured)
 

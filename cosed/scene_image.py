@@ -10,11 +10,17 @@ from __future__ import annotations
 
 import hashlib
 import io
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
 
 from cosed import storage
+from cosed.calls import EmbedImages, EncodeScene
+from cosed.config import RunConfig
+from cosed.images import png_bytes
+from cosed.parts import TaskParts
+from cosed.seeds import derive_seed
 from cosed.tasks import InvalidTask, Task, TaskError, TaskSet
 
 SIGNATURES = {b"\x89PNG\r\n\x1a\n": "PNG", b"\xff\xd8\xff": "JPEG"}
@@ -67,3 +73,26 @@ def load(uri: str, width: int, height: int) -> tuple[np.ndarray, str]:
     pixels = decode(data, uri)
     resized = np.asarray(Image.fromarray(pixels).resize((width, height), Image.Resampling.BICUBIC))
     return resized, hashlib.sha256(data).hexdigest()
+
+
+@dataclass
+class UserScene:
+    """The task's own scene image as step 0: its pool latents and CLIP embedding."""
+
+    sha256: str  # of the image file's bytes (its stored PNG at the text-to-image size is named by it)
+    captured: dict[int, np.ndarray]
+    embedding: np.ndarray
+
+
+def user_scene(task: Task, backend, cfg: RunConfig, parts: TaskParts | None) -> UserScene | None:
+    """Step 0 from the task's scene image: at the text-to-image size, VAE-encoded and noised to each pool
+    iteration (one SD-pool call) and embedded by CLIP; its PNG is stored with the task's parts."""
+    if not task.scene_image:
+        return None
+    image, digest = load(task.scene_image, cfg.sd.width, cfg.sd.height)
+    captured = backend.encode_scene(EncodeScene(image, cfg.sd, tuple(cfg.pool.iterations),
+                                                derive_seed(cfg.seed, task.id, 0, "scene-image")))
+    embedding = backend.embed_images(EmbedImages((image,)))[0]
+    if parts is not None and not storage.exists(parts.scene(0, digest)):
+        storage.write_bytes(parts.scene(0, digest), png_bytes(image))
+    return UserScene(digest, captured, embedding)
