@@ -155,3 +155,38 @@ def test_boundary_continuity_is_lower_where_clips_meet_on_the_same_frame():
     colour = lambda images: np.stack([im.reshape(-1, 3).mean(axis=0) - 127 for im in images])  # noqa: E731
     assert clip_distance(boundaries(joined), colour) < clip_distance(boundaries(cut), colour)
     assert pixel_distance(boundaries(joined[:1])) is None
+
+
+def test_a_keyframe_sequence_resumed_mid_task_sends_the_clip_requests_of_a_clean_run(tmp_path, monkeypatch):
+    """A driver that dies after step 2 (clip 1 handed on) is retried: the retry reads steps 1-2 back and
+    hands on the same requests, in the same order, as a run that never stopped; so does a resume of the whole
+    stored sequence (`stored_sequence`)."""
+    from cosed.engine import stored_sequence
+
+    monkeypatch.setenv("COSED_TIME_SCALE", "0")
+    profile, cfg = resolve_run(RunConfig(profile="latency", transitions="keyframe"))
+    backend = make_backend(profile, cfg)
+    task = Task(id="r", title="R", steps=("one", "two", "three", "four"))
+    captions = ["c1", "c2", "c3", "c4"]
+    clean = []
+    sequence_task(task, captions, backend, cfg, TaskParts.of(str(tmp_path / "a"), "r", "fp"), on_scene=clean.append)
+
+    class Died(Exception):
+        pass
+
+    def dies(request):
+        raise Died
+
+    parts = TaskParts.of(str(tmp_path / "b"), "r", "fp")
+    with pytest.raises(Died):
+        sequence_task(task, captions, backend, cfg, parts, on_scene=dies)
+    resumed = []
+    renders = []
+    render = backend.render
+    monkeypatch.setattr(backend, "render", lambda requests: renders.append(1) or render(requests))
+    sequence_task(task, captions, backend, cfg, parts, on_scene=resumed.append)
+    relative = lambda requests: [dataclasses.replace(r, scene=r.scene.split("/fp/")[1], clip=r.clip.split("/fp/")[1],  # noqa: E731
+                                                     next_scene=r.next_scene.split("/fp/")[-1]) for r in requests]
+    assert relative(resumed) == relative(clean) and len(clean) == 4
+    assert len(renders) == 2  # steps 1 and 2 were read back, not rendered again
+    assert relative(stored_sequence(task, cfg, parts)) == relative(clean)
