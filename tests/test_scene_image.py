@@ -139,3 +139,31 @@ def _seed(cfg, task):
     from cosed.seeds import derive_seed
 
     return derive_seed(cfg.seed, task.id, 0, "scene-image")
+
+
+def test_flux_encoding_lands_on_the_sigmas_the_pipeline_itself_runs(tiny_cache):
+    """FLUX (the tiny-flux-ltx twin): after k steps a run stands at (1 - sigma_k) z0 + sigma_k noise, with the
+    sigmas FluxPipeline sets for itself at this resolution (read from a real call's scheduler)."""
+    import torch
+
+    from cosed.backend import LocalBackend
+    from cosed.generate import render_batch
+    from cosed.seeds import gaussian_latent
+
+    profile, cfg = resolve_run(RunConfig(profile="tiny-flux-ltx", cache_dir=str(tiny_cache)))
+    pipe = LocalBackend(profile, cfg).sd
+    steps = cfg.sd.num_inference_steps
+    shape = latent_shape(pipe, cfg.sd)
+    render_batch(pipe, "a kitchen", np.zeros((1, *shape), np.float32), cfg.sd, [1])
+    sigmas = pipe.scheduler.sigmas.clone()  # as the pipeline left its scheduler
+    image = np.random.default_rng(4).integers(0, 256, (cfg.sd.height, cfg.sd.width, 3), dtype=np.uint8)
+    latents = encode_scene(pipe, image, cfg.sd, [1, 2], seed=11)
+    pixels = torch.tensor(image, dtype=torch.float32).permute(2, 0, 1)[None] / 127.5 - 1
+    with torch.no_grad():
+        raw = pipe.vae.encode(pixels).latent_dist.mode()
+    clean = (raw - pipe.vae.config.shift_factor) * pipe.vae.config.scaling_factor
+    noise = gaussian_latent(11, shape)[None]
+    for k in (1, 2):
+        expected = ((1 - sigmas[k]) * clean + sigmas[k] * noise)[0]
+        np.testing.assert_allclose(latents[k].astype(np.float32), expected.half().float().numpy(), atol=2e-3)
+    assert 0 < float(sigmas[2]) < float(sigmas[1]) < 1 and steps >= 2
