@@ -335,12 +335,10 @@ def tasks_rewriter(args: argparse.Namespace, cfg: RunConfig) -> RunConfig:
 
     explicit = getattr(args, "rewriter", None) is not None or (args.config and "rewriter" in (
         yaml.safe_load(open(args.config, encoding="utf-8")) or {}))
-    if explicit and cfg.rewriter != "given":
-        return cfg
+    if (explicit and cfg.rewriter != "given") or args.verb not in ("train-selector", "evaluate"):
+        return cfg  # `generate` streams its input (never read whole here): under `given`, a task without captions is its own error
     tasks = read_tasks(args.tasks, cfg).tasks
     if not explicit:
-        if args.verb not in ("train-selector", "evaluate"):
-            return cfg
         cfg = dataclasses.replace(cfg, rewriter=default_rewriter(tasks))
     missing = [task.id for task in tasks if not task.captions]
     if cfg.rewriter == "given" and missing:

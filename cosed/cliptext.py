@@ -5,16 +5,25 @@ Every caption, whichever rewriter made it, is cut to this window with the real C
 
 from __future__ import annotations
 
+import importlib.util
 from functools import lru_cache
+from pathlib import Path
 
 CLIP_CONTEXT_TOKENS = 77
 
 
 @lru_cache(maxsize=1)
 def clip_bpe():
-    from open_clip.tokenizer import SimpleTokenizer
-
-    return SimpleTokenizer()
+    """open_clip's own BPE tokenizer, loaded from its module file alone: importing the ``open_clip`` package
+    imports its whole model zoo (timm, torchvision models: seconds and most of a GiB), which the job
+    process and the drivers, which only cut captions, must not pay for. The module imports no other part
+    of open_clip, and finds its vocabulary next to itself."""
+    package = importlib.util.find_spec("open_clip")  # finds the package without running its __init__
+    spec = importlib.util.spec_from_file_location("cosed._open_clip_tokenizer",
+                                                  Path(package.origin).parent / "tokenizer.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.SimpleTokenizer()
 
 
 def truncate_to_clip(text: str, max_tokens: int = CLIP_CONTEXT_TOKENS - 2) -> str:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -70,35 +71,68 @@ def _marked_manifest_present(out: str, folder: str) -> bool:
     return storage.is_s3(out) or Path(out, folder, MANIFEST).is_file()
 
 
+@dataclass
+class ResumeIndex:
+    """The output's two listings, taken once at the start of a run: the done markers of each task folder
+    that exists, and the folders without a marker. A streamed input is classified against it a chunk at a
+    time (`scan`), so a resume lists the output once whatever the number of shards or windows.
+    Memory: one entry per existing task folder (its marked fingerprints), none per task of the input."""
+
+    out: str
+    overwrite: bool
+    marks: dict[str, str] = field(default_factory=dict)  # folder -> its marked fingerprints, ","-joined
+    unmarked: set[str] = field(default_factory=set)  # folders that exist with no marker
+    orphans: dict[str, set[str]] = field(default_factory=dict)  # markers whose folder is gone (removed if met)
+
+    @classmethod
+    def listed(cls, out: str, overwrite: bool) -> "ResumeIndex":
+        index = cls(out, overwrite)
+        marks = list_marks(out)
+        for folder in () if overwrite else storage.list_folders(out):  # overwrite: every task redone, unmarked
+            if folder in marks:
+                index.marks[folder] = ",".join(sorted(marks.pop(folder)))
+            else:
+                index.unmarked.add(folder)
+        index.orphans = marks  # markers whose folder is gone: their tasks are redone, the markers removed
+        return index
+
+    def marked(self, folder: str) -> set[str]:
+        joined = self.marks.get(folder) or ""
+        return set(joined.split(",")) if joined else set(self.orphans.get(folder, ()))
+
+    def scan(self, tasks: list[Task], fingerprints: dict[str, str]) -> tuple[list[Task], list[Task], list[Task]]:
+        """(to run, already done, stale) of ``tasks``, repairing markers on the way: a task to run or redo
+        keeps no marker; a done task found by its manifest gets one. Requests: one GET per unmarked task
+        whose folder exists, and the repairs."""
+        out = self.out
+        folder_of = {task.id: task.folder for task in tasks}  # a folder name is worked out, not stored
+        states: dict[str, str] = {}
+        unmarked: list[Task] = []
+        for task in tasks:
+            folder = folder_of[task.id]
+            if self.overwrite or (folder not in self.marks and folder not in self.unmarked):
+                states[task.id] = "todo"
+            elif fingerprints[task.id] in self.marked(folder) and _marked_manifest_present(out, folder):
+                states[task.id] = "done"
+            else:
+                unmarked.append(task)
+        workers = 16 if storage.is_s3(out) else 1
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            found = list(pool.map(lambda t: _manifest_state(out, t, fingerprints[t.id]), unmarked))
+            states.update((task.id, state) for task, state in zip(unmarked, found))
+            repairs = [task for task in tasks if _needs_repair(self.marked(folder_of[task.id]),
+                                                               fingerprints[task.id], states[task.id] == "done")]
+            list(pool.map(lambda t: _repair(out, self.marked(folder_of[t.id]), folder_of[t.id], fingerprints[t.id],
+                                            states[t.id] == "done"), repairs))
+        done = [t for t in tasks if states[t.id] == "done"]
+        stale = [t for t in tasks if states[t.id] == "stale"]
+        return [t for t in tasks if states[t.id] != "done"], done, stale
+
+
 def resume_scan(tasks: list[Task], out: str, overwrite: bool,
                 fingerprints: dict[str, str]) -> tuple[list[Task], list[Task], list[Task]]:
-    """(to run, already done, stale), repairing markers on the way: a task to run or redo keeps no marker;
-    a done task found by its manifest gets one. Requests: the two listings, plus one GET per unmarked task
-    whose folder exists."""
-    marks = list_marks(out)
-    folders = set() if overwrite else storage.list_folders(out)
-    folder_of = {task.id: task.folder for task in tasks}  # a folder name is worked out, not stored
-    states: dict[str, str] = {}
-    unmarked: list[Task] = []
-    for task in tasks:
-        folder = folder_of[task.id]
-        if overwrite or folder not in folders:
-            states[task.id] = "todo"
-        elif fingerprints[task.id] in marks.get(folder, ()) and _marked_manifest_present(out, folder):
-            states[task.id] = "done"
-        else:
-            unmarked.append(task)
-    workers = 16 if storage.is_s3(out) else 1
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        found = list(pool.map(lambda t: _manifest_state(out, t, fingerprints[t.id]), unmarked))
-        states.update((task.id, state) for task, state in zip(unmarked, found))
-        repairs = [task for task in tasks if _needs_repair(marks.get(folder_of[task.id], set()),
-                                                           fingerprints[task.id], states[task.id] == "done")]
-        list(pool.map(lambda t: _repair(out, marks.get(folder_of[t.id], set()), folder_of[t.id], fingerprints[t.id],
-                                        states[t.id] == "done"), repairs))
-    done = [t for t in tasks if states[t.id] == "done"]
-    stale = [t for t in tasks if states[t.id] == "stale"]
-    return [t for t in tasks if states[t.id] != "done"], done, stale
+    """(to run, already done, stale) of a list of tasks: `ResumeIndex.scan` over a fresh listing."""
+    return ResumeIndex.listed(out, overwrite).scan(tasks, fingerprints)
 
 
 def _needs_repair(marked: set[str], fingerprint: str, done: bool) -> bool:

@@ -22,13 +22,12 @@ from cosed.config import RunConfig
 from cosed.donemarks import resume_scan
 from cosed.engine import generate_task, task_fingerprint, task_uri  # noqa: F401  (task_uri: its callers import it here)
 from cosed.errors import UserError
+from cosed.feed import TaskFeed, input_errors
 from cosed.lease import LeaseLost, OutputLease
 from cosed.memory import gpu_memory_gib
 from cosed.models.loaders import resolve_device
 from cosed.runplan import RANDOM_WEIGHTS, RunPlan, plan_run, resolve_run  # noqa: F401  (resolve_run: its callers import it here)
-from cosed.parts import leftover_parts, stale_parts
 from cosed.rewrite import make_rewriter
-from cosed.scene_image import with_checked_images
 from cosed.shards import TaskStream
 from cosed.storage import StorageUnavailable
 from cosed.tasks import CAPTIONS, ERRORS, ERRORS_DIR, SUMMARY, Task, TaskError, TaskSet, task_folder_name
@@ -89,15 +88,9 @@ class RunSummary:
 
 def read_tasks(tasks_uri: str, cfg: RunConfig) -> TaskSet:
     """Every task of a file or a prefix of shards (`cosed.shards`), with every rejected line."""
-    try:
+    with input_errors(tasks_uri):
         stream = TaskStream(tasks_uri, cfg.max_steps)
         task_set = TaskSet(tasks=list(stream), errors=stream.errors)
-    except FileNotFoundError as exc:
-        raise UserError(f"task file not found: {tasks_uri}") from exc
-    except IsADirectoryError as exc:
-        raise UserError(f"the tasks path is a folder, not a file: {tasks_uri}") from exc
-    except PermissionError as exc:
-        raise UserError(f"cannot read the task file {tasks_uri}: permission denied") from exc
     if not task_set.tasks and not task_set.errors:
         raise UserError(f"the task file {tasks_uri} holds no tasks")
     return task_set
@@ -181,26 +174,17 @@ def failure(task: Task, exc: BaseException) -> TaskError:
     return TaskError(source="generation", task_id=task.id, reason=f"{type(exc).__name__}: {exc}")
 
 
-def prepare_run(tasks_uri: str, out: str, plan: RunPlan, overwrite: bool) -> tuple[RunSummary, list[Task]]:
-    """Read and validate tasks, report rejects, and find what is left to do under ``plan``."""
+def prepare_run(tasks_uri: str, out: str, plan: RunPlan, overwrite: bool) -> tuple[RunSummary, TaskFeed]:
+    """The run's summary and its pending tasks as a feed (`cosed.feed`): the input is read as the run
+    pulls tasks, a shard at a time, and classified against one listing of the output."""
     cfg = plan.cfg
-    task_set = read_tasks(tasks_uri, cfg)
     storage.configure(cfg.storage.retry_seconds, cfg.storage.throttle_seconds)
-    task_set = with_checked_images(task_set)  # a missing or bad scene image is that task's error
-    summary = RunSummary(out=out, rejected=list(task_set.errors),
-                         fingerprints={t.id: task_fingerprint(t, plan.profile, cfg) for t in task_set.tasks})
+    summary = RunSummary(out=out)
     summary.extra["run_plan"] = plan.describe()
     summary.random_weights = plan.profile.random_weights
-    write_errors(out, summary.rejected)
-    todo, done, stale = pending_tasks(task_set.tasks, out, overwrite, summary.fingerprints)
-    summary.skipped = [t.id for t in done]
-    summary.stale = [t.id for t in stale]
-    for task in stale:  # unfinished parts stored under the task's old fingerprint can never be read again
-        for uri in stale_parts(out, task.folder, summary.fingerprints[task.id]):
-            storage.delete(uri)
-    for uri in leftover_parts(out, {task.folder for task in done}):
-        storage.delete(uri)
-    return summary, todo
+    feed = TaskFeed.open(tasks_uri, out, cfg.max_steps, overwrite, summary,
+                         lambda task: task_fingerprint(task, plan.profile, cfg))
+    return summary, feed
 
 
 def run_in_process(tasks_uri: str, out: str, cfg: RunConfig, *, overwrite: bool = False,
@@ -215,22 +199,21 @@ def run_in_process(tasks_uri: str, out: str, cfg: RunConfig, *, overwrite: bool 
     plan = plan_run(cfg, out, lambda: gpu_memory_gib(resolve_device(cfg.device)), replan,
                     say=lambda line: print(line, flush=True))
     profile, cfg = plan.profile, plan.cfg
-    summary, todo = prepare_run(tasks_uri, out, plan, overwrite)
+    summary, feed = prepare_run(tasks_uri, out, plan, overwrite)
     backend = backend or make_backend(profile, cfg)
-    if todo:
+    if feed.peek(1):
         backend.load_all()
     rewriter = make_rewriter(cfg.rewriter, model=cfg.rewriter_model, cache_dir=profile_cache(cfg),
                              device=backend.device, cache_root=storage.join(out, CAPTIONS))
     fence = lease.fence if lease else None
     try:
-        with tqdm(total=sum(len(t.steps) for t in todo), unit="scene", disable=not progress, desc="cosed") as bar:
-            for task in todo:
+        with tqdm(total=feed.estimated_pending(), unit="task", disable=not progress, desc="cosed") as bar:
+            for task, fingerprint in ((p.task, p.fingerprint) for p in feed):
                 if lease:
                     lease.check()
                 bar.set_postfix_str(task.id)
                 try:
-                    generate_task(task, rewriter.captions(task), backend, profile, cfg, out,
-                                  summary.fingerprints[task.id], on_step=lambda _: bar.update(), fence=fence)
+                    generate_task(task, rewriter.captions(task), backend, profile, cfg, out, fingerprint, fence=fence)
                 except (StorageUnavailable, LeaseLost):
                     raise
                 except Exception as exc:  # one broken task must not stop the batch
@@ -238,6 +221,7 @@ def run_in_process(tasks_uri: str, out: str, cfg: RunConfig, *, overwrite: bool 
                     continue
                 summary.done.append(task.id)
                 summary.scenes += len(task.steps)
+                bar.update()
     finally:
         summary.seconds = time.perf_counter() - start
         finish_run(out, summary)

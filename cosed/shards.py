@@ -83,7 +83,9 @@ class TaskStream:
     """The tasks of a file or prefix, pulled lazily: iterating reads one shard at a time.
 
     ``errors`` fills as shards are read; ``held`` is how many shards' tasks this stream holds
-    now (at most one, while iterating), for tests and benchmarks.
+    now (at most one, while iterating), for tests and benchmarks. ``read`` and ``read_tasks``
+    (shards read, and their valid tasks) and ``left`` (tasks of the current shard not yet
+    handed out) let a consumer estimate what is to come without a first pass.
     """
 
     uri: str
@@ -91,6 +93,9 @@ class TaskStream:
     shards: list[str] = field(default_factory=list)
     errors: list[TaskError] = field(default_factory=list)
     held: int = 0
+    read: int = 0
+    read_tasks: int = 0
+    left: int = 0
 
     def __post_init__(self):
         self.shards = self.shards or list_shards(self.uri)
@@ -101,13 +106,23 @@ class TaskStream:
             task_set = read_shard(shard, self.max_steps, folders)
             self.errors += task_set.errors
             tasks, task_set = task_set.tasks, None
-            self.held = 1
+            self.held, self.read, self.read_tasks, self.left = 1, self.read + 1, self.read_tasks + len(tasks), len(tasks)
             try:
                 for index, task in enumerate(tasks):
                     tasks[index] = None  # the consumer alone decides how long a handed-out task lives
+                    self.left -= 1
                     yield task
             finally:
                 tasks, self.held = None, 0
+
+    def mean_shard_tasks(self) -> float:
+        return self.read_tasks / self.read if self.read else 0.0
+
+    def unread_shards(self) -> int:
+        return len(self.shards) - self.read
+
+    def left_in_shard(self) -> int:
+        return self.left
 
 
 @dataclass

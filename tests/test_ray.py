@@ -14,7 +14,10 @@ from conftest import SMALL_TASKS, local_ray, outputs, write_jsonl
 
 pytestmark = pytest.mark.slow
 
-TASKS = SMALL_TASKS
+# The small tasks, a line with no steps (rejected: reported, the others finish) and a one-step task (no
+# pairs of scenes: its CLIP-I is None).
+ONE_STEP = dict(SMALL_TASKS[2], id="one-step", steps=["Boil water."])
+TASKS = [*SMALL_TASKS, {"id": "nosteps"}, ONE_STEP]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -64,27 +67,21 @@ def test_sd_video_and_clip_actors_are_pinned_to_gpus_as_the_plan_says(tiny_confi
 
 
 @pytest.mark.parametrize("drivers", [1, 3])
-def test_ray_path_equals_in_process(tmp_path, tiny_config, reference, drivers):
+def test_ray_path_equals_in_process_and_reports_a_rejected_task(tmp_path, tiny_config, reference, drivers):
     tasks = write_jsonl(tmp_path / "t.jsonl", TASKS)
     summary = run_on_ray(str(tasks), str(tmp_path / "out"), ray_config(tiny_config, max_concurrent_tasks=drivers),
                          progress=False)
-    assert sorted(summary.done) == ["sauce", "shelf", "tea"] and not summary.failed
+    assert sorted(summary.done) == ["one-step", "sauce", "shelf", "tea"] and not summary.failed
+    assert [e.task_id for e in summary.rejected] == ["nosteps"]
     assert outputs(tmp_path / "out") == reference  # manifests, scenes, clips, videos, storyboards: every byte
     assert set(summary.extra["busy_fraction"]) == {"sd", "video", "clip"}
-    assert json.loads((tmp_path / "out" / "summary.json").read_text())["done"] == 3
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["done"] == 4
+    assert json.loads((tmp_path / "out" / "errors.jsonl").read_text())["field"] == "steps"
+    assert json.loads((tmp_path / "out" / "one-step" / "manifest.json").read_text())["metrics"]["clip_i"] is None
 
 
 # A killed model actor's or driver's work, redone once with every byte as in a clean run: tests/test_chaos.py
-# (actors killed every few seconds, a driver killed while its earlier tasks render), on both twins.
-
-
-def test_a_rejected_task_is_reported_and_the_others_finish(tmp_path, tiny_config):
-    one_step = dict(TASKS[2], id="one-step", steps=["Boil water."])
-    tasks = write_jsonl(tmp_path / "t.jsonl", [TASKS[2], {"id": "nosteps"}, one_step])
-    summary = run_on_ray(str(tasks), str(tmp_path / "out"), tiny_config, progress=False)
-    assert sorted(summary.done) == ["one-step", "tea"] and [e.task_id for e in summary.rejected] == ["nosteps"]
-    assert json.loads((tmp_path / "out" / "errors.jsonl").read_text())["field"] == "steps"
-    assert json.loads((tmp_path / "out" / "one-step" / "manifest.json").read_text())["metrics"]["clip_i"] is None
+# (actors killed while the run renders, a driver killed while its earlier tasks render), on both twins.
 
 
 def test_pool_plan_for_single_gpu_and_cpu_only_nodes(tiny_config):

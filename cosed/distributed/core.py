@@ -18,7 +18,10 @@ back (throttling) only pauses it: no task starts and one writer runs until the
 pressure ends (`on_storage_pressure`).
 
 Every operation on an event is O(1) amortised (dicts, a deque, a heap with lazy
-deletion), so the job's work per event does not grow with the tasks in flight.
+deletion), so the job's work per event does not grow with the tasks in flight. The
+core holds a window of tasks, not the dataset: the runtime adds tasks as `room`
+allows and says `end_of_input` when the input has no more; a finished task's record
+is dropped (its id stays in ``done`` or ``failed``), so memory follows the window.
 `cosed.distributed.job` drives this with Ray events; `cosed.distributed.simulator`
 drives the same class in virtual time.
 """
@@ -202,15 +205,18 @@ class JobCore:
     """Tasks, drivers, clip calls, captions and writers of one run (see the module docstring)."""
 
     def __init__(self, tasks: list[tuple[Task, str, list[str] | None]], drivers: int, admission: Admission,
-                 policy: CorePolicy, seed: int = 0):
+                 policy: CorePolicy, seed: int = 0, more: bool = False):
+        """``tasks``: (task, fingerprint, captions or None to caption) to start with, in the order to run them;
+        ``more``: whether the runtime will `add` more (it then calls `end_of_input` once it has none)."""
         self.policy = policy
         self.admission = admission
-        self.tasks: dict[str, TaskRun] = {t.id: TaskRun(t, fp, captions) for t, fp, captions in tasks}
-        self.queue: deque[str] = deque(t.id for t, _, captions in tasks if captions is not None)
-        self.to_caption: deque[str] = deque(t.id for t, _, captions in tasks if captions is None)
+        self.tasks: dict[str, TaskRun] = {}  # the window: tasks added and not yet done or failed
+        self.queue: deque[str] = deque()
+        self.to_caption: deque[str] = deque()
         self.idle: list[int] = list(range(drivers))
         self.counts = dict.fromkeys(STATES, 0)
-        self.counts[QUEUED] = len(self.tasks)
+        self.added = 0
+        self.more = more
         self.clips: dict[str, ClipCall] = {}  # clip URI -> the call that makes it
         self.calls: dict[int, str] = {}  # call id -> clip URI (the current submission only)
         self.done_clips: set[str] = set()
@@ -234,17 +240,42 @@ class JobCore:
         self.storage_pauses = 0
         self.storage_paused_s = 0.0
         self.events = 0  # handled (for the work-per-event figures)
+        self.add(tasks)
+
+    # -- the window ----------------------------------------------------------------------------------
+    def add(self, tasks: list[tuple[Task, str, list[str] | None]]) -> None:
+        """More tasks, in the order to run them (the runtime calls `_admit` through its next event or tick)."""
+        for task, fingerprint, captions in tasks:
+            if task.id in self.tasks:
+                raise ValueError(f"task {task.id} is already in the run")
+            self.tasks[task.id] = TaskRun(task, fingerprint, captions)
+            (self.queue if captions is not None else self.to_caption).append(task.id)
+        self.counts[QUEUED] += len(tasks)
+        self.added += len(tasks)
+
+    def end_of_input(self) -> None:
+        self.more = False
+
+    @property
+    def live(self) -> int:
+        """Tasks in the window: added, neither done nor failed."""
+        return len(self.tasks)
+
+    def room(self, window: int) -> int:
+        """How many tasks the runtime may add now to keep ``window`` in the core (none once stopped)."""
+        return 0 if self.stopped is not None or not self.more else max(0, window - self.live)
 
     # -- bookkeeping ---------------------------------------------------------------------------------
     @property
     def finished(self) -> bool:
-        return self.counts[DONE] + self.counts[FAILED] == len(self.tasks) or (
-            self.stopped is not None and not self.writing)
+        return (not self.more and not self.tasks) or (self.stopped is not None and not self.writing)
 
     def _move(self, run: TaskRun, state: str) -> None:
         self.counts[run.state] -= 1
         self.counts[state] += 1
         run.state = state
+        if state in (DONE, FAILED):
+            self.tasks.pop(run.task.id, None)  # out of the window: late events for it find nothing and are dropped
 
     def _timer(self, at: float, kind: str, key: Any) -> None:
         heapq.heappush(self.timers, (at, next(self.ids), kind, key))
@@ -293,7 +324,7 @@ class JobCore:
         for key, event in events:
             if not self.sequencing(driver, key):
                 continue
-            run = self.tasks[key[0]]
+            run = self.tasks[key[0]]  # `sequencing` found it
             if isinstance(event, ClipRequest):
                 run.scenes += 1
                 self.scenes_chosen += 1
@@ -401,8 +432,8 @@ class JobCore:
         self.load[actor] = max(0, self.load.get(actor, 1) - 1)
         actions: list = []
         for (task_id, step), caption in zip(items, captions or [None] * len(items)):
-            run = self.tasks[task_id]
-            if run.state != CAPTIONING:
+            run = self.tasks.get(task_id)
+            if run is None or run.state != CAPTIONING:
                 continue
             if caption is None:
                 run.caption_failures += 1
@@ -428,8 +459,8 @@ class JobCore:
         while self.timers and self.timers[0][0] <= now:
             _, _, kind, key = heapq.heappop(self.timers)
             if kind == "deadline":
-                (task_key, state), run = key, self.tasks[key[0][0]]
-                if run.key == task_key and run.state == state:  # still in the work the deadline measures
+                (task_key, state), run = key, self.tasks.get(key[0][0])
+                if run is not None and run.key == task_key and run.state == state:  # still in the work the deadline measures
                     self._deadline(run, actions)
             elif kind == "clip-timeout":
                 call, uri = key
@@ -440,7 +471,8 @@ class JobCore:
                 if key in self.clips and self.clips[key].actor is None and key not in self.done_clips:
                     self.resend.append(key)
             elif kind == "caption":
-                if self.tasks[key[0]].state == CAPTIONING:
+                run = self.tasks.get(key[0])
+                if run is not None and run.state == CAPTIONING:
                     self.caption_waiting.appendleft(key)
         return actions + self._admit(now)
 
@@ -480,15 +512,16 @@ class JobCore:
         clip = self.clips.pop(uri)
         self.done_clips.add(uri)
         for task_id in clip.waiting:
-            run = self.tasks[task_id]
-            run.pending.discard(uri)
-            self._maybe_ready_to_write(run)
+            run = self.tasks.get(task_id)
+            if run is not None:
+                run.pending.discard(uri)
+                self._maybe_ready_to_write(run)
 
     def _clip_failed(self, uri: str, reason: str, actions: list) -> None:
         clip = self.clips.pop(uri)
         for task_id in list(clip.waiting):
-            run = self.tasks[task_id]
-            if uri in run.pending and run.state not in (DONE, FAILED):
+            run = self.tasks.get(task_id)
+            if run is not None and uri in run.pending:
                 self._fail(run, reason, actions)
 
     def _maybe_ready_to_write(self, run: TaskRun) -> None:
@@ -569,8 +602,8 @@ class JobCore:
             return []
         self.stopped = reason
         for task_id in list(self.queue) + list(self.to_caption):
-            run = self.tasks[task_id]
-            if run.state in (QUEUED, READY, CAPTIONING):
+            run = self.tasks.get(task_id)
+            if run is not None and run.state in (QUEUED, READY, CAPTIONING):
                 self._move(run, FAILED)
                 self.failed.append((task_id, "not started: the run stopped"))
         self.queue.clear()
@@ -590,8 +623,8 @@ class JobCore:
         actions += self._admit_captions()
         pressure = self.pressure_since is not None
         while self.queue and self.admission.may_sequence(len(self.idle), self.past_sequencing, pressure):
-            run = self.tasks[self.queue.popleft()]
-            if run.state not in (QUEUED, READY) or run.captions is None or len(run.captions) < len(run.task.steps):
+            run = self.tasks.get(self.queue.popleft())
+            if run is None or run.state not in (QUEUED, READY) or run.captions is None or len(run.captions) < len(run.task.steps):
                 continue
             driver = self.idle.pop()
             run.driver = driver
@@ -600,8 +633,8 @@ class JobCore:
             self._timer(now + self.policy.sequence_deadline_s, "deadline", (run.key, SEQUENCING))
             actions.append(StartTask(driver, run.key, run.task, list(run.captions), run.fingerprint))
         while self.write_ready and self.admission.may_write(len(self.writing), pressure):
-            run = self.tasks[self.write_ready.popleft()]
-            if run.state != WRITE_READY:
+            run = self.tasks.get(self.write_ready.popleft())
+            if run is None or run.state != WRITE_READY:
                 continue
             self._move(run, WRITING)
             self.writing[run.key] = run.task.id

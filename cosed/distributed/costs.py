@@ -119,6 +119,13 @@ class TaskWork:
     def total(self) -> float:
         return sum(self.seconds.values())
 
+    def scaled(self, factor: float) -> "TaskWork":
+        """The work of ``factor`` times as many such tasks (counts rounded)."""
+        return TaskWork(seconds={k: v * factor for k, v in self.seconds.items()},
+                        calls={op: round(n * factor) for op, n in self.calls.items()},
+                        images=round(self.images * factor), critical_path=self.critical_path * factor,
+                        tasks=max(1, round(self.tasks * factor)))
+
     def seconds_per_call(self) -> dict[str, float]:
         """Mean modeled seconds of one call, per pool."""
         out = {}
@@ -188,6 +195,13 @@ def flow_order(tasks: list, cfg: RunConfig, costs: CostModel, capacity: dict[str
         return (0, first) if first < second else (1, -second)
 
     return sorted(tasks, key=key)
+
+
+def estimated_work(sample: list[int], tasks: int, cfg: RunConfig, costs: CostModel) -> TaskWork:
+    """The work of ``tasks`` tasks whose step counts go like ``sample`` (the first pending tasks of a
+    streamed input: the run plans from them, never from the whole dataset)."""
+    exact = batch_work(sample, cfg, costs)
+    return exact if tasks <= len(sample) or not sample else exact.scaled(tasks / len(sample))
 
 
 def batch_work(step_counts: Iterable[int], cfg: RunConfig, costs: CostModel) -> TaskWork:

@@ -34,7 +34,7 @@ from cosed.distributed.actors import DriverTask, RayBackend, TaskDriver, node_gp
 from cosed.distributed.core import (CancelClip, CancelWriter, CorePolicy, DriverFailed, JobCore,
                                     RecordFailure, ReplaceDriver, Retrying, SendCaptions, SendClip, Sequenced,
                                     StartTask, StartWriter, Stop)
-from cosed.distributed.costs import CAPTION, CostModel, batch_work, flow_order
+from cosed.distributed.costs import CAPTION, CostModel, estimated_work, flow_order
 from cosed.distributed.dispatch import RETRYABLE, CallPolicy, Dispatcher
 from cosed.distributed.policies import (WORKER_RESOURCE, admission, driver_destination, host_node, host_nodes,
                                        process_resources)
@@ -44,6 +44,8 @@ from cosed.distributed.submission import JobStopped, raise_if_stopped
 from cosed.lease import LeaseLost, OutputLease
 from cosed.models.profiles import ModelUnavailable
 from cosed.rewrite import make_rewriter
+from cosed.distributed.window import Window, task_window
+from cosed.feed import TaskFeed
 from cosed.runner import RunSummary, finish_run, prepare_run, profile_cache, write_failure
 from cosed.runplan import plan_run
 from cosed.storage import StorageUnavailable
@@ -53,6 +55,7 @@ log = logging.getLogger("cosed")
 PROGRESS_SECONDS = 1.0
 REPLACE_REFRESH_S = 0.5  # a replaced driver reads the node list this fresh (one read serves a node's many)
 PROBE_SECONDS = 1.0  # how often the job asks the storage whether it still throttles
+PLAN_SAMPLE = 4096  # pending tasks the run plans from (their step counts, scaled to the estimated total)
 
 
 def connect(address: str | None = None) -> None:
@@ -133,11 +136,13 @@ def run_on_ray(tasks_uri: str, out: str, cfg: RunConfig, *, overwrite: bool = Fa
                         say=lambda line: print(line, flush=True))
         profile, cfg = plan.profile, plan.cfg
         costs = CostModel.from_dict(profile.costs, cfg.ray.costs)
-        summary, todo = prepare_run(tasks_uri, out, plan, overwrite)
-        if todo:
-            work = batch_work((len(t.steps) for t in todo), cfg, costs)
+        summary, feed = prepare_run(tasks_uri, out, plan, overwrite)
+        sample = feed.peek(PLAN_SAMPLE)
+        if sample:
+            work = estimated_work([len(p.task.steps) for p in sample], feed.estimated_pending(), cfg, costs)
+            sample = None
             max_gpus = resolve_autoscale_max_gpus(cfg.ray.autoscale_max_gpus)
-            wanted = wanted_gpus(max_gpus, work.total, work.critical_path / work.tasks, len(todo))
+            wanted = wanted_gpus(max_gpus, work.total, work.critical_path / work.tasks, work.tasks)
             autoscale.ask(wanted)
             nodes = wait_for_gpus(nodes_now, max(expected_gpus(cfg.ray, costs), wanted), cfg.ray.gpu_wait_s,
                                   strict=cfg.ray.min_gpus > 0, log=lambda line: print(f"[cosed] {line}", flush=True))
@@ -149,7 +154,7 @@ def run_on_ray(tasks_uri: str, out: str, cfg: RunConfig, *, overwrite: bool = Fa
             def while_models_load(pools: Pools) -> None:  # drivers and writer processes start meanwhile
                 if progress:
                     print(f"[cosed] {pools.cluster_plan.describe()}", flush=True)
-                made["job"] = RayJob(out, profile, cfg, pools, summary, todo, rewriter, lease, progress, autoscale,
+                made["job"] = RayJob(out, profile, cfg, pools, summary, feed, rewriter, lease, progress, autoscale,
                                      work)
 
             try:
@@ -198,26 +203,29 @@ class Trace:
 class RayJob:
     """One run's drivers, clip calls, writers and events around a `JobCore`."""
 
-    def __init__(self, out, profile, cfg: RunConfig, pools: Pools, summary: RunSummary, todo, rewriter,
+    def __init__(self, out, profile, cfg: RunConfig, pools: Pools, summary: RunSummary, feed: TaskFeed, rewriter,
                  lease: OutputLease | None, progress: bool, autoscale: AutoscaleRequest, work):
         self.out, self.profile, self.cfg, self.pools, self.summary = out, profile, cfg, pools, summary
         self.lease, self.progress, self.autoscale, self.work = lease, progress, autoscale, work
+        self.feed, self.rewriter = feed, rewriter
         plan = pools.cluster_plan
-        drivers = max(1, min(plan.drivers, len(todo)))
-        order = flow_order(todo, cfg, pools.costs, plan.capacity())
-        tasks = [(t, summary.fingerprints[t.id], None if cfg.rewriter == "lm" else rewriter.captions(t)) for t in order]
+        drivers = max(1, min(plan.drivers, work.tasks))
         ray_nodes = ray.nodes()
         self.hosts_at = -float("inf")
         self._refresh_hosts(ray_nodes)
         writers = None if cfg.ray.writers == "auto" else int(cfg.ray.writers)
         expected = pools.call_seconds()
-        self.core = JobCore(tasks, drivers, admission(drivers, writers, len(self.hosts)), CorePolicy(
+        self.core = JobCore([], drivers, admission(drivers, writers, len(self.hosts)), CorePolicy(
             task_retries=cfg.ray.task_retries, sequence_deadline_s=cfg.ray.sequence_deadline_s,
             write_deadline_s=cfg.ray.write_deadline_s,
             call_attempts=cfg.ray.call_attempts, call_patience_s=cfg.ray.call_timeout_floor_s,
             restart_patience_s=cfg.ray.start_timeout_s,
             timeout_floor_s=cfg.ray.call_timeout_floor_s, timeout_factor=cfg.ray.call_timeout_factor,
-            clip_seconds=expected.get("video", 1.0)), seed=hash(out) % 997)
+            clip_seconds=expected.get("video", 1.0)), seed=hash(out) % 997, more=True)
+        self.window = Window(self.core, lambda n: [(p.task, p.fingerprint) for p in feed.take(n)],
+                             lambda chunk: flow_order(chunk, cfg, pools.costs, plan.capacity()),
+                             (lambda task: None) if cfg.rewriter == "lm" else rewriter.captions,
+                             task_window(self.core.admission), reject=self._reject)
         self.events: queue.SimpleQueue = queue.SimpleQueue()
         self.drivers: dict[int, object] = {}
         self.driver_nodes: dict[int, str | None] = {}
@@ -231,7 +239,7 @@ class RayJob:
         self.trace = Trace()
         self.stopped: BaseException | None = None
         self.membership_ref = None
-        self.total_scenes = sum(len(t.steps) for t in todo)
+        self.total_tasks = work.tasks
         self.probes = [0, 0, 0, 0]
         self.started = time.monotonic()
         self.latency: dict[str, float] = {}
@@ -261,6 +269,7 @@ class RayJob:
         self.pools.begin()  # rebalancing windows count from the first task, not from the start-up
         now = time.monotonic()
         self._push_membership(now)
+        self.window.refill()
         self._execute(self.core.start(now))
         last_tick = last_progress = now
         shown = None
@@ -279,6 +288,7 @@ class RayJob:
                 except queue.Empty:
                     event = None
             now = time.monotonic()
+            self.window.refill()
             self._execute(self.core.on_tick(now))
             self._storage_pressure(now)
             if self.lease is not None and self.stopped is None:
@@ -348,12 +358,13 @@ class RayJob:
                 error, message = _classify(exc, writer=True)
                 return self.core.on_writer_result(key, error, message, now)
             self.writes.append(written)
+            run = self.core.tasks.get(key[0]) if key in self.core.writing else None  # None: a stale writer
             actions = self.core.on_writer_result(key, None, "", now)
-            run = self.core.tasks[key[0]]
-            self.summary.done.append(key[0])
-            self.summary.scenes += len(run.task.steps)
-            telemetry.record("cosed_tasks_finished", 1, outcome="done")
-            telemetry.record("cosed_task_latency_s", now - run.started)
+            if run is not None:
+                self.summary.done.append(key[0])
+                self.summary.scenes += len(run.task.steps)
+                telemetry.record("cosed_tasks_finished", 1, outcome="done")
+                telemetry.record("cosed_task_latency_s", now - run.started)
             return actions
         if kind == "captions":
             try:
@@ -498,10 +509,16 @@ class RayJob:
             if kind in self.pools.plan:
                 self._execute(self.core.on_members(kind, list(membership.members.get(kind, {})), now))
 
+    def _reject(self, task, exc: Exception) -> None:
+        """A task whose captions cannot be made: failed before it starts, recorded like any failure."""
+        error = TaskError(source="generation", task_id=task.id, reason=f"{type(exc).__name__}: {exc}")
+        self.summary.failed.append(error)
+        self.recorder.submit(write_failure, self.out, self.summary.run_id, error)
+
     def _autoscale(self) -> None:
-        left = len(self.core.tasks) - self.core.counts["done"] - self.core.counts["failed"]
+        left = self.core.live + (0 if self.window.exhausted else self.feed.estimated_pending())
         if self.autoscale.gpus and left:
-            share = left / max(1, len(self.core.tasks))
+            share = left / max(1, self.work.tasks)
             self.autoscale.ask(wanted_gpus(resolve_autoscale_max_gpus(self.cfg.ray.autoscale_max_gpus),
                                            self.work.total * share,
                                            self.work.critical_path / self.work.tasks, left))
@@ -543,7 +560,7 @@ class RayJob:
         key = (core.scenes_chosen, core.counts["done"], core.counts["failed"])
         if self.progress and key != shown:
             after = core.past_sequencing
-            print(f"[cosed] {core.scenes_chosen}/{self.total_scenes} scenes chosen, "
+            print(f"[cosed] {core.scenes_chosen} scenes chosen, tasks: about {self.total_tasks} to do, "
                   f"{core.scenes_written} written; tasks: {core.counts['done']} done, {core.counts['failed']} failed, "
                   f"{after} rendering or writing", flush=True)
         return key

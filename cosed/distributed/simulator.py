@@ -41,6 +41,7 @@ from cosed.distributed.policies import Sample, admission, choose_actor, host_nod
 from cosed.distributed.preemptions import LostWork, NodeLoss, PreemptionModel
 from cosed.distributed.sizing import (ClusterPlan, Node, PoolPlan, free_room, grow_pools, place, plan_cluster,
                                       rebalance_move, rebalance_window_s)
+from cosed.distributed.window import Window, task_window
 from cosed.generate import batches
 from cosed.tasks import Task
 from cosed.transitions import clips_ready
@@ -153,15 +154,19 @@ class Simulation(NodeLoss):
         for i, (kind, ask) in enumerate(asks):  # placed largest first (as Ray could), named in plan order
             self._add(kind, ask, up_at=0.0, node=homes[i])
         drivers = max(1, min(self.plan.drivers, len(self.tasks)))
-        order = flow_order(self.tasks, cfg, costs, self.plan.capacity())
         captions = (lambda t: None) if cfg.rewriter == "lm" else (lambda t: ["c"] * len(t.steps))
-        self.core = JobCore([(t, t.id, captions(t)) for t in order], drivers,
+        self.core = JobCore([], drivers,
                             admission(drivers, None, max(1, len(self.nodes))),
                             CorePolicy(task_retries=cfg.ray.task_retries, sequence_deadline_s=math.inf,
                                        write_deadline_s=math.inf, call_attempts=cfg.ray.call_attempts,
                                        call_patience_s=cfg.ray.call_timeout_floor_s,
                                        timeout_floor_s=math.inf, clip_seconds=costs.seconds("animate")),
-                            seed=seed)
+                            seed=seed, more=True)
+        pending = iter(self.tasks)  # fed through the runtime's window, in its per-chunk order
+        self.tasks_in = Window(self.core, lambda n: [(t, t.id) for t in itertools.islice(pending, n)],
+                             lambda chunk: flow_order(chunk, cfg, costs, self.plan.capacity()), captions,
+                             task_window(self.core.admission))
+        self.tasks_in.refill()
         self.faults = random.Random(seed * 7919 + 104729)
         self.lost = LostWork()
         self.gone: dict[str, tuple[float, float]] = {}  # lost node -> (when, GPUs), until replaced
@@ -216,6 +221,8 @@ class Simulation(NodeLoss):
     def _core(self, call: Callable[[], list]) -> None:
         started = time.perf_counter()
         actions = call()
+        if self.tasks_in.refill():  # as the runtime tops its window up after each event
+            actions += self.core.on_tick(self.now)
         self.core_seconds += time.perf_counter() - started
         for action in actions:
             self._act(action)
