@@ -15,23 +15,25 @@ from typing import Any, Protocol
 import numpy as np
 
 from cosed import determinism
-from cosed.calls import (CaptionRequest, Captioned, ClipDone, ClipRequest, EmbedImages, EmbedTexts, Rendered,
-                         RenderRequest, Score)
+from cosed.calls import (CaptionRequest, Captioned, ClipDone, ClipRequest, EmbedImages, EmbedTexts, EncodeScene,
+                         Rendered, RenderRequest, Score)
 from cosed.config import RunConfig, SDConfig
 from cosed.embed import ClipEmbedder
-from cosed.generate import latent_shape, render_batch
+from cosed.generate import encode_scene, latent_shape, render_batch
 from cosed.images import thumbnail_png
 from cosed.memory import LEVELS, MemoryPlan, actor_memory_plan, gpu_memory_gib
 from cosed.models.loaders import load_pipeline, resolve_device
 from cosed.models.profiles import KINDS, Profile
 from cosed.selector import ContrastiveSelector
-from cosed.video import animate, existing_clip, scene_image, write_clip
+from cosed.video import animate, existing_clip, next_scene_image, scene_image, write_clip
 
 
 class Backend(Protocol):
     def latent_shape(self, sd: SDConfig) -> tuple[int, ...]: ...
 
     def render(self, requests: list[RenderRequest]) -> list[Rendered]: ...
+
+    def encode_scene(self, request: EncodeScene) -> dict[int, np.ndarray]: ...
 
     def embed_texts(self, request: EmbedTexts) -> np.ndarray: ...
 
@@ -92,7 +94,8 @@ class LocalBackend:
     def for_run(self, cfg: RunConfig) -> "LocalBackend":
         """A backend for another run config (another selector or mode) sharing the models loaded here."""
         other = LocalBackend(self.profile, cfg)
-        other.__dict__.update({k: v for k, v in self.__dict__.items() if k in ("sd", "video", "clip")})
+        shared = ("sd", "video", "keyframe_video", "clip")
+        other.__dict__.update({k: v for k, v in self.__dict__.items() if k in shared})
         return other
 
     def load_all(self) -> None:
@@ -111,6 +114,9 @@ class LocalBackend:
             if request.thumbnail_px else None
         return Rendered(images=list(batch.images), captured=batch.captured, thumbnails=thumbnails)
 
+    def encode_scene(self, request: EncodeScene) -> dict[int, np.ndarray]:
+        return encode_scene(self.sd, request.image, request.sd, list(request.capture), request.seed)
+
     def embed_texts(self, request: EmbedTexts) -> np.ndarray:
         return self.clip.texts(list(request.texts))
 
@@ -128,7 +134,16 @@ class LocalBackend:
         return write_clip(request, self.frames(scene_image(request), request))
 
     def frames(self, image: np.ndarray, request: ClipRequest) -> np.ndarray:
-        return animate(self.video, image, request.seed, request.video, request.caption)
+        last = next_scene_image(request)  # keyframe transitions: the next scene ends this clip
+        return animate(self.video, image, request.seed, request.video, request.caption, last=last,
+                       keyed=None if last is None else self.keyframe_video)
+
+    @cached_property
+    def keyframe_video(self):
+        """The video model's keyframe pipeline (`--transitions keyframe`), on the same loaded modules."""
+        from cosed.models.adapters import image_to_video_adapter
+
+        return image_to_video_adapter(self.video).keyframe_pipeline(self.video)
 
     def caption(self, request: CaptionRequest) -> Captioned:
         """Captions for a batch of pairs through the caption cache at ``request.cache``; ``generated`` counts

@@ -43,6 +43,17 @@ class Rendered:
 
 
 @dataclass(frozen=True)
+class EncodeScene:
+    """The user's scene image as latent-pool entries (`cosed.scene_image`): VAE-encoded, then noised with one
+    seeded draw to the timestep of each captured iteration (SDEdit), in the pool's scheduler-neutral scale."""
+
+    image: np.ndarray  # (H, W, 3) uint8 at the text-to-image size
+    sd: SDConfig
+    capture: tuple[int, ...]
+    seed: int
+
+
+@dataclass(frozen=True)
 class EmbedTexts:
     texts: tuple[str, ...]
 
@@ -71,6 +82,8 @@ class ClipRequest:
     this value. ``caption`` conditions text-driven video models (LTX-Video).
     ``scene_sha256`` binds the clip to the scene's content: the clip's name
     carries it, and the video side refuses a scene whose bytes do not match it.
+    Under ``--transitions keyframe`` the clip also ends on the next scene's image: ``next_scene`` and its
+    ``next_scene_sha256`` (empty for the last scene and under the other transitions) bind it the same way.
     """
 
     task_id: str
@@ -81,6 +94,8 @@ class ClipRequest:
     caption: str
     clip: str  # URI the encoded clip is written to
     scene_sha256: str = ""  # of the scene's PNG bytes (none: every scene is refused)
+    next_scene: str = ""  # keyframe: URI of the next scene's image, the clip's last frame
+    next_scene_sha256: str = ""
 
 
 @dataclass(frozen=True)

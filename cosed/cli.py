@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import sys
@@ -60,6 +61,10 @@ def add_run_options(parser: argparse.ArgumentParser, profile_default: str = "tin
                                                  "train-captioner) or tiny:captioner; default: the profile's")
     parser.add_argument("--selector", help="trained selector checkpoint (.safetensors); default: untrained")
     parser.add_argument("--device", help="auto | cpu | cuda | cuda:N (default auto)")
+    parser.add_argument("--transitions", choices=["cut", "dissolve", "keyframe"],
+                        help="how scenes meet: cut (default), dissolve (a cross-fade of --transition-frames), keyframe "
+                             "(each clip also ends on the next scene's image; LTX-Video profiles)")
+    parser.add_argument("--transition-frames", type=int, help="frames of each dissolve (default 4)")
     if outputs:
         parser.add_argument("--overwrite", action="store_true", help="redo tasks whose manifest already exists")
         parser.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -68,7 +73,8 @@ def add_run_options(parser: argparse.ArgumentParser, profile_default: str = "tin
 def config_from_args(args: argparse.Namespace) -> RunConfig:
     return load_config(getattr(args, "config", None), {
         name.replace("-", "_"): getattr(args, name, None)
-        for name in ("profile", "seed", "rewriter", "rewriter_model", "selector", "device", "cache_dir")})
+        for name in ("profile", "seed", "rewriter", "rewriter_model", "selector", "device", "cache_dir", "transitions",
+                     "transition_frames")})
 
 
 def verb(verbs, name: str, help: str) -> argparse.ArgumentParser:
@@ -142,6 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="with --preemptions: when a lost node's replacement joins (the autoscaler), e.g. 10m, or "
                            "never (a fixed-size cluster; default 10m)")
     add_model_options(plan)
+    plan.add_argument("--transitions", choices=["cut", "dissolve", "keyframe"],
+                      help="keyframe: also predict the latency each clip adds by waiting for the next scene")
     add_setup_verbs(verbs)
     return parser
 
@@ -575,8 +583,8 @@ def plan_command(args: argparse.Namespace, cfg: RunConfig) -> int:
     from cosed import storage
     from cosed.distributed.costs import CostModel
     from cosed.distributed.preemptions import PreemptionModel, parse_rate
-    from cosed.plan import (PlanRequest, describe, describe_preemptions, fewest_gpus, measured_costs, parse_duration,
-                            parse_join, record)
+    from cosed.plan import (PlanRequest, describe, describe_preemptions, describe_transitions, fewest_gpus,
+                            measured_costs, parse_duration, parse_join, record)
     from cosed.runner import resolve_run
     from cosed.shards import count_tasks
 
@@ -606,6 +614,10 @@ def plan_command(args: argparse.Namespace, cfg: RunConfig) -> int:
         records.append(record(results[-1]))
         for line in describe(results[-1]):
             print(line, flush=True)
+        if cfg.transitions == "keyframe":  # the same run with cuts: what waiting for the next scene adds
+            cut = dataclasses.replace(request, cfg=dataclasses.replace(cfg, transitions="cut")).run(gpus)
+            records[-1]["cut"] = record(cut)
+            print(describe_transitions(cut, results[-1]), flush=True)
         if preemptions is not None:
             hit = request.run(gpus, preemptions)
             records[-1]["with_preemptions"] = {"rate": args.preemptions, **record(hit)}

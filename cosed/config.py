@@ -20,6 +20,9 @@ import yaml
 from cosed.errors import UserError
 
 
+TRANSITIONS = ("cut", "dissolve", "keyframe")
+
+
 class ConfigError(UserError, ValueError):
     """A config file or value that cannot be used; the message names the key."""
 
@@ -191,6 +194,11 @@ class RunConfig:
     memory_plan: dict = field(default_factory=dict)
     selector_mode: str = "full"
     storage: StorageConfig = field(default_factory=StorageConfig)
+    # How one scene's clip meets the next (`cosed.transitions`): cut (hard cuts), dissolve (a cross-fade of
+    # ``transition_frames`` frames, made before encoding) or keyframe (scene i's clip also ends on scene i+1's
+    # image; video models that take a last frame only). Part of the fingerprint only when not cut.
+    transitions: str = "cut"
+    transition_frames: int = 4
 
     def validate(self) -> "RunConfig":
         for section in (self.sd, self.video):
@@ -230,6 +238,10 @@ class RunConfig:
             raise ConfigError("pool.iterations go past sd.num_inference_steps")
         if self.sd.batch_size < 1 or self.max_steps < 1:
             raise ConfigError("sd.batch_size and max_steps must be positive")
+        if self.transitions not in TRANSITIONS:
+            raise ConfigError(f"transitions must be {', '.join(TRANSITIONS)}, got {self.transitions!r}")
+        if self.transition_frames < 1:
+            raise ConfigError(f"transition_frames must be >= 1, got {self.transition_frames}")
         if self.memory not in ("auto", "off", "savers", "offload"):
             raise ConfigError(f"memory must be auto, off, savers or offload, got {self.memory!r}")
         gpus = self.ray.autoscale_max_gpus

@@ -23,16 +23,17 @@ from typing import Callable
 
 import numpy as np
 
-from cosed import determinism, storage
+from cosed import determinism, scene_image, storage
 from cosed.backend import Backend
 from cosed.calls import ClipRequest, EmbedImages, EmbedTexts, RenderRequest, Score
 from cosed.config import RunConfig
+from cosed.continuity import boundaries, pixel_distance
 from cosed.donemarks import mark_done
 from cosed.generate import batches
 from cosed.images import png_bytes, png_image
 from cosed.lease import LeaseFence
 from cosed.latents import LatentPool, fresh_keys, initial_latents, plan_candidates
-from cosed.metrics import clip_i, clip_t
+from cosed.metrics import clip_i, clip_i_to, clip_t
 from cosed.models.profiles import Profile
 from cosed.parts import MANIFEST, TaskParts, task_uri  # noqa: F401  (their callers import them here)
 from cosed.steps import StepResult, load_steps, store_scene, store_step
@@ -40,8 +41,10 @@ from cosed.seeds import derive_seed
 from cosed.selector import clip_pick_scores
 from cosed.storyboard import storyboard_png
 from cosed.tasks import Task
-from cosed.video import concat_mp4, count_frames
+from cosed.transitions import clips_ready, next_step, overlap_frames, scene_starts
+from cosed.video import concat_mp4, count_frames, dissolve_mp4
 
+USER_SCENE = "scenes/step_00.png"  # the task's own scene image, at the text-to-image size
 THUMBNAIL_PX = 256  # candidates kept for inspection (save_candidates) are at most this many pixels a side
 
 
@@ -69,20 +72,40 @@ class SequenceResult:
     steps: list[StepResult]
     metrics: dict[str, float | None]
     timer: Timer = field(default_factory=Timer)
+    user: scene_image.UserScene | None = None
 
     def record(self) -> dict:
         """What the writer needs besides the stored scenes and clips (`assemble_task`)."""
+        user = {"scene_image": {"source": self.task.scene_image, "sha256": self.user.sha256}} if self.user else {}
         return {"task_id": self.task.id, "steps": [s.record() for s in self.steps], "metrics": self.metrics,
-                "timings": self.timer.to_dict()}
+                "timings": self.timer.to_dict(), **user}
 
 
 def clip_request(task: Task, step: int, caption: str, cfg: RunConfig, parts: TaskParts,
-                 scene_sha256: str) -> ClipRequest:
+                 scene_sha256: str, next_sha256: str = "") -> ClipRequest:
     """The one place a clip call is built: a scene's clip follows from the task, the step, the config and the
-    scene's content (its sha256 names the scene's and the clip's files)."""
+    scene's content (its sha256 names the scene's and the clip's files); under keyframe transitions also from
+    the next scene's content (``next_sha256``), the clip's last frame."""
+    following = {"next_scene": parts.scene(step + 1, next_sha256), "next_scene_sha256": next_sha256} \
+        if next_sha256 else {}
     return ClipRequest(task_id=task.id, step=step, scene=parts.scene(step, scene_sha256),
                        seed=derive_seed(cfg.seed, task.id, step, "video"), video=cfg.video, caption=caption,
-                       clip=parts.clip(step, scene_sha256), scene_sha256=scene_sha256)
+                       clip=parts.clip(step, scene_sha256, next_sha256), scene_sha256=scene_sha256, **following)
+
+
+def clip_requests(task: Task, cfg: RunConfig, parts: TaskParts,
+                  scenes: list[tuple[int, str, str]]) -> list[ClipRequest]:
+    """The clip requests that the chosen ``scenes`` (step, caption, sha256: steps 1..k in order) settle, in
+    step order: every scene's under cut and dissolve; under keyframe each one whose next scene is chosen, and
+    the last scene's once the task's last step is chosen (`cosed.transitions.clips_ready`)."""
+    total, requests = len(task.steps), []
+    for step, caption, digest in scenes:
+        for ready in clips_ready(step, total, cfg.transitions):
+            number, ready_caption, ready_digest = scenes[ready - 1]
+            following = next_step(ready, total, cfg.transitions)
+            requests.append(clip_request(task, number, ready_caption, cfg, parts, ready_digest,
+                                         scenes[following - 1][2] if following else ""))
+    return requests
 
 
 def candidate_path(step: int, index: int) -> str:
@@ -101,11 +124,25 @@ def sequence_task(task: Task, captions: list[str], backend: Backend, cfg: RunCon
     timer = Timer()
     pool = LatentPool()
     steps: list[StepResult] = []
+    sent = 0  # clip requests handed to ``on_scene`` so far
+    with timer.phase("sd"):
+        user = scene_image.user_scene(task, backend, cfg, parts)
+    if user is not None:
+        pool.add_run(0, user.captured)
+
+    def settled() -> None:
+        nonlocal sent
+        if on_scene is None:
+            return
+        requests = clip_requests(task, cfg, parts, [(s.number, s.caption, s.scene_sha256) for s in steps])
+        for request in requests[sent:]:
+            on_scene(request)
+        sent = len(requests)
+
     for step, captured in load_steps(parts, len(task.steps)) if parts is not None else []:
         pool.add_run(step.number, captured)
         steps.append(step)
-        if on_scene:
-            on_scene(clip_request(task, step.number, step.caption, cfg, parts, step.scene_sha256))
+        settled()
     shape = backend.latent_shape(cfg.sd)
     keep = THUMBNAIL_PX if cfg.save_candidates else 0
     with timer.phase("clip_select"):
@@ -124,12 +161,15 @@ def sequence_task(task: Task, captions: list[str], backend: Backend, cfg: RunCon
         with timer.phase("clip_select"):
             embeddings = backend.embed_images(EmbedImages(tuple(handles)))
             image_embeddings, key_embeddings = embeddings[:len(sources)], embeddings[len(sources):]
-            if number == 1:
+            if number == 1 and user is None:
                 scores = clip_pick_scores(image_embeddings, caption_embeddings[0])
-            else:
-                past_text = np.concatenate([caption_embeddings[:number - 1],
-                                            np.repeat(caption_embeddings[number - 1][None], len(keys), axis=0)])
-                past_image = np.concatenate([np.stack([s.image_embedding for s in steps]), key_embeddings])
+            else:  # the user's scene (paired with this step's caption, as a key is) is a past scene too
+                now = caption_embeddings[number - 1][None]
+                past_text = np.concatenate(([now] if user else []) + [
+                    caption_embeddings[:number - 1], np.repeat(now, len(keys), axis=0)])
+                past_image = np.concatenate(([user.embedding[None]] if user else []) + [
+                    np.asarray([s.image_embedding for s in steps]).reshape(-1, image_embeddings.shape[1]),
+                    key_embeddings])
                 scores = backend.selector_scores(Score(
                     np.repeat(caption_embeddings[number - 1][None], len(sources), axis=0), image_embeddings,
                     past_text, past_image))
@@ -154,13 +194,14 @@ def sequence_task(task: Task, captions: list[str], backend: Backend, cfg: RunCon
         steps.append(step)
         if parts is not None:
             store_step(parts, step, captured)
-            if on_scene:
-                on_scene(clip_request(task, number, caption, cfg, parts, digest))
+            settled()
     with timer.phase("clip_select"):
         chosen_images = np.stack([s.image_embedding for s in steps])
         metrics = {"clip_i": clip_i(chosen_images),
                    "clip_t": clip_t(chosen_images, backend.embed_texts(EmbedTexts(tuple(task.steps))))}
-    result = SequenceResult(task=task, steps=steps, metrics=metrics, timer=timer)
+        if user is not None:
+            metrics["clip_i_scene_image"] = clip_i_to(chosen_images, user.embedding)
+    result = SequenceResult(task=task, steps=steps, metrics=metrics, timer=timer, user=user)
     if parts is not None:
         storage.write_text(parts.sequence, json.dumps(result.record(), ensure_ascii=False) + "\n")
     return result
@@ -174,8 +215,8 @@ def stored_sequence(task: Task, cfg: RunConfig, parts: TaskParts) -> list[ClipRe
         return None
     except ValueError:  # a torn or foreign record: sequence again (parts are written whole, so rare)
         return None
-    return [clip_request(task, step["step"], step["caption"], cfg, parts, step["scene_sha256"])
-            for step in record["steps"]]
+    return clip_requests(task, cfg, parts, [(step["step"], step["caption"], step["scene_sha256"])
+                                            for step in record["steps"]])
 
 
 def source_label(source: dict) -> str:
@@ -189,6 +230,10 @@ def manifest_config(cfg: RunConfig) -> dict:
         data.pop(machine_specific)
     if not data["memory_plan"]:
         data.pop("memory_plan")  # every pool plain: nothing that depends on the GPUs
+    if data["transitions"] != "dissolve":
+        data.pop("transition_frames")  # used by dissolves only
+    if data["transitions"] == "cut":
+        data.pop("transitions")  # the default: the fingerprints of runs before transitions stay as they were
     return data
 
 
@@ -213,10 +258,15 @@ def task_fingerprint(task: Task, profile: Profile, cfg: RunConfig) -> str:
     """What decides a task's outputs: its content, the decisive config, the models, the selector weights and,
     under the lm rewriter, the captioner's weights.
 
-    Resume skips a task only when its manifest carries this same fingerprint.
+    The user's scene image (if any) counts by its bytes' sha256. Resume skips a task only when its manifest
+    carries this same fingerprint.
     """
-    payload = {"task": dataclasses.asdict(task), "config": manifest_config(cfg), "models": profile.model_names(),
+    described = dataclasses.asdict(task)
+    described.pop("scene_image")  # its content counts, not its name: the fingerprints without one stay as they were
+    payload = {"task": described, "config": manifest_config(cfg), "models": profile.model_names(),
                "selector": selector_checksum(cfg.selector)}
+    if task.scene_image:
+        payload["scene_image"] = scene_image.sha256(task)
     if cfg.rewriter == "lm":
         payload["captioner"] = captioner_checksum(cfg)
     return hashlib.sha256(json.dumps(payload, sort_keys=True, ensure_ascii=False).encode("utf-8")).hexdigest()[:32]
@@ -238,7 +288,7 @@ def assemble_task(out: str, task: Task, fingerprint: str, profile: Profile, cfg:
     timer = Timer()
     with timer.phase("stitch"):
         try:  # every part is read before any file of the task is touched
-            record, files = _read_parts(parts)
+            record, files = _read_parts(parts, task, cfg)
         except FileNotFoundError:
             if previous is not None and previous.get("fingerprint") == fingerprint:
                 return previous  # a re-run of a writer that wrote the manifest and removed parts since
@@ -260,19 +310,31 @@ def assemble_task(out: str, task: Task, fingerprint: str, profile: Profile, cfg:
             clips.append(clip)
             meta = {k: v for k, v in step.items() if k != "video_seed"}
             steps_meta.append({**meta, "image": image_rel, "clip": clip_rel, "frames": count_frames(clip)})
-        video = concat_mp4(clips, metadata={"title": task.title or "", "comment": f"cosed task {task.id}"})
+        metrics = {**record["metrics"], "boundary_mad": pixel_distance(boundaries(clips))}  # `cosed.continuity`
+        overlap = overlap_frames(cfg)
+        if cfg.transitions != "cut":  # where each scene begins in the video (a dissolve shares its frames)
+            for meta, start in zip(steps_meta, scene_starts([m["frames"] for m in steps_meta], overlap)):
+                meta["start_frame"] = start
+        tags = {"title": task.title or "", "comment": f"cosed task {task.id}"}
+        video = dissolve_mp4(clips, overlap, cfg.video.fps, tags) if overlap else concat_mp4(clips, metadata=tags)
         put(task_uri(out, task, "video.mp4"), video)
+        user = record.get("scene_image")
+        if user is not None:  # the user's scene is step 0 of the storyboard, never a scene of the video
+            user = {**user, "image": USER_SCENE}
+        board = ([png_image(_part_bytes(files, USER_SCENE))] if user else []) + [png_image(scene) for scene in scenes]
+        title = (task.title or task.id) + ("" if cfg.transitions == "cut" else f"  ({cfg.transitions} transitions)")
         put(task_uri(out, task, "storyboard.png"), storyboard_png(
-            task.title or task.id, [png_image(scene) for scene in scenes], [s["caption"] for s in record["steps"]],
-            [source_label(s["candidates"][s["chosen"]]["source"]) for s in record["steps"]]))
+            title, board, (["your scene image"] if user else []) + [s["caption"] for s in record["steps"]],
+            (["scene_image"] if user else []) + [source_label(s["candidates"][s["chosen"]]["source"])
+                                                 for s in record["steps"]], first_step=0 if user else 1))
     manifest = {
         "task_id": task.id, "fingerprint": fingerprint, "title": task.title,
         "seed": cfg.seed, "profile": profile.name,
         "random_weights": profile.random_weights, "models": profile.model_names(),
         **({"captioner": captioner_checksum(cfg)} if cfg.rewriter == "lm" else {}),
         "config": manifest_config(cfg), "determinism": determinism.record(cfg.cpu_threads),
-        "steps": steps_meta, "metrics": record["metrics"],
-        "video": "video.mp4", "video_frames": sum(s["frames"] for s in steps_meta), "fps": cfg.video.fps,
+        **({"scene_image": user} if user else {}), "steps": steps_meta, "metrics": metrics,
+        "video": "video.mp4", "video_frames": video_frames(steps_meta, overlap), "fps": cfg.video.fps,
         "storyboard": "storyboard.png",
         "timings": {**record.get("timings", {}), **timer.to_dict(), **(extra_timings or {})},
     }
@@ -288,18 +350,27 @@ def assemble_task(out: str, task: Task, fingerprint: str, profile: Profile, cfg:
     return manifest
 
 
-def _read_parts(parts: TaskParts) -> tuple[dict, list[tuple[str, str, bytes]]]:
+def _read_parts(parts: TaskParts, task: Task, cfg: RunConfig) -> tuple[dict, list[tuple[str, str, bytes]]]:
     """The sequence record and every file the task's folder gets from its parts: (path in the task folder,
     part URI, bytes). Raises FileNotFoundError when a part is missing."""
     record = json.loads(storage.read_bytes(parts.sequence))
-    files = []
+    user = record.get("scene_image")
+    files = [(USER_SCENE, parts.scene(0, user["sha256"]))] if user else []
+    clips = {request.step: request.clip for request in clip_requests(
+        task, cfg, parts, [(step["step"], step["caption"], step["scene_sha256"]) for step in record["steps"]])}
     for step in record["steps"]:
         number = step["step"]
         files.append((f"scenes/step_{number:02d}.png", parts.scene(number, step["scene_sha256"])))
-        files.append((f"clips/step_{number:02d}.mp4", parts.clip(number, step["scene_sha256"])))
+        files.append((f"clips/step_{number:02d}.mp4", clips[number]))
         files += [(entry["image"], parts.candidate(number, index))
                   for index, entry in enumerate(step["candidates"]) if "image" in entry]
     return record, [(relative, uri, storage.read_bytes(uri)) for relative, uri in files]
+
+
+def video_frames(steps_meta: list[dict], overlap: int) -> int:
+    """Frames of the joined video: the clips' frames less one overlap per boundary (dissolve)."""
+    frames = [s["frames"] for s in steps_meta]
+    return (scene_starts(frames, overlap)[-1] + frames[-1]) if frames else 0
 
 
 def _part_bytes(files: list[tuple[str, str, bytes]], relative: str) -> bytes:
@@ -309,7 +380,7 @@ def _part_bytes(files: list[tuple[str, str, bytes]], relative: str) -> bytes:
 def _remove_unlisted(out: str, task: Task, manifest: dict) -> None:
     """Files of the task's previous outputs that the new manifest does not name (it had more steps or kept
     candidates): removed once the new manifest is written."""
-    keep = {MANIFEST, manifest["video"], manifest["storyboard"]}
+    keep = {MANIFEST, manifest["video"], manifest["storyboard"], *([USER_SCENE] if "scene_image" in manifest else [])}
     for step in manifest["steps"]:
         keep |= {step["image"], step["clip"], *(c["image"] for c in step["candidates"] if "image" in c)}
     root = task_uri(out, task)

@@ -119,6 +119,8 @@ def metric_rows(out: str, methods: list[str]) -> list[dict]:
                 "clip_i": manifest["metrics"]["clip_i"], "clip_t": manifest["metrics"]["clip_t"],
                 "steps": len(manifest["steps"]),
                 "source_distances": " ".join(source_distance(s) for s in manifest["steps"][1:]),
+                "transitions": manifest["config"].get("transitions", "cut"),
+                "boundary_mad": manifest["metrics"].get("boundary_mad"),  # `cosed.continuity`
             })
     return rows
 
@@ -142,6 +144,7 @@ def summarise(rows: list[dict], methods: list[str], seed: int = 0) -> dict:
         summary[method] = {"tasks": len(mine),
                            "clip_i": bootstrap_mean([r["clip_i"] for r in mine], seed),
                            "clip_t": bootstrap_mean([r["clip_t"] for r in mine], seed),
+                           "boundary_mad": bootstrap_mean([r.get("boundary_mad") for r in mine], seed),
                            "source_distances": dict(sorted(distances.items()))}
     return summary
 
@@ -190,7 +193,8 @@ def ablation_markdown(rows: list[dict]) -> str:
 
 def rows_csv(rows: list[dict]) -> str:
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=["task_id", "method", "clip_i", "clip_t", "steps", "source_distances"])
+    writer = csv.DictWriter(buffer, fieldnames=["task_id", "method", "clip_i", "clip_t", "steps", "source_distances",
+                                                    "transitions", "boundary_mad"])
     writer.writeheader()
     writer.writerows(rows)
     return buffer.getvalue()

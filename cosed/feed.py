@@ -21,7 +21,8 @@ from cosed import storage
 from cosed.errors import UserError
 from cosed.parts import PARTS, stale_parts
 from cosed.shards import TaskStream
-from cosed.tasks import Task
+from cosed.scene_image import with_checked_images
+from cosed.tasks import Task, TaskSet
 
 log = logging.getLogger("cosed")
 
@@ -125,6 +126,7 @@ class TaskFeed:
                 self._take_errors()
                 if chunk is None:
                     break
+                chunk = self._with_readable_images(chunk)
                 self.seen += len(chunk)
                 fingerprints = {t.id: self.fingerprint(t) for t in chunk}
                 summary.fingerprints.update(fingerprints)
@@ -149,6 +151,12 @@ class TaskFeed:
     @property
     def out(self) -> str:
         return self.index.out
+
+    def _with_readable_images(self, chunk: list[Task]) -> list[Task]:
+        """The chunk's tasks whose scene image (if any) reads and decodes; the others are rejected, each alone."""
+        checked = with_checked_images(TaskSet(tasks=chunk))
+        self.summary.rejected += checked.errors
+        return checked.tasks
 
     def _take_errors(self) -> None:
         new = self.stream.errors[self._errors_seen:]

@@ -15,6 +15,7 @@ import torch
 from cosed.config import SDConfig
 from cosed.models.adapters import text_to_image_adapter
 from cosed.numerics import guarded
+from cosed.seeds import gaussian_latent
 
 
 @dataclass
@@ -66,6 +67,21 @@ def render_batch(pipe, caption: str | list[str], init_latents: np.ndarray, sd: S
 
     output = guarded(pipe, f"text-to-image ({type(pipe).__name__})", call, lambda out: out.images)
     return RenderedBatch(images=to_uint8(output.images), captured=captured)
+
+
+@torch.no_grad()
+def encode_scene(pipe, image: np.ndarray, sd: SDConfig, iterations: list[int], seed: int) -> dict[int, np.ndarray]:
+    """The user's scene image (uint8, at the text-to-image size) as pool latents: VAE-encoded, then noised with
+    one seeded draw to each captured iteration's timestep (SDEdit); iteration -> (C, h, w) float16, neutral."""
+    adapter = text_to_image_adapter(pipe)
+    device = pipe._execution_device
+    pixels = torch.tensor(np.ascontiguousarray(image), dtype=torch.float32).permute(2, 0, 1)[None] / 127.5 - 1.0
+    clean = adapter.encode(pipe, pixels.to(device))
+    expected = adapter.latent_shape(pipe, sd)
+    if tuple(clean.shape[1:]) != tuple(expected):
+        raise ValueError(f"the scene image encodes to {tuple(clean.shape[1:])}, the pool holds {tuple(expected)}")
+    noise = gaussian_latent(seed, tuple(clean.shape[1:]))[None].to(device)
+    return {k: adapter.noised(pipe, clean, noise, sd, k)[0].to("cpu", torch.float16).numpy() for k in iterations}
 
 
 def batches(count: int, batch_size: int) -> list[range]:

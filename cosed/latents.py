@@ -52,6 +52,9 @@ class LatentPool:
     def __len__(self) -> int:
         return len(self._latents)
 
+    def has_step(self, step: int) -> bool:
+        return any(j == step for j, _ in self._latents)
+
     def latent(self, step: int, iteration: int) -> np.ndarray:
         return self._latents[(step, iteration)]
 
@@ -59,19 +62,22 @@ class LatentPool:
 def plan_candidates(step: int, pool: LatentPool, cfg: PoolConfig, run_seed: int, task_id: str) -> list[CandidateSource]:
     """The candidate sources of one step, in a fixed order: pool (by step, iteration), then fresh.
 
+    Step 0 is the user's scene image (`cosed.scene_image`): with it in the pool, step 1 too starts from the
+    pool (its ``n_first`` fresh seeds beside it).
     Fresh sources are candidates unless ``cfg.fresh_as`` is ``key`` (see `fresh_keys`);
     over ``cfg.max_candidates`` the pool is sampled with a seeded generator.
     """
-    if step == 1:
-        return [CandidateSource.fresh(derive_seed(run_seed, task_id, 1, "fresh", k)) for k in range(cfg.n_first)]
+    first = [CandidateSource.fresh(derive_seed(run_seed, task_id, 1, "fresh", k)) for k in range(cfg.n_first)]
+    if step == 1 and not pool.has_step(0):
+        return first
     if cfg.steps == "all":
-        allowed = set(range(1, step))
+        allowed = set(range(0, step))  # step 0: the user's scene image, where the task has one
     elif cfg.steps == "previous":
         allowed = {step - 1}
     else:
         allowed = set()
     pooled = [CandidateSource.pooled(j, k) for j, k in pool.keys() if j in allowed and k in cfg.iterations]
-    fresh = [] if cfg.fresh_as == "key" else fresh_sources(step, cfg, run_seed, task_id)
+    fresh = first if step == 1 else [] if cfg.fresh_as == "key" else fresh_sources(step, cfg, run_seed, task_id)
     room = None if cfg.max_candidates is None else max(cfg.max_candidates - len(fresh), 0)
     if room is not None and len(pooled) > room:
         order = torch.randperm(len(pooled), generator=generator(derive_seed(run_seed, task_id, step, "pool-sample")))

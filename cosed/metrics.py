@@ -14,6 +14,11 @@ def clip_t(image_embeddings: np.ndarray, text_embeddings: np.ndarray) -> float:
     return float(100.0 * np.mean(np.sum(images * texts, axis=1)))
 
 
+def clip_i_to(image_embeddings: np.ndarray, reference: np.ndarray) -> float:
+    """Mean over scenes of 100 * cos(scene, reference): how close the scenes stay to one image (the user's)."""
+    return float(100.0 * (l2_normalize(image_embeddings) @ l2_normalize(reference[None])[0]).mean())
+
+
 def clip_i(image_embeddings: np.ndarray) -> float | None:
     """Sequence similarity: mean over pairs i<j of 100 * cos(image_i, image_j); None below two scenes."""
     images = l2_normalize(image_embeddings)

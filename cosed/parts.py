@@ -5,7 +5,7 @@ candidates' thumbnails, when kept) as it goes and the sequence record when it is
 done; each clip call stores its clip. All of it sits under the task's fingerprint,
 
     OUT/.cosed-parts/<task folder>/<fingerprint>/
-        scene_NN_<hash>.png, clip_NN_<hash>.mp4   (named by the scene's content: written once)
+        scene_NN_<hash>.png, clip_NN_<hash>[_<next hash>].mp4   (named by the scenes' content: written once)
         step_NN.safetensors, step_NN.json         (a chosen step's checkpoint, `cosed.steps`)
         cand_NN_KK.png, sequence.json
 
@@ -47,8 +47,10 @@ class TaskParts:
     def scene(self, step: int, sha256: str) -> str:
         return storage.join(self.root, f"scene_{step:02d}_{sha256[:HASH_CHARS]}.png")
 
-    def clip(self, step: int, scene_sha256: str) -> str:
-        return storage.join(self.root, f"clip_{step:02d}_{scene_sha256[:HASH_CHARS]}.mp4")
+    def clip(self, step: int, scene_sha256: str, next_sha256: str = "") -> str:
+        """A keyframe clip (it ends on the next scene) is named by both scenes' content."""
+        ending = f"_{next_sha256[:HASH_CHARS]}" if next_sha256 else ""
+        return storage.join(self.root, f"clip_{step:02d}_{scene_sha256[:HASH_CHARS]}{ending}.mp4")
 
     def step_tensors(self, step: int) -> str:
         return storage.join(self.root, f"step_{step:02d}.safetensors")

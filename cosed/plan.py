@@ -92,7 +92,8 @@ def describe(result: SimResult) -> list[str]:
     return [f"{result.gpus} GPUs: pools {plan}; {result.drivers} tasks sequencing at once",
             f"  makespan {_hours(result.makespan_s)}, {result.gpu_hours:.1f} GPU-hours, "
             f"{result.tasks_per_gpu_hour:.2f} tasks per GPU-hour, efficiency {result.efficiency:.1%} of the bound "
-            f"({_hours(result.bound_s)}), bottleneck {result.bottleneck}",
+            f"({_hours(result.bound_s)}), bottleneck {result.bottleneck}, mean task latency "
+            f"{_hours(result.mean_latency_s)}",
             "  busy " + " / ".join(f"{k} {v:.2f}" for k, v in result.busy.items())
             + f"; {result.dispatch_messages_per_call:.2f} dispatch messages per model call; "
               f"{result.core_us_per_event:.1f} µs of job work per event ({result.core_events} events)"
@@ -111,6 +112,14 @@ def describe_preemptions(base: SimResult, hit: SimResult, rate: str, model: Pree
             f"({hit.gpu_hours - base.gpu_hours:+.1f}); {lost['lost_gpu_hours']:.2f} GPU-hours of work lost "
             f"(calls cut: {cut}; {lost['drivers']} task attempts lost with their driver, {redone} of their model "
             f"calls made again); {hit.tasks} done, {hit.failed} failed")
+
+
+def describe_transitions(cut: SimResult, keyed: SimResult) -> str:
+    """Keyframe transitions beside the same run with cuts: each clip waits for the next scene's choice."""
+    return (f"  keyframe transitions: mean task latency {_hours(keyed.mean_latency_s)} vs {_hours(cut.mean_latency_s)} "
+            f"with cuts ({keyed.mean_latency_s - cut.mean_latency_s:+.0f} s: each clip waits one step for the next "
+            f"scene), makespan {_hours(keyed.makespan_s)} ({_change(keyed.makespan_s, cut.makespan_s)}), "
+            f"{keyed.gpu_hours:.1f} GPU-hours ({keyed.gpu_hours - cut.gpu_hours:+.1f})")
 
 
 def _change(value: float, base: float) -> str:

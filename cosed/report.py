@@ -119,7 +119,8 @@ def build_report(out: str, methods: list[str], summary: dict) -> str:
                    'noise-like and CLIP-I / CLIP-T here say nothing about quality.</div>')
     rows = "".join(
         f"<tr><td>{_e(m)}</td><td>{summary[m]['tasks']}</td><td>{_fmt(summary[m]['clip_i'])}</td>"
-        f"<td>{_fmt(summary[m]['clip_t'])}</td><td>{_e(json.dumps(summary[m]['source_distances']))}</td></tr>"
+        f"<td>{_fmt(summary[m]['clip_t'])}</td><td>{_fmt(summary[m].get('boundary_mad') or {'mean': None})}</td>"
+        f"<td>{_e(json.dumps(summary[m]['source_distances']))}</td></tr>"
         for m in methods)
     sections = "".join(
         _task_section(m, f"{primary}/{task_folder_name(m['task_id'])}",
@@ -128,9 +129,10 @@ def build_report(out: str, methods: list[str], summary: dict) -> str:
     models = ", ".join(f"{k}: {_e(v)}" for k, v in first["models"].items())
     return (f'<!doctype html><html><head><meta charset="utf-8"><title>cosed report</title><style>{_CSS}</style>'
             f'</head><body><h1>cosed evaluation</h1><div>Profile <b>{_e(first["profile"])}</b> · seed {first["seed"]}'
-            f' · {models}</div>{warning}'
+            f' · transitions {_e(first["config"].get("transitions", "cut"))} · {models}</div>{warning}'
             f'<h2>Methods</h2><table class="cmp"><tr><th>method</th><th>tasks</th><th>CLIP-I (95% CI)</th>'
-            f'<th>CLIP-T (95% CI)</th><th>chosen source (steps back)</th></tr>{rows}</table>'
+            f'<th>CLIP-T (95% CI)</th><th>boundary MAD (lower: smoother)</th><th>chosen source (steps back)</th></tr>'
+            f'{rows}</table>'
             f'{_ablation(summary.get("ablation", []))}'
             f'<div class="plots"><img src="plots/clip_i_vs_clip_t.png" alt="CLIP-I vs CLIP-T">'
             f'<img src="plots/source_distance.png" alt="source distance"></div>'

@@ -24,7 +24,8 @@ from typing import Callable
 from cosed import storage
 from cosed.config import RunConfig, resolve_autoscale_max_gpus
 from cosed.memory import LEVELS, decode_chunk_for, resolve_memory_plan
-from cosed.models.profiles import KINDS, Profile, resolve_profile
+from cosed.models.profiles import KINDS, Profile, available_profiles, profile_data, resolve_profile
+from cosed.transitions import check_keyframes
 
 log = logging.getLogger("cosed")
 
@@ -37,7 +38,17 @@ RANDOM_WEIGHTS = ("note: RANDOM WEIGHTS: this profile's models are random-weight
 def resolve_run(cfg: RunConfig) -> tuple[Profile, RunConfig]:
     """The profile and the config with the profile's defaults filled in."""
     profile = resolve_profile(cfg.profile, cfg.cache_dir)
+    check_keyframes(profile, profile.spec("video").pipeline, cfg, keyframe_profiles())
     return profile, cfg.with_defaults(profile.defaults)
+
+
+def keyframe_profiles() -> list[str]:
+    """The named profiles whose video model can end a clip on the next scene (`--transitions keyframe`)."""
+    from cosed.models.adapters import supports_keyframes
+
+    named = {name: profile_data(name)["models"].get("video") for name in available_profiles()}
+    return [name for name, video in named.items()
+            if isinstance(video, dict) and supports_keyframes(video.get("pipeline"))]
 
 
 def pinned_shares(profile: Profile, cfg: RunConfig) -> dict[str, tuple[str, ...]]:

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from cosed.calls import ClipDone, ClipRequest, EmbedImages, EmbedTexts, Rendered, RenderRequest, Score
+from cosed.calls import ClipDone, ClipRequest, EmbedImages, EmbedTexts, EncodeScene, Rendered, RenderRequest, Score
 from cosed.config import RunConfig, SDConfig
 from cosed.distributed.costs import CostModel
 from cosed.images import thumbnail_png
@@ -81,6 +81,12 @@ class SimulatedBackend:
         return Rendered(images=images, captured={k: np.stack(v).astype(np.float16) for k, v in captured.items()},
                         thumbnails=thumbnails)
 
+    def encode_scene(self, request: EncodeScene) -> dict[int, np.ndarray]:
+        self._wait("render", 1)
+        rng = _rng("scene", request.image, request.seed)
+        shape = self.latent_shape(request.sd)
+        return {k: rng.standard_normal(shape).astype(np.float16) for k in request.capture}
+
     def embed_texts(self, request: EmbedTexts) -> np.ndarray:
         self._wait("embed_texts", len(request.texts))
         return _unit(np.stack([_rng("text", t).standard_normal(EMBED_DIM) for t in request.texts]))
@@ -103,7 +109,7 @@ class SimulatedBackend:
     def frames(self, image: np.ndarray, request: ClipRequest) -> np.ndarray:
         self._wait("animate", 1)
         video = request.video
-        rng = _rng("clip", image, request.seed)
+        rng = _rng("clip", image, request.seed, *((request.next_scene_sha256,) if request.next_scene else ()))
         base = rng.integers(0, 256, (1, video.height, video.width, 3)).astype(np.int16)
         steps = rng.integers(-8, 9, (video.num_frames, 1, 1, 3)).cumsum(axis=0)
         return np.clip(base + steps, 0, 255).astype(np.uint8)

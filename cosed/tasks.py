@@ -45,6 +45,7 @@ class Task:
     tools: tuple[str, ...] = ()
     step_images: tuple[str, ...] = ()
     captions: tuple[str, ...] = ()
+    scene_image: str = ""  # the user's own scene (path or s3:// URI, PNG or JPEG): step 0, `cosed.scene_image`
 
     @property
     def folder(self) -> str:
@@ -163,7 +164,23 @@ def parse_task(record: Any, *, max_steps: int, default_id: str | None = None) ->
     if extra["step_images"] and len(extra["step_images"]) != len(steps):
         raise InvalidTask("step_images", f"{len(extra['step_images'])} images for {len(steps)} steps")
     return Task(id=task_id, title=title.strip(), steps=tuple(s.strip() for s in steps),
-                description=description, **extra, captions=parse_captions(record.get("captions"), len(steps)))
+                description=description, **extra, captions=parse_captions(record.get("captions"), len(steps)),
+                scene_image=parse_scene_image(record.get("scene_image")))
+
+
+def parse_scene_image(value: Any) -> str:
+    """The optional user's scene image: a local path or an s3:// URI (its bytes are checked when the run
+    starts, `cosed.scene_image`)."""
+    if value is None:
+        return ""
+    if not isinstance(value, str) or not value.strip():
+        raise InvalidTask("scene_image", "must be a non-empty string: a local path or an s3:// URI")
+    _text(value, "scene_image")
+    if len(value) > MAX_DESCRIPTION_CHARS:
+        raise InvalidTask("scene_image", f"{len(value)} characters, more than {MAX_DESCRIPTION_CHARS}")
+    if "://" in value and not value.startswith("s3://"):
+        raise InvalidTask("scene_image", f"{value!r}: only local paths and s3:// URIs are read")
+    return value.strip()
 
 
 def parse_captions(captions: Any, n_steps: int) -> tuple[str, ...]:

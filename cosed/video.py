@@ -7,7 +7,7 @@ import io
 import os
 import tempfile
 from fractions import Fraction
-from typing import Callable
+from typing import Callable, Iterable, Iterator
 
 import av
 import numpy as np
@@ -22,27 +22,37 @@ from cosed.images import png_image
 from cosed.models.adapters import image_to_video_adapter
 from cosed.numerics import guarded
 from cosed.seeds import generator
+from cosed.transitions import shared_frames
 
 
 @torch.no_grad()
-def animate(pipe, image: np.ndarray, seed: int, video: VideoConfig, prompt: str | None = None) -> np.ndarray:
+def animate(pipe, image: np.ndarray, seed: int, video: VideoConfig, prompt: str | None = None,
+            last: np.ndarray | None = None, keyed=None) -> np.ndarray:
     """One scene's clip: (frames, H, W, 3) uint8 from the chosen image, seeded.
 
     The pipeline's adapter (`cosed.models.adapters`) adds its own arguments;
     ``prompt`` (the scene's caption) is used by pipelines that take text (LTX-Video).
+    ``last`` (`--transitions keyframe`: the next scene's image) also pins the clip's last frame; it runs on
+    ``keyed``, the adapter's keyframe pipeline built on ``pipe``'s modules.
     """
     adapter = image_to_video_adapter(pipe)
     adapter.check(video)
-    still = Image.fromarray(image).resize((video.width, video.height), Image.Resampling.BICUBIC)
+
+    def resized(array: np.ndarray) -> Image.Image:
+        return Image.fromarray(array).resize((video.width, video.height), Image.Resampling.BICUBIC)
+
+    still = resized(image)
+    if last is not None and not adapter.keyframes:
+        raise ValueError(f"{type(pipe).__name__} takes one image: it cannot end a clip on the next scene")
+    runner, kwargs = (pipe, {"image": still, **adapter.call_kwargs(video, prompt)}) if last is None else (
+        keyed or adapter.keyframe_pipeline(pipe), adapter.keyframe_kwargs(still, resized(last), video, prompt))
 
     def call():
-        return pipe(
-            image=still, height=video.height, width=video.width, num_frames=video.num_frames,
-            num_inference_steps=video.num_inference_steps, generator=generator(seed), output_type="np",
-            **adapter.call_kwargs(video, prompt),
-        )
+        return runner(height=video.height, width=video.width, num_frames=video.num_frames,
+                      num_inference_steps=video.num_inference_steps, generator=generator(seed), output_type="np",
+                      **kwargs)
 
-    output = guarded(pipe, f"image-to-video ({type(pipe).__name__})", call,
+    output = guarded(runner, f"image-to-video ({type(runner).__name__})", call,
                      lambda out: np.asarray(out.frames[0])[None])
     return to_uint8(np.asarray(output.frames[0]))
 
@@ -83,7 +93,7 @@ def write_mp4(fill: Callable[[av.container.OutputContainer], None], metadata: di
             return handle.read()
 
 
-def encode_mp4(frames: np.ndarray, fps: int, metadata: dict[str, str] | None = None) -> bytes:
+def encode_mp4(frames: np.ndarray | Iterable[np.ndarray], fps: int, metadata: dict[str, str] | None = None) -> bytes:
     """H.264 (yuv420p) mp4 bytes from (N, H, W, 3) uint8 frames; H and W must be even.
 
     Byte-reproducible in any process and on any node, which the Ray path needs (a
@@ -97,11 +107,13 @@ def encode_mp4(frames: np.ndarray, fps: int, metadata: dict[str, str] | None = N
     A 25-frame 1024x576 clip takes about 2 s on one core of the 2-core team machine.
     """
     def fill(container) -> None:
-        stream = container.add_stream("libx264", rate=Fraction(fps))
-        stream.height, stream.width = frames.shape[1], frames.shape[2]
-        stream.pix_fmt = "yuv420p"
-        stream.options = {"crf": "18", "x264-params": "threads=1:lookahead-threads=1:mbtree=0"}
-        for frame in frames:
+        stream = None
+        for frame in frames:  # an array, or frames one by one (`dissolve_mp4`)
+            if stream is None:
+                stream = container.add_stream("libx264", rate=Fraction(fps))
+                stream.height, stream.width = frame.shape[0], frame.shape[1]
+                stream.pix_fmt = "yuv420p"
+                stream.options = {"crf": "18", "x264-params": "threads=1:lookahead-threads=1:mbtree=0"}
             container.mux(stream.encode(av.VideoFrame.from_ndarray(rgb_to_yuv420p(frame), format="yuv420p")))
         container.mux(stream.encode(None))
 
@@ -142,11 +154,20 @@ class SceneMismatch(ValueError):
 
 def scene_image(request: ClipRequest) -> np.ndarray:
     """The scene a clip animates, checked against the request's hash (a mismatch is fatal for the call)."""
-    data = storage.read_bytes(request.scene)
+    return _checked_scene(request, request.scene, request.scene_sha256)
+
+
+def next_scene_image(request: ClipRequest) -> np.ndarray | None:
+    """The next scene's image a keyframe clip ends on, checked the same way; None when the request has none."""
+    return _checked_scene(request, request.next_scene, request.next_scene_sha256) if request.next_scene else None
+
+
+def _checked_scene(request: ClipRequest, uri: str, sha256: str) -> np.ndarray:
+    data = storage.read_bytes(uri)
     found = hashlib.sha256(data).hexdigest()
-    if found != request.scene_sha256:
-        raise SceneMismatch(f"scene {request.scene} of task {request.task_id} step {request.step} has sha256 "
-                            f"{found}, the clip request names {request.scene_sha256 or 'none'}: not animated")
+    if found != sha256:
+        raise SceneMismatch(f"scene {uri} of task {request.task_id} step {request.step} has sha256 "
+                            f"{found}, the clip request names {sha256 or 'none'}: not animated")
     return png_image(data)
 
 
@@ -179,11 +200,32 @@ def stitch(clips: list[np.ndarray], crossfade_frames: int = 0) -> np.ndarray:
     """Clips in step order, hard cuts by default or a short linear cross-fade."""
     if crossfade_frames <= 0:
         return np.concatenate(clips)
-    out = [clips[0]]
-    for clip in clips[1:]:
-        n = min(crossfade_frames, len(out[-1]), len(clip))
-        alpha = np.linspace(0, 1, n + 2)[1:-1, None, None, None]
-        blend = (out[-1][-n:] * (1 - alpha) + clip[:n] * alpha).round().astype(np.uint8)
-        out[-1] = out[-1][:-n]
-        out += [blend, clip[n:]]
-    return np.concatenate(out)
+    return np.stack(list(dissolved(iter(clips), crossfade_frames)))
+
+
+def dissolved(clips: Iterator[np.ndarray], overlap: int) -> Iterator[np.ndarray]:
+    """The frames of clips in order, the last ``overlap`` frames of each cross-fading linearly into the first
+    ones of the next, in exact uint8 arithmetic; one clip held at a time. A boundary takes at most half of
+    either clip (`cosed.transitions.shared_frames`), so no frame is in two dissolves."""
+    pending = next(clips, None)
+    length = 0 if pending is None else len(pending)
+    for clip in clips:
+        n = shared_frames(overlap, length, len(clip))
+        if n:
+            yield from pending[:-n]
+            alpha = np.linspace(0, 1, n + 2)[1:-1, None, None, None]
+            yield from (pending[-n:] * (1 - alpha) + clip[:n] * alpha).round().astype(np.uint8)
+        else:
+            yield from pending
+        pending, length = clip[n:], len(clip)
+    if pending is not None:
+        yield from pending
+
+
+def dissolve_mp4(clips: list[bytes], overlap: int, fps: int, metadata: dict[str, str] | None = None) -> bytes:
+    """One mp4 from encoded clips with a cross-fade of ``overlap`` frames at each boundary, re-encoded.
+
+    H.264 decoding is exact (the standard fixes every output bit) and the blend and encoder are ours
+    (`encode_mp4`), so the bytes are as reproducible as a clip's. Holds one clip's decoded frames at a time.
+    """
+    return encode_mp4(dissolved((decode_mp4(data) for data in clips), overlap), fps, metadata)

@@ -14,8 +14,15 @@ each pool's busy fraction, and beside the makespan the one `cosed plan` predicts
 tasks, cluster and policy (the runtime's policies in virtual time, `cosed.distributed.simulator`). Times are in modeled seconds (wall seconds / time scale); the time
 scale is chosen per G so that the bound takes ``--target-seconds`` of wall time. The makespan
 runs from the first task's start to the last manifest, so pool start-up is not counted.
-``--single-task-steps N`` also runs one task of N steps alone at time scale 1 with one actor
-per pool and compares it with the modeled critical path (what Ray adds to a task).
+``--single-task-steps N`` also runs one task of N steps alone (time scale ``--single-task-scale``, default 1)
+with one actor per pool and compares it with the modeled critical path (what Ray adds to a task).
+``--transitions keyframe`` runs everything with keyframe transitions (each clip waits for the next scene's
+choice); with ``--gpus`` given no sizes only the single-task check runs, e.g. to measure the latency keyframe
+transitions add against the run without::
+
+    python ray_jobs/bench_cluster.py --tasks T.jsonl --gpus --single-task-steps 3 --single-task-scale 0.1
+    python ray_jobs/bench_cluster.py --tasks T.jsonl --gpus --single-task-steps 3 --single-task-scale 0.1 \
+        --transitions keyframe
 """
 
 from __future__ import annotations
@@ -86,35 +93,39 @@ def run_once(tasks: str, out: Path, cfg: RunConfig, gpus: int, cpus: int, time_s
             "plan": {k: [p["replicas"], p["num_gpus"]] for k, p in plan["pools"].items()}}
 
 
-def single_task(tasks_file: str, steps: int, cpus: int, folder: Path) -> dict:
-    """One task alone, one actor per pool, time scale 1: measured latency vs the modeled critical path."""
+def single_task(tasks_file: str, steps: int, cpus: int, folder: Path, transitions: str = "cut",
+                scale: float = 1.0) -> dict:
+    """One task alone, one actor per pool: measured latency (modeled seconds) vs the modeled critical path."""
     chosen = next(t for t in read_tasks(tasks_file, RunConfig()).tasks if len(t.steps) == steps)
     path = folder / "single.jsonl"
     path.write_text(json.dumps({"id": chosen.id, "title": chosen.title, "steps": list(chosen.steps)}) + "\n")
     one = PoolResources(replicas=1)
-    cfg = RunConfig(profile="latency", ray=RayConfig(sd=one, video=one, clip=one))
+    cfg = RunConfig(profile="latency", ray=RayConfig(sd=one, video=one, clip=one), transitions=transitions)
     profile, resolved = resolve_run(cfg)
     modeled = task_work(steps, resolved, CostModel.from_dict(profile.costs)).critical_path
-    start_cluster(2, cpus, 1.0)
+    start_cluster(2, cpus, scale)
     try:
         run_on_ray(str(path), str(folder / "single"), cfg, progress=False)
     finally:
         ray.shutdown()
     (start, end), = task_times(folder / "single")
-    return {"steps": steps, "measured_s": round(end - start, 2), "critical_path_s": round(modeled, 2),
-            "overhead": round((end - start) / modeled - 1, 4)}
+    measured = (end - start) / scale
+    return {"steps": steps, "transitions": transitions, "time_scale": scale, "measured_s": round(measured, 2),
+            "critical_path_s": round(modeled, 2), "overhead": round(measured / modeled - 1, 4)}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", help="tasks file (JSONL or recipes JSON); default: the shared recipes")
     parser.add_argument("--recipes", type=int, default=200, help="how many shared recipes, without --tasks")
-    parser.add_argument("--gpus", type=int, nargs="+", default=[4, 8, 16])
+    parser.add_argument("--gpus", type=int, nargs="*", default=[4, 8, 16], help="cluster sizes (none: skip them)")
     parser.add_argument("--policies", nargs="+", default=["cost", "legacy"], choices=["cost", "legacy"])
     parser.add_argument("--target-seconds", type=float, default=60.0, help="wall seconds of the bound per run")
     parser.add_argument("--cpus", type=int, default=64, help="logical CPUs declared to Ray (actors mostly sleep)")
     parser.add_argument("--single-task-steps", type=int, default=0, help="also run the single-task check")
     parser.add_argument("--drivers", type=int, help="concurrent tasks (default: what the plan derives)")
+    parser.add_argument("--transitions", default="cut", choices=["cut", "dissolve", "keyframe"])
+    parser.add_argument("--single-task-scale", type=float, default=1.0, help="time scale of the single-task check")
     parser.add_argument("--json", help="write one record per G and policy here")
     args = parser.parse_args()
 
@@ -124,7 +135,7 @@ def main() -> None:
         if not args.tasks and not SHARED_RECIPES.is_file():
             raise SystemExit(f"no --tasks given and the shared recipes are not at {SHARED_RECIPES}")
         tasks = args.tasks or recipes_file(args.recipes, folder)
-        profile, resolved = resolve_run(RunConfig(profile="latency"))
+        profile, resolved = resolve_run(RunConfig(profile="latency", transitions=args.transitions))
         costs = CostModel.from_dict(profile.costs)
         task_list = read_tasks(tasks, resolved).tasks
         work = batch_work((len(t.steps) for t in task_list), resolved, costs)
@@ -137,7 +148,7 @@ def main() -> None:
             scale = args.target_seconds / bound
             for policy in args.policies:
                 # The legacy policy is the earlier runtime's plan: fixed, never rebalanced.
-                cfg = RunConfig(profile="latency", ray=dataclasses.replace(
+                cfg = RunConfig(profile="latency", transitions=args.transitions, ray=dataclasses.replace(
                     RayConfig(), policy=policy, max_concurrent_tasks=args.drivers or "auto", rebalance=policy == "cost"))
                 record = run_once(tasks, folder / f"g{gpus}-{policy}", cfg, gpus, args.cpus, scale, bound)
                 _, resolved_cfg = resolve_run(cfg)
@@ -155,7 +166,8 @@ def main() -> None:
                       f"efficiency {record['efficiency']:.1%}, mean latency {record['mean_latency_s']:.0f} s, "
                       f"busy {record['busy']}, moves {record['moves'] or 'none'}, "
                       f"{record['tasks']} done {record['failed']} failed", flush=True)
-        single = single_task(tasks, args.single_task_steps, args.cpus, folder) if args.single_task_steps else None
+        single = single_task(tasks, args.single_task_steps, args.cpus, folder, args.transitions,
+                             args.single_task_scale) if args.single_task_steps else None
 
     print("\n| G | policy | plan (replicas, GPUs each) | makespan s | predicted s | bound s | efficiency | tasks/GPU-h "
           "| mean latency s | busy sd / video / clip |")
@@ -168,7 +180,8 @@ def main() -> None:
               f"{r['efficiency']:.1%} | {per_gpu_hour:.2f} | {r['mean_latency_s']:.0f} | "
               + " / ".join(f"{r['busy'][k]:.2f}" for k in KINDS) + " |")
     if single:
-        print(f"\nsingle task ({single['steps']} steps, one actor per pool, time scale 1): {single['measured_s']} s "
+        print(f"\nsingle task ({single['steps']} steps, {single['transitions']}, one actor per pool, time scale "
+              f"{single['time_scale']:g}): {single['measured_s']} s "
               f"vs modeled critical path {single['critical_path_s']} s: Ray adds {single['overhead']:+.2%}")
     if args.json:
         Path(args.json).write_text(json.dumps({"records": records, "single_task": single}, indent=2) + "\n")

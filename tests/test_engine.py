@@ -66,7 +66,7 @@ def test_every_valid_task_follows_the_output_contract(first, tiny_run):
         assert manifest["determinism"] == determinism.record(cfg.cpu_threads)
         assert [s["scene_sha256"] for s in manifest["steps"]] == [
             hashlib.sha256((folder / s["image"]).read_bytes()).hexdigest() for s in manifest["steps"]]
-        assert set(manifest["metrics"]) == {"clip_i", "clip_t"}
+        assert set(manifest["metrics"]) == {"clip_i", "clip_t", "boundary_mad"}
         assert all(isinstance(v, float) for v in manifest["metrics"].values())
 
 

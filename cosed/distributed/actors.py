@@ -265,6 +265,9 @@ class RayBackend:
             out.append(Rendered(images=list(image_refs), captured=captured, thumbnails=thumbnails))
         return out
 
+    def encode_scene(self, request):
+        return self.dispatcher.call("sd", "encode_scene", request)
+
     def embed_texts(self, request):
         return self.dispatcher.call("clip", "embed_texts", request)
 

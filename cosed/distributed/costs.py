@@ -19,6 +19,7 @@ import numpy as np
 from cosed.config import PoolConfig, RunConfig
 from cosed.generate import batches
 from cosed.latents import LatentPool, plan_candidates
+from cosed.transitions import clips_ready
 
 KINDS = ("sd", "video", "clip")  # the pools every run has
 CAPTION = "caption"  # the pool of the lm rewriter's captioner, when a run uses it
@@ -140,7 +141,7 @@ def task_work(num_steps: int, cfg: RunConfig, costs: CostModel) -> TaskWork:
 
     The critical path is the task alone with one actor per pool: SD, CLIP and the
     selector run step after step; each step's clip starts once its image is chosen
-    and clips queue on the single video actor. Under the lm rewriter each step's
+    and clips queue on the single video actor (under keyframe transitions once the next scene is chosen). Under the lm rewriter each step's
     caption is made before (a stage of its own, batched across tasks): its share of
     the generate calls is the task's caption work.
     """
@@ -167,7 +168,8 @@ def task_work(num_steps: int, cfg: RunConfig, costs: CostModel) -> TaskWork:
         clock += call("embed_images", count)
         if step > 1:
             clock += call("selector_scores", count)
-        video_free = max(video_free, clock) + call("animate", 1)
+        for _ in clips_ready(step, num_steps, cfg.transitions):  # keyframe: a clip waits for the next scene
+            video_free = max(video_free, clock) + call("animate", 1)
     clock += call("embed_texts", num_steps)
     return TaskWork(seconds=seconds, calls=calls, images=images, critical_path=max(clock, video_free))
 

@@ -45,6 +45,7 @@ from cosed.distributed.sizing import (ClusterPlan, Node, PoolPlan, free_room, gr
 from cosed.distributed.window import Window, task_window
 from cosed.generate import batches
 from cosed.tasks import Task
+from cosed.transitions import clips_ready
 
 
 @dataclass(frozen=True)
@@ -371,9 +372,12 @@ class Simulation(NodeLoss):
             def select() -> None:
                 call("clip", self.costs.seconds("selector_scores", count), scored)
 
-            def scored() -> None:
-                request = ClipRequest(task.id, number, "", 0, self.cfg.video, "", f"{task.id}/{number}")
-                self._core(lambda: self.core.on_driver_events(start.driver, [(start.key, request)], self.now))
+            def scored() -> None:  # the clips this choice settles (under keyframe: the previous scene's)
+                requests = [ClipRequest(task.id, ready, "", 0, self.cfg.video, "", f"{task.id}/{ready}")
+                            for ready in clips_ready(number, steps, self.cfg.transitions)]
+                events = [(start.key, request) for request in requests]
+                if events:
+                    self._core(lambda: self.core.on_driver_events(start.driver, events, self.now))
                 step(number + 1)
 
             for rows in parts:

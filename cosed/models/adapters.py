@@ -16,8 +16,10 @@ is divided by that scale when captured (the scheduler's own
 
 from __future__ import annotations
 
+import copy
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 
 from cosed.config import SDConfig, VideoConfig
@@ -61,6 +63,24 @@ class TextToImageAdapter:
         negative = [sd.negative_prompt] * batch if sd.negative_prompt else None
         return {"guidance_scale": sd.guidance_scale, "negative_prompt": negative}
 
+    def encode(self, pipe, pixels: torch.Tensor) -> torch.Tensor:
+        """(1, 3, H, W) pixels in [-1, 1] as clean latents in the denoiser's space (the VAE's mode)."""
+        vae = pipe.vae
+        return vae.encode(pixels.to(vae.dtype)).latent_dist.mode().float() * vae.config.scaling_factor
+
+    def noised(self, pipe, clean: torch.Tensor, noise: torch.Tensor, sd: SDConfig, iteration: int) -> torch.Tensor:
+        """``clean`` noised to where a run of this pipeline stands after ``iteration`` denoising steps (SDEdit),
+        in the pool's neutral scale. A copy of the scheduler: the pipeline's own keeps its state."""
+        scheduler = copy.deepcopy(pipe.scheduler)
+        scheduler.set_timesteps(sd.num_inference_steps, device=clean.device)
+        if iteration >= len(scheduler.timesteps):
+            return clean
+        timestep = scheduler.timesteps[iteration]
+        noisy = scheduler.add_noise(clean, noise, timestep.reshape(1))
+        if hasattr(scheduler, "_step_index"):
+            scheduler._step_index = iteration  # Euler-type: the scale of that step
+        return neutral_scale(scheduler, noisy, timestep)
+
 
 class FluxAdapter(TextToImageAdapter):
     """FluxPipeline: packed (B, h/2 * w/2, 4C) latents, guidance-distilled (no negative prompt)."""
@@ -87,11 +107,34 @@ class FluxAdapter(TextToImageAdapter):
     def call_kwargs(self, sd: SDConfig, batch: int) -> dict[str, Any]:
         return {"guidance_scale": sd.guidance_scale, "max_sequence_length": self.max_sequence_length}
 
+    def encode(self, pipe, pixels: torch.Tensor) -> torch.Tensor:
+        vae = pipe.vae
+        latent = vae.encode(pixels.to(vae.dtype)).latent_dist.mode().float()
+        return (latent - vae.config.shift_factor) * vae.config.scaling_factor
+
+    def noised(self, pipe, clean: torch.Tensor, noise: torch.Tensor, sd: SDConfig, iteration: int) -> torch.Tensor:
+        """Flow matching: (1 - sigma) x0 + sigma noise at the sigma FluxPipeline's schedule (its resolution
+        shift included) reaches after ``iteration`` steps; no scale."""
+        from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
+
+        scheduler = copy.deepcopy(pipe.scheduler)
+        steps = sd.num_inference_steps
+        if iteration >= steps:
+            return clean
+        config = scheduler.config
+        mu = calculate_shift((clean.shape[2] // 2) * (clean.shape[3] // 2), config.get("base_image_seq_len", 256),
+                             config.get("max_image_seq_len", 4096), config.get("base_shift", 0.5),
+                             config.get("max_shift", 1.15))
+        retrieve_timesteps(scheduler, steps, clean.device, sigmas=np.linspace(1.0, 1 / steps, steps), mu=mu)
+        sigma = scheduler.sigmas[iteration].to(clean.device, clean.dtype)
+        return sigma * noise + (1 - sigma) * clean
+
 
 class ImageToVideoAdapter:
     """StableVideoDiffusionPipeline: image only, fps and motion conditioning."""
 
     load_kwargs: ClassVar[dict[str, Any]] = {}
+    keyframes: ClassVar[bool] = False  # can end a clip on a given image (`--transitions keyframe`)
 
     def check(self, video: VideoConfig) -> None:
         if video.height % 8 or video.width % 8:
@@ -110,8 +153,26 @@ class LTXAdapter(ImageToVideoAdapter):
             raise ValueError("LTX-Video needs video.height and video.width divisible by 32 and "
                              f"video.num_frames = 8k+1, got {video.height}x{video.width}, {video.num_frames} frames")
 
+    keyframes: ClassVar[bool] = True
+
     def call_kwargs(self, video: VideoConfig, prompt: str | None) -> dict[str, Any]:
         return {"prompt": prompt or "", "frame_rate": video.fps, "decode_timestep": 0.05, "decode_noise_scale": 0.025}
+
+    def keyframe_pipeline(self, pipe):
+        """LTXConditionPipeline on the loaded pipeline's own modules (no second load, no second copy)."""
+        from diffusers import LTXConditionPipeline
+
+        keyed = LTXConditionPipeline.from_pipe(pipe)
+        keyed.set_progress_bar_config(disable=True)
+        return keyed
+
+    def keyframe_kwargs(self, first, last, video: VideoConfig, prompt: str | None) -> dict[str, Any]:
+        """The condition pipeline's call: ``first`` at frame 0, ``last`` at the clip's last frame."""
+        from diffusers.pipelines.ltx.pipeline_ltx_condition import LTXVideoCondition
+
+        return {"conditions": [LTXVideoCondition(image=first, frame_index=0),
+                               LTXVideoCondition(image=last, frame_index=video.num_frames - 1)],
+                **self.call_kwargs(video, prompt)}
 
 
 TEXT_TO_IMAGE: dict[str, TextToImageAdapter] = {
@@ -130,6 +191,11 @@ def _lookup(registry: dict, name: str, role: str):
     except KeyError:
         raise ValueError(f"no {role} adapter for pipeline class {name!r}: "
                          f"supported are {', '.join(sorted(registry))}") from None
+
+
+def supports_keyframes(pipeline_name: str | None) -> bool:
+    """Whether the image-to-video pipeline of this class can end a clip on a given image."""
+    return pipeline_name in IMAGE_TO_VIDEO and IMAGE_TO_VIDEO[pipeline_name].keyframes
 
 
 def text_to_image_adapter(pipe_or_name) -> TextToImageAdapter:
