@@ -53,6 +53,11 @@ def add_run_options(parser: argparse.ArgumentParser, profile_default: str = "tin
     existing outputs are treated and progress."""
     add_model_options(parser, profile_default)
     parser.add_argument("--seed", type=int, help="run seed; every random draw derives from it (default 0)")
+    parser.add_argument("--preset", choices=["paper", "legacy"],
+                        help="bundle of settings under --config and flags: paper (the authors' reference: negative "
+                             "prompt, fresh image as selector key, pool iterations 2-4, ...; README 'Presets') or "
+                             "legacy (before the paper preset). Default: paper for generate, evaluate and "
+                             "reproduce, legacy elsewhere")
     parser.add_argument("--rewriter", choices=["identity", "template", "given", "lm"],
                         help="caption rewriter (default template; train-selector and evaluate default to given "
                              "when every task carries captions)")
@@ -65,10 +70,16 @@ def add_run_options(parser: argparse.ArgumentParser, profile_default: str = "tin
         parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
+PAPER_PRESET_VERBS = ("generate", "evaluate", "reproduce")  # where --preset defaults to paper (cosed.presets)
+
+
 def config_from_args(args: argparse.Namespace) -> RunConfig:
+    from cosed.presets import DEFAULT_PRESET
+
     return load_config(getattr(args, "config", None), {
         name.replace("-", "_"): getattr(args, name, None)
-        for name in ("profile", "seed", "rewriter", "rewriter_model", "selector", "device", "cache_dir")})
+        for name in ("preset", "profile", "seed", "rewriter", "rewriter_model", "selector", "device", "cache_dir")},
+        default_preset=DEFAULT_PRESET if getattr(args, "verb", None) in PAPER_PRESET_VERBS else None)
 
 
 def verb(verbs, name: str, help: str) -> argparse.ArgumentParser:
@@ -153,6 +164,14 @@ def add_train_captioner(verbs) -> None:
     train.add_argument("--out", required=True, help="folder (or s3:// prefix) for the safetensors checkpoint, "
                                                     "tokenizer and captioner.json")
     train.add_argument("--base", help="hub id, folder or tiny:captioner to start from (default: the profile's captioner)")
+    train.add_argument("--recipe", choices=["full", "paper"], default="full",
+                       help="paper: the authors' LoRA recipe (r 8, alpha 32, q/v projections, 10 epochs, lr 1e-5 "
+                            "cosine, weight decay 0.01, batch 2 x 4, max length 400, Alpaca prompt; saves the "
+                            "adapters); full: full fine-tuning on the chat template")
+    train.add_argument("--eval-pairs", help="the eval pairs file (captions_eval.json layout): held out whole, and "
+                                            "training pairs of any recipe it touches are dropped (zero overlap)")
+    train.add_argument("--recipes", help="recipes file (dataset.json layout): split by recipe instead of by caption "
+                                         "chain, and report how many of its recipes each side touches")
     train.add_argument("--epochs", type=float, help="default: the profile's captioner train settings, else 3")
     train.add_argument("--lr", type=float, help="default: the profile's captioner train settings, else 2e-5")
     train.add_argument("--batch-size", type=int, help="default: the profile's captioner train settings, else 8")
@@ -490,26 +509,38 @@ def train_captioner_command(args: argparse.Namespace, cfg: RunConfig) -> int:
     from cosed.embed import EmbeddingCache
     from cosed.models.profiles import CAPTION
     from cosed.runner import profile_cache, resolve_run
-    from cosed.train_captioner import CaptionerTrainConfig, train_captioner
+    from cosed.train_captioner import PAPER_RECIPE, CaptionerTrainConfig, LoraSettings, train_captioner
 
     profile, cfg = resolve_run(cfg)
     base = args.base or profile.caption_model
     if not base:
         raise UserError(f"profile {profile.name} names no captioner: pass --base ID|FOLDER")
     spec = profile.specs.get(CAPTION)
-    defaults = {**dataclasses.asdict(CaptionerTrainConfig()), **(spec.train if spec and base == profile.caption_model else {})}
-    chosen = {"epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size}
+    if args.recipe == "paper":
+        defaults = {**dataclasses.asdict(CaptionerTrainConfig()), **PAPER_RECIPE, "recipe": "paper",
+                    "lora": LoraSettings()}
+    else:
+        defaults = {**dataclasses.asdict(CaptionerTrainConfig()),
+                    **(spec.train if spec and base == profile.caption_model else {})}
+    chosen = {"epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size, "seed": args.seed}
     tc = CaptionerTrainConfig(**{**defaults, **{k: v for k, v in chosen.items() if v is not None},
-                                 "holdout": args.holdout, "limit": args.limit, "seed": cfg.seed})
+                                 "holdout": args.holdout, "limit": args.limit})
     backend = LocalBackend(profile, cfg)
     embeddings = EmbeddingCache(backend, profile.model_names()["clip"], profile_cache(cfg) / "embeddings")
     report = train_captioner(args.pairs, args.out, base, tc, device=backend.device, cache_dir=profile_cache(cfg),
                              embed_texts=embeddings.texts, progress=not args.quiet,
-                             random_weights=profile.random_weights and base == profile.caption_model)
+                             random_weights=profile.random_weights and base == profile.caption_model,
+                             eval_pairs_uri=args.eval_pairs, recipes_uri=args.recipes)
     data, losses = report["data"], [entry["loss"] for entry in report["loss"]]
-    print(f"captioner: {base} fine-tuned on {data['train']} pairs ({data['held_out']} held out as whole caption "
-          f"chains, {len(data['skipped_malformed'])} malformed skipped), {tc.epochs:g} epoch(s), "
-          f"{report['train_seconds']:.1f} s")
+    split, params = report["split"], report["parameters"]
+    print(f"captioner: {base} fine-tuned ({tc.recipe}: {params['trainable']:,} of {params['total']:,} parameters "
+          f"trained) on {data['train']} pairs ({data['held_out']} held out by {split['by']}, "
+          f"{len(data['skipped_malformed'])} malformed skipped), {tc.epochs:g} epoch(s), {report['train_seconds']:.1f} s")
+    if "recipe_overlap" in split:
+        print(f"split: {split['train_recipes']} training recipes, {split['eval_recipes']} eval recipes, overlap "
+              f"{split['recipe_overlap']}; {split['dropped_train_pairs']} training pairs dropped (their recipe is in "
+              f"the eval file); of the recipes file's {split['recipes_file']}, {split['recipes_file_in_train']} "
+              f"have training pairs")
     if losses:
         head, tail = losses[:5], losses[-5:]
         print(f"loss (mean of the first / last {len(head)} steps): {sum(head) / len(head):.4f} -> "

@@ -34,6 +34,7 @@ from cosed.lease import LeaseFence
 from cosed.latents import LatentPool, fresh_keys, initial_latents, plan_candidates
 from cosed.metrics import clip_i, clip_t
 from cosed.models.profiles import Profile
+from cosed.presets import preset_record
 from cosed.parts import MANIFEST, TaskParts, task_uri  # noqa: F401  (their callers import them here)
 from cosed.steps import StepResult, load_steps, store_scene, store_step
 from cosed.seeds import derive_seed
@@ -76,12 +77,26 @@ class SequenceResult:
                 "timings": self.timer.to_dict()}
 
 
+def video_seed(cfg: RunConfig, task_id: str, step: int) -> int:
+    """A scene's clip seed: ``video.seed`` when set (the paper preset: one seed for every clip, as the
+    reference), else derived from (run seed, task, step)."""
+    return cfg.video.seed if cfg.video.seed is not None else derive_seed(cfg.seed, task_id, step, "video")
+
+
+def selector_texts(captions: list[str], caption_embeddings: np.ndarray, backend: Backend, cfg: RunConfig) -> np.ndarray:
+    """The captions' CLIP embeddings as the selector's candidates and past scenes see them: cut to
+    ``selector_text_chars`` characters where set (the reference's ``[:77]``), else the caption embeddings."""
+    if cfg.selector_text_chars is None:
+        return caption_embeddings
+    return backend.embed_texts(EmbedTexts(tuple(c[:cfg.selector_text_chars] for c in captions)))
+
+
 def clip_request(task: Task, step: int, caption: str, cfg: RunConfig, parts: TaskParts,
                  scene_sha256: str) -> ClipRequest:
     """The one place a clip call is built: a scene's clip follows from the task, the step, the config and the
     scene's content (its sha256 names the scene's and the clip's files)."""
     return ClipRequest(task_id=task.id, step=step, scene=parts.scene(step, scene_sha256),
-                       seed=derive_seed(cfg.seed, task.id, step, "video"), video=cfg.video, caption=caption,
+                       seed=video_seed(cfg, task.id, step), video=cfg.video, caption=caption,
                        clip=parts.clip(step, scene_sha256), scene_sha256=scene_sha256)
 
 
@@ -110,6 +125,7 @@ def sequence_task(task: Task, captions: list[str], backend: Backend, cfg: RunCon
     keep = THUMBNAIL_PX if cfg.save_candidates else 0
     with timer.phase("clip_select"):
         caption_embeddings = backend.embed_texts(EmbedTexts(tuple(captions)))
+        cut_embeddings = selector_texts(captions, caption_embeddings, backend, cfg)
     for number, (text, caption) in enumerate(zip(task.steps, captions), start=1):
         if number <= len(steps):
             continue
@@ -127,11 +143,12 @@ def sequence_task(task: Task, captions: list[str], backend: Backend, cfg: RunCon
             if number == 1:
                 scores = clip_pick_scores(image_embeddings, caption_embeddings[0])
             else:
-                past_text = np.concatenate([caption_embeddings[:number - 1],
+                # Fresh keys carry the whole current caption (the reference embeds it before cutting it).
+                past_text = np.concatenate([cut_embeddings[:number - 1],
                                             np.repeat(caption_embeddings[number - 1][None], len(keys), axis=0)])
                 past_image = np.concatenate([np.stack([s.image_embedding for s in steps]), key_embeddings])
                 scores = backend.selector_scores(Score(
-                    np.repeat(caption_embeddings[number - 1][None], len(sources), axis=0), image_embeddings,
+                    np.repeat(cut_embeddings[number - 1][None], len(sources), axis=0), image_embeddings,
                     past_text, past_image))
         chosen = int(np.argmax(scores))
         batch_index, row = divmod(chosen, cfg.sd.batch_size)
@@ -149,7 +166,7 @@ def sequence_task(task: Task, captions: list[str], backend: Backend, cfg: RunCon
         step = StepResult(number=number, text=text, caption=caption, sources=sources,
                           scores=[float(s) for s in scores], chosen=chosen, image=image,
                           image_embedding=image_embeddings[chosen],
-                          video_seed=derive_seed(cfg.seed, task.id, number, "video"), fresh_keys=keys,
+                          video_seed=video_seed(cfg, task.id, number), fresh_keys=keys,
                           candidate_images=kept, scene_sha256=digest)
         steps.append(step)
         if parts is not None:
@@ -209,6 +226,15 @@ def captioner_checksum(cfg: RunConfig) -> str | None:
     return _captioner_checksum(cfg.rewriter_model, cfg.cache_dir) if cfg.rewriter == "lm" and cfg.rewriter_model else None
 
 
+UNTRAINED_SELECTOR = ("untrained: no --selector given, so the selector's maps are shared random orthonormal "
+                      "projections and its picks are close to plain CLIP similarity, not the paper's trained selector")
+
+
+def selector_weights(cfg: RunConfig) -> str:
+    """What chose the scenes, in words for the manifest and the report: the checkpoint, or plainly untrained."""
+    return f"trained: {cfg.selector}" if cfg.selector else UNTRAINED_SELECTOR
+
+
 def task_fingerprint(task: Task, profile: Profile, cfg: RunConfig) -> str:
     """What decides a task's outputs: its content, the decisive config, the models, the selector weights and,
     under the lm rewriter, the captioner's weights.
@@ -216,7 +242,7 @@ def task_fingerprint(task: Task, profile: Profile, cfg: RunConfig) -> str:
     Resume skips a task only when its manifest carries this same fingerprint.
     """
     payload = {"task": dataclasses.asdict(task), "config": manifest_config(cfg), "models": profile.model_names(),
-               "selector": selector_checksum(cfg.selector)}
+               "selector": selector_checksum(cfg.selector), "preset": preset_record(cfg)}
     if cfg.rewriter == "lm":
         payload["captioner"] = captioner_checksum(cfg)
     return hashlib.sha256(json.dumps(payload, sort_keys=True, ensure_ascii=False).encode("utf-8")).hexdigest()[:32]
@@ -270,7 +296,8 @@ def assemble_task(out: str, task: Task, fingerprint: str, profile: Profile, cfg:
         "seed": cfg.seed, "profile": profile.name,
         "random_weights": profile.random_weights, "models": profile.model_names(),
         **({"captioner": captioner_checksum(cfg)} if cfg.rewriter == "lm" else {}),
-        "config": manifest_config(cfg), "determinism": determinism.record(cfg.cpu_threads),
+        "config": manifest_config(cfg), "preset": preset_record(cfg),
+        "selector_weights": selector_weights(cfg), "determinism": determinism.record(cfg.cpu_threads),
         "steps": steps_meta, "metrics": record["metrics"],
         "video": "video.mp4", "video_frames": sum(s["frames"] for s in steps_meta), "fps": cfg.video.fps,
         "storyboard": "storyboard.png",

@@ -23,7 +23,7 @@ from cosed.config import RunConfig
 from cosed.tasks import SUMMARY
 
 METHOD_POOLS = {
-    "independent": {"steps": "none", "fresh": 1},
+    "independent": {"steps": "none", "fresh": 1, "fresh_as": "candidate"},
     "previous": {"steps": "previous"},
     "cosed": {"steps": "all"},
 }

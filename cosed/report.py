@@ -117,6 +117,13 @@ def build_report(out: str, methods: list[str], summary: dict) -> str:
         warning = ('<div class="warn"><b>Random-weight models.</b> This run used the <code>tiny</code> profile: '
                    'small models with random weights, built offline to exercise the pipeline. The images are '
                    'noise-like and CLIP-I / CLIP-T here say nothing about quality.</div>')
+    untrained = [m for m in methods for x in by_method[m].values()
+                 if str(x.get("selector_weights", "")).startswith("untrained")][:1]
+    if untrained:
+        warning += ('<div class="warn"><b>Untrained selector.</b> No <code>--selector</code> checkpoint was given: '
+                    'the selector used shared random orthonormal maps, so its picks are close to plain CLIP '
+                    'similarity, not the paper\'s trained selector.</div>')
+    preset = first.get("preset", {}).get("name")
     rows = "".join(
         f"<tr><td>{_e(m)}</td><td>{summary[m]['tasks']}</td><td>{_fmt(summary[m]['clip_i'])}</td>"
         f"<td>{_fmt(summary[m]['clip_t'])}</td><td>{_e(json.dumps(summary[m]['source_distances']))}</td></tr>"
@@ -128,7 +135,7 @@ def build_report(out: str, methods: list[str], summary: dict) -> str:
     models = ", ".join(f"{k}: {_e(v)}" for k, v in first["models"].items())
     return (f'<!doctype html><html><head><meta charset="utf-8"><title>cosed report</title><style>{_CSS}</style>'
             f'</head><body><h1>cosed evaluation</h1><div>Profile <b>{_e(first["profile"])}</b> · seed {first["seed"]}'
-            f' · {models}</div>{warning}'
+            f' · {models}{" · preset <b>" + _e(preset) + "</b>" if preset else ""}</div>{warning}'
             f'<h2>Methods</h2><table class="cmp"><tr><th>method</th><th>tasks</th><th>CLIP-I (95% CI)</th>'
             f'<th>CLIP-T (95% CI)</th><th>chosen source (steps back)</th></tr>{rows}</table>'
             f'{_ablation(summary.get("ablation", []))}'
