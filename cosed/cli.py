@@ -115,11 +115,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="fraction of tasks held out (whole title groups); ids saved in split.json")
     add_ray_options(train)
     add_run_options(train)
-    evaluate = verb(verbs, "evaluate", "compare independent / previous / cosed on the same tasks and seeds")
+    evaluate = verb(verbs, "evaluate", "compare independent / chain / cosed on the same tasks and seeds")
     evaluate.add_argument("--tasks", required=True, help=TASKS_HELP)
     evaluate.add_argument("--out", required=True, help="run folder: METHOD/<task>/..., metrics.csv, summary.json, "
                                                        "plots/, report.html")
-    evaluate.add_argument("--methods", default="independent,previous,cosed", help="comma list of pool policies")
+    evaluate.add_argument("--methods", default="independent,chain,cosed",
+                          help="comma list of pool policies (previous: the old name of chain)")
     evaluate.add_argument("--variants", help="selector variants to ablate, comma list of untrained, trained "
                                              "(needs --selector), clip, text, image; default: the configured one")
     evaluate.add_argument("--refuse-trained-tasks", action="store_true",

@@ -1,4 +1,4 @@
-"""Method comparison on the same tasks and seeds (method.md §7): independent, previous, cosed.
+"""Method comparison on the same tasks and seeds (method.md §7): independent, chain, cosed.
 
 Each method is the same engine with a different pool policy; per-task metrics
 come from the manifests, so the numbers in `metrics.csv` are exactly the ones
@@ -24,12 +24,21 @@ from cosed.tasks import SUMMARY
 
 METHOD_POOLS = {
     "independent": {"steps": "none", "fresh": 1, "fresh_as": "candidate"},
-    "previous": {"steps": "previous"},
+    "chain": {"steps": "previous"},  # Bordalo et al.: latents of the single preceding step only
     "cosed": {"steps": "all"},
 }
+# Old method names still accepted. ``previous`` was renamed ``chain`` (it is Bordalo et al.'s latent chaining,
+# not Mora, which chains on the previous clip's last frame).
+METHOD_ALIASES = {"previous": "chain"}
+
+
+def method_name(method: str) -> str:
+    """The method's current name (an alias resolved)."""
+    return METHOD_ALIASES.get(method, method)
 
 
 def method_config(cfg: RunConfig, method: str) -> RunConfig:
+    method = method_name(method)
     if method not in METHOD_POOLS:
         raise ValueError(f"unknown method {method!r}: use {', '.join(METHOD_POOLS)}")
     return dataclasses.replace(cfg, pool=dataclasses.replace(cfg.pool, **METHOD_POOLS[method]))
@@ -57,6 +66,7 @@ class EvalRun:
 def plan_runs(methods: list[str], variants: list[str] | None, cfg: RunConfig) -> list[EvalRun]:
     """Without variants, one run per method (folder = method). With them, ``independent`` runs once (it never
     scores candidates: one per step) and every other method once per variant (folder = method-variant)."""
+    methods = [method_name(m) for m in methods]
     for method in methods:
         method_config(cfg, method)
     if not variants:
