@@ -431,11 +431,14 @@ def evaluate_command(args: argparse.Namespace, cfg: RunConfig) -> int:
             print(summary.lines()[0])
         results = write_evaluation(args.out, runs, seed=cfg.seed)
         report = write_report(args.out, [run.name for run in runs], results)
-    print(f"{'method':<12}{'selector':<11}{'tasks':>6}{'CLIP-I':>9}{'CLIP-T':>9}{'back':>7}")
+    print(f"{'method':<12}{'selector':<11}{'tasks':>6}{'CLIP-I':>9}{'CLIP-T':>9}{'video s':>9}{'s/scene':>9}"
+          f"{'back':>7}")
     for row in results["ablation"]:
-        ci, ct, back = (str(v if v is None else round(v, 2)) for v in (
-            row["clip_i"]["mean"], row["clip_t"]["mean"], row["mean_steps_back"]))
-        print(f"{row['method']:<12}{row['variant']:<11}{row['tasks']:>6}{ci:>9}{ct:>9}{back:>7}")
+        ci, ct, seconds, per_scene, back = (str(v if v is None else round(v, 2)) for v in (
+            row["clip_i"]["mean"], row["clip_t"]["mean"], row["video_seconds"]["mean"],
+            row["seconds_per_scene"]["mean"], row["mean_steps_back"]))
+        print(f"{row['method']:<12}{row['variant']:<11}{row['tasks']:>6}{ci:>9}{ct:>9}{seconds:>9}{per_scene:>9}"
+              f"{back:>7}")
     print(f"metrics: {join(args.out, 'metrics.csv')}, {join(args.out, 'summary.json')}, "
           f"ablation: {join(args.out, 'ablation.md')}, plots: {join(args.out, 'plots')}")
     print(f"report: {report}")

@@ -124,10 +124,13 @@ def metric_rows(out: str, methods: list[str]) -> list[dict]:
     rows = []
     for method in methods:
         for manifest in read_manifests(out, method):
+            seconds = manifest["video_frames"] / manifest["fps"] if manifest.get("fps") else None
             rows.append({
                 "task_id": manifest["task_id"], "method": method,
                 "clip_i": manifest["metrics"]["clip_i"], "clip_t": manifest["metrics"]["clip_t"],
                 "steps": len(manifest["steps"]),
+                # the paper's video length (Table 1): seconds of the joined video, and per scene
+                "video_seconds": seconds, "seconds_per_scene": seconds / len(manifest["steps"]) if seconds else None,
                 "source_distances": " ".join(source_distance(s) for s in manifest["steps"][1:]),
             })
     return rows
@@ -152,6 +155,8 @@ def summarise(rows: list[dict], methods: list[str], seed: int = 0) -> dict:
         summary[method] = {"tasks": len(mine),
                            "clip_i": bootstrap_mean([r["clip_i"] for r in mine], seed),
                            "clip_t": bootstrap_mean([r["clip_t"] for r in mine], seed),
+                           "video_seconds": bootstrap_mean([r["video_seconds"] for r in mine], seed),
+                           "seconds_per_scene": bootstrap_mean([r["seconds_per_scene"] for r in mine], seed),
                            "source_distances": dict(sorted(distances.items()))}
     return summary
 
@@ -167,6 +172,8 @@ def reach(distances: dict[str, int]) -> dict[str, float | int | None]:
 def ablation_rows(summary: dict, runs: list[EvalRun]) -> list[dict]:
     return [{"method": run.method, "variant": run.variant, "run": run.name, "tasks": summary[run.name]["tasks"],
              "clip_i": summary[run.name]["clip_i"], "clip_t": summary[run.name]["clip_t"],
+             "video_seconds": summary[run.name]["video_seconds"],
+             "seconds_per_scene": summary[run.name]["seconds_per_scene"],
              **reach(summary[run.name]["source_distances"])} for run in runs]
 
 
@@ -177,11 +184,12 @@ def _num(value, digits: int = 2) -> str:
 def ablation_csv(rows: list[dict]) -> str:
     buffer = io.StringIO()
     writer = csv.writer(buffer)
-    writer.writerow(["method", "variant", "tasks", "clip_i", "clip_i_low", "clip_i_high", "clip_t", "clip_t_low",
-                     "clip_t_high", "mean_steps_back", "max_steps_back", "fresh_share"])
+    measures = ("clip_i", "clip_t", "video_seconds", "seconds_per_scene")
+    writer.writerow(["method", "variant", "tasks", *(f"{m}{k}" for m in measures for k in ("", "_low", "_high")),
+                     "mean_steps_back", "max_steps_back", "fresh_share"])
     for r in rows:
         writer.writerow([r["method"], r["variant"], r["tasks"],
-                         *(_num(r[m][k], 4) for m in ("clip_i", "clip_t") for k in ("mean", "low", "high")),
+                         *(_num(r[m][k], 4) for m in measures for k in ("mean", "low", "high")),
                          _num(r["mean_steps_back"], 3), r["max_steps_back"] or "", _num(r["fresh_share"], 3)])
     return buffer.getvalue()
 
@@ -190,9 +198,11 @@ def ablation_markdown(rows: list[dict]) -> str:
     def stat(s: dict) -> str:
         return "–" if s["mean"] is None else f"{s['mean']:.2f} [{s['low']:.2f}, {s['high']:.2f}]"
 
-    lines = ["| method | selector | tasks | CLIP-I (95% CI) | CLIP-T (95% CI) | mean steps back | max back | fresh |",
-             "|---|---|---:|---|---|---:|---:|---:|"]
+    lines = ["| method | selector | tasks | CLIP-I (95% CI) | CLIP-T (95% CI) | video s (95% CI) | s per scene (95% CI) "
+             "| mean steps back | max back | fresh |",
+             "|---|---|---:|---|---|---|---|---:|---:|---:|"]
     lines += [f"| {r['method']} | {r['variant']} | {r['tasks']} | {stat(r['clip_i'])} | {stat(r['clip_t'])} | "
+              f"{stat(r['video_seconds'])} | {stat(r['seconds_per_scene'])} | "
               f"{_num(r['mean_steps_back']) or '–'} | {r['max_steps_back'] or '–'} | {_num(r['fresh_share']) or '–'} |"
               for r in rows]
     return "\n".join(lines) + "\n"
@@ -200,7 +210,8 @@ def ablation_markdown(rows: list[dict]) -> str:
 
 def rows_csv(rows: list[dict]) -> str:
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=["task_id", "method", "clip_i", "clip_t", "steps", "source_distances"])
+    writer = csv.DictWriter(buffer, fieldnames=["task_id", "method", "clip_i", "clip_t", "steps", "video_seconds",
+                                                "seconds_per_scene", "source_distances"])
     writer.writeheader()
     writer.writerows(rows)
     return buffer.getvalue()

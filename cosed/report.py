@@ -126,7 +126,8 @@ def build_report(out: str, methods: list[str], summary: dict) -> str:
     preset = first.get("preset", {}).get("name")
     rows = "".join(
         f"<tr><td>{_e(m)}</td><td>{summary[m]['tasks']}</td><td>{_fmt(summary[m]['clip_i'])}</td>"
-        f"<td>{_fmt(summary[m]['clip_t'])}</td><td>{_e(json.dumps(summary[m]['source_distances']))}</td></tr>"
+        f"<td>{_fmt(summary[m]['clip_t'])}</td><td>{_fmt(summary[m]['video_seconds'])}</td>"
+        f"<td>{_fmt(summary[m]['seconds_per_scene'])}</td><td>{_e(json.dumps(summary[m]['source_distances']))}</td></tr>"
         for m in methods)
     sections = "".join(
         _task_section(m, f"{primary}/{task_folder_name(m['task_id'])}",
@@ -137,7 +138,8 @@ def build_report(out: str, methods: list[str], summary: dict) -> str:
             f'</head><body><h1>cosed evaluation</h1><div>Profile <b>{_e(first["profile"])}</b> · seed {first["seed"]}'
             f' · {models}{" · preset <b>" + _e(preset) + "</b>" if preset else ""}</div>{warning}'
             f'<h2>Methods</h2><table class="cmp"><tr><th>method</th><th>tasks</th><th>CLIP-I (95% CI)</th>'
-            f'<th>CLIP-T (95% CI)</th><th>chosen source (steps back)</th></tr>{rows}</table>'
+            f'<th>CLIP-T (95% CI)</th><th>video s (95% CI)</th><th>s per scene (95% CI)</th>'
+            f'<th>chosen source (steps back)</th></tr>{rows}</table>'
             f'{_ablation(summary.get("ablation", []))}'
             f'<div class="plots"><img src="plots/clip_i_vs_clip_t.png" alt="CLIP-I vs CLIP-T">'
             f'<img src="plots/source_distance.png" alt="source distance"></div>'

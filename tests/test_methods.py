@@ -23,3 +23,30 @@ def test_independent_keeps_its_fresh_candidate_under_the_paper_preset():
     paper = load_config(None, {}, default_preset="paper")
     independent = method_config(paper, "independent")
     assert independent.pool.fresh_as == "candidate" and independent.pool.steps == "none"
+
+
+def test_evaluate_reports_video_length_and_seconds_per_scene_with_intervals(tmp_path):
+    """The paper's Table 1 length column from each manifest: frames / fps, and per scene."""
+    import json
+
+    from cosed.evaluate import EvalRun, ablation_csv, metric_rows, summarise
+
+    for method, videos in (("cosed", [(3, 75, 7), (2, 50, 7)]), ("chain", [(3, 75, 7), (2, 44, 8)])):
+        for k, (steps, frames, fps) in enumerate(videos):
+            folder = tmp_path / method / f"t{k}"
+            folder.mkdir(parents=True)
+            (folder / "manifest.json").write_text(json.dumps({
+                "task_id": f"t{k}", "metrics": {"clip_i": 0.5, "clip_t": 0.3}, "steps": [{"step": n, "chosen": 0, "candidates": [{"source": {"kind": "fresh"}}]}
+                                                   for n in range(1, steps + 1)],
+                "video_frames": frames, "fps": fps}))
+    rows = metric_rows(str(tmp_path), ["cosed", "chain"])
+    assert [(r["method"], r["video_seconds"], r["seconds_per_scene"]) for r in rows] == [
+        ("cosed", 75 / 7, 75 / 7 / 3), ("cosed", 50 / 7, 25 / 7), ("chain", 75 / 7, 75 / 7 / 3), ("chain", 5.5, 2.75)]
+    summary = summarise(rows, ["cosed", "chain"])
+    stat = summary["chain"]["video_seconds"]
+    assert stat["mean"] == pytest.approx((75 / 7 + 5.5) / 2) and stat["low"] <= stat["mean"] <= stat["high"]
+    assert summary["cosed"]["seconds_per_scene"]["mean"] == pytest.approx(25 / 7)
+    from cosed.evaluate import ablation_rows
+
+    table = ablation_csv(ablation_rows(summary, [EvalRun("cosed", "cosed", "untrained")]))
+    assert "video_seconds_low" in table.splitlines()[0] and "3.5714" in table
