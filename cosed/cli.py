@@ -100,6 +100,10 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--replan", action="store_true",
                           help="plan memory savers for this cluster's GPUs instead of the output's stored run plan "
                                "(redoes the tasks whose bytes that changes)")
+    generate.add_argument("--method", choices=["cosed", "independent", "chain", "previous", "mora"],
+                          help="cosed (the paper), independent (a fresh seed per step: SD + SVD), chain (Bordalo et "
+                               "al.'s latent chaining; previous: its old name) or mora (each scene starts from the "
+                               "previous clip's last frame); default: cosed, with --config's pool settings")
     add_ray_options(generate)
     add_run_options(generate, profile_default="tiny; required where GPUs are present")
     train = verb(verbs, "train-selector", "train the contrastive selector (in-batch contrastive, Eq. 9)")
@@ -283,6 +287,10 @@ def run_command(args: argparse.Namespace) -> int:
         return COMMANDS[args.verb](args, cfg)
     if args.verb == "generate":
         require_profile(args)
+        if args.method:
+            from cosed.evaluate import method_config
+
+            cfg = method_config(cfg, args.method)
     with output_lease(args.out, cfg, args) as lease:
         if args.verb == "demo":
             summary = run_in_process(example_tasks_path(), args.out, cfg, overwrite=args.overwrite,

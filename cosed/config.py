@@ -177,6 +177,9 @@ class RunConfig:
     # Which bundle of reference settings this run started from (cosed.presets): ``legacy`` here, ``paper`` as
     # the CLI default of generate / evaluate / reproduce. Its values are in the fields below.
     preset: str = "legacy"
+    # How scenes are made (cosed.evaluate.METHODS): cosed, independent and chain differ in pool policy only;
+    # mora starts each scene i >= 2 from the last frame of clip i-1 (no text-to-image after step 1).
+    method: str = "cosed"
     profile: str = "tiny"
     seed: int = 0
     rewriter: str = "template"
@@ -204,6 +207,8 @@ class RunConfig:
 
     def validate(self) -> "RunConfig":
         check_preset(self.preset)
+        if self.method not in ("cosed", "independent", "chain", "mora"):
+            raise ConfigError(f"method must be cosed, independent, chain or mora, got {self.method!r}")
         if self.selector_text_chars is not None and self.selector_text_chars < 1:
             raise ConfigError("selector_text_chars must be positive (or null: the whole caption)")
         for section in (self.sd, self.video):

@@ -31,7 +31,7 @@ from cosed.donemarks import mark_done
 from cosed.generate import batches
 from cosed.images import png_bytes, png_image
 from cosed.lease import LeaseFence
-from cosed.latents import LatentPool, fresh_keys, initial_latents, plan_candidates
+from cosed.latents import CandidateSource, LatentPool, fresh_keys, initial_latents, plan_candidates
 from cosed.metrics import clip_i, clip_t
 from cosed.models.profiles import Profile
 from cosed.presets import preset_record
@@ -41,7 +41,7 @@ from cosed.seeds import derive_seed
 from cosed.selector import clip_pick_scores
 from cosed.storyboard import storyboard_png
 from cosed.tasks import Task
-from cosed.video import concat_mp4, count_frames
+from cosed.video import concat_mp4, count_frames, decode_mp4
 
 THUMBNAIL_PX = 256  # candidates kept for inspection (save_candidates) are at most this many pixels a side
 
@@ -129,6 +129,14 @@ def sequence_task(task: Task, captions: list[str], backend: Backend, cfg: RunCon
     for number, (text, caption) in enumerate(zip(task.steps, captions), start=1):
         if number <= len(steps):
             continue
+        if cfg.method == "mora" and number > 1:
+            with timer.phase("video"):
+                step = last_frame_step(task, number, text, caption, steps[-1], backend, cfg, parts)
+            steps.append(step)
+            store_step(parts, step, {})
+            if on_scene:
+                on_scene(clip_request(task, number, caption, cfg, parts, step.scene_sha256))
+            continue
         sources = plan_candidates(number, pool, cfg.pool, cfg.seed, task.id)
         keys = fresh_keys(number, cfg.pool, cfg.seed, task.id)
         starts = initial_latents(sources + keys, pool, shape)
@@ -183,6 +191,22 @@ def sequence_task(task: Task, captions: list[str], backend: Backend, cfg: RunCon
     return result
 
 
+def last_frame_step(task: Task, number: int, text: str, caption: str, previous: StepResult, backend: Backend,
+                    cfg: RunConfig, parts: TaskParts | None) -> StepResult:
+    """Mora (the paper's description): scene ``number`` is the last frame of the previous scene's clip, which
+    this waits for (`Backend.animate`: rendered here in process; on Ray the job renders it, the driver waits)."""
+    if parts is None:
+        raise ValueError("the mora method needs the task's parts: it reads the previous clip")
+    request = clip_request(task, number - 1, previous.caption, cfg, parts, previous.scene_sha256)
+    backend.animate(request)
+    image = np.ascontiguousarray(decode_mp4(storage.read_bytes(request.clip))[-1])
+    embedding = backend.embed_images(EmbedImages((image,)))[0]
+    digest = store_scene(parts, number, png_bytes(image))
+    return StepResult(number=number, text=text, caption=caption, sources=[CandidateSource.last_frame(number - 1)],
+                      scores=[1.0], chosen=0, image=image, image_embedding=embedding,
+                      video_seed=video_seed(cfg, task.id, number), scene_sha256=digest)
+
+
 def stored_sequence(task: Task, cfg: RunConfig, parts: TaskParts) -> list[ClipRequest] | None:
     """The clip requests of a task whose sequence record is already stored (a retry or a resume), else None."""
     try:
@@ -196,6 +220,8 @@ def stored_sequence(task: Task, cfg: RunConfig, parts: TaskParts) -> list[ClipRe
 
 
 def source_label(source: dict) -> str:
+    if source["kind"] == "clip":
+        return f"clip {source['step']} last frame"
     return "fresh" if source["kind"] == "fresh" else f"step {source['step']} it {source['iteration']}"
 
 

@@ -26,6 +26,7 @@ METHOD_POOLS = {
     "independent": {"steps": "none", "fresh": 1, "fresh_as": "candidate"},
     "chain": {"steps": "previous"},  # Bordalo et al.: latents of the single preceding step only
     "cosed": {"steps": "all"},
+    "mora": {"steps": "none", "fresh": 1, "fresh_as": "candidate"},  # step 1 only; then clips' last frames
 }
 # Old method names still accepted. ``previous`` was renamed ``chain`` (it is Bordalo et al.'s latent chaining,
 # not Mora, which chains on the previous clip's last frame).
@@ -41,7 +42,7 @@ def method_config(cfg: RunConfig, method: str) -> RunConfig:
     method = method_name(method)
     if method not in METHOD_POOLS:
         raise ValueError(f"unknown method {method!r}: use {', '.join(METHOD_POOLS)}")
-    return dataclasses.replace(cfg, pool=dataclasses.replace(cfg.pool, **METHOD_POOLS[method]))
+    return dataclasses.replace(cfg, method=method, pool=dataclasses.replace(cfg.pool, **METHOD_POOLS[method]))
 
 
 SELECTOR_VARIANTS = {
@@ -73,8 +74,9 @@ def plan_runs(methods: list[str], variants: list[str] | None, cfg: RunConfig) ->
         return [EvalRun(m, m, variant_label(cfg)) for m in methods]
     for variant in variants:
         variant_config(cfg, variant)
-    return [EvalRun(m, m, NO_SELECTOR) if m == "independent" else EvalRun(f"{m}-{v}", m, v)
-            for m in methods for v in (variants if m != "independent" else [NO_SELECTOR])]
+    unscored = ("independent", "mora")
+    return [EvalRun(m, m, NO_SELECTOR) if m in unscored else EvalRun(f"{m}-{v}", m, v)
+            for m in methods for v in (variants if m not in unscored else [NO_SELECTOR])]
 
 
 def variant_label(cfg: RunConfig) -> str:

@@ -50,3 +50,35 @@ def test_evaluate_reports_video_length_and_seconds_per_scene_with_intervals(tmp_
 
     table = ablation_csv(ablation_rows(summary, [EvalRun("cosed", "cosed", "untrained")]))
     assert "video_seconds_low" in table.splitlines()[0] and "3.5714" in table
+
+
+def test_mora_starts_each_scene_from_the_previous_clips_last_frame(tmp_path, tiny_cache):
+    """tiny-flux-ltx, in process: scene i >= 2 is the last decoded frame of clip i-1, no text-to-image call after
+    step 1, the output contract holds, and a rerun gives the same bytes."""
+    import json
+
+    import numpy as np
+
+    from cosed.cli import main
+    from cosed.images import png_image
+    from cosed.video import decode_mp4
+
+    from conftest import outputs, write_jsonl
+
+    tasks = [{"id": "tea", "title": "Tea", "steps": ["Boil water.", "Steep the leaves.", "Pour the tea."]}]
+    listed = write_jsonl(tmp_path / "t.jsonl", tasks)
+    runs = []
+    for name in ("a", "b"):
+        assert main(["generate", "--method", "mora", "--tasks", str(listed), "--out", str(tmp_path / name),
+                     "--no-ray", "--profile", "tiny-flux-ltx", "--cache-dir", str(tiny_cache), "--quiet"]) == 0
+        runs.append(outputs(tmp_path / name, tasks))
+    assert runs[0] == runs[1]
+    folder = tmp_path / "a" / "tea"
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["config"]["method"] == "mora" and manifest["preset"]["name"] == "paper"
+    assert [s["candidates"][s["chosen"]]["source"]["kind"] for s in manifest["steps"]] == ["fresh", "clip", "clip"]
+    for n in (2, 3):
+        last = decode_mp4((folder / "clips" / f"step_{n - 1:02d}.mp4").read_bytes())[-1]
+        np.testing.assert_array_equal(png_image((folder / "scenes" / f"step_{n:02d}.png").read_bytes()), last)
+    frames = decode_mp4((folder / "video.mp4").read_bytes())
+    assert len(frames) == manifest["video_frames"] == 3 * manifest["config"]["video"]["num_frames"]

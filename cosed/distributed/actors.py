@@ -274,8 +274,15 @@ class RayBackend:
     def selector_scores(self, request):
         return self.dispatcher.call("clip", "selector_scores", request)
 
-    def animate(self, request):
-        raise RuntimeError("clip calls are sent by the job, not by drivers")
+    def animate(self, request, timeout_s: float = 3600.0, poll_s: float = 0.2):
+        """Clip calls are sent by the job, not by drivers: a driver that needs a clip (the mora method) waits
+        until the job has stored it."""
+        deadline = time.monotonic() + timeout_s
+        while (found := existing_clip(request)) is None:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"clip of task {request.task_id} step {request.step} not stored in {timeout_s:g} s")
+            time.sleep(poll_s)
+        return found
 
     def fetch(self, handle):
         return get_or_lost(handle, "the chosen candidate")
