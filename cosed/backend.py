@@ -15,8 +15,9 @@ from typing import Any, Protocol
 import numpy as np
 
 from cosed import determinism
+from cosed import storage
 from cosed.calls import (CaptionRequest, Captioned, ClipDone, ClipRequest, EmbedImages, EmbedTexts, Rendered,
-                         RenderRequest, Score)
+                         RenderRequest, Score, TextClipRequest)
 from cosed.config import RunConfig, SDConfig
 from cosed.embed import ClipEmbedder
 from cosed.generate import latent_shape, render_batch
@@ -25,7 +26,7 @@ from cosed.memory import LEVELS, MemoryPlan, actor_memory_plan, gpu_memory_gib
 from cosed.models.loaders import load_pipeline, resolve_device
 from cosed.models.profiles import KINDS, Profile
 from cosed.selector import ContrastiveSelector
-from cosed.video import animate, existing_clip, scene_image, write_clip
+from cosed.video import animate, encode_mp4, existing_clip, scene_image, text_to_video, write_clip
 
 
 class Backend(Protocol):
@@ -73,6 +74,13 @@ class LocalBackend:
     @cached_property
     def video(self):
         return load_pipeline(self.profile.spec("video"), "video", self.device, self.memory_plan("video"))
+
+    @cached_property
+    def t2v(self):
+        """The video model's text-to-video pipeline, on the same loaded components."""
+        from cosed.models.adapters import text_to_video_pipeline
+
+        return text_to_video_pipeline(self.video)
 
     @cached_property
     def clip(self) -> ClipEmbedder:
@@ -126,6 +134,16 @@ class LocalBackend:
         if found:
             return found
         return write_clip(request, self.frames(scene_image(request), request))
+
+    def text_to_video(self, request: TextClipRequest) -> ClipDone:
+        """A scene's clip from its caption alone (the t2v method), stored where the request says."""
+        size = storage.size(request.clip)
+        if size is not None:
+            return ClipDone(clip=request.clip, size=size, frames=0, reused=True)
+        frames = text_to_video(self.t2v, request.caption, request.seed, request.video)
+        data = encode_mp4(frames, request.video.fps)
+        storage.write_bytes(request.clip, data)
+        return ClipDone(clip=request.clip, size=len(data), frames=len(frames))
 
     def frames(self, image: np.ndarray, request: ClipRequest) -> np.ndarray:
         return animate(self.video, image, request.seed, request.video, request.caption)

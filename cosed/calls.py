@@ -63,6 +63,18 @@ class Score:
 
 
 @dataclass(frozen=True)
+class TextClipRequest:
+    """One scene's clip from its caption alone (the t2v method), written to ``clip``."""
+
+    task_id: str
+    step: int
+    caption: str
+    seed: int
+    video: VideoConfig
+    clip: str
+
+
+@dataclass(frozen=True)
 class ClipRequest:
     """One scene's clip: animate the stored scene image, encode, write to ``clip``.
 

@@ -25,7 +25,7 @@ import numpy as np
 
 from cosed import determinism, storage
 from cosed.backend import Backend
-from cosed.calls import ClipRequest, EmbedImages, EmbedTexts, RenderRequest, Score
+from cosed.calls import ClipRequest, EmbedImages, EmbedTexts, RenderRequest, Score, TextClipRequest
 from cosed.config import RunConfig
 from cosed.donemarks import mark_done
 from cosed.generate import batches
@@ -129,6 +129,14 @@ def sequence_task(task: Task, captions: list[str], backend: Backend, cfg: RunCon
     for number, (text, caption) in enumerate(zip(task.steps, captions), start=1):
         if number <= len(steps):
             continue
+        if cfg.method == "t2v":
+            with timer.phase("video"):
+                step = text_clip_step(task, number, text, caption, backend, cfg, parts)
+            steps.append(step)
+            store_step(parts, step, {})
+            if on_scene:
+                on_scene(clip_request(task, number, caption, cfg, parts, step.scene_sha256))
+            continue
         if cfg.method == "mora" and number > 1:
             with timer.phase("video"):
                 step = last_frame_step(task, number, text, caption, steps[-1], backend, cfg, parts)
@@ -207,6 +215,26 @@ def last_frame_step(task: Task, number: int, text: str, caption: str, previous: 
                       video_seed=video_seed(cfg, task.id, number), scene_sha256=digest)
 
 
+def text_clip_step(task: Task, number: int, text: str, caption: str, backend: Backend, cfg: RunConfig,
+                   parts: TaskParts | None) -> StepResult:
+    """The t2v method ("Lumiere alone" of the paper, on the profile's text-to-video model): the caption straight
+    to the video model; the clip's first frame is the scene, and the clip is stored as that scene's clip."""
+    if parts is None:
+        raise ValueError("the t2v method needs the task's parts: it stores the clip it makes")
+    request = TextClipRequest(task_id=task.id, step=number, caption=caption, seed=video_seed(cfg, task.id, number),
+                              video=cfg.video, clip=parts.text_clip(number))
+    backend.text_to_video(request)
+    data = storage.read_bytes(request.clip)
+    image = np.ascontiguousarray(decode_mp4(data)[0])
+    embedding = backend.embed_images(EmbedImages((image,)))[0]
+    digest = store_scene(parts, number, png_bytes(image))
+    if not storage.exists(parts.clip(number, digest)):
+        storage.write_bytes(parts.clip(number, digest), data)
+    return StepResult(number=number, text=text, caption=caption, sources=[CandidateSource(kind="text")],
+                      scores=[1.0], chosen=0, image=image, image_embedding=embedding,
+                      video_seed=request.seed, scene_sha256=digest)
+
+
 def stored_sequence(task: Task, cfg: RunConfig, parts: TaskParts) -> list[ClipRequest] | None:
     """The clip requests of a task whose sequence record is already stored (a retry or a resume), else None."""
     try:
@@ -220,6 +248,8 @@ def stored_sequence(task: Task, cfg: RunConfig, parts: TaskParts) -> list[ClipRe
 
 
 def source_label(source: dict) -> str:
+    if source["kind"] == "text":
+        return "text only"
     if source["kind"] == "clip":
         return f"clip {source['step']} last frame"
     return "fresh" if source["kind"] == "fresh" else f"step {source['step']} it {source['iteration']}"

@@ -50,6 +50,10 @@ class TaskParts:
     def clip(self, step: int, scene_sha256: str) -> str:
         return storage.join(self.root, f"clip_{step:02d}_{scene_sha256[:HASH_CHARS]}.mp4")
 
+    def text_clip(self, step: int) -> str:
+        """The t2v method's clip of a step, before its first frame names the scene."""
+        return storage.join(self.root, f"t2v_{step:02d}.mp4")
+
     def step_tensors(self, step: int) -> str:
         return storage.join(self.root, f"step_{step:02d}.safetensors")
 

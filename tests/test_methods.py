@@ -52,6 +52,7 @@ def test_evaluate_reports_video_length_and_seconds_per_scene_with_intervals(tmp_
     assert "video_seconds_low" in table.splitlines()[0] and "3.5714" in table
 
 
+@pytest.mark.slow
 def test_mora_starts_each_scene_from_the_previous_clips_last_frame(tmp_path, tiny_cache):
     """tiny-flux-ltx, in process: scene i >= 2 is the last decoded frame of clip i-1, no text-to-image call after
     step 1, the output contract holds, and a rerun gives the same bytes."""
@@ -82,3 +83,49 @@ def test_mora_starts_each_scene_from_the_previous_clips_last_frame(tmp_path, tin
         np.testing.assert_array_equal(png_image((folder / "scenes" / f"step_{n:02d}.png").read_bytes()), last)
     frames = decode_mp4((folder / "video.mp4").read_bytes())
     assert len(frames) == manifest["video_frames"] == 3 * manifest["config"]["video"]["num_frames"]
+
+
+@pytest.mark.slow
+def test_t2v_sends_each_caption_straight_to_the_text_to_video_model(tmp_path, tiny_cache, monkeypatch, capsys):
+    """tiny-flux-ltx, in process: LTX-Video's text-to-video pipeline gets the caption alone (no image), the
+    scene is the clip's first frame, reruns are identical; a profile without text-to-video says so."""
+    import json
+
+    import diffusers
+    import numpy as np
+
+    from cosed.cli import main
+    from cosed.images import png_image
+    from cosed.video import decode_mp4
+
+    from conftest import outputs, write_jsonl
+
+    calls = []
+    original = diffusers.LTXPipeline.__call__
+
+    def spy(self, *args, **kwargs):
+        calls.append(kwargs)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(diffusers.LTXPipeline, "__call__", spy)
+    tasks = [{"id": "tea", "title": "Tea", "steps": ["Boil water.", "Steep the leaves."]}]
+    listed = write_jsonl(tmp_path / "t.jsonl", tasks)
+    runs = []
+    for name in ("a", "b"):
+        assert main(["generate", "--method", "t2v", "--tasks", str(listed), "--out", str(tmp_path / name),
+                     "--no-ray", "--profile", "tiny-flux-ltx", "--preset", "legacy", "--rewriter", "identity",
+                     "--cache-dir", str(tiny_cache), "--quiet"]) == 0
+        runs.append(outputs(tmp_path / name, tasks))
+    assert runs[0] == runs[1]
+    assert [c["prompt"] for c in calls[:2]] == tasks[0]["steps"] and all("image" not in c for c in calls)
+    folder = tmp_path / "a" / "tea"
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert [s["candidates"][0]["source"]["kind"] for s in manifest["steps"]] == ["text", "text"]
+    for n in (1, 2):
+        first = decode_mp4((folder / "clips" / f"step_{n:02d}.mp4").read_bytes())[0]
+        np.testing.assert_array_equal(png_image((folder / "scenes" / f"step_{n:02d}.png").read_bytes()), first)
+    capsys.readouterr()
+    assert main(["generate", "--method", "t2v", "--tasks", str(listed), "--out", str(tmp_path / "svd"), "--no-ray",
+                 "--profile", "tiny", "--cache-dir", str(tiny_cache), "--quiet"]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "profile tiny has no text-to-video model" in line and not (tmp_path / "svd").exists()

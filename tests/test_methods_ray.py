@@ -1,5 +1,5 @@
-"""The mora method on Ray: a driver waits for the job's clip of the previous scene, and the bytes equal the
-in-process run's (tiny-flux-ltx, two small tasks)."""
+"""The mora and t2v methods on Ray (mora: a driver waits for the job's clip of the previous scene; t2v: drivers
+call the video pool with captions), with the bytes of the in-process run (tiny-flux-ltx, two small tasks)."""
 
 import dataclasses
 
@@ -21,6 +21,17 @@ TASKS = [{"id": "tea", "title": "Tea", "steps": ["Boil water.", "Steep the leave
 def test_mora_on_ray_equals_in_process(tmp_path, tiny_cache):
     cfg = method_config(load_config(None, {"profile": "tiny-flux-ltx", "cache_dir": str(tiny_cache)},
                                     default_preset="paper"), "mora")
+    listed = write_jsonl(tmp_path / "t.jsonl", TASKS)
+    runner.run_in_process(str(listed), str(tmp_path / "local"), cfg, progress=False)
+    with local_ray(num_cpus=6, num_gpus=4):
+        summary = run_on_ray(str(listed), str(tmp_path / "ray"), cfg, progress=False)
+    assert sorted(summary.done) == ["tea", "toast"] and not summary.failed
+    assert outputs(tmp_path / "ray", TASKS) == outputs(tmp_path / "local", TASKS)
+
+
+def test_t2v_on_ray_equals_in_process(tmp_path, tiny_cache):
+    cfg = method_config(load_config(None, {"profile": "tiny-flux-ltx", "cache_dir": str(tiny_cache)},
+                                    default_preset="paper"), "t2v")
     listed = write_jsonl(tmp_path / "t.jsonl", TASKS)
     runner.run_in_process(str(listed), str(tmp_path / "local"), cfg, progress=False)
     with local_ray(num_cpus=6, num_gpus=4):

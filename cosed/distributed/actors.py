@@ -284,6 +284,10 @@ class RayBackend:
             time.sleep(poll_s)
         return found
 
+    def text_to_video(self, request):
+        """The t2v method's clip: a call of the video pool (its model takes text alone)."""
+        return self.dispatcher.call("video", "text_to_video", request)
+
     def fetch(self, handle):
         return get_or_lost(handle, "the chosen candidate")
 
