@@ -137,6 +137,10 @@ def weights_checksum(source: str, cache_dir: str | os.PathLike | None = None) ->
             raise hub_error("caption LM", resolved, exc) from exc
         if not digests:
             raise ModelUnavailable(f"the hub repo {resolved} has no top-level .safetensors weights")
+    adapters = folder / "adapter_config.json" if folder else None
+    if adapters is not None and adapters.is_file():  # LoRA adapters: the base's weights decide the captions too
+        base = json.loads(adapters.read_text(encoding="utf-8"))["base_model_name_or_path"]
+        digests.append(("base", weights_checksum(base, cache_dir)))
     return hashlib.sha256("".join(f"{name} {sha}\n" for name, sha in digests).encode()).hexdigest()
 
 

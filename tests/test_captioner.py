@@ -330,3 +330,24 @@ def test_train_captioner_paper_recipe_trains_lora_adapters_only_and_reloads_them
     assert not tokenizer.chat_template  # the saved captioner prompts in Alpaca, as trained
     assert set(report["held_out"]) == {"trained", "base", "template"}
     assert f"paper: {lora:,} of" in capsys.readouterr().out
+
+
+def test_an_adapter_folders_checksum_covers_its_base(tiny_cache, tmp_path):
+    """LoRA adapters alone do not decide the captions: the checksum (in the fingerprint) includes the base's."""
+    from safetensors.torch import save_file as save
+
+    base = Captioner("tiny:captioner", cache_dir=tiny_cache).folder
+    other = tmp_path / "other-base"
+    shutil.copytree(base, other)
+    weights = load_file(str(other / "model.safetensors"))
+    first = next(iter(weights))
+    weights[first] = weights[first] + 1
+    save(weights, str(other / "model.safetensors"))
+    sums = []
+    for name, root in (("a", base), ("b", other)):
+        folder = tmp_path / name
+        folder.mkdir()
+        save({"w": torch.zeros(2)}, str(folder / "adapter_model.safetensors"))
+        (folder / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": str(root)}))
+        sums.append(weights_checksum(str(folder)))
+    assert sums[0] != sums[1]
