@@ -17,11 +17,11 @@ import numpy as np
 from cosed import determinism
 from cosed import storage
 from cosed.calls import (CaptionRequest, Captioned, ClipDone, ClipRequest, EmbedImages, EmbedTexts, Rendered,
-                         RenderRequest, Score, TextClipRequest)
+                         RenderRequest, Score, TalcRequest, TextClipRequest)
 from cosed.config import RunConfig, SDConfig
 from cosed.embed import ClipEmbedder
 from cosed.generate import latent_shape, render_batch
-from cosed.images import thumbnail_png
+from cosed.images import png_bytes, thumbnail_png
 from cosed.memory import LEVELS, MemoryPlan, actor_memory_plan, gpu_memory_gib
 from cosed.models.loaders import load_pipeline, resolve_device
 from cosed.models.profiles import KINDS, Profile
@@ -144,6 +144,19 @@ class LocalBackend:
         data = encode_mp4(frames, request.video.fps)
         storage.write_bytes(request.clip, data)
         return ClipDone(clip=request.clip, size=len(data), frames=len(frames))
+
+    def talc_video(self, request: TalcRequest) -> ClipDone:
+        """The talc method's one generation for the task, split into scenes (first frame PNG + clip each)."""
+        if all(storage.exists(uri) for uri in request.scenes + request.clips):
+            return ClipDone(clip=request.clips[0], size=0, frames=0, reused=True)
+        from cosed.talc import scene_frames, talc_frames
+
+        frames = talc_frames(self.t2v, list(request.captions), request.seed, request.video)
+        for span, scene, clip in zip(scene_frames(request.video.num_frames, len(request.captions)), request.scenes,
+                                     request.clips):
+            storage.write_bytes(scene, png_bytes(frames[span.start]))
+            storage.write_bytes(clip, encode_mp4(frames[span.start:span.stop], request.video.fps))
+        return ClipDone(clip=request.clips[0], size=0, frames=len(frames))
 
     def frames(self, image: np.ndarray, request: ClipRequest) -> np.ndarray:
         return animate(self.video, image, request.seed, request.video, request.caption)

@@ -75,6 +75,19 @@ class TextClipRequest:
 
 
 @dataclass(frozen=True)
+class TalcRequest:
+    """The talc method's one generation for a whole task: scene i's first frame (PNG) and clip go to
+    ``scenes[i]`` and ``clips[i]``."""
+
+    task_id: str
+    captions: tuple[str, ...]
+    seed: int
+    video: VideoConfig
+    scenes: tuple[str, ...]
+    clips: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class ClipRequest:
     """One scene's clip: animate the stored scene image, encode, write to ``clip``.
 

@@ -100,11 +100,12 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--replan", action="store_true",
                           help="plan memory savers for this cluster's GPUs instead of the output's stored run plan "
                                "(redoes the tasks whose bytes that changes)")
-    generate.add_argument("--method", choices=["cosed", "independent", "chain", "previous", "mora", "t2v"],
+    generate.add_argument("--method", choices=["cosed", "independent", "chain", "previous", "mora", "t2v", "talc"],
                           help="cosed (the paper), independent (a fresh seed per step: SD + SVD), chain (Bordalo et "
                                "al.'s latent chaining; previous: its old name) or mora (each scene starts from the "
                                "previous clip's last frame) or t2v (each caption straight to the profile's text-to-video model, "
-                               "LTX-Video; SVD has none); default: cosed, with --config's pool settings")
+                               "LTX-Video; SVD has none) or talc (one LTX-Video generation per task, scene i's frames attending "
+                               "to caption i only); default: cosed, with --config's pool settings")
     add_ray_options(generate)
     add_run_options(generate, profile_default="tiny; required where GPUs are present")
     train = verb(verbs, "train-selector", "train the contrastive selector (in-batch contrastive, Eq. 9)")
@@ -312,7 +313,7 @@ def run_command(args: argparse.Namespace) -> int:
 
 def require_text_to_video(cfg: RunConfig) -> None:
     """The t2v method needs a video model that takes text alone: one line before any work where it has none."""
-    if cfg.method != "t2v":
+    if cfg.method not in ("t2v", "talc"):
         return
     from cosed.models.adapters import TEXT_TO_VIDEO
     from cosed.runner import resolve_run
@@ -320,8 +321,8 @@ def require_text_to_video(cfg: RunConfig) -> None:
     profile, _ = resolve_run(cfg)
     pipeline = profile.spec("video").pipeline
     if pipeline not in TEXT_TO_VIDEO:
-        raise UserError(f"profile {profile.name} has no text-to-video model ({pipeline} takes an image): the t2v "
-                        f"method needs one whose video model takes text alone (LTX-Video, e.g. tiny-flux-ltx, flux-ltx)")
+        raise UserError(f"profile {profile.name} has no text-to-video model ({pipeline} takes an image): the "
+                        f"{cfg.method} method needs one whose video model takes text alone (LTX-Video, e.g. tiny-flux-ltx, flux-ltx)")
 
 
 REAL_PROFILES = ("sd21-svd", "flux-ltx")

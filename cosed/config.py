@@ -207,8 +207,8 @@ class RunConfig:
 
     def validate(self) -> "RunConfig":
         check_preset(self.preset)
-        if self.method not in ("cosed", "independent", "chain", "mora", "t2v"):
-            raise ConfigError(f"method must be cosed, independent, chain, mora or t2v, got {self.method!r}")
+        if self.method not in ("cosed", "independent", "chain", "mora", "t2v", "talc"):
+            raise ConfigError(f"method must be cosed, independent, chain, mora, t2v or talc, got {self.method!r}")
         if self.selector_text_chars is not None and self.selector_text_chars < 1:
             raise ConfigError("selector_text_chars must be positive (or null: the whole caption)")
         for section in (self.sd, self.video):

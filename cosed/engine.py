@@ -25,7 +25,7 @@ import numpy as np
 
 from cosed import determinism, storage
 from cosed.backend import Backend
-from cosed.calls import ClipRequest, EmbedImages, EmbedTexts, RenderRequest, Score, TextClipRequest
+from cosed.calls import ClipRequest, EmbedImages, EmbedTexts, RenderRequest, Score, TalcRequest, TextClipRequest
 from cosed.config import RunConfig
 from cosed.donemarks import mark_done
 from cosed.generate import batches
@@ -129,6 +129,15 @@ def sequence_task(task: Task, captions: list[str], backend: Backend, cfg: RunCon
     for number, (text, caption) in enumerate(zip(task.steps, captions), start=1):
         if number <= len(steps):
             continue
+        if cfg.method == "talc":
+            with timer.phase("video"):
+                made = talc_steps(task, captions, backend, cfg, parts)
+            for step in made[number - 1:]:
+                steps.append(step)
+                store_step(parts, step, {})
+                if on_scene:
+                    on_scene(clip_request(task, step.number, step.caption, cfg, parts, step.scene_sha256))
+            break
         if cfg.method == "t2v":
             with timer.phase("video"):
                 step = text_clip_step(task, number, text, caption, backend, cfg, parts)
@@ -235,6 +244,30 @@ def text_clip_step(task: Task, number: int, text: str, caption: str, backend: Ba
                       video_seed=request.seed, scene_sha256=digest)
 
 
+def talc_steps(task: Task, captions: list[str], backend: Backend, cfg: RunConfig,
+               parts: TaskParts | None) -> list[StepResult]:
+    """The talc method (TALC on LTX-Video, `cosed.talc`): one generation for the whole task; each scene is the
+    first frame of its part, whose clip is stored as that scene's clip."""
+    if parts is None:
+        raise ValueError("the talc method needs the task's parts: it stores the clips it makes")
+    numbers = range(1, len(task.steps) + 1)
+    request = TalcRequest(task_id=task.id, captions=tuple(captions), seed=video_seed(cfg, task.id, 1),
+                          video=cfg.video, scenes=tuple(parts.talc_scene(n) for n in numbers),
+                          clips=tuple(parts.talc_clip(n) for n in numbers))
+    backend.talc_video(request)
+    images = [png_image(storage.read_bytes(uri)) for uri in request.scenes]
+    embeddings = backend.embed_images(EmbedImages(tuple(images)))
+    steps = []
+    for number, text, caption, image, embedding in zip(numbers, task.steps, captions, images, embeddings):
+        digest = store_scene(parts, number, png_bytes(image))
+        if not storage.exists(parts.clip(number, digest)):
+            storage.write_bytes(parts.clip(number, digest), storage.read_bytes(request.clips[number - 1]))
+        steps.append(StepResult(number=number, text=text, caption=caption, sources=[CandidateSource(kind="talc")],
+                                scores=[1.0], chosen=0, image=image, image_embedding=embedding,
+                                video_seed=request.seed, scene_sha256=digest))
+    return steps
+
+
 def stored_sequence(task: Task, cfg: RunConfig, parts: TaskParts) -> list[ClipRequest] | None:
     """The clip requests of a task whose sequence record is already stored (a retry or a resume), else None."""
     try:
@@ -250,6 +283,8 @@ def stored_sequence(task: Task, cfg: RunConfig, parts: TaskParts) -> list[ClipRe
 def source_label(source: dict) -> str:
     if source["kind"] == "text":
         return "text only"
+    if source["kind"] == "talc":
+        return "TALC part"
     if source["kind"] == "clip":
         return f"clip {source['step']} last frame"
     return "fresh" if source["kind"] == "fresh" else f"step {source['step']} it {source['iteration']}"

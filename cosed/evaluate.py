@@ -28,6 +28,7 @@ METHOD_POOLS = {
     "cosed": {"steps": "all"},
     "mora": {"steps": "none", "fresh": 1, "fresh_as": "candidate"},  # step 1 only; then clips' last frames
     "t2v": {"steps": "none", "fresh": 1, "fresh_as": "candidate"},  # no text-to-image: captions to the video model
+    "talc": {"steps": "none", "fresh": 1, "fresh_as": "candidate"},  # one time-aligned generation per task
 }
 # Old method names still accepted. ``previous`` was renamed ``chain`` (it is Bordalo et al.'s latent chaining,
 # not Mora, which chains on the previous clip's last frame).
@@ -75,7 +76,7 @@ def plan_runs(methods: list[str], variants: list[str] | None, cfg: RunConfig) ->
         return [EvalRun(m, m, variant_label(cfg)) for m in methods]
     for variant in variants:
         variant_config(cfg, variant)
-    unscored = ("independent", "mora", "t2v")
+    unscored = ("independent", "mora", "t2v", "talc")
     return [EvalRun(m, m, NO_SELECTOR) if m in unscored else EvalRun(f"{m}-{v}", m, v)
             for m in methods for v in (variants if m not in unscored else [NO_SELECTOR])]
 

@@ -54,6 +54,13 @@ class TaskParts:
         """The t2v method's clip of a step, before its first frame names the scene."""
         return storage.join(self.root, f"t2v_{step:02d}.mp4")
 
+    def talc_scene(self, step: int) -> str:
+        """The talc method's scene (first frame of its part of the one generation), before it is named."""
+        return storage.join(self.root, f"talc_{step:02d}.png")
+
+    def talc_clip(self, step: int) -> str:
+        return storage.join(self.root, f"talc_{step:02d}.mp4")
+
     def step_tensors(self, step: int) -> str:
         return storage.join(self.root, f"step_{step:02d}.safetensors")
 

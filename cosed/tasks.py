@@ -26,7 +26,7 @@ CAPTIONS = ".cosed-captions"  # the lm rewriter's caption cache, shared by every
 DONE = ".cosed-done"  # done markers, listed by the resume scan (`cosed.donemarks`)
 RESERVED_NAMES = frozenset({SUMMARY, ERRORS, ERRORS_DIR, LEASE, CAPTIONS, DONE, ".cosed-parts", "report.html", "metrics.csv", "plots", "logs",
                             "selector.safetensors", "selector.json", "independent", "previous", "chain",
-                            "cosed", "mora", "t2v"})
+                            "cosed", "mora", "t2v", "talc"})
 
 MAX_ID_CHARS = 256
 MAX_TITLE_CHARS = 300

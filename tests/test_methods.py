@@ -129,3 +129,43 @@ def test_t2v_sends_each_caption_straight_to_the_text_to_video_model(tmp_path, ti
                  "--profile", "tiny", "--cache-dir", str(tiny_cache), "--quiet"]) == 2
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert "profile tiny has no text-to-video model" in line and not (tmp_path / "svd").exists()
+
+
+@pytest.mark.slow
+def test_talc_makes_one_time_aligned_generation_per_task(tmp_path, tiny_cache, monkeypatch):
+    """tiny-flux-ltx, in process: one LTXPipeline call per task with every caption's embeddings side by side and
+    the time-aligned processor on each cross-attention during it; scenes split from the one video; reruns
+    identical."""
+    import json
+
+    import diffusers
+
+    from cosed.cli import main
+    from cosed.talc import TimeAlignedAttnProcessor
+    from cosed.video import decode_mp4
+
+    from conftest import outputs, write_jsonl
+
+    calls = []
+    original = diffusers.LTXPipeline.__call__
+
+    def spy(self, *args, **kwargs):
+        calls.append((kwargs, [type(b.attn2.processor) for b in self.transformer.transformer_blocks]))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(diffusers.LTXPipeline, "__call__", spy)
+    tasks = [{"id": "tea", "title": "Tea", "steps": ["Boil water.", "Steep the leaves.", "Pour the tea."]}]
+    listed = write_jsonl(tmp_path / "t.jsonl", tasks)
+    runs = []
+    for name in ("a", "b"):
+        assert main(["generate", "--method", "talc", "--tasks", str(listed), "--out", str(tmp_path / name),
+                     "--no-ray", "--profile", "tiny-flux-ltx", "--cache-dir", str(tiny_cache), "--quiet"]) == 0
+        runs.append(outputs(tmp_path / name, tasks))
+    assert runs[0] == runs[1] and len(calls) == 2  # one generation per task and run
+    kwargs, processors = calls[0]
+    assert kwargs["prompt_embeds"].shape[1] == 3 * 128 and set(processors) == {TimeAlignedAttnProcessor}
+    manifest = json.loads((tmp_path / "a" / "tea" / "manifest.json").read_text())
+    n = manifest["config"]["video"]["num_frames"]
+    assert kwargs["num_frames"] == 3 * (n - 1) + 1 == manifest["video_frames"]
+    assert [s["frames"] for s in manifest["steps"]] == [n, n - 1, n - 1]
+    assert len(decode_mp4((tmp_path / "a" / "tea" / "video.mp4").read_bytes())) == 3 * (n - 1) + 1

@@ -38,3 +38,14 @@ def test_t2v_on_ray_equals_in_process(tmp_path, tiny_cache):
         summary = run_on_ray(str(listed), str(tmp_path / "ray"), cfg, progress=False)
     assert sorted(summary.done) == ["tea", "toast"] and not summary.failed
     assert outputs(tmp_path / "ray", TASKS) == outputs(tmp_path / "local", TASKS)
+
+
+def test_talc_on_ray_equals_in_process(tmp_path, tiny_cache):
+    cfg = method_config(load_config(None, {"profile": "tiny-flux-ltx", "cache_dir": str(tiny_cache)},
+                                    default_preset="paper"), "talc")
+    listed = write_jsonl(tmp_path / "t.jsonl", TASKS)
+    runner.run_in_process(str(listed), str(tmp_path / "local"), cfg, progress=False)
+    with local_ray(num_cpus=6, num_gpus=4):
+        summary = run_on_ray(str(listed), str(tmp_path / "ray"), cfg, progress=False)
+    assert sorted(summary.done) == ["tea", "toast"] and not summary.failed
+    assert outputs(tmp_path / "ray", TASKS) == outputs(tmp_path / "local", TASKS)

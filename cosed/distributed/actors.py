@@ -288,6 +288,10 @@ class RayBackend:
         """The t2v method's clip: a call of the video pool (its model takes text alone)."""
         return self.dispatcher.call("video", "text_to_video", request)
 
+    def talc_video(self, request):
+        """The talc method's one generation for a task: a call of the video pool."""
+        return self.dispatcher.call("video", "talc_video", request)
+
     def fetch(self, handle):
         return get_or_lost(handle, "the chosen candidate")
 
