@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -10,6 +11,7 @@ import time
 import traceback
 from contextlib import nullcontext
 from importlib import resources
+from pathlib import Path
 
 from cosed.config import RunConfig, load_config
 from cosed.errors import UserError
@@ -142,6 +144,12 @@ def build_parser() -> argparse.ArgumentParser:
     captions.add_argument("--rewriter-model", help="the lm rewriter's captioner (default: the profile's)")
     captions.add_argument("--device", help="auto | cpu | cuda | cuda:N (default auto)")
     add_train_captioner(verbs)
+    annotate = verb(verbs, "annotate", "a blind side-by-side study of two runs: static HTML pages, then a tally")
+    annotate.add_argument("--a", help="run folder A (a generate output or an evaluate method folder)")
+    annotate.add_argument("--b", help="run folder B")
+    annotate.add_argument("--out", help="study folder to write: index.html, pages/, media/, blind.json, answers/")
+    annotate.add_argument("--seed", type=int, default=0, help="seed of the left/right draw (recorded in blind.json)")
+    annotate.add_argument("--tally", metavar="DIR", help="unblind the answers in DIR/answers and print preferences")
     plan = verb(verbs, "plan", "capacity planning: the runtime's own policies in virtual time, per cluster size "
                                "(pool plan, makespan, GPU-hours, efficiency, bottleneck)")
     plan.add_argument("--tasks", required=True, help=TASKS_HELP + ": their step counts")
@@ -699,7 +707,25 @@ def tasks_command(args: argparse.Namespace, cfg: RunConfig) -> int:
     return 1 if read.errors else 0
 
 
-COMMANDS = {"plan": plan_command, "tasks": tasks_command, "train-selector": train_command, "evaluate": evaluate_command, "eval-captions": eval_captions_command,
+def annotate_command(args: argparse.Namespace, cfg: RunConfig) -> int:
+    from cosed.annotate import tally, tally_lines, write_study
+
+    if args.tally:
+        result = tally(args.tally)
+        for line in tally_lines(result):
+            print(line)
+        (Path(args.tally) / "tally.json").write_text(json.dumps(result, indent=2) + "\n")
+        return 0
+    if not (args.a and args.b and args.out):
+        raise UserError("cosed annotate needs --a RUN --b RUN --out DIR (or --tally DIR)")
+    study = write_study(args.a, args.b, args.out, args.seed)
+    print(f"study: {len(study.tasks)} task page(s) in {args.out}/pages, sides drawn with seed {study.seed} "
+          f"({args.out}/blind.json); open {args.out}/index.html, save answers into {args.out}/answers/, then "
+          f"cosed annotate --tally {args.out}")
+    return 0
+
+
+COMMANDS = {"plan": plan_command, "annotate": annotate_command, "tasks": tasks_command, "train-selector": train_command, "evaluate": evaluate_command, "eval-captions": eval_captions_command,
             "train-captioner": train_captioner_command,
             "profiles": profiles_command, "models": models_command, "doctor": doctor_command}
 
