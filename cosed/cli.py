@@ -144,6 +144,17 @@ def build_parser() -> argparse.ArgumentParser:
     captions.add_argument("--rewriter-model", help="the lm rewriter's captioner (default: the profile's)")
     captions.add_argument("--device", help="auto | cpu | cuda | cuda:N (default auto)")
     add_train_captioner(verbs)
+    reproduce = verb(verbs, "reproduce", "every method on the same tasks and seeds, then the paper's Table 1 and "
+                                         "Table 3 layouts with its published numbers beside each row")
+    reproduce.add_argument("--tasks", required=True, help=TASKS_HELP)
+    reproduce.add_argument("--out", required=True, help="run folder: METHOD/<task>/..., reproduce.md, reproduce.json, "
+                                                        "metrics.csv, summary.json, report.html")
+    reproduce.add_argument("--methods", help="comma list (default: cosed,independent,chain,mora,t2v,talc; t2v and "
+                                             "talc only where the profile's video model takes text alone)")
+    reproduce.add_argument("--tally", help="a `cosed annotate` study folder: its side-by-side preferences fill the "
+                                           "human column of the two runs it compared")
+    add_ray_options(reproduce)
+    add_run_options(reproduce)
     annotate = verb(verbs, "annotate", "a blind side-by-side study of two runs: static HTML pages, then a tally")
     annotate.add_argument("--a", help="run folder A (a generate output or an evaluate method folder)")
     annotate.add_argument("--b", help="run folder B")
@@ -431,13 +442,68 @@ def interval(stat: dict) -> str:
     return f"{stat['mean']:.3f} [{stat['low']:.3f}, {stat['high']:.3f}]"
 
 
+def run_methods(args: argparse.Namespace, cfg: RunConfig, runs) -> bool:
+    """Each evaluation run (method x selector variant) into ``out/<run name>``, in process or on Ray; True when
+    some task failed or was rejected."""
+    from cosed.backend import LocalBackend
+    from cosed.evaluate import run_config
+    from cosed.runner import resolve_run, run_in_process
+    from cosed.storage import join
+
+    backend = LocalBackend(*resolve_run(cfg)) if args.no_ray else None
+    failed = False
+    for run in runs:
+        print(f"== {run.name}", flush=True)
+        if args.no_ray:
+            summary = run_in_process(args.tasks, join(args.out, run.name), run_config(cfg, run),
+                                     overwrite=args.overwrite, progress=not args.quiet,
+                                     backend=backend.for_run(run_config(backend.cfg, run)))
+        else:
+            from cosed.distributed.job import run_on_ray
+
+            summary = run_on_ray(args.tasks, join(args.out, run.name), run_config(cfg, run),
+                                 overwrite=args.overwrite, progress=not args.quiet, address=args.address)
+        failed |= bool(summary.failed or summary.rejected)
+        print(summary.lines()[0])
+    return failed
+
+
+def reproduce_command(args: argparse.Namespace, cfg: RunConfig) -> int:
+    """Every method on the same tasks and seeds, then Table 1 and Table 3 with the paper's numbers beside."""
+    import dataclasses
+
+    from cosed.evaluate import plan_runs, write_evaluation
+    from cosed.report import write_report
+    from cosed.reproduce import REPRODUCE_METHODS, write_tables
+    from cosed.runner import resolve_run
+    from cosed.storage import join
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else list(REPRODUCE_METHODS)
+    profile, _ = resolve_run(cfg)
+    from cosed.models.adapters import TEXT_TO_VIDEO
+
+    if profile.spec("video").pipeline not in TEXT_TO_VIDEO:
+        for method in [m for m in methods if m in ("t2v", "talc")]:
+            print(f"note: {method} skipped: profile {profile.name}'s video model takes no text alone")
+        methods = [m for m in methods if m not in ("t2v", "talc")]
+    runs = plan_runs(methods, None, cfg)
+    cfg = dataclasses.replace(cfg, save_candidates=True)
+    with output_lease(args.out, cfg, args):
+        failed = run_methods(args, cfg, runs)
+        results = write_evaluation(args.out, runs, seed=cfg.seed)
+        write_report(args.out, [run.name for run in runs], results)
+        text = write_tables(args.out, results, [run.name for run in runs], profile, args.tally)
+    print(text)
+    print(f"tables: {join(args.out, 'reproduce.md')}, {join(args.out, 'reproduce.json')}; "
+          f"report: {join(args.out, 'report.html')}")
+    return 1 if failed else 0
+
+
 def evaluate_command(args: argparse.Namespace, cfg: RunConfig) -> int:
     import dataclasses
 
-    from cosed.backend import LocalBackend
-    from cosed.evaluate import plan_runs, run_config, write_evaluation
+    from cosed.evaluate import plan_runs, write_evaluation
     from cosed.report import write_report
-    from cosed.runner import resolve_run, run_in_process
     from cosed.storage import join
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -446,22 +512,8 @@ def evaluate_command(args: argparse.Namespace, cfg: RunConfig) -> int:
     if cfg.selector and not selector_held_out(args, cfg):
         return 2
     cfg = dataclasses.replace(cfg, save_candidates=True)
-    backend = LocalBackend(*resolve_run(cfg)) if args.no_ray else None
-    failed = False
     with output_lease(args.out, cfg, args):
-        for run in runs:
-            print(f"== {run.name}", flush=True)
-            if args.no_ray:
-                summary = run_in_process(args.tasks, join(args.out, run.name), run_config(cfg, run),
-                                         overwrite=args.overwrite, progress=not args.quiet,
-                                         backend=backend.for_run(run_config(backend.cfg, run)))
-            else:
-                from cosed.distributed.job import run_on_ray
-
-                summary = run_on_ray(args.tasks, join(args.out, run.name), run_config(cfg, run),
-                                     overwrite=args.overwrite, progress=not args.quiet, address=args.address)
-            failed |= bool(summary.failed or summary.rejected)
-            print(summary.lines()[0])
+        failed = run_methods(args, cfg, runs)
         results = write_evaluation(args.out, runs, seed=cfg.seed)
         report = write_report(args.out, [run.name for run in runs], results)
     print(f"{'method':<12}{'selector':<11}{'tasks':>6}{'CLIP-I':>9}{'CLIP-T':>9}{'video s':>9}{'s/scene':>9}"
@@ -725,7 +777,7 @@ def annotate_command(args: argparse.Namespace, cfg: RunConfig) -> int:
     return 0
 
 
-COMMANDS = {"plan": plan_command, "annotate": annotate_command, "tasks": tasks_command, "train-selector": train_command, "evaluate": evaluate_command, "eval-captions": eval_captions_command,
+COMMANDS = {"plan": plan_command, "annotate": annotate_command, "reproduce": reproduce_command, "tasks": tasks_command, "train-selector": train_command, "evaluate": evaluate_command, "eval-captions": eval_captions_command,
             "train-captioner": train_captioner_command,
             "profiles": profiles_command, "models": models_command, "doctor": doctor_command}
 

@@ -106,7 +106,9 @@ def run_config(cfg: RunConfig, run: EvalRun) -> RunConfig:
 def source_distance(step: dict) -> str:
     """How far back the chosen candidate's latent came from: '1' is the previous step."""
     source = step["candidates"][step["chosen"]]["source"]
-    return "fresh" if source["kind"] == "fresh" else str(step["step"] - source["step"])
+    if source.get("step") is None:  # fresh, or made from text alone (t2v, talc)
+        return source["kind"]
+    return str(step["step"] - source["step"])
 
 
 def read_manifests(out: str, method: str) -> list[dict]:

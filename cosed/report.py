@@ -52,7 +52,7 @@ def _arrows(steps: list[dict]) -> str:
         source = step["candidates"][step["chosen"]]["source"]
         x_from = (step["step"] - 0.5) * _COLUMN
         if source["kind"] != "pool":
-            parts.append(f'<text x="{x_from + 8}" y="58" font-size="11" fill="#888">fresh</text>')
+            parts.append(f'<text x="{x_from + 8}" y="58" font-size="11" fill="#888">{_e(source["kind"])}</text>')
             continue
         x_to = (source["step"] - 0.5) * _COLUMN
         lift = 10 + 14 * min(step["step"] - source["step"], 4)
