@@ -3,7 +3,7 @@ old name `previous`, still accepted."""
 
 import pytest
 
-from cosed.config import RunConfig
+from cosed.config import RunConfig, load_config
 from cosed.evaluate import method_config, plan_runs
 
 
@@ -169,3 +169,24 @@ def test_talc_makes_one_time_aligned_generation_per_task(tmp_path, tiny_cache, m
     assert kwargs["num_frames"] == 3 * (n - 1) + 1 == manifest["video_frames"]
     assert [s["frames"] for s in manifest["steps"]] == [n, n - 1, n - 1]
     assert len(decode_mp4((tmp_path / "a" / "tea" / "video.mp4").read_bytes())) == 3 * (n - 1) + 1
+
+
+def test_the_cost_model_follows_each_methods_calls():
+    """Pool sizing and `cosed plan` see what each method asks of the pools: t2v and talc no text-to-image,
+    mora text-to-image for step 1 only, talc one video call of about a clip per scene."""
+    import dataclasses
+
+    from cosed.distributed.costs import CostModel, task_work
+    from cosed.models.profiles import resolve_profile
+
+    costs = CostModel.from_dict(resolve_profile("sd21-svd").costs)
+    base = load_config(None, {"profile": "sd21-svd"}, default_preset="paper")
+    work = {m: task_work(4, method_config(base, m), costs) for m in ("cosed", "mora", "t2v", "talc")}
+    clip = costs.seconds("animate", 1)
+    assert work["t2v"].seconds["sd"] == 0 and work["t2v"].calls["animate"] == 4 and work["t2v"].images == 0
+    assert work["talc"].seconds["sd"] == 0 and work["talc"].calls["animate"] == 1
+    assert work["talc"].seconds["video"] == pytest.approx(4 * clip)
+    assert work["mora"].images == 4 and work["mora"].calls["render"] == 1 and work["mora"].calls["animate"] == 4
+    assert work["cosed"].images > work["mora"].images
+    assert work["mora"].critical_path >= 4 * clip  # each scene waits for the clip before it
+    assert dataclasses.replace(base, method="cosed") == method_config(base, "cosed")
