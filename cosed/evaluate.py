@@ -36,7 +36,12 @@ METHOD_ALIASES = {"previous": "chain"}
 
 
 def method_name(method: str) -> str:
-    """The method's current name (an alias resolved)."""
+    """The method's current name (an alias resolved, with a one-line note on stderr)."""
+    if method in METHOD_ALIASES:
+        import sys
+
+        print(f"note: method {method!r} is now called {METHOD_ALIASES[method]!r} (Bordalo et al.'s latent "
+              "chaining); the old name still works", file=sys.stderr)
     return METHOD_ALIASES.get(method, method)
 
 

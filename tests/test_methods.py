@@ -7,12 +7,13 @@ from cosed.config import RunConfig, load_config
 from cosed.evaluate import method_config, plan_runs
 
 
-def test_previous_is_the_old_name_of_chain():
+def test_previous_is_the_old_name_of_chain(capsys):
     cfg = RunConfig()
     assert [r.name for r in plan_runs(["independent", "previous", "cosed"], None, cfg)] == [
         "independent", "chain", "cosed"]
     assert method_config(cfg, "previous") == method_config(cfg, "chain")
     assert method_config(cfg, "chain").pool.steps == "previous"
+    assert "now called 'chain'" in capsys.readouterr().err
     with pytest.raises(ValueError, match="chain"):
         method_config(cfg, "mora-like")
 
