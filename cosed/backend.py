@@ -15,17 +15,18 @@ from typing import Any, Protocol
 import numpy as np
 
 from cosed import determinism
+from cosed import storage
 from cosed.calls import (CaptionRequest, Captioned, ClipDone, ClipRequest, EmbedImages, EmbedTexts, EncodeScene,
-                         Rendered, RenderRequest, Score)
+                         Rendered, RenderRequest, Score, TalcRequest, TextClipRequest)
 from cosed.config import RunConfig, SDConfig
 from cosed.embed import ClipEmbedder
 from cosed.generate import encode_scene, latent_shape, render_batch
-from cosed.images import thumbnail_png
+from cosed.images import png_bytes, thumbnail_png
 from cosed.memory import LEVELS, MemoryPlan, actor_memory_plan, gpu_memory_gib
 from cosed.models.loaders import load_pipeline, resolve_device
 from cosed.models.profiles import KINDS, Profile
 from cosed.selector import ContrastiveSelector
-from cosed.video import animate, existing_clip, next_scene_image, scene_image, write_clip
+from cosed.video import animate, encode_mp4, existing_clip, next_scene_image, scene_image, text_to_video, write_clip
 
 
 class Backend(Protocol):
@@ -75,6 +76,13 @@ class LocalBackend:
     @cached_property
     def video(self):
         return load_pipeline(self.profile.spec("video"), "video", self.device, self.memory_plan("video"))
+
+    @cached_property
+    def t2v(self):
+        """The video model's text-to-video pipeline, on the same loaded components."""
+        from cosed.models.adapters import text_to_video_pipeline
+
+        return text_to_video_pipeline(self.video)
 
     @cached_property
     def clip(self) -> ClipEmbedder:
@@ -132,6 +140,29 @@ class LocalBackend:
         if found:
             return found
         return write_clip(request, self.frames(scene_image(request), request))
+
+    def text_to_video(self, request: TextClipRequest) -> ClipDone:
+        """A scene's clip from its caption alone (the t2v method), stored where the request says."""
+        size = storage.size(request.clip)
+        if size is not None:
+            return ClipDone(clip=request.clip, size=size, frames=0, reused=True)
+        frames = text_to_video(self.t2v, request.caption, request.seed, request.video)
+        data = encode_mp4(frames, request.video.fps)
+        storage.write_bytes(request.clip, data)
+        return ClipDone(clip=request.clip, size=len(data), frames=len(frames))
+
+    def talc_video(self, request: TalcRequest) -> ClipDone:
+        """The talc method's one generation for the task, split into scenes (first frame PNG + clip each)."""
+        if all(storage.exists(uri) for uri in request.scenes + request.clips):
+            return ClipDone(clip=request.clips[0], size=0, frames=0, reused=True)
+        from cosed.talc import scene_frames, talc_frames
+
+        frames = talc_frames(self.t2v, list(request.captions), request.seed, request.video)
+        for span, scene, clip in zip(scene_frames(request.video.num_frames, len(request.captions)), request.scenes,
+                                     request.clips):
+            storage.write_bytes(scene, png_bytes(frames[span.start]))
+            storage.write_bytes(clip, encode_mp4(frames[span.start:span.stop], request.video.fps))
+        return ClipDone(clip=request.clips[0], size=0, frames=len(frames))
 
     def frames(self, image: np.ndarray, request: ClipRequest) -> np.ndarray:
         last = next_scene_image(request)  # keyframe transitions: the next scene ends this clip

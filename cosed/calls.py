@@ -74,6 +74,31 @@ class Score:
 
 
 @dataclass(frozen=True)
+class TextClipRequest:
+    """One scene's clip from its caption alone (the t2v method), written to ``clip``."""
+
+    task_id: str
+    step: int
+    caption: str
+    seed: int
+    video: VideoConfig
+    clip: str
+
+
+@dataclass(frozen=True)
+class TalcRequest:
+    """The talc method's one generation for a whole task: scene i's first frame (PNG) and clip go to
+    ``scenes[i]`` and ``clips[i]``."""
+
+    task_id: str
+    captions: tuple[str, ...]
+    seed: int
+    video: VideoConfig
+    scenes: tuple[str, ...]
+    clips: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class ClipRequest:
     """One scene's clip: animate the stored scene image, encode, write to ``clip``.
 

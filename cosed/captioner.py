@@ -41,6 +41,16 @@ def pair_input(previous: str, current: str) -> str:
     return f"Step 1: {previous}\nStep 2: {current}" if previous else f"Step 1: {current}"
 
 
+def window_context(steps: list[str] | tuple[str, ...], captions: list[str], index: int) -> str:
+    """The window's "Step 1" for step ``index`` (0-based) of a task, as the reference's inference builds it
+    (gcs src/PlanGPT/src/inference/inference_window.py:111-120, WINDOW = 2): nothing at the first step; at the
+    second, step 1's *raw text* (the window still holds raw steps); from the third on, the caption just made
+    for the step before. ``captions`` needs entries up to ``index - 1`` only from the third step on."""
+    if index == 0:
+        return ""
+    return steps[0] if index == 1 else captions[index - 1]
+
+
 def chat_messages(previous: str, current: str, caption: str | None = None) -> list[dict[str, str]]:
     """The Alpaca instruction and input as one user turn, and the caption as the assistant's answer when given."""
     messages = [{"role": "user", "content": f"{INSTRUCTION}\n\n{pair_input(previous, current)}"}]
@@ -127,6 +137,10 @@ def weights_checksum(source: str, cache_dir: str | os.PathLike | None = None) ->
             raise hub_error("caption LM", resolved, exc) from exc
         if not digests:
             raise ModelUnavailable(f"the hub repo {resolved} has no top-level .safetensors weights")
+    adapters = folder / "adapter_config.json" if folder else None
+    if adapters is not None and adapters.is_file():  # LoRA adapters: the base's weights decide the captions too
+        base = json.loads(adapters.read_text(encoding="utf-8"))["base_model_name_or_path"]
+        digests.append(("base", weights_checksum(base, cache_dir)))
     return hashlib.sha256("".join(f"{name} {sha}\n" for name, sha in digests).encode()).hexdigest()
 
 
@@ -288,10 +302,11 @@ class PromptFormat:
     loses its oldest tokens.
     """
 
-    def __init__(self, tokenizer, prompt_tokens: int):
+    def __init__(self, tokenizer, prompt_tokens: int, alpaca: bool = False):
         self.tokenizer = tokenizer
         self.prompt_tokens = prompt_tokens
-        self.templated = bool(getattr(tokenizer, "chat_template", None))
+        # ``alpaca``: the reference's text prompt even where the tokenizer has a chat template (the paper recipe)
+        self.templated = bool(getattr(tokenizer, "chat_template", None)) and not alpaca
         head, tail = self.render(_CONTENT).split(_CONTENT)
         self.head, self.tail = self.encode(head), self.encode(tail)
         if prompt_tokens - len(self.head) - len(self.tail) < 1:

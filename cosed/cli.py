@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 import os
 import sys
@@ -11,6 +12,7 @@ import time
 import traceback
 from contextlib import nullcontext
 from importlib import resources
+from pathlib import Path
 
 from cosed.config import RunConfig, load_config
 from cosed.errors import UserError
@@ -54,6 +56,11 @@ def add_run_options(parser: argparse.ArgumentParser, profile_default: str = "tin
     existing outputs are treated and progress."""
     add_model_options(parser, profile_default)
     parser.add_argument("--seed", type=int, help="run seed; every random draw derives from it (default 0)")
+    parser.add_argument("--preset", choices=["paper", "legacy"],
+                        help="bundle of settings under --config and flags: paper (the authors' reference: negative "
+                             "prompt, fresh image as selector key, pool iterations 2-4, ...; README 'Presets') or "
+                             "legacy (before the paper preset). Default: paper for generate, evaluate and "
+                             "reproduce, legacy elsewhere")
     parser.add_argument("--rewriter", choices=["identity", "template", "given", "lm"],
                         help="caption rewriter (default template; train-selector and evaluate default to given "
                              "when every task carries captions)")
@@ -70,11 +77,17 @@ def add_run_options(parser: argparse.ArgumentParser, profile_default: str = "tin
         parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
+PAPER_PRESET_VERBS = ("generate", "evaluate", "reproduce")  # where --preset defaults to paper (cosed.presets)
+
+
 def config_from_args(args: argparse.Namespace) -> RunConfig:
+    from cosed.presets import DEFAULT_PRESET
+
     return load_config(getattr(args, "config", None), {
         name.replace("-", "_"): getattr(args, name, None)
-        for name in ("profile", "seed", "rewriter", "rewriter_model", "selector", "device", "cache_dir", "transitions",
-                     "transition_frames")})
+        for name in ("preset", "profile", "seed", "rewriter", "rewriter_model", "selector", "device", "cache_dir",
+                     "transitions", "transition_frames")},
+        default_preset=DEFAULT_PRESET if getattr(args, "verb", None) in PAPER_PRESET_VERBS else None)
 
 
 def verb(verbs, name: str, help: str) -> argparse.ArgumentParser:
@@ -95,6 +108,12 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--replan", action="store_true",
                           help="plan memory savers for this cluster's GPUs instead of the output's stored run plan "
                                "(redoes the tasks whose bytes that changes)")
+    generate.add_argument("--method", choices=["cosed", "independent", "chain", "previous", "mora", "t2v", "talc"],
+                          help="cosed (the paper), independent (a fresh seed per step: SD + SVD), chain (Bordalo et "
+                               "al.'s latent chaining; previous: its old name) or mora (each scene starts from the "
+                               "previous clip's last frame) or t2v (each caption straight to the profile's text-to-video model, "
+                               "LTX-Video; SVD has none) or talc (one LTX-Video generation per task, scene i's frames attending "
+                               "to caption i only); default: cosed, with --config's pool settings")
     add_ray_options(generate)
     add_run_options(generate, profile_default="tiny; required where GPUs are present")
     train = verb(verbs, "train-selector", "train the contrastive selector (in-batch contrastive, Eq. 9)")
@@ -110,11 +129,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="fraction of tasks held out (whole title groups); ids saved in split.json")
     add_ray_options(train)
     add_run_options(train)
-    evaluate = verb(verbs, "evaluate", "compare independent / previous / cosed on the same tasks and seeds")
+    evaluate = verb(verbs, "evaluate", "compare independent / chain / cosed on the same tasks and seeds")
     evaluate.add_argument("--tasks", required=True, help=TASKS_HELP)
     evaluate.add_argument("--out", required=True, help="run folder: METHOD/<task>/..., metrics.csv, summary.json, "
                                                        "plots/, report.html")
-    evaluate.add_argument("--methods", default="independent,previous,cosed", help="comma list of pool policies")
+    evaluate.add_argument("--methods", default="independent,chain,cosed",
+                          help="comma list of pool policies (previous: the old name of chain)")
     evaluate.add_argument("--variants", help="selector variants to ablate, comma list of untrained, trained "
                                              "(needs --selector), clip, text, image; default: the configured one")
     evaluate.add_argument("--refuse-trained-tasks", action="store_true",
@@ -130,6 +150,23 @@ def build_parser() -> argparse.ArgumentParser:
     captions.add_argument("--rewriter-model", help="the lm rewriter's captioner (default: the profile's)")
     captions.add_argument("--device", help="auto | cpu | cuda | cuda:N (default auto)")
     add_train_captioner(verbs)
+    reproduce = verb(verbs, "reproduce", "every method on the same tasks and seeds, then the paper's Table 1 and "
+                                         "Table 3 layouts with its published numbers beside each row")
+    reproduce.add_argument("--tasks", required=True, help=TASKS_HELP)
+    reproduce.add_argument("--out", required=True, help="run folder: METHOD/<task>/..., reproduce.md, reproduce.json, "
+                                                        "metrics.csv, summary.json, report.html")
+    reproduce.add_argument("--methods", help="comma list (default: cosed,independent,chain,mora,t2v,talc; t2v and "
+                                             "talc only where the profile's video model takes text alone)")
+    reproduce.add_argument("--tally", help="a `cosed annotate` study folder: its side-by-side preferences fill the "
+                                           "human column of the two runs it compared")
+    add_ray_options(reproduce)
+    add_run_options(reproduce)
+    annotate = verb(verbs, "annotate", "a blind side-by-side study of two runs: static HTML pages, then a tally")
+    annotate.add_argument("--a", help="run folder A (a generate output or an evaluate method folder)")
+    annotate.add_argument("--b", help="run folder B")
+    annotate.add_argument("--out", help="study folder to write: index.html, pages/, media/, blind.json, answers/")
+    annotate.add_argument("--seed", type=int, default=0, help="seed of the left/right draw (recorded in blind.json)")
+    annotate.add_argument("--tally", metavar="DIR", help="unblind the answers in DIR/answers and print preferences")
     plan = verb(verbs, "plan", "capacity planning: the runtime's own policies in virtual time, per cluster size "
                                "(pool plan, makespan, GPU-hours, efficiency, bottleneck)")
     plan.add_argument("--tasks", required=True, help=TASKS_HELP + ": their step counts")
@@ -161,6 +198,14 @@ def add_train_captioner(verbs) -> None:
     train.add_argument("--out", required=True, help="folder (or s3:// prefix) for the safetensors checkpoint, "
                                                     "tokenizer and captioner.json")
     train.add_argument("--base", help="hub id, folder or tiny:captioner to start from (default: the profile's captioner)")
+    train.add_argument("--recipe", choices=["full", "paper"], default="full",
+                       help="paper: the authors' LoRA recipe (r 8, alpha 32, q/v projections, 10 epochs, lr 1e-5 "
+                            "cosine, weight decay 0.01, batch 2 x 4, max length 400, Alpaca prompt; saves the "
+                            "adapters); full: full fine-tuning on the chat template")
+    train.add_argument("--eval-pairs", help="the eval pairs file (captions_eval.json layout): held out whole, and "
+                                            "training pairs of any recipe it touches are dropped (zero overlap)")
+    train.add_argument("--recipes", help="recipes file (dataset.json layout): split by recipe instead of by caption "
+                                         "chain, and report how many of its recipes each side touches")
     train.add_argument("--epochs", type=float, help="default: the profile's captioner train settings, else 3")
     train.add_argument("--lr", type=float, help="default: the profile's captioner train settings, else 2e-5")
     train.add_argument("--batch-size", type=int, help="default: the profile's captioner train settings, else 8")
@@ -271,6 +316,11 @@ def run_command(args: argparse.Namespace) -> int:
         return COMMANDS[args.verb](args, cfg)
     if args.verb == "generate":
         require_profile(args)
+        if args.method:
+            from cosed.evaluate import method_config
+
+            cfg = method_config(cfg, args.method)
+            require_text_to_video(cfg)
     with output_lease(args.out, cfg, args) as lease:
         if args.verb == "demo":
             summary = run_in_process(example_tasks_path(), args.out, cfg, overwrite=args.overwrite,
@@ -286,6 +336,20 @@ def run_command(args: argparse.Namespace) -> int:
     for line in summary.lines():
         print(line)
     return 1 if summary.failed or summary.rejected else 0
+
+
+def require_text_to_video(cfg: RunConfig) -> None:
+    """The t2v method needs a video model that takes text alone: one line before any work where it has none."""
+    if cfg.method not in ("t2v", "talc"):
+        return
+    from cosed.models.adapters import TEXT_TO_VIDEO
+    from cosed.runner import resolve_run
+
+    profile, _ = resolve_run(cfg)
+    pipeline = profile.spec("video").pipeline
+    if pipeline not in TEXT_TO_VIDEO:
+        raise UserError(f"profile {profile.name} has no text-to-video model ({pipeline} takes an image): the "
+                        f"{cfg.method} method needs one whose video model takes text alone (LTX-Video, e.g. tiny-flux-ltx, flux-ltx)")
 
 
 REAL_PROFILES = ("sd21-svd", "flux-ltx")
@@ -384,13 +448,68 @@ def interval(stat: dict) -> str:
     return f"{stat['mean']:.3f} [{stat['low']:.3f}, {stat['high']:.3f}]"
 
 
+def run_methods(args: argparse.Namespace, cfg: RunConfig, runs) -> bool:
+    """Each evaluation run (method x selector variant) into ``out/<run name>``, in process or on Ray; True when
+    some task failed or was rejected."""
+    from cosed.backend import LocalBackend
+    from cosed.evaluate import run_config
+    from cosed.runner import resolve_run, run_in_process
+    from cosed.storage import join
+
+    backend = LocalBackend(*resolve_run(cfg)) if args.no_ray else None
+    failed = False
+    for run in runs:
+        print(f"== {run.name}", flush=True)
+        if args.no_ray:
+            summary = run_in_process(args.tasks, join(args.out, run.name), run_config(cfg, run),
+                                     overwrite=args.overwrite, progress=not args.quiet,
+                                     backend=backend.for_run(run_config(backend.cfg, run)))
+        else:
+            from cosed.distributed.job import run_on_ray
+
+            summary = run_on_ray(args.tasks, join(args.out, run.name), run_config(cfg, run),
+                                 overwrite=args.overwrite, progress=not args.quiet, address=args.address)
+        failed |= bool(summary.failed or summary.rejected)
+        print(summary.lines()[0])
+    return failed
+
+
+def reproduce_command(args: argparse.Namespace, cfg: RunConfig) -> int:
+    """Every method on the same tasks and seeds, then Table 1 and Table 3 with the paper's numbers beside."""
+    import dataclasses
+
+    from cosed.evaluate import plan_runs, write_evaluation
+    from cosed.report import write_report
+    from cosed.reproduce import REPRODUCE_METHODS, write_tables
+    from cosed.runner import resolve_run
+    from cosed.storage import join
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else list(REPRODUCE_METHODS)
+    profile, _ = resolve_run(cfg)
+    from cosed.models.adapters import TEXT_TO_VIDEO
+
+    if profile.spec("video").pipeline not in TEXT_TO_VIDEO:
+        for method in [m for m in methods if m in ("t2v", "talc")]:
+            print(f"note: {method} skipped: profile {profile.name}'s video model takes no text alone")
+        methods = [m for m in methods if m not in ("t2v", "talc")]
+    runs = plan_runs(methods, None, cfg)
+    cfg = dataclasses.replace(cfg, save_candidates=True)
+    with output_lease(args.out, cfg, args):
+        failed = run_methods(args, cfg, runs)
+        results = write_evaluation(args.out, runs, seed=cfg.seed)
+        write_report(args.out, [run.name for run in runs], results)
+        text = write_tables(args.out, results, [run.name for run in runs], profile, args.tally)
+    print(text)
+    print(f"tables: {join(args.out, 'reproduce.md')}, {join(args.out, 'reproduce.json')}; "
+          f"report: {join(args.out, 'report.html')}")
+    return 1 if failed else 0
+
+
 def evaluate_command(args: argparse.Namespace, cfg: RunConfig) -> int:
     import dataclasses
 
-    from cosed.backend import LocalBackend
-    from cosed.evaluate import plan_runs, run_config, write_evaluation
+    from cosed.evaluate import plan_runs, write_evaluation
     from cosed.report import write_report
-    from cosed.runner import resolve_run, run_in_process
     from cosed.storage import join
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -399,29 +518,18 @@ def evaluate_command(args: argparse.Namespace, cfg: RunConfig) -> int:
     if cfg.selector and not selector_held_out(args, cfg):
         return 2
     cfg = dataclasses.replace(cfg, save_candidates=True)
-    backend = LocalBackend(*resolve_run(cfg)) if args.no_ray else None
-    failed = False
     with output_lease(args.out, cfg, args):
-        for run in runs:
-            print(f"== {run.name}", flush=True)
-            if args.no_ray:
-                summary = run_in_process(args.tasks, join(args.out, run.name), run_config(cfg, run),
-                                         overwrite=args.overwrite, progress=not args.quiet,
-                                         backend=backend.for_run(run_config(backend.cfg, run)))
-            else:
-                from cosed.distributed.job import run_on_ray
-
-                summary = run_on_ray(args.tasks, join(args.out, run.name), run_config(cfg, run),
-                                     overwrite=args.overwrite, progress=not args.quiet, address=args.address)
-            failed |= bool(summary.failed or summary.rejected)
-            print(summary.lines()[0])
+        failed = run_methods(args, cfg, runs)
         results = write_evaluation(args.out, runs, seed=cfg.seed)
         report = write_report(args.out, [run.name for run in runs], results)
-    print(f"{'method':<12}{'selector':<11}{'tasks':>6}{'CLIP-I':>9}{'CLIP-T':>9}{'back':>7}")
+    print(f"{'method':<12}{'selector':<11}{'tasks':>6}{'CLIP-I':>9}{'CLIP-T':>9}{'video s':>9}{'s/scene':>9}"
+          f"{'back':>7}")
     for row in results["ablation"]:
-        ci, ct, back = (str(v if v is None else round(v, 2)) for v in (
-            row["clip_i"]["mean"], row["clip_t"]["mean"], row["mean_steps_back"]))
-        print(f"{row['method']:<12}{row['variant']:<11}{row['tasks']:>6}{ci:>9}{ct:>9}{back:>7}")
+        ci, ct, seconds, per_scene, back = (str(v if v is None else round(v, 2)) for v in (
+            row["clip_i"]["mean"], row["clip_t"]["mean"], row["video_seconds"]["mean"],
+            row["seconds_per_scene"]["mean"], row["mean_steps_back"]))
+        print(f"{row['method']:<12}{row['variant']:<11}{row['tasks']:>6}{ci:>9}{ct:>9}{seconds:>9}{per_scene:>9}"
+              f"{back:>7}")
     print(f"metrics: {join(args.out, 'metrics.csv')}, {join(args.out, 'summary.json')}, "
           f"ablation: {join(args.out, 'ablation.md')}, plots: {join(args.out, 'plots')}")
     print(f"report: {report}")
@@ -496,26 +604,38 @@ def train_captioner_command(args: argparse.Namespace, cfg: RunConfig) -> int:
     from cosed.embed import EmbeddingCache
     from cosed.models.profiles import CAPTION
     from cosed.runner import profile_cache, resolve_run
-    from cosed.train_captioner import CaptionerTrainConfig, train_captioner
+    from cosed.train_captioner import PAPER_RECIPE, CaptionerTrainConfig, LoraSettings, train_captioner
 
     profile, cfg = resolve_run(cfg)
     base = args.base or profile.caption_model
     if not base:
         raise UserError(f"profile {profile.name} names no captioner: pass --base ID|FOLDER")
     spec = profile.specs.get(CAPTION)
-    defaults = {**dataclasses.asdict(CaptionerTrainConfig()), **(spec.train if spec and base == profile.caption_model else {})}
-    chosen = {"epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size}
+    if args.recipe == "paper":
+        defaults = {**dataclasses.asdict(CaptionerTrainConfig()), **PAPER_RECIPE, "recipe": "paper",
+                    "lora": LoraSettings()}
+    else:
+        defaults = {**dataclasses.asdict(CaptionerTrainConfig()),
+                    **(spec.train if spec and base == profile.caption_model else {})}
+    chosen = {"epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size, "seed": args.seed}
     tc = CaptionerTrainConfig(**{**defaults, **{k: v for k, v in chosen.items() if v is not None},
-                                 "holdout": args.holdout, "limit": args.limit, "seed": cfg.seed})
+                                 "holdout": args.holdout, "limit": args.limit})
     backend = LocalBackend(profile, cfg)
     embeddings = EmbeddingCache(backend, profile.model_names()["clip"], profile_cache(cfg) / "embeddings")
     report = train_captioner(args.pairs, args.out, base, tc, device=backend.device, cache_dir=profile_cache(cfg),
                              embed_texts=embeddings.texts, progress=not args.quiet,
-                             random_weights=profile.random_weights and base == profile.caption_model)
+                             random_weights=profile.random_weights and base == profile.caption_model,
+                             eval_pairs_uri=args.eval_pairs, recipes_uri=args.recipes)
     data, losses = report["data"], [entry["loss"] for entry in report["loss"]]
-    print(f"captioner: {base} fine-tuned on {data['train']} pairs ({data['held_out']} held out as whole caption "
-          f"chains, {len(data['skipped_malformed'])} malformed skipped), {tc.epochs:g} epoch(s), "
-          f"{report['train_seconds']:.1f} s")
+    split, params = report["split"], report["parameters"]
+    print(f"captioner: {base} fine-tuned ({tc.recipe}: {params['trainable']:,} of {params['total']:,} parameters "
+          f"trained) on {data['train']} pairs ({data['held_out']} held out by {split['by']}, "
+          f"{len(data['skipped_malformed'])} malformed skipped), {tc.epochs:g} epoch(s), {report['train_seconds']:.1f} s")
+    if "recipe_overlap" in split:
+        print(f"split: {split['train_recipes']} training recipes, {split['eval_recipes']} eval recipes, overlap "
+              f"{split['recipe_overlap']}; {split['dropped_train_pairs']} training pairs dropped (their recipe is in "
+              f"the eval file); of the recipes file's {split['recipes_file']}, {split['recipes_file_in_train']} "
+              f"have training pairs")
     if losses:
         head, tail = losses[:5], losses[-5:]
         print(f"loss (mean of the first / last {len(head)} steps): {sum(head) / len(head):.4f} -> "
@@ -649,7 +769,25 @@ def tasks_command(args: argparse.Namespace, cfg: RunConfig) -> int:
     return 1 if read.errors else 0
 
 
-COMMANDS = {"plan": plan_command, "tasks": tasks_command, "train-selector": train_command, "evaluate": evaluate_command, "eval-captions": eval_captions_command,
+def annotate_command(args: argparse.Namespace, cfg: RunConfig) -> int:
+    from cosed.annotate import tally, tally_lines, write_study
+
+    if args.tally:
+        result = tally(args.tally)
+        for line in tally_lines(result):
+            print(line)
+        (Path(args.tally) / "tally.json").write_text(json.dumps(result, indent=2) + "\n")
+        return 0
+    if not (args.a and args.b and args.out):
+        raise UserError("cosed annotate needs --a RUN --b RUN --out DIR (or --tally DIR)")
+    study = write_study(args.a, args.b, args.out, args.seed)
+    print(f"study: {len(study.tasks)} task page(s) in {args.out}/pages, sides drawn with seed {study.seed} "
+          f"({args.out}/blind.json); open {args.out}/index.html, save answers into {args.out}/answers/, then "
+          f"cosed annotate --tally {args.out}")
+    return 0
+
+
+COMMANDS = {"plan": plan_command, "annotate": annotate_command, "reproduce": reproduce_command, "tasks": tasks_command, "train-selector": train_command, "evaluate": evaluate_command, "eval-captions": eval_captions_command,
             "train-captioner": train_captioner_command,
             "profiles": profiles_command, "models": models_command, "doctor": doctor_command}
 

@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from cosed.errors import UserError
+from cosed.presets import apply_preset, check as check_preset
 
 
 TRANSITIONS = ("cut", "dissolve", "keyframe")
@@ -36,7 +37,8 @@ class SDConfig:
     num_inference_steps: int | None = None
     guidance_scale: float | None = None
     batch_size: int = 8
-    # The paper and method.md name no negative prompt, so none is used unless set here.
+    # None under the legacy preset; the paper preset sets the reference's (cosed.presets). FLUX ignores it
+    # (guidance-distilled: no classifier-free guidance, nothing to be negative against).
     negative_prompt: str | None = None
 
 
@@ -69,6 +71,8 @@ class VideoConfig:
     decode_chunk_size: int | None = None
     motion_bucket_id: int = 127
     noise_aug_strength: float = 0.02
+    # One seed for every clip (the reference: 42); None derives one per (run seed, task, step).
+    seed: int | None = None
 
 
 @dataclass
@@ -173,6 +177,12 @@ class StorageConfig:
 
 @dataclass
 class RunConfig:
+    # Which bundle of reference settings this run started from (cosed.presets): ``legacy`` here, ``paper`` as
+    # the CLI default of generate / evaluate / reproduce. Its values are in the fields below.
+    preset: str = "legacy"
+    # How scenes are made (cosed.evaluate.METHODS): cosed, independent and chain differ in pool policy only;
+    # mora starts each scene i >= 2 from the last frame of clip i-1 (no text-to-image after step 1).
+    method: str = "cosed"
     profile: str = "tiny"
     seed: int = 0
     rewriter: str = "template"
@@ -193,6 +203,9 @@ class RunConfig:
     # more than the plain plan only). Set by the runners, not by hand: it is part of every task's fingerprint.
     memory_plan: dict = field(default_factory=dict)
     selector_mode: str = "full"
+    # Cut captions to this many characters before the selector's CLIP text embeddings (the reference: 77);
+    # None: the whole caption (already cut to CLIP's 77 tokens).
+    selector_text_chars: int | None = None
     storage: StorageConfig = field(default_factory=StorageConfig)
     # How one scene's clip meets the next (`cosed.transitions`): cut (hard cuts), dissolve (a cross-fade of
     # ``transition_frames`` frames, made before encoding) or keyframe (scene i's clip also ends on scene i+1's
@@ -201,6 +214,11 @@ class RunConfig:
     transition_frames: int = 4
 
     def validate(self) -> "RunConfig":
+        check_preset(self.preset)
+        if self.method not in ("cosed", "independent", "chain", "mora", "t2v", "talc"):
+            raise ConfigError(f"method must be cosed, independent, chain, mora, t2v or talc, got {self.method!r}")
+        if self.selector_text_chars is not None and self.selector_text_chars < 1:
+            raise ConfigError("selector_text_chars must be positive (or null: the whole caption)")
         for section in (self.sd, self.video):
             name = "sd" if section is self.sd else "video"
             for key in ("height", "width"):
@@ -359,8 +377,13 @@ def from_dict(data: dict[str, Any]) -> RunConfig:
     return _build(RunConfig, data, "").validate()
 
 
-def load_config(path: str | None = None, overrides: dict[str, Any] | None = None) -> RunConfig:
-    """A RunConfig from an optional YAML file plus dotted overrides like ``{"pool.fresh": 2}``."""
+def load_config(path: str | None = None, overrides: dict[str, Any] | None = None,
+                default_preset: str | None = None) -> RunConfig:
+    """A RunConfig from an optional YAML file plus dotted overrides like ``{"pool.fresh": 2}``.
+
+    The preset named by an override, else the file, else ``default_preset`` fills the keys neither sets
+    (`cosed.presets`); with none, the dataclass defaults (the legacy preset) stand.
+    """
     data: dict[str, Any] = {}
     if path:
         try:
@@ -384,4 +407,7 @@ def load_config(path: str | None = None, overrides: dict[str, Any] | None = None
         for parent in parents:
             node = node.setdefault(parent, {})
         node[leaf] = value
+    preset = data.get("preset") or default_preset
+    if preset:
+        data = apply_preset(preset, data)
     return from_dict(data)

@@ -25,16 +25,17 @@ import numpy as np
 
 from cosed import determinism, scene_image, storage
 from cosed.backend import Backend
-from cosed.calls import ClipRequest, EmbedImages, EmbedTexts, RenderRequest, Score
+from cosed.calls import ClipRequest, EmbedImages, EmbedTexts, RenderRequest, Score, TalcRequest, TextClipRequest
 from cosed.config import RunConfig
 from cosed.continuity import boundaries, pixel_distance
 from cosed.donemarks import mark_done
 from cosed.generate import batches
 from cosed.images import png_bytes, png_image
 from cosed.lease import LeaseFence
-from cosed.latents import LatentPool, fresh_keys, initial_latents, plan_candidates
+from cosed.latents import CandidateSource, LatentPool, fresh_keys, initial_latents, plan_candidates
 from cosed.metrics import clip_i, clip_i_to, clip_t
 from cosed.models.profiles import Profile
+from cosed.presets import preset_record
 from cosed.parts import MANIFEST, TaskParts, task_uri  # noqa: F401  (their callers import them here)
 from cosed.steps import StepResult, load_steps, store_scene, store_step
 from cosed.seeds import derive_seed
@@ -42,7 +43,7 @@ from cosed.selector import clip_pick_scores
 from cosed.storyboard import storyboard_png
 from cosed.tasks import Task
 from cosed.transitions import clips_ready, next_step, overlap_frames, scene_starts
-from cosed.video import concat_mp4, count_frames, dissolve_mp4
+from cosed.video import concat_mp4, count_frames, decode_mp4, dissolve_mp4
 
 USER_SCENE = "scenes/step_00.png"  # the task's own scene image, at the text-to-image size
 THUMBNAIL_PX = 256  # candidates kept for inspection (save_candidates) are at most this many pixels a side
@@ -81,6 +82,20 @@ class SequenceResult:
                 "timings": self.timer.to_dict(), **user}
 
 
+def video_seed(cfg: RunConfig, task_id: str, step: int) -> int:
+    """A scene's clip seed: ``video.seed`` when set (the paper preset: one seed for every clip, as the
+    reference), else derived from (run seed, task, step)."""
+    return cfg.video.seed if cfg.video.seed is not None else derive_seed(cfg.seed, task_id, step, "video")
+
+
+def selector_texts(captions: list[str], caption_embeddings: np.ndarray, backend: Backend, cfg: RunConfig) -> np.ndarray:
+    """The captions' CLIP embeddings as the selector's candidates and past scenes see them: cut to
+    ``selector_text_chars`` characters where set (the reference's ``[:77]``), else the caption embeddings."""
+    if cfg.selector_text_chars is None:
+        return caption_embeddings
+    return backend.embed_texts(EmbedTexts(tuple(c[:cfg.selector_text_chars] for c in captions)))
+
+
 def clip_request(task: Task, step: int, caption: str, cfg: RunConfig, parts: TaskParts,
                  scene_sha256: str, next_sha256: str = "") -> ClipRequest:
     """The one place a clip call is built: a scene's clip follows from the task, the step, the config and the
@@ -89,7 +104,7 @@ def clip_request(task: Task, step: int, caption: str, cfg: RunConfig, parts: Tas
     following = {"next_scene": parts.scene(step + 1, next_sha256), "next_scene_sha256": next_sha256} \
         if next_sha256 else {}
     return ClipRequest(task_id=task.id, step=step, scene=parts.scene(step, scene_sha256),
-                       seed=derive_seed(cfg.seed, task.id, step, "video"), video=cfg.video, caption=caption,
+                       seed=video_seed(cfg, task.id, step), video=cfg.video, caption=caption,
                        clip=parts.clip(step, scene_sha256, next_sha256), scene_sha256=scene_sha256, **following)
 
 
@@ -147,8 +162,31 @@ def sequence_task(task: Task, captions: list[str], backend: Backend, cfg: RunCon
     keep = THUMBNAIL_PX if cfg.save_candidates else 0
     with timer.phase("clip_select"):
         caption_embeddings = backend.embed_texts(EmbedTexts(tuple(captions)))
+        cut_embeddings = selector_texts(captions, caption_embeddings, backend, cfg)
     for number, (text, caption) in enumerate(zip(task.steps, captions), start=1):
         if number <= len(steps):
+            continue
+        if cfg.method == "talc":
+            with timer.phase("video"):
+                made = talc_steps(task, captions, backend, cfg, parts)
+            for step in made[number - 1:]:
+                steps.append(step)
+                store_step(parts, step, {})
+                settled()
+            break
+        if cfg.method == "t2v":
+            with timer.phase("video"):
+                step = text_clip_step(task, number, text, caption, backend, cfg, parts)
+            steps.append(step)
+            store_step(parts, step, {})
+            settled()
+            continue
+        if cfg.method == "mora" and number > 1:
+            with timer.phase("video"):
+                step = last_frame_step(task, number, text, caption, steps[-1], backend, cfg, parts)
+            steps.append(step)
+            store_step(parts, step, {})
+            settled()
             continue
         sources = plan_candidates(number, pool, cfg.pool, cfg.seed, task.id)
         keys = fresh_keys(number, cfg.pool, cfg.seed, task.id)
@@ -164,14 +202,15 @@ def sequence_task(task: Task, captions: list[str], backend: Backend, cfg: RunCon
             if number == 1 and user is None:
                 scores = clip_pick_scores(image_embeddings, caption_embeddings[0])
             else:  # the user's scene (paired with this step's caption, as a key is) is a past scene too
+                # Fresh keys carry the whole current caption (the reference embeds it before cutting it).
                 now = caption_embeddings[number - 1][None]
                 past_text = np.concatenate(([now] if user else []) + [
-                    caption_embeddings[:number - 1], np.repeat(now, len(keys), axis=0)])
+                    cut_embeddings[:number - 1], np.repeat(now, len(keys), axis=0)])
                 past_image = np.concatenate(([user.embedding[None]] if user else []) + [
                     np.asarray([s.image_embedding for s in steps]).reshape(-1, image_embeddings.shape[1]),
                     key_embeddings])
                 scores = backend.selector_scores(Score(
-                    np.repeat(caption_embeddings[number - 1][None], len(sources), axis=0), image_embeddings,
+                    np.repeat(cut_embeddings[number - 1][None], len(sources), axis=0), image_embeddings,
                     past_text, past_image))
         chosen = int(np.argmax(scores))
         batch_index, row = divmod(chosen, cfg.sd.batch_size)
@@ -189,7 +228,7 @@ def sequence_task(task: Task, captions: list[str], backend: Backend, cfg: RunCon
         step = StepResult(number=number, text=text, caption=caption, sources=sources,
                           scores=[float(s) for s in scores], chosen=chosen, image=image,
                           image_embedding=image_embeddings[chosen],
-                          video_seed=derive_seed(cfg.seed, task.id, number, "video"), fresh_keys=keys,
+                          video_seed=video_seed(cfg, task.id, number), fresh_keys=keys,
                           candidate_images=kept, scene_sha256=digest)
         steps.append(step)
         if parts is not None:
@@ -207,6 +246,66 @@ def sequence_task(task: Task, captions: list[str], backend: Backend, cfg: RunCon
     return result
 
 
+def last_frame_step(task: Task, number: int, text: str, caption: str, previous: StepResult, backend: Backend,
+                    cfg: RunConfig, parts: TaskParts | None) -> StepResult:
+    """Mora (the paper's description): scene ``number`` is the last frame of the previous scene's clip, which
+    this waits for (`Backend.animate`: rendered here in process; on Ray the job renders it, the driver waits)."""
+    if parts is None:
+        raise ValueError("the mora method needs the task's parts: it reads the previous clip")
+    request = clip_request(task, number - 1, previous.caption, cfg, parts, previous.scene_sha256)
+    backend.animate(request)
+    image = np.ascontiguousarray(decode_mp4(storage.read_bytes(request.clip))[-1])
+    embedding = backend.embed_images(EmbedImages((image,)))[0]
+    digest = store_scene(parts, number, png_bytes(image))
+    return StepResult(number=number, text=text, caption=caption, sources=[CandidateSource.last_frame(number - 1)],
+                      scores=[1.0], chosen=0, image=image, image_embedding=embedding,
+                      video_seed=video_seed(cfg, task.id, number), scene_sha256=digest)
+
+
+def text_clip_step(task: Task, number: int, text: str, caption: str, backend: Backend, cfg: RunConfig,
+                   parts: TaskParts | None) -> StepResult:
+    """The t2v method ("Lumiere alone" of the paper, on the profile's text-to-video model): the caption straight
+    to the video model; the clip's first frame is the scene, and the clip is stored as that scene's clip."""
+    if parts is None:
+        raise ValueError("the t2v method needs the task's parts: it stores the clip it makes")
+    request = TextClipRequest(task_id=task.id, step=number, caption=caption, seed=video_seed(cfg, task.id, number),
+                              video=cfg.video, clip=parts.text_clip(number))
+    backend.text_to_video(request)
+    data = storage.read_bytes(request.clip)
+    image = np.ascontiguousarray(decode_mp4(data)[0])
+    embedding = backend.embed_images(EmbedImages((image,)))[0]
+    digest = store_scene(parts, number, png_bytes(image))
+    if not storage.exists(parts.clip(number, digest)):
+        storage.write_bytes(parts.clip(number, digest), data)
+    return StepResult(number=number, text=text, caption=caption, sources=[CandidateSource(kind="text")],
+                      scores=[1.0], chosen=0, image=image, image_embedding=embedding,
+                      video_seed=request.seed, scene_sha256=digest)
+
+
+def talc_steps(task: Task, captions: list[str], backend: Backend, cfg: RunConfig,
+               parts: TaskParts | None) -> list[StepResult]:
+    """The talc method (TALC on LTX-Video, `cosed.talc`): one generation for the whole task; each scene is the
+    first frame of its part, whose clip is stored as that scene's clip."""
+    if parts is None:
+        raise ValueError("the talc method needs the task's parts: it stores the clips it makes")
+    numbers = range(1, len(task.steps) + 1)
+    request = TalcRequest(task_id=task.id, captions=tuple(captions), seed=video_seed(cfg, task.id, 1),
+                          video=cfg.video, scenes=tuple(parts.talc_scene(n) for n in numbers),
+                          clips=tuple(parts.talc_clip(n) for n in numbers))
+    backend.talc_video(request)
+    images = [png_image(storage.read_bytes(uri)) for uri in request.scenes]
+    embeddings = backend.embed_images(EmbedImages(tuple(images)))
+    steps = []
+    for number, text, caption, image, embedding in zip(numbers, task.steps, captions, images, embeddings):
+        digest = store_scene(parts, number, png_bytes(image))
+        if not storage.exists(parts.clip(number, digest)):
+            storage.write_bytes(parts.clip(number, digest), storage.read_bytes(request.clips[number - 1]))
+        steps.append(StepResult(number=number, text=text, caption=caption, sources=[CandidateSource(kind="talc")],
+                                scores=[1.0], chosen=0, image=image, image_embedding=embedding,
+                                video_seed=request.seed, scene_sha256=digest))
+    return steps
+
+
 def stored_sequence(task: Task, cfg: RunConfig, parts: TaskParts) -> list[ClipRequest] | None:
     """The clip requests of a task whose sequence record is already stored (a retry or a resume), else None."""
     try:
@@ -220,6 +319,12 @@ def stored_sequence(task: Task, cfg: RunConfig, parts: TaskParts) -> list[ClipRe
 
 
 def source_label(source: dict) -> str:
+    if source["kind"] == "text":
+        return "text only"
+    if source["kind"] == "talc":
+        return "TALC part"
+    if source["kind"] == "clip":
+        return f"clip {source['step']} last frame"
     return "fresh" if source["kind"] == "fresh" else f"step {source['step']} it {source['iteration']}"
 
 
@@ -254,6 +359,15 @@ def captioner_checksum(cfg: RunConfig) -> str | None:
     return _captioner_checksum(cfg.rewriter_model, cfg.cache_dir) if cfg.rewriter == "lm" and cfg.rewriter_model else None
 
 
+UNTRAINED_SELECTOR = ("untrained: no --selector given, so the selector's maps are shared random orthonormal "
+                      "projections and its picks are close to plain CLIP similarity, not the paper's trained selector")
+
+
+def selector_weights(cfg: RunConfig) -> str:
+    """What chose the scenes, in words for the manifest and the report: the checkpoint, or plainly untrained."""
+    return f"trained: {cfg.selector}" if cfg.selector else UNTRAINED_SELECTOR
+
+
 def task_fingerprint(task: Task, profile: Profile, cfg: RunConfig) -> str:
     """What decides a task's outputs: its content, the decisive config, the models, the selector weights and,
     under the lm rewriter, the captioner's weights.
@@ -264,7 +378,7 @@ def task_fingerprint(task: Task, profile: Profile, cfg: RunConfig) -> str:
     described = dataclasses.asdict(task)
     described.pop("scene_image")  # its content counts, not its name: the fingerprints without one stay as they were
     payload = {"task": described, "config": manifest_config(cfg), "models": profile.model_names(),
-               "selector": selector_checksum(cfg.selector)}
+               "selector": selector_checksum(cfg.selector), "preset": preset_record(cfg)}
     if task.scene_image:
         payload["scene_image"] = scene_image.sha256(task)
     if cfg.rewriter == "lm":
@@ -332,7 +446,8 @@ def assemble_task(out: str, task: Task, fingerprint: str, profile: Profile, cfg:
         "seed": cfg.seed, "profile": profile.name,
         "random_weights": profile.random_weights, "models": profile.model_names(),
         **({"captioner": captioner_checksum(cfg)} if cfg.rewriter == "lm" else {}),
-        "config": manifest_config(cfg), "determinism": determinism.record(cfg.cpu_threads),
+        "config": manifest_config(cfg), "preset": preset_record(cfg),
+        "selector_weights": selector_weights(cfg), "determinism": determinism.record(cfg.cpu_threads),
         **({"scene_image": user} if user else {}), "steps": steps_meta, "metrics": metrics,
         "video": "video.mp4", "video_frames": video_frames(steps_meta, overlap), "fps": cfg.video.fps,
         "storyboard": "storyboard.png",

@@ -1,4 +1,4 @@
-"""Method comparison on the same tasks and seeds (method.md §7): independent, previous, cosed.
+"""Method comparison on the same tasks and seeds (method.md §7): independent, chain, cosed.
 
 Each method is the same engine with a different pool policy; per-task metrics
 come from the manifests, so the numbers in `metrics.csv` are exactly the ones
@@ -23,16 +23,33 @@ from cosed.config import RunConfig
 from cosed.tasks import SUMMARY
 
 METHOD_POOLS = {
-    "independent": {"steps": "none", "fresh": 1},
-    "previous": {"steps": "previous"},
+    "independent": {"steps": "none", "fresh": 1, "fresh_as": "candidate"},
+    "chain": {"steps": "previous"},  # Bordalo et al.: latents of the single preceding step only
     "cosed": {"steps": "all"},
+    "mora": {"steps": "none", "fresh": 1, "fresh_as": "candidate"},  # step 1 only; then clips' last frames
+    "t2v": {"steps": "none", "fresh": 1, "fresh_as": "candidate"},  # no text-to-image: captions to the video model
+    "talc": {"steps": "none", "fresh": 1, "fresh_as": "candidate"},  # one time-aligned generation per task
 }
+# Old method names still accepted. ``previous`` was renamed ``chain`` (it is Bordalo et al.'s latent chaining,
+# not Mora, which chains on the previous clip's last frame).
+METHOD_ALIASES = {"previous": "chain"}
+
+
+def method_name(method: str) -> str:
+    """The method's current name (an alias resolved, with a one-line note on stderr)."""
+    if method in METHOD_ALIASES:
+        import sys
+
+        print(f"note: method {method!r} is now called {METHOD_ALIASES[method]!r} (Bordalo et al.'s latent "
+              "chaining); the old name still works", file=sys.stderr)
+    return METHOD_ALIASES.get(method, method)
 
 
 def method_config(cfg: RunConfig, method: str) -> RunConfig:
+    method = method_name(method)
     if method not in METHOD_POOLS:
         raise ValueError(f"unknown method {method!r}: use {', '.join(METHOD_POOLS)}")
-    return dataclasses.replace(cfg, pool=dataclasses.replace(cfg.pool, **METHOD_POOLS[method]))
+    return dataclasses.replace(cfg, method=method, pool=dataclasses.replace(cfg.pool, **METHOD_POOLS[method]))
 
 
 SELECTOR_VARIANTS = {
@@ -57,14 +74,16 @@ class EvalRun:
 def plan_runs(methods: list[str], variants: list[str] | None, cfg: RunConfig) -> list[EvalRun]:
     """Without variants, one run per method (folder = method). With them, ``independent`` runs once (it never
     scores candidates: one per step) and every other method once per variant (folder = method-variant)."""
+    methods = [method_name(m) for m in methods]
     for method in methods:
         method_config(cfg, method)
     if not variants:
         return [EvalRun(m, m, variant_label(cfg)) for m in methods]
     for variant in variants:
         variant_config(cfg, variant)
-    return [EvalRun(m, m, NO_SELECTOR) if m == "independent" else EvalRun(f"{m}-{v}", m, v)
-            for m in methods for v in (variants if m != "independent" else [NO_SELECTOR])]
+    unscored = ("independent", "mora", "t2v", "talc")
+    return [EvalRun(m, m, NO_SELECTOR) if m in unscored else EvalRun(f"{m}-{v}", m, v)
+            for m in methods for v in (variants if m not in unscored else [NO_SELECTOR])]
 
 
 def variant_label(cfg: RunConfig) -> str:
@@ -92,7 +111,9 @@ def run_config(cfg: RunConfig, run: EvalRun) -> RunConfig:
 def source_distance(step: dict) -> str:
     """How far back the chosen candidate's latent came from: '1' is the previous step."""
     source = step["candidates"][step["chosen"]]["source"]
-    return "fresh" if source["kind"] == "fresh" else str(step["step"] - source["step"])
+    if source.get("step") is None:  # fresh, or made from text alone (t2v, talc)
+        return source["kind"]
+    return str(step["step"] - source["step"])
 
 
 def read_manifests(out: str, method: str) -> list[dict]:
@@ -114,10 +135,13 @@ def metric_rows(out: str, methods: list[str]) -> list[dict]:
     rows = []
     for method in methods:
         for manifest in read_manifests(out, method):
+            seconds = manifest["video_frames"] / manifest["fps"] if manifest.get("fps") else None
             rows.append({
                 "task_id": manifest["task_id"], "method": method,
                 "clip_i": manifest["metrics"]["clip_i"], "clip_t": manifest["metrics"]["clip_t"],
                 "steps": len(manifest["steps"]),
+                # the paper's video length (Table 1): seconds of the joined video, and per scene
+                "video_seconds": seconds, "seconds_per_scene": seconds / len(manifest["steps"]) if seconds else None,
                 "source_distances": " ".join(source_distance(s) for s in manifest["steps"][1:]),
                 "transitions": manifest["config"].get("transitions", "cut"),
                 "boundary_mad": manifest["metrics"].get("boundary_mad"),  # `cosed.continuity`
@@ -145,6 +169,8 @@ def summarise(rows: list[dict], methods: list[str], seed: int = 0) -> dict:
                            "clip_i": bootstrap_mean([r["clip_i"] for r in mine], seed),
                            "clip_t": bootstrap_mean([r["clip_t"] for r in mine], seed),
                            "boundary_mad": bootstrap_mean([r.get("boundary_mad") for r in mine], seed),
+                           "video_seconds": bootstrap_mean([r["video_seconds"] for r in mine], seed),
+                           "seconds_per_scene": bootstrap_mean([r["seconds_per_scene"] for r in mine], seed),
                            "source_distances": dict(sorted(distances.items()))}
     return summary
 
@@ -160,6 +186,8 @@ def reach(distances: dict[str, int]) -> dict[str, float | int | None]:
 def ablation_rows(summary: dict, runs: list[EvalRun]) -> list[dict]:
     return [{"method": run.method, "variant": run.variant, "run": run.name, "tasks": summary[run.name]["tasks"],
              "clip_i": summary[run.name]["clip_i"], "clip_t": summary[run.name]["clip_t"],
+             "video_seconds": summary[run.name]["video_seconds"],
+             "seconds_per_scene": summary[run.name]["seconds_per_scene"],
              **reach(summary[run.name]["source_distances"])} for run in runs]
 
 
@@ -170,11 +198,12 @@ def _num(value, digits: int = 2) -> str:
 def ablation_csv(rows: list[dict]) -> str:
     buffer = io.StringIO()
     writer = csv.writer(buffer)
-    writer.writerow(["method", "variant", "tasks", "clip_i", "clip_i_low", "clip_i_high", "clip_t", "clip_t_low",
-                     "clip_t_high", "mean_steps_back", "max_steps_back", "fresh_share"])
+    measures = ("clip_i", "clip_t", "video_seconds", "seconds_per_scene")
+    writer.writerow(["method", "variant", "tasks", *(f"{m}{k}" for m in measures for k in ("", "_low", "_high")),
+                     "mean_steps_back", "max_steps_back", "fresh_share"])
     for r in rows:
         writer.writerow([r["method"], r["variant"], r["tasks"],
-                         *(_num(r[m][k], 4) for m in ("clip_i", "clip_t") for k in ("mean", "low", "high")),
+                         *(_num(r[m][k], 4) for m in measures for k in ("mean", "low", "high")),
                          _num(r["mean_steps_back"], 3), r["max_steps_back"] or "", _num(r["fresh_share"], 3)])
     return buffer.getvalue()
 
@@ -183,9 +212,11 @@ def ablation_markdown(rows: list[dict]) -> str:
     def stat(s: dict) -> str:
         return "–" if s["mean"] is None else f"{s['mean']:.2f} [{s['low']:.2f}, {s['high']:.2f}]"
 
-    lines = ["| method | selector | tasks | CLIP-I (95% CI) | CLIP-T (95% CI) | mean steps back | max back | fresh |",
-             "|---|---|---:|---|---|---:|---:|---:|"]
+    lines = ["| method | selector | tasks | CLIP-I (95% CI) | CLIP-T (95% CI) | video s (95% CI) | s per scene (95% CI) "
+             "| mean steps back | max back | fresh |",
+             "|---|---|---:|---|---|---|---|---:|---:|---:|"]
     lines += [f"| {r['method']} | {r['variant']} | {r['tasks']} | {stat(r['clip_i'])} | {stat(r['clip_t'])} | "
+              f"{stat(r['video_seconds'])} | {stat(r['seconds_per_scene'])} | "
               f"{_num(r['mean_steps_back']) or '–'} | {r['max_steps_back'] or '–'} | {_num(r['fresh_share']) or '–'} |"
               for r in rows]
     return "\n".join(lines) + "\n"
@@ -193,8 +224,8 @@ def ablation_markdown(rows: list[dict]) -> str:
 
 def rows_csv(rows: list[dict]) -> str:
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=["task_id", "method", "clip_i", "clip_t", "steps", "source_distances",
-                                                    "transitions", "boundary_mad"])
+    writer = csv.DictWriter(buffer, fieldnames=["task_id", "method", "clip_i", "clip_t", "steps", "video_seconds",
+                                                "seconds_per_scene", "source_distances", "transitions", "boundary_mad"])
     writer.writeheader()
     writer.writerows(rows)
     return buffer.getvalue()

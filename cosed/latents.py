@@ -32,6 +32,11 @@ class CandidateSource:
     def pooled(cls, step: int, iteration: int) -> "CandidateSource":
         return cls(kind="pool", step=step, iteration=iteration)
 
+    @classmethod
+    def last_frame(cls, step: int) -> "CandidateSource":
+        """The last frame of ``step``'s clip (the mora method)."""
+        return cls(kind="clip", step=step)
+
     def to_dict(self) -> dict:
         return asdict(self)
 

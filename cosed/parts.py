@@ -52,6 +52,17 @@ class TaskParts:
         ending = f"_{next_sha256[:HASH_CHARS]}" if next_sha256 else ""
         return storage.join(self.root, f"clip_{step:02d}_{scene_sha256[:HASH_CHARS]}{ending}.mp4")
 
+    def text_clip(self, step: int) -> str:
+        """The t2v method's clip of a step, before its first frame names the scene."""
+        return storage.join(self.root, f"t2v_{step:02d}.mp4")
+
+    def talc_scene(self, step: int) -> str:
+        """The talc method's scene (first frame of its part of the one generation), before it is named."""
+        return storage.join(self.root, f"talc_{step:02d}.png")
+
+    def talc_clip(self, step: int) -> str:
+        return storage.join(self.root, f"talc_{step:02d}.mp4")
+
     def step_tensors(self, step: int) -> str:
         return storage.join(self.root, f"step_{step:02d}.safetensors")
 

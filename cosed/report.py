@@ -52,7 +52,7 @@ def _arrows(steps: list[dict]) -> str:
         source = step["candidates"][step["chosen"]]["source"]
         x_from = (step["step"] - 0.5) * _COLUMN
         if source["kind"] != "pool":
-            parts.append(f'<text x="{x_from + 8}" y="58" font-size="11" fill="#888">fresh</text>')
+            parts.append(f'<text x="{x_from + 8}" y="58" font-size="11" fill="#888">{_e(source["kind"])}</text>')
             continue
         x_to = (source["step"] - 0.5) * _COLUMN
         lift = 10 + 14 * min(step["step"] - source["step"], 4)
@@ -117,9 +117,18 @@ def build_report(out: str, methods: list[str], summary: dict) -> str:
         warning = ('<div class="warn"><b>Random-weight models.</b> This run used the <code>tiny</code> profile: '
                    'small models with random weights, built offline to exercise the pipeline. The images are '
                    'noise-like and CLIP-I / CLIP-T here say nothing about quality.</div>')
+    untrained = [m for m in methods for x in by_method[m].values()
+                 if str(x.get("selector_weights", "")).startswith("untrained")][:1]
+    if untrained:
+        warning += ('<div class="warn"><b>Untrained selector.</b> No <code>--selector</code> checkpoint was given: '
+                    'the selector used shared random orthonormal maps, so its picks are close to plain CLIP '
+                    'similarity, not the paper\'s trained selector.</div>')
+    preset = first.get("preset", {}).get("name")
     rows = "".join(
         f"<tr><td>{_e(m)}</td><td>{summary[m]['tasks']}</td><td>{_fmt(summary[m]['clip_i'])}</td>"
-        f"<td>{_fmt(summary[m]['clip_t'])}</td><td>{_fmt(summary[m].get('boundary_mad') or {'mean': None})}</td>"
+        f"<td>{_fmt(summary[m]['clip_t'])}</td><td>{_fmt(summary[m]['video_seconds'])}</td>"
+        f"<td>{_fmt(summary[m]['seconds_per_scene'])}</td>"
+        f"<td>{_fmt(summary[m].get('boundary_mad') or {'mean': None})}</td>"
         f"<td>{_e(json.dumps(summary[m]['source_distances']))}</td></tr>"
         for m in methods)
     sections = "".join(
@@ -129,10 +138,11 @@ def build_report(out: str, methods: list[str], summary: dict) -> str:
     models = ", ".join(f"{k}: {_e(v)}" for k, v in first["models"].items())
     return (f'<!doctype html><html><head><meta charset="utf-8"><title>cosed report</title><style>{_CSS}</style>'
             f'</head><body><h1>cosed evaluation</h1><div>Profile <b>{_e(first["profile"])}</b> · seed {first["seed"]}'
-            f' · transitions {_e(first["config"].get("transitions", "cut"))} · {models}</div>{warning}'
+            f' · transitions {_e(first["config"].get("transitions", "cut"))} · {models}'
+            f'{" · preset <b>" + _e(preset) + "</b>" if preset else ""}</div>{warning}'
             f'<h2>Methods</h2><table class="cmp"><tr><th>method</th><th>tasks</th><th>CLIP-I (95% CI)</th>'
-            f'<th>CLIP-T (95% CI)</th><th>boundary MAD (lower: smoother)</th><th>chosen source (steps back)</th></tr>'
-            f'{rows}</table>'
+            f'<th>CLIP-T (95% CI)</th><th>video s (95% CI)</th><th>s per scene (95% CI)</th>'
+            f'<th>boundary MAD (lower: smoother)</th><th>chosen source (steps back)</th></tr>{rows}</table>'
             f'{_ablation(summary.get("ablation", []))}'
             f'<div class="plots"><img src="plots/clip_i_vs_clip_t.png" alt="CLIP-I vs CLIP-T">'
             f'<img src="plots/source_distance.png" alt="source distance"></div>'

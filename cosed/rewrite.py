@@ -62,18 +62,19 @@ def default_rewriter(tasks: list[Task]) -> str:
 
 
 class LMRewriter:
-    """Captions from a caption LM, step by step: each step's window holds the caption just made for the previous one."""
+    """Captions from a caption LM, step by step: each step's window holds step 1's raw text (at step 2) or the
+    caption just made for the previous step (`cosed.captioner.window_context`)."""
 
     def __init__(self, captioner: "Captioner"):
         self.captioner = captioner
         self.name = f"lm:{captioner.source}"
 
     def captions(self, task: Task) -> list[str]:
+        from cosed.captioner import window_context
+
         captions: list[str] = []
-        previous = ""
-        for step in task.steps:
-            previous = self.captioner.caption_pairs([(previous, step)])[0]
-            captions.append(previous)
+        for index, step in enumerate(task.steps):
+            captions.append(self.captioner.caption_pairs([(window_context(task.steps, captions, index), step)])[0])
         return captions
 
 

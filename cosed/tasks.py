@@ -25,7 +25,8 @@ LEASE = ".cosed-lease.json"
 CAPTIONS = ".cosed-captions"  # the lm rewriter's caption cache, shared by every node and every run of this output
 DONE = ".cosed-done"  # done markers, listed by the resume scan (`cosed.donemarks`)
 RESERVED_NAMES = frozenset({SUMMARY, ERRORS, ERRORS_DIR, LEASE, CAPTIONS, DONE, ".cosed-parts", "report.html", "metrics.csv", "plots", "logs",
-                            "selector.safetensors", "selector.json", "independent", "previous", "cosed"})
+                            "selector.safetensors", "selector.json", "independent", "previous", "chain",
+                            "cosed", "mora", "t2v", "talc"})
 
 MAX_ID_CHARS = 256
 MAX_TITLE_CHARS = 300

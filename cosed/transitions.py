@@ -51,11 +51,19 @@ def overlap_frames(cfg: RunConfig) -> int:
     return cfg.transition_frames if cfg.transitions == "dissolve" else 0
 
 
+SCENE_FROM_CLIP = ("mora", "t2v", "talc")  # methods whose scenes are frames of clips (`cosed.engine`)
+
+
 def check_keyframes(profile, pipeline_name: str | None, cfg: RunConfig, capable: list[str]) -> None:
     """Refuse ``keyframe`` for a video model that takes one image only, in one line naming the profiles that can."""
     from cosed.models.adapters import supports_keyframes
 
-    if cfg.transitions != "keyframe" or profile.backend == "simulated" or supports_keyframes(pipeline_name):
+    if cfg.transitions != "keyframe":
+        return
+    if cfg.method in SCENE_FROM_CLIP:  # their scenes come out of clips: no next scene to end on
+        raise ConfigError(f"--transitions keyframe needs scenes chosen before their clips; --method {cfg.method} "
+                          "makes each scene from a clip: use --transitions cut or dissolve with it")
+    if profile.backend == "simulated" or supports_keyframes(pipeline_name):
         return
     raise ConfigError(f"--transitions keyframe needs a video model that takes a last frame; profile {profile.name} "
                       f"({pipeline_name}) takes one image: use --transitions dissolve, or a profile that can: "

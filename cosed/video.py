@@ -19,7 +19,7 @@ from cosed.calls import ClipDone, ClipRequest
 from cosed.config import VideoConfig
 from cosed.generate import to_uint8
 from cosed.images import png_image
-from cosed.models.adapters import image_to_video_adapter
+from cosed.models.adapters import TEXT_TO_VIDEO, image_to_video_adapter
 from cosed.numerics import guarded
 from cosed.seeds import generator
 from cosed.transitions import shared_frames
@@ -53,6 +53,23 @@ def animate(pipe, image: np.ndarray, seed: int, video: VideoConfig, prompt: str 
                       **kwargs)
 
     output = guarded(runner, f"image-to-video ({type(runner).__name__})", call,
+                     lambda out: np.asarray(out.frames[0])[None])
+    return to_uint8(np.asarray(output.frames[0]))
+
+
+def text_to_video(pipe, prompt: str, seed: int, video: VideoConfig) -> np.ndarray:
+    """One scene's clip from its caption alone (the t2v method): ``pipe`` is the text-to-video pipeline
+    (`cosed.models.adapters.text_to_video_pipeline`); the image-to-video adapter's text arguments apply."""
+    image_to_video = {t2v: i2v for i2v, t2v in TEXT_TO_VIDEO.items()}
+    adapter = image_to_video_adapter(image_to_video.get(type(pipe).__name__, type(pipe).__name__))
+    adapter.check(video)
+
+    def call():
+        return pipe(height=video.height, width=video.width, num_frames=video.num_frames,
+                    num_inference_steps=video.num_inference_steps, generator=generator(seed), output_type="np",
+                    **adapter.call_kwargs(video, prompt))
+
+    output = guarded(pipe, f"text-to-video ({type(pipe).__name__})", call,
                      lambda out: np.asarray(out.frames[0])[None])
     return to_uint8(np.asarray(output.frames[0]))
 

@@ -7,10 +7,15 @@ import shutil
 import subprocess
 import sys
 
+from collections import Counter
+
 import pytest
+import torch
 from safetensors.torch import load_file, save_file
 
-from cosed.captioner import Captioner, CaptionCache, CaptionerConfig, PromptFormat, chat_messages, weights_checksum
+from cosed.caption_eval import read_pairs
+from cosed.captioner import (Captioner, CaptionCache, CaptionerConfig, PromptFormat, chat_messages, pair_input,
+                             weights_checksum, window_context)
 from cosed.cli import main
 from cosed.config import RunConfig
 from cosed.engine import _captioner_checksum, captioner_checksum, task_fingerprint
@@ -111,10 +116,10 @@ def test_the_lm_rewriter_captions_step_by_step_as_caption_pairs(twin, tiny_cache
     task = Task(id="cake", title="Cake", steps=tuple(step for _, step in PAIRS[:3]))
     rewriter = make_rewriter("lm", model="tiny:captioner", cache_dir=tiny_cache, cache_root=str(tmp_path / "r"))
     captions = rewriter.captions(task)
-    reference, previous = sibling(twin, tmp_path / "p"), ""
-    for step, caption in zip(task.steps, captions):
+    reference = sibling(twin, tmp_path / "p")
+    # The reference's window: nothing, then step 1's raw text, then the caption made for the step before.
+    for step, previous, caption in zip(task.steps, ["", task.steps[0], captions[1]], captions):
         assert reference.caption_pairs([(previous, step)]) == [caption]
-        previous = caption
     assert rewriter.captioner.generate_calls == 3 and rewriter.captioner.checksum == twin.checksum
 
 
@@ -162,7 +167,8 @@ def test_generate_with_the_lm_rewriter_records_captions_and_checksum(tiny_cache,
     twin = Captioner("tiny:captioner", cache_dir=tiny_cache, cache_root=str(tmp_path / "fresh"))
     assert manifest["captioner"] == twin.checksum and manifest["config"]["rewriter_model"] == "tiny:captioner"
     first = twin.caption_pairs([("", "Boil water.")])[0]
-    assert [s["caption"] for s in manifest["steps"]] == [first, twin.caption_pairs([(first, "Steep.")])[0]]
+    # step 2's window holds step 1's raw text, as the reference's
+    assert [s["caption"] for s in manifest["steps"]] == [first, twin.caption_pairs([("Boil water.", "Steep.")])[0]]
     assert main(args) == 0 and "1 skipped" in capsys.readouterr().out
 
 
@@ -247,3 +253,101 @@ def test_cosed_profiles_lists_the_captioner(capsys):
     assert main(["profiles"]) == 0
     out = capsys.readouterr().out
     assert "caption Qwen/Qwen2.5-0.5B-Instruct" in out.replace("  ", " ") and "tiny:captioner" in out
+
+
+@needs_shared_recipes()
+def test_the_step_2_window_holds_step_1s_raw_text_as_in_the_authors_pairs():
+    """A two-step pair of the authors' training file whose Step 1 is a recipe's raw first step: the input
+    built for that recipe's step 2 is the pair's input, character for character."""
+    recipes = json.loads((SHARED_RECIPES / "dataset.json").read_text())
+    pair = next(p for p in json.loads((SHARED_RECIPES / "captions_train.json").read_text())
+                if p["input"].startswith("Step 1: Cook linguine, according to the package instructions"))
+    steps = next(r["steps"] for r in recipes.values() if pair["input"].startswith(f"Step 1: {r['steps'][0]}\n"))
+    assert pair_input(window_context(steps, ["caption of step 1"], 1), steps[1]) + "\n" == pair["input"]
+    assert window_context(steps, ["c1", "c2"], 2) == "c2" and window_context(steps, [], 0) == ""
+
+
+@needs_shared_recipes()
+def test_the_recipe_split_shares_no_recipe_with_the_eval_file():
+    from cosed.train_captioner import read_recipes, split_by_eval_file
+
+    def pairs(name):
+        return read_pairs((SHARED_RECIPES / name).read_bytes(), skip_malformed=True)[0]
+
+    train, held = pairs("captions_train.json"), pairs("captions_eval.json")
+    recipes = read_recipes(str(SHARED_RECIPES / "dataset.json"))
+    kept, report = split_by_eval_file(train, held, recipes)
+    seen = Counter(" ".join(s.split()) for r in recipes.values() for s in set(r))
+    # a step text of one recipe only names that recipe ("Serve." names none)
+    owner = {" ".join(s.split()): rid for rid, r in recipes.items() for s in r if seen[" ".join(s.split())] == 1}
+
+    def recipes_of(chosen):
+        return {owner[" ".join(t.split())] for p in chosen for t in p[:2] if " ".join(t.split()) in owner}
+
+    assert recipes_of([train[i] for i in kept]).isdisjoint(recipes_of(held))
+    assert report["recipe_overlap"] == 0 and report["train_pairs"] == len(kept) > 1000
+    assert report["recipes_file_in_train"] == 509 and report["recipes_file"] == 1382
+
+
+def test_the_warmup_is_a_share_of_the_steps_on_this_transformers(tmp_path):
+    from cosed.train_captioner import CaptionerTrainConfig, training_arguments
+
+    args = training_arguments(CaptionerTrainConfig(warmup_ratio=0.03), str(tmp_path), "cpu")
+    assert args.get_warmup_steps(1000) == 30
+
+
+@needs_shared_recipes()
+def test_train_captioner_paper_recipe_trains_lora_adapters_only_and_reloads_them(tiny_cache, tmp_path, capsys):
+    from peft import PeftModel
+    from safetensors.torch import load_file as load_tensors
+
+    for name, count in (("captions_train.json", 24), ("captions_eval.json", 4)):
+        (tmp_path / name).write_text(json.dumps(json.loads((SHARED_RECIPES / name).read_text())[:count]))
+    out = tmp_path / "lora"
+    assert main(["train-captioner", "--recipe", "paper", "--pairs", str(tmp_path / "captions_train.json"),
+                 "--eval-pairs", str(tmp_path / "captions_eval.json"), "--recipes", str(SHARED_RECIPES / "dataset.json"),
+                 "--out", str(out), "--profile", "tiny", "--epochs", "1", "--cache-dir", str(tiny_cache),
+                 "--quiet"]) == 0
+    report = json.loads((out / "captioner.json").read_text())
+    base, _ = load_lm(Captioner("tiny:captioner", cache_dir=tiny_cache).folder, "cpu")
+    lora = sum(8 * (m.in_features + m.out_features) for name, m in base.named_modules()
+               if name.endswith(("q_proj", "v_proj")))
+    assert report["parameters"]["trainable"] == lora < report["parameters"]["total"] / 10
+    settings = report["settings"]
+    assert (settings["recipe"], settings["lr"], settings["batch_size"], settings["grad_accum"], settings["scheduler"],
+            settings["weight_decay"], settings["max_length"], settings["lora"]["r"], settings["lora"]["alpha"]) == (
+        "paper", 1e-5, 2, 4, "cosine", 0.01, 400, 8, 32)
+    assert report["split"]["recipe_overlap"] == 0 and report["data"]["held_out"] == 4
+    assert sorted(p.name for p in out.glob("*.safetensors")) == ["adapter_model.safetensors"]
+    adapters = load_tensors(str(out / "adapter_model.safetensors"))
+    assert sum(t.numel() for t in adapters.values()) == lora
+    reloaded = PeftModel.from_pretrained(base, str(out))
+    state = reloaded.state_dict()
+    for key, value in adapters.items():
+        match = [k for k in state if k.replace(".default", "") == key]
+        assert match and torch.equal(state[match[0]], value)
+    merged, tokenizer = load_lm(str(out), "cpu")  # the one LM loader merges the adapters into the base
+    assert not tokenizer.chat_template  # the saved captioner prompts in Alpaca, as trained
+    assert set(report["held_out"]) == {"trained", "base", "template"}
+    assert f"paper: {lora:,} of" in capsys.readouterr().out
+
+
+def test_an_adapter_folders_checksum_covers_its_base(tiny_cache, tmp_path):
+    """LoRA adapters alone do not decide the captions: the checksum (in the fingerprint) includes the base's."""
+    from safetensors.torch import save_file as save
+
+    base = Captioner("tiny:captioner", cache_dir=tiny_cache).folder
+    other = tmp_path / "other-base"
+    shutil.copytree(base, other)
+    weights = load_file(str(other / "model.safetensors"))
+    first = next(iter(weights))
+    weights[first] = weights[first] + 1
+    save(weights, str(other / "model.safetensors"))
+    sums = []
+    for name, root in (("a", base), ("b", other)):
+        folder = tmp_path / name
+        folder.mkdir()
+        save({"w": torch.zeros(2)}, str(folder / "adapter_model.safetensors"))
+        (folder / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": str(root)}))
+        sums.append(weights_checksum(str(folder)))
+    assert sums[0] != sums[1]

@@ -48,7 +48,8 @@ def generate(proxy: Proxy, out: str, tiny_cache, tmp_path, *extra: str, ray: boo
     env = {**os.environ, **CREDENTIALS, "AWS_ENDPOINT_URL": proxy.url, "PYTHONPATH": str(REPO),
            "COSED_CACHE": str(tmp_path / "cache"), "RAY_AUTH_MODE": "disabled"}
     return subprocess.Popen([sys.executable, "-m", "cosed.cli", "generate", *([] if ray else ["--no-ray"]), "--quiet",
-                             "--tasks", "s3://tasks/t.jsonl", "--out", out, "--cache-dir", str(tiny_cache), *extra],
+                             "--tasks", "s3://tasks/t.jsonl", "--out", out, "--cache-dir", str(tiny_cache),
+                             "--preset", "legacy", *extra],  # compared with the clean (legacy) outputs
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 

@@ -34,17 +34,17 @@ def evaluation(tmp_path_factory, tiny_cache):
 def test_evaluate_writes_rows_for_every_method(evaluation):
     rows = list(csv.DictReader((evaluation / "metrics.csv").open()))
     assert sorted({(r["method"], r["task_id"]) for r in rows}) == sorted(
-        (m, t["id"]) for m in ("independent", "previous", "cosed") for t in TASKS)
+        (m, t["id"]) for m in ("independent", "chain", "cosed") for t in TASKS)
     independent = [r for r in rows if r["method"] == "independent"]
     assert all(set(r["source_distances"].split()) <= {"fresh"} for r in independent)
-    previous = [r for r in rows if r["method"] == "previous"]
-    assert all(set(r["source_distances"].split()) <= {"1", "fresh"} for r in previous)
+    chain = [r for r in rows if r["method"] == "chain"]
+    assert all(set(r["source_distances"].split()) <= {"1", "fresh"} for r in chain)
     summary = json.loads((evaluation / "summary.json").read_text())
-    for method in ("independent", "previous", "cosed"):
+    for method in ("independent", "chain", "cosed"):
         stat = summary[method]["clip_t"]
         assert stat["low"] <= stat["mean"] <= stat["high"] and stat["n"] == 3
     assert [(r["method"], r["variant"]) for r in summary["ablation"]] == [
-        (m, "untrained") for m in ("independent", "previous", "cosed")]
+        (m, "untrained") for m in ("independent", "chain", "cosed")]
     for plot in ("clip_i_vs_clip_t.png", "source_distance.png"):
         assert Image.open(evaluation / "plots" / plot).size[0] > 300
 

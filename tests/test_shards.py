@@ -57,7 +57,7 @@ def test_generate_over_a_mixed_prefix_finishes_the_good_tasks(tmp_path, tiny_cac
     (root / "c.parquet").unlink()
     write_jsonl(root / "c.jsonl", [{**SAUCE, "id": "tea"}])  # b.json's tea came first
     assert main(["generate", "--tasks", str(root), "--out", str(out), "--no-ray", "--profile", "tiny",
-                 "--cache-dir", str(tiny_cache), "--quiet"]) == 1  # some tasks were rejected
+                 "--preset", "legacy", "--cache-dir", str(tiny_cache), "--quiet"]) == 1  # some tasks were rejected
     assert outputs(out) == clean_outputs("tiny", [TEA])
     errors = [json.loads(line) for line in (out / "errors.jsonl").read_text().splitlines()]
     assert [(e["source"], e["line"]) for e in errors] == [(str(root / "a.jsonl"), 1), (str(root / "c.jsonl"), 1)]

@@ -277,8 +277,23 @@ class RayBackend:
     def selector_scores(self, request):
         return self.dispatcher.call("clip", "selector_scores", request)
 
-    def animate(self, request):
-        raise RuntimeError("clip calls are sent by the job, not by drivers")
+    def animate(self, request, timeout_s: float = 3600.0, poll_s: float = 0.2):
+        """Clip calls are sent by the job, not by drivers: a driver that needs a clip (the mora method) waits
+        until the job has stored it."""
+        deadline = time.monotonic() + timeout_s
+        while (found := existing_clip(request)) is None:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"clip of task {request.task_id} step {request.step} not stored in {timeout_s:g} s")
+            time.sleep(poll_s)
+        return found
+
+    def text_to_video(self, request):
+        """The t2v method's clip: a call of the video pool (its model takes text alone)."""
+        return self.dispatcher.call("video", "text_to_video", request)
+
+    def talc_video(self, request):
+        """The talc method's one generation for a task: a call of the video pool."""
+        return self.dispatcher.call("video", "talc_video", request)
 
     def fetch(self, handle):
         return get_or_lost(handle, "the chosen candidate")

@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cosed.calls import ClipDone, ClipRequest
+from cosed.captioner import window_context
 from cosed.distributed.policies import (Admission, avoid_after_failure, call_patience, call_timeout, choose_actor,
                                         give_up, retry_backoff, sample_candidates)
 from cosed.lease import LeaseLost
@@ -658,7 +659,7 @@ class JobCore:
             pairs = []
             for task_id, step in items:
                 run = self.tasks[task_id]
-                pairs.append((run.captions[step - 1] if step else "", run.task.steps[step]))
+                pairs.append((window_context(run.task.steps, run.captions, step), run.task.steps[step]))
             actor = choose_actor(sample_candidates(members, lambda name: name in avoid, self.rng), self.load)
             self.load[actor] = self.load.get(actor, 0) + 1
             batch = next(self.ids)

@@ -160,9 +160,23 @@ def task_work(num_steps: int, cfg: RunConfig, costs: CostModel) -> TaskWork:
         calls["caption"] += math.ceil(num_steps / CAPTION_BATCH)
 
     clock = call("embed_texts", num_steps)
+    if cfg.method == "talc":  # one video-pool call for the whole task: about one clip's work per scene
+        video = costs.seconds("animate", 1) * num_steps
+        seconds[OPERATIONS["animate"]] += video
+        calls["animate"] += 1
+        clock += video + call("embed_images", num_steps) + call("embed_texts", num_steps)
+        return TaskWork(seconds=seconds, calls=calls, images=0, critical_path=clock)
     video_free = 0.0
     images = 0
     for step, count in enumerate(candidate_counts(num_steps, cfg.pool), start=1):
+        if cfg.method == "t2v" or (cfg.method == "mora" and step > 1):
+            # t2v: the scene's clip is made from its caption while sequencing (the job then finds it);
+            # mora: the scene waits for the previous clip, whose last frame it is
+            clock = clock + call("animate", 1) if cfg.method == "t2v" else max(clock, video_free)
+            clock += call("embed_images", 1)
+            if cfg.method == "mora":
+                video_free = max(video_free, clock) + call("animate", 1)
+            continue
         images += count
         clock += sum(call("render", len(b)) for b in batches(count, cfg.sd.batch_size))
         clock += call("embed_images", count)

@@ -185,6 +185,22 @@ IMAGE_TO_VIDEO: dict[str, ImageToVideoAdapter] = {
 }
 
 
+# Image-to-video pipelines whose model also takes text alone: the text-to-video pipeline class built from the
+# same components (the t2v method). SVD has none: it is conditioned on an image only.
+TEXT_TO_VIDEO: dict[str, str] = {"LTXImageToVideoPipeline": "LTXPipeline"}
+
+
+def text_to_video_pipeline(pipe):
+    """The text-to-video pipeline sharing ``pipe``'s loaded components (no second copy of the weights)."""
+    name = pipeline_name(pipe)
+    if name not in TEXT_TO_VIDEO:
+        raise ValueError(f"this profile's video model ({name}) takes no text alone, so it has no text-to-video "
+                         f"method: use a profile whose video model is one of {', '.join(sorted(TEXT_TO_VIDEO))}")
+    import diffusers
+
+    return getattr(diffusers, TEXT_TO_VIDEO[name])(**pipe.components)
+
+
 def _lookup(registry: dict, name: str, role: str):
     try:
         return registry[name]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import warnings
 from functools import cache
 from pathlib import Path
@@ -108,6 +109,14 @@ def load_lm(source: str, device: torch.device | str, dtype: str = "bfloat16"):
 
     quiet_libraries()
     device = torch.device(device)
+    adapters = Path(source) / "adapter_config.json"
+    if adapters.is_file():  # LoRA adapters (train-captioner --recipe paper): the base with them merged in
+        from peft import PeftModel
+
+        base = json.loads(adapters.read_text(encoding="utf-8"))["base_model_name_or_path"]
+        model, _ = load_lm(base, device, dtype)
+        model = PeftModel.from_pretrained(model, source).merge_and_unload()
+        return model.to(device).eval(), AutoTokenizer.from_pretrained(source, padding_side="left")
     try:
         config = AutoConfig.from_pretrained(source)
         model_cls = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
