@@ -39,7 +39,7 @@ def test_evaluate_reports_video_length_and_seconds_per_scene_with_intervals(tmp_
             (folder / "manifest.json").write_text(json.dumps({
                 "task_id": f"t{k}", "metrics": {"clip_i": 0.5, "clip_t": 0.3}, "steps": [{"step": n, "chosen": 0, "candidates": [{"source": {"kind": "fresh"}}]}
                                                    for n in range(1, steps + 1)],
-                "video_frames": frames, "fps": fps}))
+                "video_frames": frames, "fps": fps, "config": {}}))
     rows = metric_rows(str(tmp_path), ["cosed", "chain"])
     assert [(r["method"], r["video_seconds"], r["seconds_per_scene"]) for r in rows] == [
         ("cosed", 75 / 7, 75 / 7 / 3), ("cosed", 50 / 7, 25 / 7), ("chain", 75 / 7, 75 / 7 / 3), ("chain", 5.5, 2.75)]
