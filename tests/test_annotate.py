@@ -5,7 +5,6 @@ import asyncio
 import json
 import shutil
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -64,6 +63,7 @@ async def _answer_in_chromium(page: Path, downloads: Path, profile: Path, clicks
         async with aiohttp.ClientSession() as http, http.ws_connect(f"ws://127.0.0.1:{port}{path}",
                                                                      max_msg_size=0) as ws:
             ids = iter(range(1, 10_000))
+            events = []  # what the browser said between replies (the download's progress among it)
 
             async def send(method, params=None, session=None):
                 message = {"id": next(ids), "method": method, "params": params or {}}
@@ -75,8 +75,14 @@ async def _answer_in_chromium(page: Path, downloads: Path, profile: Path, clicks
                     if reply.get("id") == message["id"]:
                         assert "error" not in reply, reply
                         return reply["result"]
+                    events.append(reply)
 
-            await send("Browser.setDownloadBehavior", {"behavior": "allow", "downloadPath": str(downloads)})
+            def download_state():
+                states = [e["params"].get("state") for e in events if e.get("method") == "Browser.downloadProgress"]
+                return states[-1] if states else None
+
+            await send("Browser.setDownloadBehavior", {"behavior": "allow", "downloadPath": str(downloads),
+                                                       "eventsEnabled": True})
             target = (await send("Target.createTarget", {"url": page.as_uri()}))["targetId"]
             session = (await send("Target.attachToTarget", {"targetId": target, "flatten": True}))["sessionId"]
 
@@ -92,11 +98,10 @@ async def _answer_in_chromium(page: Path, downloads: Path, profile: Path, clicks
             for key, choice in clicks.items():
                 await evaluate(f"document.getElementById('{key}-{choice}').click()")
             await evaluate("document.getElementById('save').click()")
+            while download_state() not in ("completed", "canceled"):  # the browser says when the file is whole
+                events.append(await asyncio.wait_for(ws.receive_json(), 60))
+            assert download_state() == "completed", events[-3:]
     finally:
-        for _ in range(100):
-            if any(downloads.glob("*.json")):
-                break
-            time.sleep(0.1)
         process.terminate()
         process.wait(timeout=30)
 

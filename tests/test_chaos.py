@@ -209,7 +209,9 @@ def test_a_rebalance_moves_an_actor_from_an_idle_pool_to_a_busy_one(tmp_path, ti
     replaced = [m for m in moves if "replacement" in m]
     assert replaced and all(f"-{m['to']}-" in m["replacement"] for m in replaced)
     served = {a["name"]: a for a in summary.actors}
-    assert any(served.get(m["replacement"], {}).get("kind") == m["to"] for m in replaced)
+    # A replacement that came up before the run ended serves in the pool it was made for. (Whether one comes up
+    # in time is a race with the run's end, so it is not asserted; a new actor taking work: `test_elastic`.)
+    assert all(served[m["replacement"]]["kind"] == m["to"] for m in replaced if m["replacement"] in served)
 
 
 @ray.remote(num_gpus=1, num_cpus=0)

@@ -61,7 +61,8 @@ def _submit(head, submission_id: str, tiny_cache, wait: bool) -> subprocess.Comp
                            f"--submission-id={submission_id}", *([] if wait else ["--no-wait"]), "--",
                            "python", "ray_jobs/generate.py", "--tasks", "s3://tasks/t.jsonl",
                            "--out", f"s3://videos/{PREFIX}", "--cache-dir", str(tiny_cache), "--quiet",
-                           "--config", env["COSED_CHAOS_CONFIG"]],
+                           "--config", env["COSED_CHAOS_CONFIG"],
+                           "--preset", "legacy"],  # compared with the clean (legacy) outputs
                           env=env, capture_output=True, text=True, timeout=600)
 
 
