@@ -47,13 +47,19 @@ def animate(pipe, image: np.ndarray, seed: int, video: VideoConfig, prompt: str 
     runner, kwargs = (pipe, {"image": still, **adapter.call_kwargs(video, prompt)}) if last is None else (
         keyed or adapter.keyframe_pipeline(pipe), adapter.keyframe_kwargs(still, resized(last), video, prompt))
 
-    def call():
-        return runner(height=video.height, width=video.width, num_frames=video.num_frames,
-                      num_inference_steps=video.num_inference_steps, generator=generator(seed), output_type="np",
-                      **kwargs)
+    return _clip_frames(runner, "image-to-video", seed, video, kwargs)
 
-    output = guarded(runner, f"image-to-video ({type(runner).__name__})", call,
-                     lambda out: np.asarray(out.frames[0])[None])
+
+def _clip_frames(pipe, what: str, seed: int, video: VideoConfig, kwargs: dict) -> np.ndarray:
+    """The one call of a video pipeline, shared by image-to-video and text-to-video: size, frames, steps and
+    seed from ``video``; ``kwargs`` what the adapter adds; numerics guarded as every model call is."""
+
+    def call():
+        return pipe(height=video.height, width=video.width, num_frames=video.num_frames,
+                    num_inference_steps=video.num_inference_steps, generator=generator(seed), output_type="np",
+                    **kwargs)
+
+    output = guarded(pipe, f"{what} ({type(pipe).__name__})", call, lambda out: np.asarray(out.frames[0])[None])
     return to_uint8(np.asarray(output.frames[0]))
 
 
@@ -63,15 +69,7 @@ def text_to_video(pipe, prompt: str, seed: int, video: VideoConfig) -> np.ndarra
     image_to_video = {t2v: i2v for i2v, t2v in TEXT_TO_VIDEO.items()}
     adapter = image_to_video_adapter(image_to_video.get(type(pipe).__name__, type(pipe).__name__))
     adapter.check(video)
-
-    def call():
-        return pipe(height=video.height, width=video.width, num_frames=video.num_frames,
-                    num_inference_steps=video.num_inference_steps, generator=generator(seed), output_type="np",
-                    **adapter.call_kwargs(video, prompt))
-
-    output = guarded(pipe, f"text-to-video ({type(pipe).__name__})", call,
-                     lambda out: np.asarray(out.frames[0])[None])
-    return to_uint8(np.asarray(output.frames[0]))
+    return _clip_frames(pipe, "text-to-video", seed, video, adapter.call_kwargs(video, prompt))
 
 
 def rgb_to_yuv420p(frame: np.ndarray) -> np.ndarray:
