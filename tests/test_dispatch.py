@@ -62,7 +62,10 @@ class Echo:
 
 
 def dispatcher(names, members=None, seed=0, **policy):
-    members = members or {"sd": {name: Echo.remote(name) for name in names}}
+    """A dispatcher over Echo actors published once they answer, as the job's pools publish members."""
+    if not members:
+        members = {"sd": {name: Echo.remote(name) for name in names}}
+        ray.get([handle.probes.remote() for handle in members["sd"].values()])
     return Dispatcher(Membership(1, members), CallPolicy(**{"timeout_floor_s": 30.0, **policy}), seed=seed)
 
 
@@ -109,7 +112,8 @@ class Gate:
 def test_a_caller_sees_every_callers_work():
     """Two drivers share a pool of two: the second sees the first one's calls and picks the idle actor."""
     first = dispatcher(["a", "b"])
-    second = dispatcher([], members=first.membership.members, seed=7)
+    # Every probe must be answered here: an unanswered one counts as busy, which is tested elsewhere.
+    second = dispatcher([], members=first.membership.members, seed=7, probe_timeout_s=60.0)
     gate = Gate.remote()
     refs, busy, *_ = first.submit("sd", "run", (0.0, [gate.wait.remote()]))  # runs until the gate opens
     assert {second.pick("sd")[0] for _ in range(6)} == {"a", "b"} - {busy}

@@ -76,6 +76,7 @@ class CallPolicy:
     timeout_floor_s: float = 120.0
     attempts: int = 4
     restart_wait_s: float = 900.0  # how long a call waits for the only actors of a pool to come back
+    probe_timeout_s: float = QUEUE_TIMEOUT_S  # a probe unanswered this fast counts the actor as busy
     expected: dict[str, float] = field(default_factory=dict)
 
     @classmethod
@@ -211,7 +212,7 @@ class Dispatcher:
             return candidates[0], members[candidates[0]], 0
         refs = {members[name].queued.remote(): name for name in candidates}
         self.probes.probes += len(refs)
-        ready, _ = ray.wait(list(refs), num_returns=len(refs), timeout=QUEUE_TIMEOUT_S)
+        ready, _ = ray.wait(list(refs), num_returns=len(refs), timeout=self.policy.probe_timeout_s)
         queued = {}
         for ref in ready:
             try:
