@@ -160,9 +160,17 @@ def sequence_task(task: Task, captions: list[str], backend: Backend, cfg: RunCon
         settled()
     shape = backend.latent_shape(cfg.sd)
     keep = THUMBNAIL_PX if cfg.save_candidates else 0
-    with timer.phase("clip_select"):
-        caption_embeddings = backend.embed_texts(EmbedTexts(tuple(captions)))
-        cut_embeddings = selector_texts(captions, caption_embeddings, backend, cfg)
+    caption_embeddings = cut_embeddings = None  # embedded once step 1's render is out (`texts`)
+
+    def texts() -> tuple[np.ndarray, np.ndarray]:
+        """The captions' CLIP embeddings, made when first needed: after step 1's render, so that a run's
+        first SD calls never wait behind every task's text embedding on the CLIP pool."""
+        nonlocal caption_embeddings, cut_embeddings
+        if caption_embeddings is None:
+            caption_embeddings = backend.embed_texts(EmbedTexts(tuple(captions)))
+            cut_embeddings = selector_texts(captions, caption_embeddings, backend, cfg)
+        return caption_embeddings, cut_embeddings
+
     for number, (text, caption) in enumerate(zip(task.steps, captions), start=1):
         if number <= len(steps):
             continue
@@ -197,6 +205,7 @@ def sequence_task(task: Task, captions: list[str], backend: Backend, cfg: RunCon
             rendered = backend.render(requests)
         handles = [handle for batch in rendered for handle in batch.images]
         with timer.phase("clip_select"):
+            caption_embeddings, cut_embeddings = texts()
             embeddings = backend.embed_images(EmbedImages(tuple(handles)))
             image_embeddings, key_embeddings = embeddings[:len(sources)], embeddings[len(sources):]
             if number == 1 and user is None:

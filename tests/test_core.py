@@ -9,8 +9,9 @@ import pytest
 from cosed.calls import ClipDone, ClipRequest
 from cosed.cli import main
 from cosed.config import RunConfig, VideoConfig
-from cosed.distributed.core import (CancelClip, CancelWriter, DriverFailed, JobCore, RecordFailure, ReplaceDriver,
-                                    Retrying, SendCaptions, SendClip, Sequenced, StartTask, StartWriter, Stop)
+from cosed.distributed.core import (CancelClip, CancelWriter, CorePolicy, DriverFailed, JobCore, RecordFailure,
+                                    ReplaceDriver, Retrying, SendCaptions, SendClip, Sequenced, StartTask, StartWriter,
+                                    Stop)
 from cosed.distributed.costs import CostModel
 from cosed.distributed.policies import admission
 from cosed.distributed.preemptions import PreemptionModel, parse_rate
@@ -160,7 +161,7 @@ def test_a_failed_task_cancels_the_clip_calls_nobody_else_waits_for():
     assert [r.task_id for r in of(RecordFailure, actions)] == [first.task.id]
     assert [c.call for c in of(CancelClip, actions)] == [mine.call]  # not the other task's call
     assert job.on_clip_result(mine.call, None, "retry", "TaskCancelledError", 4.0) == []  # its answer is ignored
-    assert sum(job.load.values()) == 1  # only the other task's call is counted on an actor
+    assert sum(job.slots.load.values()) == 1  # only the other task's call is counted on an actor
     assert of(StartWriter, job.on_driver_events(second.driver, tag(second, Sequenced(1)), 5.0)) == []
     assert of(StartWriter, job.on_clip_result(other.call, ClipDone(other.request.clip, 1, 6), None, "", 6.0))
 
@@ -356,3 +357,37 @@ def test_a_task_whose_captions_cannot_be_made_is_its_own_error_and_the_window_go
     assert not window.exhausted and core.more
     core.tasks.clear()  # as if all three finished
     assert window.refill() == 1 and window.exhausted and not core.more and list(core.queue)[-1] == "t4"
+
+
+def test_slots_bind_each_call_to_the_least_loaded_actor_and_hold_none_past_the_depth():
+    from cosed.distributed.slots import Slots
+
+    slots = Slots(depth=2)
+    slots.set_members(["a", "b", "c"])
+    assert [slots.take() for _ in range(3)] == ["a", "b", "c"]  # each idle actor before any gets a second
+    assert slots.take(avoid={"a"}) == "b"
+    assert [slots.take(), slots.take()] == ["a", "c"]
+    assert slots.take() is None and slots.open == 0  # all full: the next call waits in the job
+    slots.give("b")
+    assert slots.open == 1 and slots.take() == "b"  # the first actor that frees takes it
+    slots.set_members(["a", "c"])  # "b" left with two calls out: they are counted until answered
+    slots.give("b")
+    assert slots.load["b"] == 1 and slots.take() is None  # and never make "b" a member again
+
+
+def test_clips_past_the_video_actors_room_wait_in_the_job_and_go_to_the_first_actor_that_frees():
+    """Late binding: two video actors hold two clips each; the fifth and sixth wait in the job, oldest first,
+    and each goes to whichever actor answers first, never queued behind another on an actor drawn early."""
+    tasks = [Task(id=f"t{i}", title="", steps=("a",)) for i in range(6)]
+    job = JobCore([(t, f"fp-{t.id}", ["c"]) for t in tasks], 6, admission(6), CorePolicy(clip_depth=2))
+    starts = of(StartTask, job.start(0.0) + job.on_members("video", ["v0", "v1"], 0.0))
+    sent = []
+    for start in starts:
+        sent += of(SendClip, job.on_driver_events(start.driver, tag(start, clip(start.task, 1), Sequenced(1)), 1.0))
+    assert sorted(s.actor for s in sent) == ["v0", "v0", "v1", "v1"] and len(job.held) == 2
+    on_v1 = [s for s in sent if s.actor == "v1"][0]
+    (next_one,) = of(SendClip, job.on_clip_result(on_v1.call, ClipDone(on_v1.request.clip, 1, 6), None, "", 2.0))
+    assert next_one.actor == "v1" and next_one.request.task_id == starts[4].task.id  # the oldest waiting clip
+    on_v0 = [s for s in sent if s.actor == "v0"][0]
+    (last,) = of(SendClip, job.on_clip_result(on_v0.call, None, "fatal", "ValueError: bad scene", 3.0))
+    assert last.actor == "v0" and last.request.task_id == starts[5].task.id and not job.held

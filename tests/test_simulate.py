@@ -57,3 +57,32 @@ def test_outputs_are_derived_from_inputs(latency):
     assert clip.shape == (cfg.video.num_frames, cfg.video.height, cfg.video.width, 3)
     np.testing.assert_array_equal(clip, backend.frames(first.images[0], clip_request(cfg, 3)))
     assert not np.array_equal(clip, backend.frames(first.images[0], clip_request(cfg, 4)))
+
+
+def test_a_task_renders_its_first_step_before_the_clip_pool_embeds_its_captions(latency):
+    """`engine.sequence_task`'s call order, which the cost model and the simulator follow: step 1's SD call
+    goes out before the captions' CLIP embedding (a run's first wave then never waits on the CLIP pool)."""
+    from cosed.engine import sequence_task
+    from cosed.tasks import Task
+
+    profile, cfg = latency
+    calls = []
+
+    class Recording(simulate.SimulatedBackend):
+        def render(self, requests):
+            calls.append("render")
+            return super().render(requests)
+
+        def embed_texts(self, request):
+            calls.append("embed_texts")
+            return super().embed_texts(request)
+
+        def embed_images(self, request):
+            calls.append("embed_images")
+            return super().embed_images(request)
+
+    task = Task(id="t", title="T", steps=("one", "two", "three"))
+    sequence_task(task, ["c1", "c2", "c3"], Recording(profile, cfg, time_scale=0), cfg)
+    assert calls[:3] == ["render", "embed_texts", "embed_images"] or \
+        calls[:4] == ["render", "embed_texts", "embed_texts", "embed_images"]  # cut captions embedded too
+    assert calls.count("embed_texts") == (2 if cfg.selector_text_chars is None else 3)  # and once for CLIP-T

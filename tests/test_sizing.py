@@ -331,3 +331,25 @@ def test_a_busy_window_over_a_replacement_reads_the_true_busy_fraction():
     # A restart is a new life of the same actor: its old counters do not turn into a negative delta.
     latest = {**latest, "b#2": Sample("video", busy=8.0, alive=10.0)}
     assert window_busy(start, latest)["video"] == pytest.approx((32 + 80 + 40 + 8) / (40 + 100 + 50 + 10))
+
+
+def test_leads_move_whole_gpus_to_the_pool_that_must_end_first():
+    """A pool that cannot work at one end of the run (`costs.pool_leads`: SD's last scene still needs its clip)
+    gets the GPUs that even out work per GPU plus lead; with no work known, leads change nothing."""
+    even = plan_cluster(RayConfig(), [Node(cpus=64, gpus=16)], work(sd=250, video=750), COSTS)
+    led = plan_cluster(RayConfig(), [Node(cpus=64, gpus=16)], work(sd=250, video=750), COSTS,
+                       leads={"sd": 20.0, "video": 0.0})
+    assert (even.pools["sd"].replicas, even.pools["video"].replicas) == (4, 12)
+    assert (led.pools["sd"].replicas, led.pools["video"].replicas) == (5, 11)  # 250/5 + 20 = 70 vs 750/11 = 68
+    blind = plan_cluster(RayConfig(), [Node(cpus=64, gpus=16)], work(sd=0, video=0, clip=0), COSTS,
+                         leads={"sd": 1000.0})
+    assert shape(blind) == shape(plan_cluster(RayConfig(), [Node(cpus=64, gpus=16)], work(sd=0, video=0, clip=0),
+                                              COSTS))
+
+
+def test_pool_leads_are_the_first_scene_for_video_and_one_clip_for_sd():
+    from cosed.distributed.costs import pool_leads
+
+    leads = pool_leads(CFG, COSTS)
+    assert leads["sd"] == pytest.approx(45.0)
+    assert leads["video"] == pytest.approx(2.5 + 4 * 2.1 + 0.01 + 4 * 0.004)  # step 1: one batch of 4, scored

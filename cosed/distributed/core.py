@@ -9,6 +9,9 @@ A task's life (one attempt at a time)::
 A driver chooses the task's scenes and reports each one as a `ClipRequest`; the
 job (this core) sends every clip call itself, so a clip never depends on the
 driver that asked for it (a driver's death costs only the task it sequences).
+Clips are bound to a video actor late: each actor holds at most ``clip_depth``
+of them and the rest wait here, oldest first, for the first actor that frees
+(`slots.Slots`), so the run's last clips never queue behind others.
 Clip calls are keyed by the clip's URI (task fingerprint, step, scene hash): a later
 attempt of the same task joins the call already running instead of rendering
 again. Once a task is sequenced and all its clips are stored, a writer
@@ -40,6 +43,7 @@ from cosed.calls import ClipDone, ClipRequest
 from cosed.captioner import window_context
 from cosed.distributed.policies import (Admission, avoid_after_failure, call_patience, call_timeout, choose_actor,
                                         give_up, retry_backoff, sample_candidates)
+from cosed.distributed.slots import Slots
 from cosed.lease import LeaseLost
 from cosed.storage import StorageUnavailable
 from cosed.tasks import Task
@@ -197,6 +201,7 @@ class CorePolicy:
     timeout_factor: float = 10.0
     clip_seconds: float = 1.0  # expected seconds of one clip call (measured ones replace it)
     caption_batch: int = 8  # pairs per caption call: one generate call of the captioner
+    clip_depth: int = 2  # clips on one video actor at once (one running, one ready); the rest wait in the job
 
     def clip_timeout(self, queued_ahead: int) -> float:
         return call_timeout(self.timeout_floor_s, self.timeout_factor, self.clip_seconds, queued_ahead)
@@ -222,11 +227,12 @@ class JobCore:
         self.calls: dict[int, str] = {}  # call id -> clip URI (the current submission only)
         self.done_clips: set[str] = set()
         self.members: dict[str, list[str]] = {"video": [], "caption": []}
-        self.load: dict[str, int] = {}  # actor -> calls this core has outstanding on it
+        self.load: dict[str, int] = {}  # caption actor -> calls this core has outstanding on it
+        self.slots = Slots(policy.clip_depth)  # video actors' room: clips are bound to one as it frees
         self.ids = itertools.count(1)
         self.rng = random.Random(seed)
         self.timers: list[tuple[float, int, str, Any]] = []
-        self.resend: deque[str] = deque()  # clip URIs waiting for a video actor
+        self.held: deque[str] = deque()  # clip URIs waiting for a video actor's room (new and resent), oldest first
         self.captioning: dict[int, tuple[str, list[tuple[str, int]]]] = {}  # batch -> (actor, (task id, step))
         self.caption_waiting: deque[tuple[str, int]] = deque()
         self.caption_avoid: dict[tuple[str, int], str] = {}  # (task id, step) -> the actor its last call failed on
@@ -295,6 +301,8 @@ class JobCore:
     def on_members(self, kind: str, names: list[str], now: float) -> list:
         """The live members of a pool the job itself sends calls to (video, caption)."""
         self.members[kind] = list(names)
+        if kind == "video":
+            self.slots.set_members(names)
         for name in names:
             self.load.setdefault(name, 0)
         return self._admit(now)
@@ -468,9 +476,9 @@ class JobCore:
                 if self.calls.get(call) == uri:
                     actions.append(CancelClip(call))
                     actions += self.on_clip_result(call, None, "retry", "did not answer in time", now)
-            elif kind == "resend":
+            elif kind == "resend":  # its backoff is over
                 if key in self.clips and self.clips[key].actor is None and key not in self.done_clips:
-                    self.resend.append(key)
+                    self.held.append(key)
             elif kind == "caption":
                 run = self.tasks.get(key[0])
                 if run is not None and run.state == CAPTIONING:
@@ -489,25 +497,30 @@ class JobCore:
             clip.waiting.add(run.task.id)
             return []
         self.clips[uri] = ClipCall(request, {run.task.id})
-        return self._send(uri, now)
+        self.held.append(uri)
+        return self._send(now)
 
-    def _send(self, uri: str, now: float) -> list:
-        members = self.members["video"]
-        clip = self.clips[uri]
-        if not members:
-            self.resend.append(uri)
-            return []
-        tried = avoid_after_failure(clip.tried, len(members))
-        candidates = sample_candidates(members, lambda name: name in tried, self.rng)
-        actor = choose_actor(candidates, self.load)
-        queued = self.load.get(actor, 0)
-        clip.actor = actor
-        clip.call = next(self.ids)
-        self.calls[clip.call] = uri
-        self.load[actor] = queued + 1
-        timeout = self.policy.clip_timeout(queued)
-        self._timer(now + timeout, "clip-timeout", (clip.call, uri))
-        return [SendClip(clip.call, actor, clip.request, timeout)]
+    def _send(self, now: float) -> list:
+        """Send held clips, oldest first, while a video actor has room (`Slots`: late binding)."""
+        actions: list = []
+        while self.held and self.slots.open:
+            uri = self.held[0]
+            clip = self.clips.get(uri)
+            if clip is None or clip.actor is not None or uri in self.done_clips:
+                self.held.popleft()
+                continue
+            actor = self.slots.take(avoid_after_failure(clip.tried, len(self.members["video"])))
+            if actor is None:
+                break  # only actors this clip just failed on have room: it waits for another
+            self.held.popleft()
+            queued = self.slots.load[actor] - 1
+            clip.actor = actor
+            clip.call = next(self.ids)
+            self.calls[clip.call] = uri
+            timeout = self.policy.clip_timeout(queued)
+            self._timer(now + timeout, "clip-timeout", (clip.call, uri))
+            actions.append(SendClip(clip.call, actor, clip.request, timeout))
+        return actions
 
     def _clip_done(self, uri: str, actions: list) -> None:
         clip = self.clips.pop(uri)
@@ -575,7 +588,7 @@ class JobCore:
 
     def _unload(self, clip: ClipCall) -> None:
         if clip.actor is not None:
-            self.load[clip.actor] = max(0, self.load.get(clip.actor, 1) - 1)
+            self.slots.give(clip.actor)
 
     def _remove_write_ready(self, task_id: str) -> None:
         try:
@@ -617,10 +630,7 @@ class JobCore:
         if self.stopped is not None:
             return []
         actions: list = []
-        while self.resend and self.members["video"]:
-            uri = self.resend.popleft()
-            if uri in self.clips and self.clips[uri].actor is None and uri not in self.done_clips:
-                actions += self._send(uri, now)
+        actions += self._send(now)
         actions += self._admit_captions()
         pressure = self.pressure_since is not None
         while self.queue and self.admission.may_sequence(len(self.idle), self.past_sequencing, pressure):

@@ -159,7 +159,7 @@ def task_work(num_steps: int, cfg: RunConfig, costs: CostModel) -> TaskWork:
         seconds[CAPTION] += num_steps * (caption.per_item + caption.fixed / CAPTION_BATCH)
         calls["caption"] += math.ceil(num_steps / CAPTION_BATCH)
 
-    clock = call("embed_texts", num_steps)
+    clock = 0.0
     if cfg.method == "talc":  # one video-pool call for the whole task: about one clip's work per scene
         video = costs.seconds("animate", 1) * num_steps
         seconds[OPERATIONS["animate"]] += video
@@ -179,6 +179,8 @@ def task_work(num_steps: int, cfg: RunConfig, costs: CostModel) -> TaskWork:
             continue
         images += count
         clock += sum(call("render", len(b)) for b in batches(count, cfg.sd.batch_size))
+        if images == count:  # the captions are embedded once the first render is out (`engine.sequence_task`)
+            clock += sum(call("embed_texts", num_steps) for _ in range(1 if cfg.selector_text_chars is None else 2))
         clock += call("embed_images", count)
         if step > 1:
             clock += call("selector_scores", count)
@@ -186,6 +188,19 @@ def task_work(num_steps: int, cfg: RunConfig, costs: CostModel) -> TaskWork:
             video_free = max(video_free, clock) + call("animate", 1)
     clock += call("embed_texts", num_steps)
     return TaskWork(seconds=seconds, calls=calls, images=images, critical_path=max(clock, video_free))
+
+
+def pool_leads(cfg: RunConfig, costs: CostModel) -> dict[str, float]:
+    """Seconds at one end of a run that a pool cannot work, whatever its size: the video pool waits for the
+    first scenes (step 1's first batch and its scoring); the SD pool's last scene still needs its clip
+    rendered after it. Pools are split so that work per GPU plus lead is even (`sizing.plan_cluster`): it
+    changes nothing on a long run and a few GPUs on a short, wide one, where these seconds are a few
+    percent of the makespan."""
+    if cfg.method in ("t2v", "talc"):  # no text-to-image: the video pool starts on the captions
+        return {"video": costs.seconds("embed_texts", 1)}
+    first = candidate_counts(1, cfg.pool)[0]
+    return {"video": costs.seconds("render", min(first, cfg.sd.batch_size)) + costs.seconds("embed_images", first),
+            "sd": costs.seconds("animate", 1)}
 
 
 def flow_order(tasks: list, cfg: RunConfig, costs: CostModel, capacity: dict[str, float]) -> list:

@@ -28,7 +28,7 @@ from ray.util.scheduling_strategies import NodeLabelSchedulingStrategy, NotIn
 from cosed.config import RunConfig
 from cosed.distributed import telemetry
 from cosed.distributed.actors import remote_worker
-from cosed.distributed.costs import CostModel, TaskWork, measured_factors, pool_totals
+from cosed.distributed.costs import CostModel, TaskWork, measured_factors, pool_leads, pool_totals
 from cosed.distributed.dispatch import Membership
 from cosed.distributed.policies import (Sample, call_timeout, hung, needs_rescue, rescue_donor, unreachable_limit,
                                         window_busy)
@@ -108,7 +108,9 @@ class Pools:
         self.actors: dict[str, Actor] = {}
         self.pending: list[Pending] = []
         nodes = nodes if nodes is not None else nodes_now()
-        self.cluster_plan: ClusterPlan = plan_cluster(cfg.ray, nodes, self.work, self.costs, self.drivers_hint)
+        self.leads = pool_leads(cfg, self.costs)
+        self.cluster_plan: ClusterPlan = plan_cluster(cfg.ray, nodes, self.work, self.costs, self.drivers_hint,
+                                                      self.leads)
         self.plan: dict[str, PoolPlan] = self.cluster_plan.pools
         self.failures: dict[str, StartFailures] = {kind: StartFailures() for kind in self.plan}
         self.sized_for = self._cluster_key(nodes)  # nodes that join later, even during start, bring growth

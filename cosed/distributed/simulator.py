@@ -37,7 +37,7 @@ from cosed.config import RunConfig
 from cosed.distributed.core import (CancelClip, CancelWriter, CorePolicy, JobCore, RecordFailure, ReplaceDriver,
                                     Retrying, SendCaptions, SendClip, Sequenced, StartTask, StartWriter, Stop)
 from cosed.distributed.costs import (CAPTION, PLAN_SAMPLE, CostModel, batch_work, candidate_counts,
-                                    estimated_work, flow_order, full_batch_seconds)
+                                    estimated_work, flow_order, full_batch_seconds, pool_leads)
 from cosed.distributed.policies import Sample, admission, choose_actor, host_node, sample_candidates, window_busy
 from cosed.distributed.preemptions import LostWork, NodeLoss, PreemptionModel
 from cosed.distributed.sizing import (ClusterPlan, Node, PoolPlan, free_room, grow_pools, place, plan_cluster,
@@ -140,7 +140,7 @@ class Simulation(NodeLoss):
         planned = estimated_work(step_counts[:PLAN_SAMPLE], len(step_counts), cfg, costs)  # as the runtime plans
         self.nodes = cluster.nodes(cluster.gpus)
         hint = planned.critical_path / planned.total if planned.total else None
-        self.plan = plan_cluster(cfg.ray, self.nodes, planned.seconds, costs, hint)
+        self.plan = plan_cluster(cfg.ray, self.nodes, planned.seconds, costs, hint, pool_leads(cfg, costs))
         self.kinds = tuple(self.plan.pools)
         self.actors: dict[str, SimActor] = {}
         self.names = itertools.count()
@@ -367,7 +367,12 @@ class Simulation(NodeLoss):
                 left["n"] -= 1
                 if left["n"]:
                     return
-                call("clip", self.costs.seconds("embed_images", count), scored if number == 1 else select)
+                then = scored if number == 1 else select
+                if number == 1:  # the captions' embeddings are first needed to score step 1
+                    call("clip", self.costs.seconds("embed_texts", steps),
+                         lambda: call("clip", self.costs.seconds("embed_images", count), then))
+                else:
+                    call("clip", self.costs.seconds("embed_images", count), then)
 
             def select() -> None:
                 call("clip", self.costs.seconds("selector_scores", count), scored)
@@ -383,7 +388,7 @@ class Simulation(NodeLoss):
             for rows in parts:
                 call("sd", self.costs.seconds("render", len(rows)), rendered)
 
-        call("clip", self.costs.seconds("embed_texts", steps), lambda: step(1))
+        step(1)
 
     # -- the pools' periodic check: growth and rebalancing ----------------------------------------------
     def _tick(self) -> None:

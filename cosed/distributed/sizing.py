@@ -167,7 +167,7 @@ class ClusterPlan:
 
 
 def plan_cluster(ray_cfg: RayConfig, nodes: list[Node], work: dict[str, float], costs: CostModel,
-                 drivers_hint: float | None = None) -> ClusterPlan:
+                 drivers_hint: float | None = None, leads: dict[str, float] | None = None) -> ClusterPlan:
     """Pools sized by expected GPU-seconds (``work`` per kind) on these nodes; always placeable.
 
     Models that need a whole GPU split the whole GPUs in proportion to their work
@@ -175,7 +175,9 @@ def plan_cluster(ray_cfg: RayConfig, nodes: list[Node], work: dict[str, float], 
     model (CLIP and the selector) takes a fractional share of a GPU of the pool
     with the most work, whose actors leave that share free. CPUs per actor are
     what the busiest node can give. ``drivers_hint`` is the mean task's critical
-    path over its GPU-seconds (see `drivers_for`).
+    path over its GPU-seconds (see `drivers_for`). ``leads`` are the seconds at one end of the run a pool
+    cannot work (`costs.pool_leads`): whole GPUs go where work per GPU plus lead is largest, so that every
+    pool can end together.
     """
     if ray_cfg.policy == "legacy":
         return _legacy_plan(ray_cfg, nodes, work)
@@ -185,7 +187,7 @@ def plan_cluster(ray_cfg: RayConfig, nodes: list[Node], work: dict[str, float], 
     specs = {kind: getattr(ray_cfg, kind) for kind in kinds}
     weights = {k: max(work.get(k, 0.0), 0.0) for k in kinds}
     if sum(weights.values()) <= 0:
-        weights = dict.fromkeys(kinds, 1.0)
+        weights, leads = dict.fromkeys(kinds, 1.0), None  # no work known: leads would mean nothing beside it
     whole_slots = sum(math.floor(n.gpus + _EPS) for n in nodes)
     whole = [k for k in kinds if costs.whole_gpu.get(k, True)
              or (specs[k].num_gpus != "auto" and float(specs[k].num_gpus) >= 1)]
@@ -193,7 +195,7 @@ def plan_cluster(ray_cfg: RayConfig, nodes: list[Node], work: dict[str, float], 
     if sum(n.gpus for n in nodes) <= 0:
         replicas, gpus, reason = _cpu_split(specs, weights, nodes)
     elif whole_slots >= len(whole):
-        replicas, gpus, reason, guests = _gpu_split(specs, weights, whole_slots, whole)
+        replicas, gpus, reason, guests = _gpu_split(specs, weights, whole_slots, whole, leads or {})
     else:
         replicas, gpus, reason = _shared_gpu(specs, weights, nodes)
     pools, note = _fit(specs, weights, replicas, gpus, nodes, guests)
@@ -218,7 +220,7 @@ def drivers_for(ray_cfg: RayConfig, plan: ClusterPlan, critical_over_work: float
     return max(2, math.ceil(2.0 * capacity * critical_over_work))
 
 
-def _gpu_split(specs, weights, whole_slots, whole):
+def _gpu_split(specs, weights, whole_slots, whole, leads):
     total = sum(weights.values())
     hosts = [k for k in whole if specs[k].num_gpus == "auto"]
     for kind in [k for k in specs if k not in whole]:
@@ -240,7 +242,7 @@ def _gpu_split(specs, weights, whole_slots, whole):
         fits = [k for k in auto if used + math.ceil(gpus[k] - _EPS) <= whole_slots]
         if not fits:
             break
-        kind = max(fits, key=lambda k: weights[k] / (replicas[k] * gpus[k]))
+        kind = max(fits, key=lambda k: weights[k] / (replicas[k] * gpus[k]) + (leads.get(k, 0.0) if weights[k] else 0.0))
         replicas[kind] += 1
         used += math.ceil(gpus[kind] - _EPS)
     reason = f"{whole_slots} whole GPUs split by work among {', '.join(whole)}"
@@ -406,7 +408,8 @@ def _ceil_share(value: float) -> float:
 
 
 def plan_for_cluster(ray_cfg: RayConfig, get_nodes: Callable[[], list[Node]], work: dict[str, float],
-                     costs: CostModel, drivers_hint: float | None = None, *, wait: bool = True,
+                     costs: CostModel, drivers_hint: float | None = None, leads: dict[str, float] | None = None,
+                     *, wait: bool = True,
                      log: Callable[[str], None] = print,
                      sleep: Callable[[float], None] = time.sleep) -> ClusterPlan:
     """The plan on the nodes ``get_nodes`` reports (``nodes_from_ray(ray.nodes())``); at start
@@ -414,7 +417,7 @@ def plan_for_cluster(ray_cfg: RayConfig, get_nodes: Callable[[], list[Node]], wo
     nodes = get_nodes() if not wait else wait_for_gpus(
         get_nodes, expected_gpus(ray_cfg, costs), ray_cfg.gpu_wait_s, strict=ray_cfg.min_gpus > 0, log=log,
         sleep=sleep)
-    return plan_cluster(ray_cfg, nodes, work, costs, drivers_hint)
+    return plan_cluster(ray_cfg, nodes, work, costs, drivers_hint, leads)
 
 
 # --- Waiting for GPU workers, rebalancing, autoscaling -------------------------------------------
