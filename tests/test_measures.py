@@ -120,3 +120,75 @@ def test_continuity_keeps_transition_modes_apart_and_the_scene_image_difference_
     [pair] = scene_image_rows(rows, scene_image_baselines(runs))
     assert pair["tasks"] == 2 and pair["with"]["mean"] == 75.0 and pair["without"]["mean"] == 73.0
     assert pair["difference"]["mean"] == pytest.approx(2.0) and pair["difference"]["low"] <= 2.0
+
+
+@pytest.fixture(scope="module")
+def evaluated(tmp_path_factory, tiny_cache):
+    """`cosed evaluate --methods cosed` on tiny, in process: a 3-step task and a 2-step task with a scene image."""
+    folder = tmp_path_factory.mktemp("measures")
+    Image.fromarray(np.random.default_rng(5).integers(0, 256, (48, 80, 3), dtype=np.uint8)).save(folder / "me.jpg")
+    tasks = [{"id": "sauce", "title": "Sauce", "steps": ["Dice the onion.", "Fry the onion.", "Add tomatoes."]},
+             {"id": "bike", "title": "Bike", "steps": ["Flip the bike.", "Remove the wheel."],
+              "scene_image": str(folder / "me.jpg")}]
+    code = main(["evaluate", "--tasks", str(write_jsonl(folder / "t.jsonl", tasks)), "--out", str(folder / "run"),
+                 "--no-ray", "--quiet", "--cache-dir", str(tiny_cache), "--methods", "cosed"])
+    assert code == 0
+    return folder
+
+
+def embed_with(backend):
+    return lambda images: backend.embed_images(EmbedImages(tuple(images)))
+
+
+def manifest_of(run, name, task):
+    return json.loads((run / name / task / "manifest.json").read_text())
+
+
+@pytest.mark.slow
+def test_boundary_clip_per_task_is_the_stored_clips_measured_again(evaluated, tiny_run):
+    run, embed = evaluated / "run", embed_with(tiny_run[2])
+    rows = {(r["method"], r["task_id"]): r for r in csv.DictReader((run / "metrics.csv").open())}
+    assert set(rows) == {("cosed", "sauce"), ("cosed", "bike"), ("cosed-no-scene-image", "bike")}
+    for (name, task), row in rows.items():
+        manifest = manifest_of(run, name, task)
+        clips = [(run / name / task / s["clip"]).read_bytes() for s in manifest["steps"]]
+        assert len(clips) >= 2 and math.isfinite(float(row["boundary_clip"]))
+        assert float(row["boundary_clip"]) == pytest.approx(clip_distance(boundaries(clips), embed), rel=1e-9)
+        assert float(row["boundary_clip"]) > 0  # random weights: distinct frames, distinct embeddings
+    summary = json.loads((run / "summary.json").read_text())
+    [continuity] = summary["continuity"]
+    assert (continuity["run"], continuity["transitions"], continuity["tasks"], continuity["boundaries"]) == (
+        "cosed", "cut", 2, 3)
+    assert continuity["boundary_clip"]["mean"] == pytest.approx(
+        np.mean([float(rows[("cosed", t)]["boundary_clip"]) for t in ("sauce", "bike")]))
+    assert summary["cosed"]["boundary_clip"]["n"] == 2 and summary["cosed"]["transitions"] == ["cut"]
+    assert "| cosed | cut | 2 | 3 |" in (run / "measures.md").read_text()
+    assert "boundary CLIP" in (run / "report.html").read_text()
+
+
+@pytest.mark.slow
+def test_the_scene_image_run_is_set_beside_the_same_run_without_it(evaluated, tiny_run):
+    run, embed = evaluated / "run", embed_with(tiny_run[2])
+    with_image, without = manifest_of(run, "cosed", "bike"), manifest_of(run, "cosed-no-scene-image", "bike")
+    assert not (run / "cosed-no-scene-image" / "sauce").exists()  # only the tasks that have an image run again
+    assert "scene_image" in with_image and "scene_image" not in without
+    assert not (run / "cosed-no-scene-image" / "bike" / "scenes" / "step_00.png").exists()
+    assert all(c["source"].get("step") != 0 for s in without["steps"] for c in s["candidates"])  # no step 0 in its pool
+    assert any(c["source"].get("step") == 0 for s in with_image["steps"] for c in s["candidates"])
+    assert without["fingerprint"] != with_image["fingerprint"]
+    # the reference of both: the user's image at the text-to-image size, the pixels the run with it embedded
+    stored = png_image((run / "cosed" / "bike" / "scenes" / "step_00.png").read_bytes())
+    np.testing.assert_array_equal(stored, load(str(evaluated / "me.jpg"), 64, 64)[0])
+    reference = embed([stored])[0]
+    closeness = {name: clip_i_to(embed([png_image((run / name / "bike" / s["image"]).read_bytes())
+                                        for s in m["steps"]]), reference)
+                 for name, m in (("cosed", with_image), ("cosed-no-scene-image", without))}
+    assert with_image["metrics"]["clip_i_scene_image"] == pytest.approx(closeness["cosed"], rel=1e-9)  # measured alike
+    rows = {(r["method"], r["task_id"]): r for r in csv.DictReader((run / "metrics.csv").open())}
+    for name in closeness:
+        assert float(rows[(name, "bike")]["clip_i_scene_image"]) == pytest.approx(closeness[name], rel=1e-9)
+    assert rows[("cosed", "sauce")]["clip_i_scene_image"] == ""
+    [pair] = json.loads((run / "summary.json").read_text())["scene_image"]
+    assert (pair["run"], pair["baseline"], pair["tasks"]) == ("cosed", "cosed-no-scene-image", 1)
+    assert pair["difference"]["mean"] == pytest.approx(closeness["cosed"] - closeness["cosed-no-scene-image"])
+    assert "Your scene image" in (run / "report.html").read_text()
