@@ -132,7 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = verb(verbs, "evaluate", "compare independent / chain / cosed on the same tasks and seeds")
     evaluate.add_argument("--tasks", required=True, help=TASKS_HELP)
     evaluate.add_argument("--out", required=True, help="run folder: METHOD/<task>/..., metrics.csv, summary.json, "
-                                                       "plots/, report.html")
+                                                       "measures.md, plots/, report.html; with scene images also "
+                                                       "METHOD-no-scene-image/ (each method without them)")
     evaluate.add_argument("--methods", default="independent,chain,cosed",
                           help="comma list of pool policies (previous: the old name of chain)")
     evaluate.add_argument("--variants", help="selector variants to ablate, comma list of untrained, trained "
@@ -489,6 +490,7 @@ def reproduce_command(args: argparse.Namespace, cfg: RunConfig) -> int:
     import dataclasses
 
     from cosed.evaluate import plan_runs, write_evaluation
+    from cosed.measures import ClipMeasures, backend_embed
     from cosed.report import write_report
     from cosed.reproduce import REPRODUCE_METHODS, write_tables
     from cosed.runner import resolve_run
@@ -504,9 +506,10 @@ def reproduce_command(args: argparse.Namespace, cfg: RunConfig) -> int:
         methods = [m for m in methods if m not in ("t2v", "talc")]
     runs = plan_runs(methods, None, cfg)
     cfg = dataclasses.replace(cfg, save_candidates=True)
+    backend = evaluation_backend(cfg)
     with output_lease(args.out, cfg, args):
-        failed = run_methods(args, cfg, runs)
-        results = write_evaluation(args.out, runs, seed=cfg.seed)
+        failed = run_methods(args, cfg, runs, backend)
+        results = write_evaluation(args.out, runs, seed=cfg.seed, measure=ClipMeasures(args.out, backend_embed(backend)))
         write_report(args.out, [run.name for run in runs], results)
         text = write_tables(args.out, results, [run.name for run in runs], profile, args.tally)
     print(text)
