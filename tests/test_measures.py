@@ -193,16 +193,3 @@ def test_the_scene_image_run_is_set_beside_the_same_run_without_it(evaluated, ti
     assert pair["difference"]["mean"] == pytest.approx(closeness["cosed"] - closeness["cosed-no-scene-image"])
     assert "Your scene image" in (run / "report.html").read_text()
 
-
-@pytest.mark.slow
-def test_evaluate_on_ray_measures_what_it_measures_in_process(evaluated, tiny_cache):
-    """The same evaluation on a local Ray cluster (the no-scene-image tasks file read by the job from the output
-    folder, CLIP measures taken on the driver): metrics.csv and summary.json's tables are the in-process ones."""
-    from conftest import local_ray
-
-    with local_ray(num_cpus=6, num_gpus=4):
-        assert main(["evaluate", "--tasks", str(evaluated / "t.jsonl"), "--out", str(evaluated / "ray"), "--quiet",
-                     "--cache-dir", str(tiny_cache), "--methods", "cosed"]) == 0
-    assert (evaluated / "ray" / "metrics.csv").read_text() == (evaluated / "run" / "metrics.csv").read_text()
-    ray_summary, local = (json.loads((evaluated / r / "summary.json").read_text()) for r in ("ray", "run"))
-    assert ray_summary["continuity"] == local["continuity"] and ray_summary["scene_image"] == local["scene_image"]
