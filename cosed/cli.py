@@ -132,7 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = verb(verbs, "evaluate", "compare independent / chain / cosed on the same tasks and seeds")
     evaluate.add_argument("--tasks", required=True, help=TASKS_HELP)
     evaluate.add_argument("--out", required=True, help="run folder: METHOD/<task>/..., metrics.csv, summary.json, "
-                                                       "plots/, report.html")
+                                                       "measures.md, plots/, report.html; with scene images also "
+                                                       "METHOD-no-scene-image/ (each method without them)")
     evaluate.add_argument("--methods", default="independent,chain,cosed",
                           help="comma list of pool policies (previous: the old name of chain)")
     evaluate.add_argument("--variants", help="selector variants to ablate, comma list of untrained, trained "
@@ -448,26 +449,36 @@ def interval(stat: dict) -> str:
     return f"{stat['mean']:.3f} [{stat['low']:.3f}, {stat['high']:.3f}]"
 
 
-def run_methods(args: argparse.Namespace, cfg: RunConfig, runs) -> bool:
-    """Each evaluation run (method x selector variant) into ``out/<run name>``, in process or on Ray; True when
-    some task failed or was rejected."""
+def evaluation_backend(cfg: RunConfig):
+    """The profile's `LocalBackend` (models load on first use): it runs the methods with --no-ray, and embeds
+    the stored frames `cosed.measures` reads after generation (on Ray, only its CLIP loads, here)."""
     from cosed.backend import LocalBackend
+    from cosed.runner import resolve_run
+
+    return LocalBackend(*resolve_run(cfg))
+
+
+def run_methods(args: argparse.Namespace, cfg: RunConfig, runs, backend=None, tasks: str | None = None) -> bool:
+    """Each evaluation run (method x selector variant) into ``out/<run name>``, in process (on ``backend``) or
+    on Ray, on ``tasks`` (default --tasks); True when some task failed or was rejected."""
     from cosed.evaluate import run_config
-    from cosed.runner import resolve_run, run_in_process
+    from cosed.runner import run_in_process
     from cosed.storage import join
 
-    backend = LocalBackend(*resolve_run(cfg)) if args.no_ray else None
+    if args.no_ray and backend is None:
+        backend = evaluation_backend(cfg)
+    tasks = tasks or args.tasks
     failed = False
     for run in runs:
         print(f"== {run.name}", flush=True)
         if args.no_ray:
-            summary = run_in_process(args.tasks, join(args.out, run.name), run_config(cfg, run),
+            summary = run_in_process(tasks, join(args.out, run.name), run_config(cfg, run),
                                      overwrite=args.overwrite, progress=not args.quiet,
                                      backend=backend.for_run(run_config(backend.cfg, run)))
         else:
             from cosed.distributed.job import run_on_ray
 
-            summary = run_on_ray(args.tasks, join(args.out, run.name), run_config(cfg, run),
+            summary = run_on_ray(tasks, join(args.out, run.name), run_config(cfg, run),
                                  overwrite=args.overwrite, progress=not args.quiet, address=args.address)
         failed |= bool(summary.failed or summary.rejected)
         print(summary.lines()[0])
@@ -479,6 +490,7 @@ def reproduce_command(args: argparse.Namespace, cfg: RunConfig) -> int:
     import dataclasses
 
     from cosed.evaluate import plan_runs, write_evaluation
+    from cosed.measures import ClipMeasures, backend_embed
     from cosed.report import write_report
     from cosed.reproduce import REPRODUCE_METHODS, write_tables
     from cosed.runner import resolve_run
@@ -494,9 +506,10 @@ def reproduce_command(args: argparse.Namespace, cfg: RunConfig) -> int:
         methods = [m for m in methods if m not in ("t2v", "talc")]
     runs = plan_runs(methods, None, cfg)
     cfg = dataclasses.replace(cfg, save_candidates=True)
+    backend = evaluation_backend(cfg)
     with output_lease(args.out, cfg, args):
-        failed = run_methods(args, cfg, runs)
-        results = write_evaluation(args.out, runs, seed=cfg.seed)
+        failed = run_methods(args, cfg, runs, backend)
+        results = write_evaluation(args.out, runs, seed=cfg.seed, measure=ClipMeasures(args.out, backend_embed(backend)))
         write_report(args.out, [run.name for run in runs], results)
         text = write_tables(args.out, results, [run.name for run in runs], profile, args.tally)
     print(text)
@@ -508,8 +521,12 @@ def reproduce_command(args: argparse.Namespace, cfg: RunConfig) -> int:
 def evaluate_command(args: argparse.Namespace, cfg: RunConfig) -> int:
     import dataclasses
 
-    from cosed.evaluate import plan_runs, write_evaluation
+    from cosed import storage
+    from cosed.evaluate import BASELINE_TASKS, plan_runs, scene_image_baselines, without_scene_images, write_evaluation
+    from cosed.measures import ClipMeasures, backend_embed
     from cosed.report import write_report
+    from cosed.runner import read_tasks
+    from cosed.scene_image import with_checked_images
     from cosed.storage import join
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -518,9 +535,17 @@ def evaluate_command(args: argparse.Namespace, cfg: RunConfig) -> int:
     if cfg.selector and not selector_held_out(args, cfg):
         return 2
     cfg = dataclasses.replace(cfg, save_candidates=True)
+    backend = evaluation_backend(cfg)
+    baseline_tasks = without_scene_images(with_checked_images(read_tasks(args.tasks, cfg)).tasks)
+    baselines = scene_image_baselines(runs) if baseline_tasks else []
     with output_lease(args.out, cfg, args):
-        failed = run_methods(args, cfg, runs)
-        results = write_evaluation(args.out, runs, seed=cfg.seed)
+        failed = run_methods(args, cfg, runs, backend)
+        if baselines:  # the same runs on the tasks with a scene image, the image dropped
+            print("scene images: each method again without them (CLIP-I to the image, with and without)", flush=True)
+            storage.write_text(join(args.out, BASELINE_TASKS), baseline_tasks)
+            failed |= run_methods(args, cfg, baselines, backend, tasks=join(args.out, BASELINE_TASKS))
+        measure = ClipMeasures(args.out, backend_embed(backend), {b.name: b.baseline_of for b in baselines})
+        results = write_evaluation(args.out, runs, seed=cfg.seed, measure=measure, baselines=baselines)
         report = write_report(args.out, [run.name for run in runs], results)
     print(f"{'method':<12}{'selector':<11}{'tasks':>6}{'CLIP-I':>9}{'CLIP-T':>9}{'video s':>9}{'s/scene':>9}"
           f"{'back':>7}")
@@ -530,8 +555,12 @@ def evaluate_command(args: argparse.Namespace, cfg: RunConfig) -> int:
             row["seconds_per_scene"]["mean"], row["mean_steps_back"]))
         print(f"{row['method']:<12}{row['variant']:<11}{row['tasks']:>6}{ci:>9}{ct:>9}{seconds:>9}{per_scene:>9}"
               f"{back:>7}")
+    for row in results["scene_image"]:
+        with_, without = (str(v if v is None else round(v, 2)) for v in (row["with"]["mean"], row["without"]["mean"]))
+        print(f"CLIP-I to the scene image, {row['run']}: {with_} with it, {without} without ({row['tasks']} tasks)")
     print(f"metrics: {join(args.out, 'metrics.csv')}, {join(args.out, 'summary.json')}, "
-          f"ablation: {join(args.out, 'ablation.md')}, plots: {join(args.out, 'plots')}")
+          f"ablation: {join(args.out, 'ablation.md')}, continuity: {join(args.out, 'measures.md')}, "
+          f"plots: {join(args.out, 'plots')}")
     print(f"report: {report}")
     return 1 if failed else 0
 

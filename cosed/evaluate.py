@@ -16,11 +16,13 @@ import json
 from collections import Counter
 from dataclasses import dataclass
 
+from typing import Callable
+
 import numpy as np
 
 from cosed import storage
 from cosed.config import RunConfig
-from cosed.tasks import SUMMARY
+from cosed.tasks import SUMMARY, Task
 
 METHOD_POOLS = {
     "independent": {"steps": "none", "fresh": 1, "fresh_as": "candidate"},
@@ -64,11 +66,35 @@ NO_SELECTOR = "n/a"
 
 @dataclass(frozen=True)
 class EvalRun:
-    """One generation run of an evaluation: a method under a selector variant, written to ``out/name``."""
+    """One generation run of an evaluation: a method under a selector variant, written to ``out/name``.
+    ``baseline_of`` names the run this one repeats without the tasks' scene images (`scene_image_baselines`)."""
 
     name: str
     method: str
     variant: str
+    baseline_of: str | None = None
+
+
+NO_SCENE_IMAGE = "no-scene-image"
+BASELINE_TASKS = "no-scene-image.tasks.jsonl"  # in the evaluation folder: the tasks with scene images, without them
+
+
+def scene_image_baselines(runs: list[EvalRun]) -> list[EvalRun]:
+    """Each run again as ``<name>-no-scene-image``, on the tasks that have a scene image with it dropped: the
+    same method, seeds and selector, so CLIP-I to the user's image can be set beside the run that used it."""
+    return [EvalRun(f"{run.name}-{NO_SCENE_IMAGE}", run.method, run.variant, baseline_of=run.name) for run in runs]
+
+
+def without_scene_images(tasks: list[Task]) -> str:
+    """JSONL of the tasks that have a scene image, with it dropped and every other field as parsed (so each
+    task's fingerprint is that of the same task written without the field)."""
+    lines = []
+    for task in tasks:
+        if task.scene_image:
+            record = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(task).items()
+                      if k != "scene_image" and (v or k in ("title", "steps"))}  # empty fields as if left out
+            lines.append(json.dumps(record, ensure_ascii=False) + "\n")
+    return "".join(lines)
 
 
 def plan_runs(methods: list[str], variants: list[str] | None, cfg: RunConfig) -> list[EvalRun]:
@@ -131,7 +157,11 @@ def read_manifests(out: str, method: str) -> list[dict]:
     return [m for m in manifests if m.get("fingerprint") is not None and current.get(m["task_id"]) == m["fingerprint"]]
 
 
-def metric_rows(out: str, methods: list[str]) -> list[dict]:
+Measure = Callable[[str, dict], dict]  # (run name, manifest) -> extra columns (`cosed.measures.ClipMeasures`)
+
+
+def metric_rows(out: str, methods: list[str], measure: Measure | None = None) -> list[dict]:
+    """One row per finished task and run; ``measure`` adds what the manifests lack (CLIP boundary continuity)."""
     rows = []
     for method in methods:
         for manifest in read_manifests(out, method):
@@ -145,7 +175,11 @@ def metric_rows(out: str, methods: list[str]) -> list[dict]:
                 "source_distances": " ".join(source_distance(s) for s in manifest["steps"][1:]),
                 "transitions": manifest["config"].get("transitions", "cut"),
                 "boundary_mad": manifest["metrics"].get("boundary_mad"),  # `cosed.continuity`
+                "boundary_clip": None,  # `cosed.measures`, needs CLIP
+                "clip_i_scene_image": manifest["metrics"].get("clip_i_scene_image"),
             })
+            if measure is not None:
+                rows[-1].update(measure(method, manifest))
     return rows
 
 
@@ -169,10 +203,62 @@ def summarise(rows: list[dict], methods: list[str], seed: int = 0) -> dict:
                            "clip_i": bootstrap_mean([r["clip_i"] for r in mine], seed),
                            "clip_t": bootstrap_mean([r["clip_t"] for r in mine], seed),
                            "boundary_mad": bootstrap_mean([r.get("boundary_mad") for r in mine], seed),
+                           "boundary_clip": bootstrap_mean([r.get("boundary_clip") for r in mine], seed),
+                           "clip_i_scene_image": bootstrap_mean([r.get("clip_i_scene_image") for r in mine], seed),
+                           "transitions": sorted({r["transitions"] for r in mine}),
                            "video_seconds": bootstrap_mean([r["video_seconds"] for r in mine], seed),
                            "seconds_per_scene": bootstrap_mean([r["seconds_per_scene"] for r in mine], seed),
                            "source_distances": dict(sorted(distances.items()))}
     return summary
+
+
+def continuity_rows(rows: list[dict], runs: list[EvalRun], seed: int = 0) -> list[dict]:
+    """Boundary continuity per run and transition mode (run `evaluate` once per ``--transitions`` mode; rows of
+    another mode under the same run are kept apart, never averaged in)."""
+    table = []
+    for run in runs:
+        for mode in sorted({r["transitions"] for r in rows if r["method"] == run.name}):
+            mine = [r for r in rows if r["method"] == run.name and r["transitions"] == mode]
+            table.append({"run": run.name, "method": run.method, "variant": run.variant, "transitions": mode,
+                          "tasks": len(mine), "boundaries": sum(r["steps"] - 1 for r in mine),
+                          "boundary_mad": bootstrap_mean([r["boundary_mad"] for r in mine], seed),
+                          "boundary_clip": bootstrap_mean([r["boundary_clip"] for r in mine], seed)})
+    return table
+
+
+def scene_image_rows(rows: list[dict], baselines: list[EvalRun], seed: int = 0) -> list[dict]:
+    """CLIP-I to the user's scene image with it and without it (same tasks, method, seeds), and the paired
+    difference (with - without) over the tasks both runs finished."""
+    table = []
+    for baseline in baselines:
+        without = {r["task_id"]: r["clip_i_scene_image"] for r in rows
+                   if r["method"] == baseline.name and r["clip_i_scene_image"] is not None}
+        paired = [(r["clip_i_scene_image"], without[r["task_id"]]) for r in rows
+                  if r["method"] == baseline.baseline_of and r["task_id"] in without]
+        table.append({"run": baseline.baseline_of, "baseline": baseline.name, "method": baseline.method,
+                      "variant": baseline.variant, "tasks": len(paired),
+                      "with": bootstrap_mean([w for w, _ in paired], seed),
+                      "without": bootstrap_mean([o for _, o in paired], seed),
+                      "difference": bootstrap_mean([w - o for w, o in paired], seed)})
+    return table
+
+
+def measures_markdown(continuity: list[dict], scene_image: list[dict]) -> str:
+    """measures.md: boundary continuity per run and transition mode, and the scene-image comparison."""
+    def stat(s: dict) -> str:
+        return "–" if s["mean"] is None else f"{s['mean']:.2f} [{s['low']:.2f}, {s['high']:.2f}]"
+
+    lines = ["## Boundary continuity (lower: smoother)", "",
+             "| run | transitions | tasks | boundaries | boundary MAD (95% CI) | boundary CLIP (95% CI) |",
+             "|---|---|---:|---:|---|---|"]
+    lines += [f"| {r['run']} | {r['transitions']} | {r['tasks']} | {r['boundaries']} | {stat(r['boundary_mad'])} | "
+              f"{stat(r['boundary_clip'])} |" for r in continuity]
+    if scene_image:
+        lines += ["", "## CLIP-I to the user's scene image, with it and without it", "",
+                  "| run | tasks | with (95% CI) | without (95% CI) | with - without (95% CI) |", "|---|---:|---|---|---|"]
+        lines += [f"| {r['run']} | {r['tasks']} | {stat(r['with'])} | {stat(r['without'])} | {stat(r['difference'])} |"
+                  for r in scene_image]
+    return "\n".join(lines) + "\n"
 
 
 def reach(distances: dict[str, int]) -> dict[str, float | int | None]:
@@ -225,7 +311,8 @@ def ablation_markdown(rows: list[dict]) -> str:
 def rows_csv(rows: list[dict]) -> str:
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=["task_id", "method", "clip_i", "clip_t", "steps", "video_seconds",
-                                                "seconds_per_scene", "source_distances", "transitions", "boundary_mad"])
+                                                "seconds_per_scene", "source_distances", "transitions", "boundary_mad",
+                                                "boundary_clip", "clip_i_scene_image"])
     writer.writeheader()
     writer.writerows(rows)
     return buffer.getvalue()
@@ -279,16 +366,21 @@ def _png(fig) -> bytes:
     return buffer.getvalue()
 
 
-def write_evaluation(out: str, runs: list[EvalRun], seed: int = 0) -> dict:
-    """metrics.csv, summary.json (per run, plus the ``ablation`` table), ablation.csv / .md and the plots."""
+def write_evaluation(out: str, runs: list[EvalRun], seed: int = 0, measure: Measure | None = None,
+                     baselines: list[EvalRun] = ()) -> dict:
+    """metrics.csv, summary.json (per run, plus the ``ablation``, ``continuity`` and ``scene_image`` tables),
+    ablation.csv / .md, measures.md and the plots. ``baselines``: the runs without scene images."""
     names = [run.name for run in runs]
-    rows = metric_rows(out, names)
-    summary = summarise(rows, names, seed)
-    ablation = ablation_rows(summary, runs)
+    every = names + [run.name for run in baselines]
+    rows = metric_rows(out, every, measure)
+    summary = summarise(rows, every, seed)
+    tables = {"ablation": ablation_rows(summary, runs), "continuity": continuity_rows(rows, runs, seed),
+              "scene_image": scene_image_rows(rows, list(baselines), seed)}
     storage.write_text(storage.join(out, "metrics.csv"), rows_csv(rows))
-    storage.write_text(storage.join(out, "summary.json"), json.dumps({**summary, "ablation": ablation}, indent=2) + "\n")
-    storage.write_text(storage.join(out, "ablation.csv"), ablation_csv(ablation))
-    storage.write_text(storage.join(out, "ablation.md"), ablation_markdown(ablation))
+    storage.write_text(storage.join(out, "summary.json"), json.dumps({**summary, **tables}, indent=2) + "\n")
+    storage.write_text(storage.join(out, "ablation.csv"), ablation_csv(tables["ablation"]))
+    storage.write_text(storage.join(out, "ablation.md"), ablation_markdown(tables["ablation"]))
+    storage.write_text(storage.join(out, "measures.md"), measures_markdown(tables["continuity"], tables["scene_image"]))
     for name, data in plots(rows, summary, names).items():
         storage.write_bytes(storage.join(out, "plots", name), data)
-    return {**summary, "ablation": ablation}
+    return {**summary, **tables}

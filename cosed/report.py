@@ -105,6 +105,17 @@ def _ablation(rows: list[dict]) -> str:
             f'<th>fresh share</th></tr>{cells}</table>')
 
 
+def _scene_image(rows: list[dict]) -> str:
+    """CLIP-I between the scenes and the user's scene image, in the run with it and the same run without it."""
+    if not rows:
+        return ""
+    cells = "".join(f"<tr><td>{_e(r['run'])}</td><td>{r['tasks']}</td><td>{_fmt(r['with'])}</td>"
+                    f"<td>{_fmt(r['without'])}</td><td>{_fmt(r['difference'])}</td></tr>" for r in rows)
+    return ('<h2 id="scene-image">Your scene image: CLIP-I to it, with it and without it</h2><table class="cmp">'
+            '<tr><th>run</th><th>tasks</th><th>with (95% CI)</th><th>without (95% CI)</th>'
+            f'<th>with − without (95% CI)</th></tr>{cells}</table>')
+
+
 def build_report(out: str, methods: list[str], summary: dict) -> str:
     primary = next((m for m in methods if m == "cosed"), next((m for m in methods if m.startswith("cosed")), methods[0]))
     by_method = {m: {x["task_id"]: x for x in read_manifests(out, m)} for m in methods}
@@ -129,6 +140,7 @@ def build_report(out: str, methods: list[str], summary: dict) -> str:
         f"<td>{_fmt(summary[m]['clip_t'])}</td><td>{_fmt(summary[m]['video_seconds'])}</td>"
         f"<td>{_fmt(summary[m]['seconds_per_scene'])}</td>"
         f"<td>{_fmt(summary[m].get('boundary_mad') or {'mean': None})}</td>"
+        f"<td>{_fmt(summary[m].get('boundary_clip') or {'mean': None})}</td>"
         f"<td>{_e(json.dumps(summary[m]['source_distances']))}</td></tr>"
         for m in methods)
     sections = "".join(
@@ -142,8 +154,9 @@ def build_report(out: str, methods: list[str], summary: dict) -> str:
             f'{" · preset <b>" + _e(preset) + "</b>" if preset else ""}</div>{warning}'
             f'<h2>Methods</h2><table class="cmp"><tr><th>method</th><th>tasks</th><th>CLIP-I (95% CI)</th>'
             f'<th>CLIP-T (95% CI)</th><th>video s (95% CI)</th><th>s per scene (95% CI)</th>'
-            f'<th>boundary MAD (lower: smoother)</th><th>chosen source (steps back)</th></tr>{rows}</table>'
-            f'{_ablation(summary.get("ablation", []))}'
+            f'<th>boundary MAD (lower: smoother)</th><th>boundary CLIP (lower: smoother)</th>'
+            f'<th>chosen source (steps back)</th></tr>{rows}</table>'
+            f'{_scene_image(summary.get("scene_image", []))}{_ablation(summary.get("ablation", []))}'
             f'<div class="plots"><img src="plots/clip_i_vs_clip_t.png" alt="CLIP-I vs CLIP-T">'
             f'<img src="plots/source_distance.png" alt="source distance"></div>'
             f'<h2>Tasks ({_e(primary)})</h2>{sections}</body></html>')

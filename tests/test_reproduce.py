@@ -1,6 +1,7 @@
 """`cosed reproduce` on 6 recipes of the shared dataset with tiny-flux-ltx: every method runs on the same tasks
 and seeds, and both tables list each with the paper's number beside it."""
 
+import csv
 import json
 
 import pytest
@@ -38,3 +39,5 @@ def test_reproduce_writes_table_1_and_table_3_for_every_method(tmp_path, tiny_ca
     cosed = record["methods"]["cosed"]["video_seconds"]["mean"]
     assert talc < cosed  # one generation of 2(n-1)+1 frames against two clips of n
     assert "Table 1" in capsys.readouterr().out
+    rows = list(csv.DictReader((out / "metrics.csv").open()))  # CLIP boundary continuity, after generation
+    assert len(rows) == 36 and all(float(r["boundary_clip"]) >= 0 for r in rows)
