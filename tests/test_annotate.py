@@ -83,23 +83,27 @@ async def _answer_in_chromium(page: Path, downloads: Path, profile: Path, clicks
 
             await send("Browser.setDownloadBehavior", {"behavior": "allow", "downloadPath": str(downloads),
                                                        "eventsEnabled": True})
-            target = (await send("Target.createTarget", {"url": page.as_uri()}))["targetId"]
+            target = (await send("Target.createTarget", {"url": "about:blank"}))["targetId"]
             session = (await send("Target.attachToTarget", {"targetId": target, "flatten": True}))["sessionId"]
 
             async def evaluate(expression):
                 result = await send("Runtime.evaluate", {"expression": expression, "returnByValue": True}, session)
+                assert "exceptionDetails" not in result, result  # a click that found no element fails here
                 return result["result"].get("value")
 
-            for _ in range(100):
-                if await evaluate("document.readyState") == "complete":
-                    break
-                await asyncio.sleep(0.1)
+            async def until(happened):
+                while not happened():  # what the browser reports, however long a loaded machine takes to say it
+                    events.append(await asyncio.wait_for(ws.receive_json(), 120))
+
+            await send("Page.enable", {}, session)
+            mark = len(events)
+            await send("Page.navigate", {"url": page.as_uri()}, session)
+            await until(lambda: any(e.get("method") == "Page.loadEventFired" for e in events[mark:]))
             await evaluate("document.getElementById('annotator').value = 'ann 1'")
             for key, choice in clicks.items():
                 await evaluate(f"document.getElementById('{key}-{choice}').click()")
             await evaluate("document.getElementById('save').click()")
-            while download_state() not in ("completed", "canceled"):  # the browser says when the file is whole
-                events.append(await asyncio.wait_for(ws.receive_json(), 60))
+            await until(lambda: download_state() in ("completed", "canceled"))  # the browser says when it is whole
             assert download_state() == "completed", events[-3:]
     finally:
         process.terminate()

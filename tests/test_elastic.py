@@ -75,9 +75,9 @@ def test_a_gpu_node_added_mid_run_gets_model_actors_and_work(cluster, tmp_path, 
     pools = summary.extra["pools"]
     assert pools["sd"]["replicas"] >= 2 and pools["video"]["replicas"] >= 2
     assert sum(pool["gpus"] for pool in pools.values()) == pytest.approx(5)  # every GPU of both nodes, no more
-    on_new_node = [a for a in summary.actors if a["node_id"] == node.node_id]
-    assert {"sd", "video"} <= {a["kind"] for a in on_new_node}
-    assert any(a["calls"] > 0 for a in on_new_node if a["kind"] == "sd")
+    on_new_node = [a for a in summary.actors if a["node_id"] == node.node_id and a["kind"] in ("sd", "video")]
+    assert len(on_new_node) >= 2  # its two GPUs hold model actors (which pools grow is the plan's: `grow_pools`)
+    assert any(a["calls"] > 0 for a in on_new_node)  # and they took work
 
 
 @pytest.mark.parametrize("profile", ["tiny-flux-ltx"])  # tiny: the harsher test below
