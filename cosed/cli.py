@@ -23,6 +23,7 @@ USER_ERRORS = (UserError, ModelUnavailable, FileNotFoundError, IsADirectoryError
                PermissionError, ValueError)
 
 EXAMPLES = "examples/tasks.jsonl"
+METHODS = ("cosed", "independent", "chain", "previous", "mora", "t2v", "talc")  # `cosed.evaluate.METHOD_POOLS`, and chain's old name
 
 
 def example_tasks_path() -> str:
@@ -108,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--replan", action="store_true",
                           help="plan memory savers for this cluster's GPUs instead of the output's stored run plan "
                                "(redoes the tasks whose bytes that changes)")
-    generate.add_argument("--method", choices=["cosed", "independent", "chain", "previous", "mora", "t2v", "talc"],
+    generate.add_argument("--method", choices=list(METHODS),
                           help="cosed (the paper), independent (a fresh seed per step: SD + SVD), chain (Bordalo et "
                                "al.'s latent chaining; previous: its old name) or mora (each scene starts from the "
                                "previous clip's last frame) or t2v (each caption straight to the profile's text-to-video model, "
@@ -188,6 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_options(plan)
     plan.add_argument("--transitions", choices=["cut", "dissolve", "keyframe"],
                       help="keyframe: also predict the latency each clip adds by waiting for the next scene")
+    plan.add_argument("--method", choices=list(METHODS),
+                      help="plan a run of this method (as `cosed generate --method`; default: cosed)")
     add_setup_verbs(verbs)
     return parser
 
@@ -737,6 +740,11 @@ def plan_command(args: argparse.Namespace, cfg: RunConfig) -> int:
     from cosed.runner import resolve_run
     from cosed.shards import count_tasks
 
+    if args.method:
+        from cosed.evaluate import method_config
+
+        cfg = method_config(cfg, args.method)
+        require_text_to_video(cfg)
     profile, cfg = resolve_run(cfg)
     counts = list(count_tasks(args.tasks, cfg.max_steps).steps)
     if not counts:

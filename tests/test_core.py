@@ -391,3 +391,33 @@ def test_clips_past_the_video_actors_room_wait_in_the_job_and_go_to_the_first_ac
     on_v0 = [s for s in sent if s.actor == "v0"][0]
     (last,) = of(SendClip, job.on_clip_result(on_v0.call, None, "fatal", "ValueError: bad scene", 3.0))
     assert last.actor == "v0" and last.request.task_id == starts[5].task.id and not job.held
+
+
+@pytest.mark.parametrize("method", ["mora", "t2v", "talc"])
+def test_the_simulator_makes_the_calls_each_method_makes(method):
+    """`cosed plan --method`: mora renders step 1 only and waits for each previous clip; t2v makes every clip
+    from its caption while sequencing (the job finds it, renders nothing); talc makes one video call per task."""
+    from cosed.evaluate import method_config
+
+    base, costs = latency()
+    cfg = method_config(base, method)
+    counts = [2, 5, 3, 4] * 5
+    sim = Simulation(counts, cfg, costs, Cluster(gpus=8))
+    result = sim.run()
+    assert result.tasks == len(counts) and result.failed == 0
+
+    def calls(kind):
+        return sum(a.calls for a in sim.actors.values() if a.kind == kind)
+
+    scenes = sum(counts)
+    expected = {"mora": (len(counts), scenes), "t2v": (0, scenes), "talc": (0, len(counts))}[method]
+    assert (calls("sd"), calls("video")) == expected  # mora: one batch of 4 candidates for each step 1
+    assert sim.clip_sends == (scenes if method == "mora" else 0)
+    if method == "mora":  # scene i waits for clip i-1: a task takes at least its clips end to end
+        assert min(sim.latency) >= min(counts) * costs.seconds("animate")
+
+
+def test_plan_refuses_a_text_to_video_method_on_a_profile_without_one(tmp_path, capsys):
+    tasks = write_jsonl(tmp_path / "tasks.jsonl", [{"id": "a", "title": "A", "steps": ["x", "y"]}])
+    assert main(["plan", "--tasks", str(tasks), "--profile", "latency", "--gpus", "8", "--method", "t2v"]) == 2
+    assert "has no text-to-video model" in capsys.readouterr().err

@@ -34,8 +34,9 @@ from typing import Callable
 
 from cosed.calls import ClipDone, ClipRequest
 from cosed.config import RunConfig
-from cosed.distributed.core import (CancelClip, CancelWriter, CorePolicy, JobCore, RecordFailure, ReplaceDriver,
-                                    Retrying, SendCaptions, SendClip, Sequenced, StartTask, StartWriter, Stop)
+from cosed.distributed.core import (CancelClip, CancelWriter, ClipFound, CorePolicy, JobCore, RecordFailure,
+                                    ReplaceDriver, Retrying, SendCaptions, SendClip, Sequenced, StartTask, StartWriter,
+                                    Stop)
 from cosed.distributed.costs import (CAPTION, PLAN_SAMPLE, CostModel, batch_work, candidate_counts,
                                     estimated_work, flow_order, full_batch_seconds, pool_leads)
 from cosed.distributed.policies import Sample, admission, choose_actor, host_node, sample_candidates, window_busy
@@ -121,6 +122,7 @@ class SimResult:
         return {k: v for k, v in self.__dict__.items()}
 
 
+MORA_POLL_S = 0.2  # how often a mora driver looks for the previous clip (`RayBackend.animate`): half, on average
 HORIZON_S = 365 * 86400.0  # a run that has not ended in a year of virtual time never will (a pool lost for good)
 
 
@@ -180,6 +182,7 @@ class Simulation(NodeLoss):
         self.attempt_work: dict[int, list[tuple[str, float]]] = {}  # slot -> (pool, GPU-s) of its calls done
         self.clip_sends = 0
         self.clips_done: dict[str, int] = {}  # clip URI -> calls that made it
+        self.clip_waiters: dict[str, list[Callable[[], None]]] = {}  # clip URI -> drivers waiting for it (mora)
         self.wakes: set[float] = set()
         self.pending: list[tuple[str, float, float]] = []  # actors lost with their node, not placed: (pool, GPUs, since)
         self.counts = {n: candidate_counts(n, cfg.pool) for n in set(step_counts)}
@@ -265,6 +268,8 @@ class Simulation(NodeLoss):
     def _clip_made(self, call: int) -> None:
         uri = self.calls.pop(call)[1].clip
         self.clips_done[uri] = self.clips_done.get(uri, 0) + 1
+        for then in self.clip_waiters.pop(uri, []):  # mora drivers waiting for its last frame
+            self.at(self.now + MORA_POLL_S / 2, then)
         self._core(lambda: self.core.on_clip_result(call, ClipDone(uri, 0, 0), None, "", self.now))
 
     def _written(self, key) -> None:
@@ -343,21 +348,53 @@ class Simulation(NodeLoss):
 
     # -- a driver's task, call by call (`engine.sequence_task`) -------------------------------------------------
     def _sequence(self, start: StartTask) -> None:
+        """The calls the engine makes for the run's method: text-to-image steps (cosed, independent, chain and
+        mora's first step), clips from captions (t2v), one generation per task (talc), or scenes that wait for
+        the previous clip's last frame (mora)."""
         task, counts = start.task, self.counts[len(start.task.steps)]
-        steps = len(task.steps)
+        steps, method = len(task.steps), self.cfg.method
         gen = self.driver_gen[start.driver]
 
         def call(kind: str, seconds: float, then: Callable[[], None]) -> None:
             self._driver_call(start, gen, kind, seconds, then)
 
+        def request(number: int) -> ClipRequest:
+            return ClipRequest(task.id, number, "", 0, self.cfg.video, "", f"{task.id}/{number}")
+
+        def report(events: list) -> None:
+            if events:
+                self._core(lambda: self.core.on_driver_events(start.driver, [(start.key, e) for e in events],
+                                                              self.now))
+
         def sequenced() -> None:
             self.driving.pop(start.driver, None)
             self.attempt_work.pop(start.driver, None)
-            self._core(lambda: self.core.on_driver_events(start.driver, [(start.key, Sequenced(steps))], self.now))
+            report([Sequenced(steps)])
+
+        def finish() -> None:  # CLIP-T of the chosen scenes
+            call("clip", self.costs.seconds("embed_texts", steps), sequenced)
+
+        if method == "talc":  # one video-pool generation for the task; its clips are stored with it
+            def made() -> None:
+                call("clip", self.costs.seconds("embed_images", steps),
+                     lambda: (report([ClipFound(request(n)) for n in range(1, steps + 1)]), finish()))
+
+            call("video", self.costs.seconds("animate", 1) * steps, made)
+            return
 
         def step(number: int) -> None:
             if number > steps:
-                call("clip", self.costs.seconds("embed_texts", steps), sequenced)
+                finish()
+                return
+            if method == "t2v":  # the clip from the caption, made while sequencing: the job finds it stored
+                call("video", self.costs.seconds("animate", 1), lambda: call(
+                    "clip", self.costs.seconds("embed_images", 1),
+                    lambda: (report([ClipFound(request(number))]), step(number + 1))))
+                return
+            if method == "mora" and number > 1:  # the previous clip's last frame, once the job has made it
+                self._when_clip(request(number - 1).clip, lambda: call(
+                    "clip", self.costs.seconds("embed_images", 1),
+                    lambda: (report([request(number)]), step(number + 1))))
                 return
             count = counts[number - 1]
             parts = batches(count, self.cfg.sd.batch_size)
@@ -378,17 +415,20 @@ class Simulation(NodeLoss):
                 call("clip", self.costs.seconds("selector_scores", count), scored)
 
             def scored() -> None:  # the clips this choice settles (under keyframe: the previous scene's)
-                requests = [ClipRequest(task.id, ready, "", 0, self.cfg.video, "", f"{task.id}/{ready}")
-                            for ready in clips_ready(number, steps, self.cfg.transitions)]
-                events = [(start.key, request) for request in requests]
-                if events:
-                    self._core(lambda: self.core.on_driver_events(start.driver, events, self.now))
+                report([request(ready) for ready in clips_ready(number, steps, self.cfg.transitions)])
                 step(number + 1)
 
             for rows in parts:
                 call("sd", self.costs.seconds("render", len(rows)), rendered)
 
         step(1)
+
+    def _when_clip(self, uri: str, then: Callable[[], None]) -> None:
+        """Run ``then`` once the clip ``uri`` is made (a mora driver polls storage for it)."""
+        if self.clips_done.get(uri):
+            self.at(self.now + MORA_POLL_S / 2, then)
+        else:
+            self.clip_waiters.setdefault(uri, []).append(then)
 
     # -- the pools' periodic check: growth and rebalancing ----------------------------------------------
     def _tick(self) -> None:
