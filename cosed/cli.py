@@ -191,6 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="keyframe: also predict the latency each clip adds by waiting for the next scene")
     plan.add_argument("--method", choices=list(METHODS),
                       help="plan a run of this method (as `cosed generate --method`; default: cosed)")
+    plan.add_argument("--placement", choices=["pooled", "shared"],
+                      help="where the models live (ray.placement): pooled (default: each model on GPUs of its own) or "
+                           "shared (SD actors also load the video model and take the last clips; GPUs that hold both)")
     add_setup_verbs(verbs)
     return parser
 
@@ -745,6 +748,8 @@ def plan_command(args: argparse.Namespace, cfg: RunConfig) -> int:
 
         cfg = method_config(cfg, args.method)
         require_text_to_video(cfg)
+    if args.placement:
+        cfg = dataclasses.replace(cfg, ray=dataclasses.replace(cfg.ray, placement=args.placement))
     profile, cfg = resolve_run(cfg)
     counts = list(count_tasks(args.tasks, cfg.max_steps).steps)
     if not counts:

@@ -136,6 +136,10 @@ class RayConfig:
     # creates the file ``chaos_stall_marker`` sleeps forever (tests of stuck-call handling).
     chaos_stall_kind: str | None = None
     chaos_stall_marker: str | None = None
+    # Test-only: every call run by an actor of this pool takes ``chaos_slow_s`` longer (a slower GPU or
+    # model; no byte changes), e.g. a video pool that falls behind so that clips wait.
+    chaos_slow_kind: str | None = None
+    chaos_slow_s: float = 0.0
     # Test-only: the first writer that creates this file exits its process before writing (Ray runs it again).
     chaos_writer_exit_marker: str | None = None
     # Test-only: the first model actor that creates this file fails its start (as a bad GPU or a download would).
@@ -160,6 +164,11 @@ class RayConfig:
     # Pool planning (cosed.distributed.sizing): "cost" sizes pools by expected GPU-seconds,
     # "legacy" splits GPUs evenly (kept to compare against).
     policy: str = "cost"
+    # Where the models live: "pooled" pins SD, video and CLIP to GPUs of their own (the design). "shared"
+    # (opt-in, for GPUs that hold SD and the video model together: H100/H200) loads the video model in every
+    # SD actor too, so that once the input is used up the SD actors that go idle take the last clips
+    # (`policies.lend_to_video`) instead of idling while the video pool drains. No byte changes.
+    placement: str = "pooled"
     costs: dict = field(default_factory=dict)      # overrides of the profile's `costs`, same layout
     min_gpus: float = 0.0                          # wait (up to gpu_wait_s) until the cluster has this many
     gpu_wait_s: float = 600.0
@@ -269,6 +278,8 @@ class RunConfig:
             asked = getattr(self.ray, name)
             if asked.num_cpus < 0 or asked.memory_gib < 0:
                 raise ConfigError(f"ray.{name}: num_cpus and memory_gib must be >= 0")
+        if self.ray.placement not in ("pooled", "shared"):
+            raise ConfigError(f"ray.placement must be pooled or shared, got {self.ray.placement!r}")
         if self.ray.writer_nodes not in ("workers", "any"):
             raise ConfigError(f"ray.writer_nodes must be workers or any, got {self.ray.writer_nodes!r}")
         return self

@@ -98,7 +98,9 @@ def describe(result: SimResult) -> list[str]:
             + f"; {result.dispatch_messages_per_call:.2f} dispatch messages per model call; "
               f"{result.core_us_per_event:.1f} µs of job work per event ({result.core_events} events)"
             + (f"; grew {result.grown}" if result.grown else "")
-            + (f"; {result.unplaced_actors} actors could not place" if result.unplaced_actors else "")]
+            + (f"; {result.unplaced_actors} actors could not place" if result.unplaced_actors else "")
+            + (f"; placement shared: {result.lent['actors']} SD actors took clips from {_hours(result.lent['first_s'])}"
+               if result.lent else "")]
 
 
 def describe_preemptions(base: SimResult, hit: SimResult, rate: str, model: PreemptionModel) -> str:

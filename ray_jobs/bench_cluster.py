@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import sys
 import tempfile
@@ -120,6 +121,8 @@ def main() -> None:
     parser.add_argument("--recipes", type=int, default=200, help="how many shared recipes, without --tasks")
     parser.add_argument("--gpus", type=int, nargs="*", default=[4, 8, 16], help="cluster sizes (none: skip them)")
     parser.add_argument("--policies", nargs="+", default=["cost", "legacy"], choices=["cost", "legacy"])
+    parser.add_argument("--placements", nargs="+", default=["pooled"], choices=["pooled", "shared"],
+                        help="ray.placement of each run (shared: idle SD actors take the last clips)")
     parser.add_argument("--target-seconds", type=float, default=60.0, help="wall seconds of the bound per run")
     parser.add_argument("--cpus", type=int, default=64, help="logical CPUs declared to Ray (actors mostly sleep)")
     parser.add_argument("--single-task-steps", type=int, default=0, help="also run the single-task check")
@@ -146,11 +149,13 @@ def main() -> None:
         for gpus in args.gpus:
             bound = gpu_seconds / gpus
             scale = args.target_seconds / bound
-            for policy in args.policies:
+            for policy, placement in itertools.product(args.policies, args.placements):
                 # The legacy policy is the earlier runtime's plan: fixed, never rebalanced.
                 cfg = RunConfig(profile="latency", transitions=args.transitions, ray=dataclasses.replace(
-                    RayConfig(), policy=policy, max_concurrent_tasks=args.drivers or "auto", rebalance=policy == "cost"))
-                record = run_once(tasks, folder / f"g{gpus}-{policy}", cfg, gpus, args.cpus, scale, bound)
+                    RayConfig(), policy=policy, max_concurrent_tasks=args.drivers or "auto", rebalance=policy == "cost",
+                    placement=placement))
+                record = run_once(tasks, folder / f"g{gpus}-{policy}-{placement}", cfg, gpus, args.cpus, scale, bound)
+                record["placement"] = placement
                 _, resolved_cfg = resolve_run(cfg)
                 predicted = simulate([len(t.steps) for t in task_list], resolved_cfg, costs,
                                      Cluster(gpus=gpus, gpus_per_node=gpus, cpus_per_node=args.cpus),
@@ -160,7 +165,7 @@ def main() -> None:
                 record["predicted_efficiency"] = predicted.efficiency
                 record["prediction_error"] = round(predicted.makespan_s / record["makespan_s"] - 1, 4)
                 records.append(record)
-                print(f"G={gpus:>2} {policy:<6} plan {record['plan']} drivers {record['drivers']}: "
+                print(f"G={gpus:>2} {policy:<6} {placement:<6} plan {record['plan']} drivers {record['drivers']}: "
                       f"makespan {record['makespan_s']:.0f} s (predicted {record['predicted_makespan_s']:.0f} s, "
                       f"{record['prediction_error']:+.1%}), bound {record['bound_s']:.0f} s, "
                       f"efficiency {record['efficiency']:.1%}, mean latency {record['mean_latency_s']:.0f} s, "
@@ -169,13 +174,13 @@ def main() -> None:
         single = single_task(tasks, args.single_task_steps, args.cpus, folder, args.transitions,
                              args.single_task_scale) if args.single_task_steps else None
 
-    print("\n| G | policy | plan (replicas, GPUs each) | makespan s | predicted s | bound s | efficiency | tasks/GPU-h "
+    print("\n| G | policy | placement | plan (replicas, GPUs each) | makespan s | predicted s | bound s | efficiency | tasks/GPU-h "
           "| mean latency s | busy sd / video / clip |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in records:
         per_gpu_hour = r["tasks"] / (r["makespan_s"] * r["gpus"]) * 3600
         plan = ", ".join(f"{k} {n}x{g:g}" for k, (n, g) in r["plan"].items())
-        print(f"| {r['gpus']} | {r['policy']} | {plan} | {r['makespan_s']:.0f} | "
+        print(f"| {r['gpus']} | {r['policy']} | {r['placement']} | {plan} | {r['makespan_s']:.0f} | "
               f"{r['predicted_makespan_s']:.0f} ({r['prediction_error']:+.1%}) | {r['bound_s']:.0f} | "
               f"{r['efficiency']:.1%} | {per_gpu_hour:.2f} | {r['mean_latency_s']:.0f} | "
               + " / ".join(f"{r['busy'][k]:.2f}" for k in KINDS) + " |")

@@ -73,7 +73,8 @@ def test_the_cycle_check_finds_a_cycle():
 # Where drivers and writers run and what they ask for: no question in virtual time.
 PLACEMENT = ["host_nodes", "host_node", "driver_destination", "process_resources"]
 POLICIES = {
-    "cosed.distributed.policies": ["sample_candidates", "choose_actor", "admission", "window_busy", *PLACEMENT],
+    "cosed.distributed.policies": ["sample_candidates", "choose_actor", "admission", "window_busy", "lend_to_video",
+                                   *PLACEMENT],
     "cosed.distributed.sizing": ["plan_cluster", "grow_pools", "free_room", "rebalance_move", "rebalance_window_s"],
     "cosed.distributed.costs": ["flow_order", "estimated_work"],
     "cosed.distributed.core": ["JobCore"],

@@ -17,6 +17,7 @@ def test_yaml_file_then_overrides(tmp_path):
     ("pool:\n  windw: 3\n", "unknown config key(s) in pool: windw"),
     ("pool:\n  steps: sometimes\n", "pool.steps"),
     ("pool:\n  iterations: [0]\n", "numbered from 1"),
+    ("ray:\n  placement: together\n", "ray.placement must be pooled or shared"),
 ])
 def test_bad_config_is_a_clear_error(tmp_path, text, words):
     path = tmp_path / "bad.yaml"

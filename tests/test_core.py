@@ -421,3 +421,45 @@ def test_plan_refuses_a_text_to_video_method_on_a_profile_without_one(tmp_path, 
     tasks = write_jsonl(tmp_path / "tasks.jsonl", [{"id": "a", "title": "A", "steps": ["x", "y"]}])
     assert main(["plan", "--tasks", str(tasks), "--profile", "latency", "--gpus", "8", "--method", "t2v"]) == 2
     assert "has no text-to-video model" in capsys.readouterr().err
+
+
+def test_idle_sd_actors_are_lent_to_video_only_once_the_input_is_used_up_and_the_sd_pool_has_spare():
+    """`policies.lend_to_video` (placement shared): never while tasks are left to read or while the tasks still
+    to sequence keep the SD pool busy; then one per waiting clip, longest idle first; the SD pool keeps one."""
+    from cosed.distributed.policies import lend_to_video
+
+    idle = ["sd-3", "sd-1", "sd-2"]
+    assert lend_to_video(idle, 8, input_done=False, clips_waiting=9, to_sequence=0) == []
+    assert lend_to_video(idle, 8, input_done=True, clips_waiting=0, to_sequence=0) == []
+    assert lend_to_video(idle, 8, input_done=True, clips_waiting=9, to_sequence=16, calls_per_task=0.5) == []
+    assert lend_to_video(idle, 8, input_done=True, clips_waiting=9, to_sequence=12, calls_per_task=0.5) == ["sd-3",
+                                                                                                          "sd-1"]
+    assert lend_to_video(idle, 8, input_done=True, clips_waiting=1, to_sequence=0) == ["sd-3"]
+    assert lend_to_video(idle, 3, input_done=True, clips_waiting=9, to_sequence=0) == ["sd-3", "sd-1"]
+    assert lend_to_video(["sd-0"], 1, input_done=True, clips_waiting=9, to_sequence=0) == []
+
+
+def test_placement_shared_ends_a_run_sooner_with_the_same_work():
+    """In virtual time: SD actors lent at the end make clips, so the run ends sooner on the same calls."""
+    import dataclasses
+
+    cfg, costs = latency()
+    counts = [2, 5, 3, 4, 6] * 40
+    pooled = Simulation(counts, cfg, costs, Cluster(gpus=16))
+    shared_cfg = dataclasses.replace(cfg, ray=dataclasses.replace(cfg.ray, placement="shared"))
+    shared = Simulation(counts, shared_cfg, costs, Cluster(gpus=16))
+    a, b = pooled.run(), shared.run()
+    assert a.tasks == b.tasks == len(counts) and not a.failed and not b.failed
+    assert not a.lent and b.lent["actors"] >= 1
+    assert sum(x.calls for x in shared.actors.values() if x.lent) > 0
+    assert shared.clip_sends == pooled.clip_sends == sum(counts)  # no clip made twice
+    assert b.makespan_s < a.makespan_s
+
+
+def test_cosed_plan_placement_shared_says_how_many_sd_actors_took_clips(tmp_path, capsys):
+    tasks = write_jsonl(tmp_path / "t.jsonl", [{"id": f"t{i}", "steps": ["s"] * (2 + i % 5)} for i in range(40)])
+    out = tmp_path / "plan.json"
+    assert main(["plan", "--tasks", str(tasks), "--profile", "latency", "--gpus", "16", "--tasks-total", "200",
+                 "--placement", "shared", "--json", str(out)]) == 0
+    assert "SD actors took clips from" in capsys.readouterr().out
+    assert json.loads(out.read_text())[0]["lent"]["actors"] >= 1

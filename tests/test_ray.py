@@ -93,3 +93,22 @@ def test_pool_plan_for_single_gpu_and_cpu_only_nodes(tiny_config):
     assert all(p.num_gpus == 0 and p.replicas == 1 for p in cpu.values())
     grown = plan_pools(legacy, cluster_gpus=8, cluster_cpus=32, fixed_gpus={"sd": 1, "video": 1, "clip": 1})
     assert (grown["sd"].replicas, grown["video"].replicas, grown["clip"].replicas) == (4, 3, 1)
+
+
+def test_placement_shared_lends_idle_sd_actors_the_last_clips_and_changes_no_byte(tmp_path, tiny_config, reference):
+    """`ray.placement: shared`: SD actors load the video model too; once every task is read, the three SD
+    actors have more room than the tasks left need and clips wait for the one video actor (made 2 s slower
+    a call, as a heavier video model would be), the idle SD actors make clips. Every file is the in-process
+    run's."""
+    tasks = write_jsonl(tmp_path / "t.jsonl", TASKS)
+    cfg = ray_config(tiny_config, placement="shared", rescale_seconds=0.5, max_concurrent_tasks=3,
+                     sd=PoolResources(replicas=3), video=PoolResources(replicas=1), chaos_slow_kind="video",
+                     chaos_slow_s=2.0)
+    summary = run_on_ray(str(tasks), str(tmp_path / "out"), cfg, progress=False)
+    assert sorted(summary.done) == ["one-step", "sauce", "shelf", "tea"] and not summary.failed
+    assert outputs(tmp_path / "out") == reference
+    by_kind: dict[str, int] = {}
+    for actor in summary.actors:
+        by_kind[actor["kind"]] = by_kind.get(actor["kind"], 0) + actor["methods"].get("animate", 0)
+    assert by_kind.get("sd", 0) >= 1, by_kind  # a lent SD actor made clips
+    assert summary.extra["pools"]["video"]["lent"] >= 1

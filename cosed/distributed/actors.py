@@ -31,6 +31,7 @@ from cosed.distributed import telemetry
 from cosed.distributed.core import ClipFound, DriverFailed, Sequenced
 from cosed.distributed.dispatch import (CallFailed, CallPolicy, Dispatcher, Membership, ObjectsLost, QueueCounter,
                                        get_or_lost)
+from cosed.distributed.policies import LENDS
 from cosed.engine import assemble_task, sequence_task, stored_sequence
 from cosed.images import png_bytes
 from cosed.lease import LeaseFence
@@ -127,11 +128,15 @@ class ModelWorker:
         profile = resolve_profile(cfg.profile, cfg.cache_dir)
         self.backend = make_backend(profile, cfg, gpu_shared_by=gpu_shared_by)
         getattr(self.backend, MODEL_OF.get(kind, kind))  # load now: a model that cannot load fails this start
+        for other in gpu_shared_by:  # placement shared: the video model beside SD, to take clips late in a run
+            if other == LENDS.get(kind):
+                getattr(self.backend, other)
         if kind == "clip":
             self.backend.selector  # noqa: B018
             self.embed_images = Batcher(lambda images: self.backend.embed_images(EmbedImages(tuple(images))))
         self.busy = 0.0  # seconds during which at least one call ran (calls batched together overlap)
         self.calls = 0
+        self.methods: dict[str, int] = {}  # calls per method (an SD actor lent to video makes clips)
         self.active = 0
         self.active_since = 0.0
         self.counters = threading.Lock()
@@ -156,7 +161,7 @@ class ModelWorker:
                 torch.set_num_threads(self.cfg.cpu_threads)  # per thread under OpenMP: this call's thread too
             return self._execute(method, request)
         finally:
-            self._ended(call_id)
+            self._ended(call_id, method)
             self.queue.finish()
 
     def _began(self, call_id: str) -> None:
@@ -166,10 +171,11 @@ class ModelWorker:
             self.active += 1
             self.running[call_id] = time.time()
 
-    def _ended(self, call_id: str) -> None:
+    def _ended(self, call_id: str, method: str) -> None:
         with self.counters:
             self.active -= 1
             self.calls += 1
+            self.methods[method] = self.methods.get(method, 0) + 1
             self.running.pop(call_id, None)
             if not self.active:
                 seconds = time.perf_counter() - self.active_since
@@ -190,9 +196,12 @@ class ModelWorker:
         return getattr(self.backend, method)(request)
 
     def _maybe_stall(self) -> None:
-        """Test-only fault injection (RayConfig.chaos_stall_*): hang once, cluster-wide."""
+        """Test-only fault injection (RayConfig.chaos_stall_*: hang once, cluster-wide; chaos_slow_*: every
+        call of this pool's own actors slower)."""
         if self.cfg.ray.chaos_stall_kind == self.kind and first_to_create(self.cfg.ray.chaos_stall_marker):
             threading.Event().wait()
+        if self.cfg.ray.chaos_slow_kind == self.kind:
+            time.sleep(self.cfg.ray.chaos_slow_s)
 
     @ray.method(concurrency_group="control")
     def claim(self, call_id: str) -> None:
@@ -216,7 +225,8 @@ class ModelWorker:
         return {"kind": self.kind, "name": context.get_actor_name(), "life": self.life,
                 "gpu_ids": [str(g) for g in context.get_accelerator_ids().get("GPU", [])],
                 "node_id": context.get_node_id(), "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
-                "busy": self.busy, "calls": self.calls, "alive": time.time() - self.started,
+                "busy": self.busy, "calls": self.calls, "methods": dict(self.methods),
+                "alive": time.time() - self.started,
                 "queued": self.queue.queued, "running_for": self._running_for(),
                 **({"generate_calls": self.backend.captioner.generate_calls,
                     "generated": self.backend.captioner.generated} if self.kind == "caption" else {})}

@@ -291,6 +291,11 @@ class JobCore:
         return self.timers[0][0] if self.timers else None
 
     @property
+    def to_sequence(self) -> int:
+        """Tasks in the window still to sequence: what keeps the SD pool busy once the input is read."""
+        return sum(self.counts[s] for s in (QUEUED, CAPTIONING, READY, SEQUENCING))
+
+    @property
     def past_sequencing(self) -> int:
         return sum(self.counts[s] for s in PAST_SEQUENCING)
 

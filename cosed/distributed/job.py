@@ -300,7 +300,10 @@ class RayJob:
                     raise_if_stopped()
                 except JobStopped as exc:
                     self._execute([Stop(exc)])
-                if self.pools.tick():
+                changed = self.pools.tick()
+                if self.pools.lend(self.window.exhausted, len(self.core.held), self.core.to_sequence):
+                    changed = True
+                if changed:
                     self._push_membership(now)
                 self._autoscale()
                 last_tick = now

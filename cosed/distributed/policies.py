@@ -232,3 +232,27 @@ def rescue_donor(kind: str, members: dict[str, int], whole_members: dict[str, in
     """The pool that gives the GPU: of the others with more than one whole-GPU member, the one with most members."""
     donors = [k for k in members if k != kind and whole_members.get(k, 0) > 1]
     return max(donors, key=lambda k: members[k]) if donors else None
+
+
+LENDS = {"sd": "video"}  # placement shared: the pool whose actors also hold the other's model, and that model
+# SD actors that one task still to sequence keeps busy near a run's end (`lend_to_video`): its steps alternate
+# SD renders with CLIP scoring and queue waits. Measured in `cosed plan` (sd21-svd, 10,000 tasks, 1,024 GPUs):
+# 0.3 -> 95.0 %, 0.5 -> 95.3 %, 1.0 -> 94.7 % (lends nothing in time); flux-ltx is unchanged by it.
+LEND_CALLS_PER_TASK = 0.5
+
+
+def lend_to_video(idle: Sequence[str], members: int, input_done: bool, clips_waiting: int, to_sequence: int,
+                  calls_per_task: float = LEND_CALLS_PER_TASK) -> list[str]:
+    """The idle SD actors that join the video pool now (``placement: shared``).
+
+    Once no task is left to read, SD work only shrinks while the last clips still queue: an SD actor that
+    the tasks still to sequence cannot keep busy takes clips instead of idling. Each such task keeps about
+    ``calls_per_task`` SD actors busy (its steps run in order), so ``members`` beyond that many per task are
+    spare; of those, the idle ones (``idle``: no call queued or running, longest idle first) go, one per
+    clip waiting for a video actor, and the SD pool keeps a member (a retried task's steps). Before that
+    point an idle SD actor is a moment's gap between calls, not spare capacity: lent then, the run would
+    lose it (flux-ltx at 1,024 GPUs read 80 % instead of 91 % when any idle SD actor was lent)."""
+    if not input_done or clips_waiting <= 0:
+        return []
+    spare = members - max(1, math.ceil(to_sequence * calls_per_task))
+    return list(idle[:max(0, min(len(idle), clips_waiting, spare))])

@@ -30,8 +30,8 @@ from cosed.distributed import telemetry
 from cosed.distributed.actors import remote_worker
 from cosed.distributed.costs import CostModel, TaskWork, measured_factors, pool_leads, pool_totals
 from cosed.distributed.dispatch import Membership
-from cosed.distributed.policies import (Sample, call_timeout, hung, needs_rescue, rescue_donor, unreachable_limit,
-                                        window_busy)
+from cosed.distributed.policies import (LENDS, Sample, call_timeout, hung, lend_to_video, needs_rescue, rescue_donor,
+                                        unreachable_limit, window_busy)
 from cosed.distributed.sizing import (ClusterPlan, Node, PoolPlan, free_room, grow_pools, plan_cluster,
                                       rebalance_move, rebalance_window_s)
 from cosed.models.profiles import ModelUnavailable
@@ -75,6 +75,12 @@ class Actor:
     drain_since: float = 0.0
     restarting: bool = False  # its last probe found it restarting (reloading its model)
     target: str | None = None  # draining for this pool (a rebalance)
+    lent: bool = False  # an SD actor that takes clips now (placement shared, `policies.lend_to_video`)
+
+    @property
+    def role(self) -> str:
+        """The pool it serves: its own, or the one it was lent to."""
+        return LENDS[self.kind] if self.lent else self.kind
 
 
 @dataclass
@@ -145,10 +151,16 @@ class Pools:
         if num_gpus <= 0:
             return (kind,)
         if plan.partner and (num_gpus < 1 - 1e-6):
-            return (kind, plan.partner)
+            return (kind, plan.partner, *self.lends(kind))
         if all(p.num_gpus < 1 - 1e-6 for p in self.plan.values() if p.replicas):
             return tuple(self.plan)
-        return (kind,)
+        return (kind, *self.lends(kind))
+
+    def lends(self, kind: str) -> tuple[str, ...]:
+        """The other model an actor of ``kind`` also loads: the video model in SD actors under placement
+        shared, so that it can take clips at the end of the run without a load."""
+        other = LENDS.get(kind)
+        return (other,) if self.cfg.ray.placement == "shared" and other in self.plan else ()
 
     def _retire(self, actor: Actor) -> None:
         self.actors.pop(actor.name, None)
@@ -158,7 +170,22 @@ class Pools:
             pass
 
     def members(self, kind: str) -> list[Actor]:
-        return [a for a in self.actors.values() if a.kind == kind and a.state == "member"]
+        return [a for a in self.actors.values() if a.role == kind and a.state == "member"]
+
+    def lend(self, input_done: bool, clips_waiting: int, to_sequence: int) -> bool:
+        """Placement shared: the SD actors that are idle now take clips (`policies.lend_to_video`); True when
+        some did (the membership changed). Idle means its last probe found no call queued or running."""
+        if self.cfg.ray.placement != "shared":
+            return False
+        sd = self.members("sd")
+        idle = [a.name for a in sd if a.info is not None and not a.info["queued"] and LENDS["sd"] in a.shares]
+        lent = lend_to_video(idle, len(sd), input_done, clips_waiting, to_sequence)
+        for name in lent:
+            self.actors[name].lent = True
+        if lent:
+            self.version += 1
+            log.warning("the input is used up: %d idle SD actor(s) take clips now (placement shared)", len(lent))
+        return bool(lent)
 
     def start(self) -> dict[str, dict]:
         """Create every pool and wait until each has a loaded model.
@@ -278,7 +305,7 @@ class Pools:
         self._finish_drains(now)
         self._rescue(now)
         self.rescale(nodes)
-        if self.cfg.ray.rebalance and not any(a.state == "draining" for a in self.actors.values()) and \
+        if self.cfg.ray.rebalance and not any(a.state == "draining" or a.lent for a in self.actors.values()) and \
                 now - self.window_at >= rebalance_window_s(self.cfg.ray.rescale_seconds, self.call_seconds(),
                                                            self.cfg.ray.rebalance_window_calls):
             self._rebalance(now)
@@ -348,10 +375,9 @@ class Pools:
 
     def _check_hung(self, actor: Actor, info: dict) -> None:
         ray_cfg = self.cfg.ray
-        stall = call_timeout(ray_cfg.call_timeout_floor_s, ray_cfg.call_timeout_factor,
-                             self.expected().get(actor.kind, 0.0))
-        if hung(info["running_for"], ray_cfg.call_timeout_floor_s, ray_cfg.call_timeout_factor,
-                self.expected().get(actor.kind, 0.0)):
+        expected = max(self.expected().get(kind, 0.0) for kind in (actor.kind, actor.role))  # a lent one's clips
+        stall = call_timeout(ray_cfg.call_timeout_floor_s, ray_cfg.call_timeout_factor, expected)
+        if hung(info["running_for"], ray_cfg.call_timeout_floor_s, ray_cfg.call_timeout_factor, expected):
             log.warning("model actor %s has run one call for %.0f s (limit %.0f s); restarting it",
                         actor.name, info["running_for"], stall)
             self.hung_kills += 1
@@ -490,7 +516,8 @@ class Pools:
     # -- reporting -----------------------------------------------------------------------------------------
     def describe(self) -> dict[str, dict]:
         return {kind: {"replicas": len(self.members(kind)), "num_gpus": plan.num_gpus,
-                       "gpus": round(sum(a.num_gpus for a in self.members(kind)), 4)}
+                       "gpus": round(sum(a.num_gpus for a in self.members(kind)), 4),
+                       **({"lent": sum(1 for a in self.members(kind) if a.lent)} if kind in LENDS.values() else {})}
                 for kind, plan in self.plan.items()}
 
     def stats(self, refresh_s: float = 5.0) -> list[dict]:

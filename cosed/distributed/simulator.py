@@ -39,7 +39,8 @@ from cosed.distributed.core import (CancelClip, CancelWriter, ClipFound, CorePol
                                     Stop)
 from cosed.distributed.costs import (CAPTION, PLAN_SAMPLE, CostModel, batch_work, candidate_counts,
                                     estimated_work, flow_order, full_batch_seconds, pool_leads)
-from cosed.distributed.policies import Sample, admission, choose_actor, host_node, sample_candidates, window_busy
+from cosed.distributed.policies import (LENDS, Sample, admission, choose_actor, host_node, lend_to_video,
+                                       sample_candidates, window_busy)
 from cosed.distributed.preemptions import LostWork, NodeLoss, PreemptionModel
 from cosed.distributed.sizing import (ClusterPlan, Node, PoolPlan, free_room, grow_pools, place, plan_cluster,
                                       rebalance_move, rebalance_window_s)
@@ -88,6 +89,7 @@ class SimActor:
     retired_at: float | None = None
     node: str = ""
     lost: bool = False  # retired because its node was preempted
+    lent: bool = False  # an SD actor that takes clips (placement shared, `policies.lend_to_video`)
     inflight: dict = field(default_factory=dict)  # call token -> (start, seconds, what to do if the node goes)
 
     def sample(self, now: float) -> Sample:
@@ -117,6 +119,7 @@ class SimResult:
     grown: dict[str, int] = field(default_factory=dict)
     unplaced_actors: int = 0
     preemption: dict = field(default_factory=dict)  # `LostWork.to_dict` (runs with a preemption rate)
+    lent: dict = field(default_factory=dict)  # placement shared: SD actors that took clips, and from when
 
     def to_dict(self) -> dict:
         return {k: v for k, v in self.__dict__.items()}
@@ -192,6 +195,7 @@ class Simulation(NodeLoss):
         self.latency: list[float] = []
         self.calls: dict[int, tuple[str, ClipRequest]] = {}
         self.moves: list[dict] = []
+        self.lent_at: dict = {}
         self.grown = dict.fromkeys(self.kinds, 0)
         self.unplaced = 0
         self.window: dict[str, Sample] = {}
@@ -298,7 +302,20 @@ class Simulation(NodeLoss):
         return host_node([n.node_id for n in self.nodes], counts)
 
     def _members(self, kind: str) -> list[str]:
-        return [a.name for a in self.actors.values() if a.kind == kind and a.state == "member" and a.up_at <= self.now]
+        return [a.name for a in self.actors.values() if a.state == "member" and a.up_at <= self.now
+                and (LENDS[a.kind] if a.lent else a.kind) == kind]
+
+    def _lend(self) -> None:
+        """Placement shared: idle SD actors take the last clips once the input is used up (as `Pools.lend`)."""
+        if self.cfg.ray.placement != "shared":
+            return
+        idle = sorted((a for a in self.actors.values() if a.kind in LENDS and not a.lent and a.state == "member"
+                       and a.up_at <= self.now and not a.queued), key=lambda a: a.free_at)
+        for actor in lend_to_video([a.name for a in idle], len(self._members("sd")), self.tasks_in.exhausted,
+                                   len(self.core.held), self.core.to_sequence):
+            self.actors[actor].lent = True
+            self.lent_at.setdefault("first_s", round(self.now, 1))
+            self.lent_at["actors"] = self.lent_at.get("actors", 0) + 1
 
     def _members_changed(self) -> None:
         """Members as the pools publish them: loaded, not leaving; the job's own pool goes to the core."""
@@ -434,13 +451,14 @@ class Simulation(NodeLoss):
     def _tick(self) -> None:
         if self.core.finished:
             return
+        self._lend()
         self._members_changed()
         self._core(lambda: self.core.on_tick(self.now))
         self._rescue()
         calls = {k: self.work.seconds_per_call().get(k, 0.0) for k in self.kinds}
         if self.cfg.ray.rebalance and self.now - self.window_at >= rebalance_window_s(
                 self.cfg.ray.rescale_seconds, calls, self.cfg.ray.rebalance_window_calls) and \
-                not any(a.state == "draining" for a in self.actors.values()):
+                not any(a.state == "draining" or a.lent for a in self.actors.values()):
             self._rebalance()
         self.at(self.now + self.cfg.ray.rescale_seconds, self._tick)
 
@@ -539,7 +557,7 @@ class Simulation(NodeLoss):
             dispatch_messages_per_call=round(self.messages["messages"] / max(1, self.messages["calls"]), 3),
             core_events=self.core.events, core_us_per_event=round(1e6 * self.core_seconds / max(1, self.core.events), 2),
             moves=self.moves, grown={k: v for k, v in self.grown.items() if v}, unplaced_actors=self.unplaced,
-            preemption=self.lost.to_dict() if self.cluster.preemptions.per_node_hour else {})
+            preemption=self.lost.to_dict() if self.cluster.preemptions.per_node_hour else {}, lent=dict(self.lent_at))
 
 
 def simulate(step_counts: list[int], cfg: RunConfig, costs: CostModel, cluster: Cluster,
