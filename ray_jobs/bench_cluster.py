@@ -91,6 +91,7 @@ def run_once(tasks: str, out: Path, cfg: RunConfig, gpus: int, cpus: int, time_s
             "mean_latency_s": round(sum(e - s for s, e in spans) / len(spans) / time_scale, 1),
             "busy": busy, "time_scale": time_scale, "drivers": plan["drivers"],
             "moves": [f"{m['from']}->{m['to']}" for m in summary.extra["moves"]],
+            "lent": summary.extra["pools"].get("video", {}).get("lent", 0),
             "plan": {k: [p["replicas"], p["num_gpus"]] for k, p in plan["pools"].items()}}
 
 
@@ -123,6 +124,9 @@ def main() -> None:
     parser.add_argument("--policies", nargs="+", default=["cost", "legacy"], choices=["cost", "legacy"])
     parser.add_argument("--placements", nargs="+", default=["pooled"], choices=["pooled", "shared"],
                         help="ray.placement of each run (shared: idle SD actors take the last clips)")
+    parser.add_argument("--tick-seconds", type=float, default=0.25,
+                        help="wall seconds between the job's pool checks (ray.rescale_seconds; the prediction uses "
+                             "the same tick in modeled seconds)")
     parser.add_argument("--target-seconds", type=float, default=60.0, help="wall seconds of the bound per run")
     parser.add_argument("--cpus", type=int, default=64, help="logical CPUs declared to Ray (actors mostly sleep)")
     parser.add_argument("--single-task-steps", type=int, default=0, help="also run the single-task check")
@@ -153,10 +157,12 @@ def main() -> None:
                 # The legacy policy is the earlier runtime's plan: fixed, never rebalanced.
                 cfg = RunConfig(profile="latency", transitions=args.transitions, ray=dataclasses.replace(
                     RayConfig(), policy=policy, max_concurrent_tasks=args.drivers or "auto", rebalance=policy == "cost",
-                    placement=placement))
+                    placement=placement, rescale_seconds=args.tick_seconds))
                 record = run_once(tasks, folder / f"g{gpus}-{policy}-{placement}", cfg, gpus, args.cpus, scale, bound)
                 record["placement"] = placement
-                _, resolved_cfg = resolve_run(cfg)
+                _, resolved_cfg = resolve_run(cfg)  # the runtime's tick, in modeled seconds
+                resolved_cfg = dataclasses.replace(resolved_cfg, ray=dataclasses.replace(
+                    resolved_cfg.ray, rescale_seconds=args.tick_seconds / scale))
                 predicted = simulate([len(t.steps) for t in task_list], resolved_cfg, costs,
                                      Cluster(gpus=gpus, gpus_per_node=gpus, cpus_per_node=args.cpus),
                                      Overheads(call_s=CALL_WALL_S / scale, actor_start_s=START_WALL_S / scale,
@@ -169,7 +175,7 @@ def main() -> None:
                       f"makespan {record['makespan_s']:.0f} s (predicted {record['predicted_makespan_s']:.0f} s, "
                       f"{record['prediction_error']:+.1%}), bound {record['bound_s']:.0f} s, "
                       f"efficiency {record['efficiency']:.1%}, mean latency {record['mean_latency_s']:.0f} s, "
-                      f"busy {record['busy']}, moves {record['moves'] or 'none'}, "
+                      f"busy {record['busy']}, moves {record['moves'] or 'none'}, SD actors lent {record['lent']}, "
                       f"{record['tasks']} done {record['failed']} failed", flush=True)
         single = single_task(tasks, args.single_task_steps, args.cpus, folder, args.transitions,
                              args.single_task_scale) if args.single_task_steps else None
