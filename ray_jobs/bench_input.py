@@ -39,13 +39,20 @@ UNFINISHED = 0.05  # the resume case: all tasks but these finished (20,000 tasks
 
 # What the job does before its first model call, in a fresh process: prints one JSON line.
 CHILD = """
-import json, resource, sys, time
+import json, sys, time
 start = time.perf_counter()
+
+
+def peak_rss_mb():  # VmHWM: this process's own peak (ru_maxrss keeps the parent's across exec on Linux)
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmHWM")) / 1024
+
+
 from cosed.config import RunConfig
 from cosed.runner import prepare_run
 from cosed.runplan import plan_run
 tasks, out, cache = sys.argv[1:4]
-imports = {"import_s": time.perf_counter() - start, "import_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+imports = {"import_s": time.perf_counter() - start, "import_rss_mb": peak_rss_mb()}
 plan = plan_run(RunConfig(profile="tiny", cache_dir=cache), out, lambda: None, False, say=lambda line: None)
 summary, feed = prepare_run(tasks, out, plan, False)
 first = feed.peek(WINDOW)
@@ -56,7 +63,7 @@ while batch := feed.take(WINDOW):  # the job's pulls, a window at a time (each l
 print(json.dumps({"seconds": time.perf_counter() - start, "first_s": first_s, "todo": todo,
                   "skipped": len(summary.skipped), "rejected": len(summary.rejected),
                   "fingerprints": summary.fingerprints if len(sys.argv) > 4 else None,
-                  "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, **imports}))
+                  "rss_mb": peak_rss_mb(), **imports}))
 """.replace("WINDOW", "200")  # about the window of a job with a few drivers (`cosed.distributed.window.task_window`)
 
 
