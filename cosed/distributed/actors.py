@@ -128,9 +128,8 @@ class ModelWorker:
         profile = resolve_profile(cfg.profile, cfg.cache_dir)
         self.backend = make_backend(profile, cfg, gpu_shared_by=gpu_shared_by)
         getattr(self.backend, MODEL_OF.get(kind, kind))  # load now: a model that cannot load fails this start
-        for other in gpu_shared_by:  # placement shared: the video model beside SD, to take clips late in a run
-            if other == LENDS.get(kind):
-                getattr(self.backend, other)
+        if LENDS.get(kind) in gpu_shared_by:  # placement shared: the video model beside SD, for late clips
+            getattr(self.backend, LENDS[kind])
         if kind == "clip":
             self.backend.selector  # noqa: B018
             self.embed_images = Batcher(lambda images: self.backend.embed_images(EmbedImages(tuple(images))))

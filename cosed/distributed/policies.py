@@ -241,6 +241,11 @@ LENDS = {"sd": "video"}  # placement shared: the pool whose actors also hold the
 LEND_CALLS_PER_TASK = 0.5
 
 
+def serving_pool(kind: str, lent: bool) -> str:
+    """The pool an actor of ``kind`` serves: its own, or the one it was lent to (`lend_to_video`)."""
+    return LENDS[kind] if lent else kind
+
+
 def lend_to_video(idle: Sequence[str], members: int, input_done: bool, clips_waiting: int, to_sequence: int,
                   calls_per_task: float = LEND_CALLS_PER_TASK) -> list[str]:
     """The idle SD actors that join the video pool now (``placement: shared``).

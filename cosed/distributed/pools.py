@@ -31,7 +31,7 @@ from cosed.distributed.actors import remote_worker
 from cosed.distributed.costs import CostModel, TaskWork, measured_factors, pool_leads, pool_totals
 from cosed.distributed.dispatch import Membership
 from cosed.distributed.policies import (LENDS, Sample, call_timeout, hung, lend_to_video, needs_rescue, rescue_donor,
-                                        unreachable_limit, window_busy)
+                                        serving_pool, unreachable_limit, window_busy)
 from cosed.distributed.sizing import (ClusterPlan, Node, PoolPlan, free_room, grow_pools, plan_cluster,
                                       rebalance_move, rebalance_window_s)
 from cosed.models.profiles import ModelUnavailable
@@ -80,7 +80,7 @@ class Actor:
     @property
     def role(self) -> str:
         """The pool it serves: its own, or the one it was lent to."""
-        return LENDS[self.kind] if self.lent else self.kind
+        return serving_pool(self.kind, self.lent)
 
 
 @dataclass

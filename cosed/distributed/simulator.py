@@ -40,7 +40,7 @@ from cosed.distributed.core import (CancelClip, CancelWriter, ClipFound, CorePol
 from cosed.distributed.costs import (CAPTION, PLAN_SAMPLE, CostModel, batch_work, candidate_counts,
                                     estimated_work, flow_order, full_batch_seconds, pool_leads)
 from cosed.distributed.policies import (LENDS, Sample, admission, choose_actor, host_node, lend_to_video,
-                                       sample_candidates, window_busy)
+                                       sample_candidates, serving_pool, window_busy)
 from cosed.distributed.preemptions import LostWork, NodeLoss, PreemptionModel
 from cosed.distributed.sizing import (ClusterPlan, Node, PoolPlan, free_room, grow_pools, place, plan_cluster,
                                       rebalance_move, rebalance_window_s)
@@ -303,7 +303,7 @@ class Simulation(NodeLoss):
 
     def _members(self, kind: str) -> list[str]:
         return [a.name for a in self.actors.values() if a.state == "member" and a.up_at <= self.now
-                and (LENDS[a.kind] if a.lent else a.kind) == kind]
+                and serving_pool(a.kind, a.lent) == kind]
 
     def _lend(self) -> None:
         """Placement shared: idle SD actors take the last clips once the input is used up (as `Pools.lend`)."""
